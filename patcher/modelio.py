@@ -1,0 +1,174 @@
+"""Reading ONNX files safely and keeping track of where every weight is stored.
+
+External data is resolved by this module, not by onnx's loader: a location must
+be a relative path that stays inside the model's folder, names a regular file
+(no symlink, no device), and its offset/length must fit the file and the
+tensor. Tensors read from external files are recorded in
+:attr:`LoadedModel.external` so that writing back can put them in a data file
+again.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import ModelProto, TensorProto
+
+from .errors import BadModelError, UnsafeModelError
+
+LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where an externally stored tensor's bytes came from."""
+
+    location: str
+    offset: int
+    length: int
+
+
+@dataclass
+class LoadedModel:
+    """A parsed model with all tensor data in memory, and its provenance."""
+
+    proto: ModelProto
+    path: Path | None = None
+    sha256: str | None = None
+    external: dict[str, ExternalRef] = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self.path.parent if self.path is not None else None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iter_tensors(graph: onnx.GraphProto):
+    """Every TensorProto that holds weights: initializers and Constant node values."""
+    yield from graph.initializer
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    yield attr.t
+
+
+def _external_fields(tensor: TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _resolve_location(base_dir: Path, location: str, tensor_name: str) -> Path:
+    if not location:
+        raise UnsafeModelError(f"tensor '{tensor_name}': external data location is empty")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+        raise UnsafeModelError(
+            f"tensor '{tensor_name}': external data location '{location}' is absolute")
+    parts = Path(location).parts
+    if ".." in parts or "\\.." in location or "..\\" in location:
+        raise UnsafeModelError(
+            f"tensor '{tensor_name}': external data location '{location}' leaves the model folder")
+    path = base_dir / location
+    probe = base_dir
+    for part in parts:
+        probe = probe / part
+        if probe.is_symlink():
+            raise UnsafeModelError(
+                f"tensor '{tensor_name}': external data path '{location}' goes through a symlink")
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise BadModelError(
+            f"tensor '{tensor_name}': external data file '{location}' not found next to the model"
+        ) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeModelError(
+            f"tensor '{tensor_name}': external data '{location}' is not a regular file")
+    if info.st_nlink > 1:
+        raise UnsafeModelError(
+            f"tensor '{tensor_name}': external data '{location}' is a hard link")
+    real_base = os.path.realpath(base_dir)
+    if os.path.commonpath([real_base, os.path.realpath(path)]) != real_base:
+        raise UnsafeModelError(
+            f"tensor '{tensor_name}': external data '{location}' resolves outside the model folder")
+    return path
+
+
+def _load_external(model: ModelProto, base_dir: Path | None) -> dict[str, ExternalRef]:
+    refs: dict[str, ExternalRef] = {}
+    cache: dict[Path, bytes] = {}
+    for tensor in iter_tensors(model.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        fields = _external_fields(tensor)
+        unknown = set(fields) - {"location", "offset", "length", "checksum"}
+        if unknown:
+            raise BadModelError(
+                f"tensor '{tensor.name}': unknown external data keys {sorted(unknown)}")
+        if base_dir is None:
+            raise BadModelError(
+                f"tensor '{tensor.name}' is stored in external data; load the model from its file")
+        path = _resolve_location(base_dir, fields.get("location", ""), tensor.name)
+        try:
+            offset = int(fields.get("offset", "0"))
+            length = int(fields["length"]) if "length" in fields else None
+        except ValueError:
+            raise BadModelError(f"tensor '{tensor.name}': external offset/length not integers") \
+                from None
+        if path not in cache:
+            cache[path] = path.read_bytes()
+        blob = cache[path]
+        if length is None:
+            length = len(blob) - offset
+        if offset < 0 or length < 0 or offset + length > len(blob):
+            raise BadModelError(
+                f"tensor '{tensor.name}': external data range offset={offset} length={length} "
+                f"does not fit '{fields['location']}' ({len(blob)} bytes)")
+        tensor.raw_data = blob[offset:offset + length]
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+        refs[tensor.name] = ExternalRef(fields["location"], offset, length)
+    return refs
+
+
+def load_model(source: str | os.PathLike | ModelProto, base_dir: str | os.PathLike | None = None
+               ) -> LoadedModel:
+    """Parse a model file (or take a ModelProto) and bring all external data into memory."""
+    if isinstance(source, ModelProto):
+        model = ModelProto()
+        model.CopyFrom(source)
+        refs = _load_external(model, Path(base_dir) if base_dir is not None else None)
+        return LoadedModel(model, None, None, refs)
+    path = Path(source)
+    if not path.exists():
+        raise BadModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise BadModelError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise BadModelError(f"{path}: the file is empty (0 bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(len(LFS_MAGIC))
+    if head == LFS_MAGIC:
+        raise BadModelError(
+            f"{path}: this is a Git LFS pointer, not a model; run 'git lfs pull' to fetch it")
+    digest = sha256_file(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise BadModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") \
+            from None
+    if not model.graph.node and not model.graph.output:
+        raise BadModelError(f"{path}: not an ONNX model (no graph found)")
+    refs = _load_external(model, Path(base_dir) if base_dir else path.parent)
+    return LoadedModel(model, path, digest, refs)

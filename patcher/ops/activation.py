@@ -1,0 +1,80 @@
+"""Activation functions: each keeps its input's dtype."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .registry import register
+
+
+@register("Relu", since=6)
+def relu(x):
+    return torch.relu(x)
+
+
+@register("LeakyRelu", since=6)
+def leaky_relu(x, *, alpha=0.01):
+    return F.leaky_relu(x, alpha)
+
+
+@register("PRelu", since=7)
+def prelu(x, slope):
+    """y = x if x >= 0 else slope * x, slope broadcast onto x."""
+    return torch.where(x >= 0, x, x * slope)
+
+
+@register("Sigmoid", since=6)
+def sigmoid(x):
+    return torch.sigmoid(x)
+
+
+@register("Tanh", since=6)
+def tanh(x):
+    return torch.tanh(x)
+
+
+@register("HardSigmoid", since=6)
+def hard_sigmoid(x, *, alpha=0.2, beta=0.5):
+    """y = max(0, min(1, alpha * x + beta))."""
+    return torch.clamp(x * alpha + beta, 0.0, 1.0)
+
+
+@register("HardSwish", since=14)
+def hard_swish(x):
+    """y = x * max(0, min(1, x / 6 + 1 / 2))."""
+    return x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
+
+
+@register("Clip", since=6, until=10)
+def clip_6(x, *, min=-3.4028234663852886e38, max=3.4028234663852886e38):
+    return torch.clamp(x, min, max)
+
+
+@register("Clip", since=11)
+def clip_11(x, min=None, max=None):
+    """Clamp to [min, max]; either bound may be omitted. min > max gives max everywhere."""
+    if min is not None:
+        x = torch.maximum(x, min.to(x.dtype))
+    if max is not None:
+        x = torch.minimum(x, max.to(x.dtype))
+    return x
+
+
+@register("Softmax", since=1, until=12)
+def softmax_1(x, *, axis=1):
+    """Softmax over the input flattened to 2-D at ``axis`` (opsets before 13)."""
+    axis = axis % x.dim() if x.dim() else 0
+    flat = x.reshape(int(math.prod(x.shape[:axis])), -1)
+    return torch.softmax(flat, dim=1).reshape(x.shape)
+
+
+@register("Softmax", since=13)
+def softmax_13(x, *, axis=-1):
+    return torch.softmax(x, dim=axis)
+
+
+@register("Gelu", since=20)
+def gelu(x, *, approximate="none"):
+    return F.gelu(x, approximate=approximate)
