@@ -172,3 +172,35 @@ def load_model(source: str | os.PathLike | ModelProto, base_dir: str | os.PathLi
         raise BadModelError(f"{path}: not an ONNX model (no graph found)")
     refs = _load_external(model, Path(base_dir) if base_dir else path.parent)
     return LoadedModel(model, path, digest, refs)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the destination folder, fsync, then rename into place."""
+    import tempfile
+
+    from .errors import OutputError
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{path}: folder '{folder}' does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write in '{folder}' ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"{path}: write failed ({exc.strerror})") from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))

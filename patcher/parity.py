@@ -1,0 +1,108 @@
+"""Shadow graph vs onnxruntime on the same input: element-wise differences and top-1 agreement."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from . import dtypes
+from .runtime import open_session
+from .shadow import ShadowGraph
+
+#: Tolerances for fp32 models (issue 2): |a - b| <= atol + rtol * |b| element-wise.
+FP32_RTOL, FP32_ATOL = 1e-4, 1e-5
+#: fp16 models: half precision rounding differs between kernels.
+FP16_RTOL, FP16_ATOL = 1e-2, 1e-2
+
+
+@dataclass
+class ParityResult:
+    """How far the shadow graph's outputs are from onnxruntime's on one input batch."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    within_tolerance: bool
+    top1_agreement: float
+    rtol: float
+    atol: float
+    provider: str
+    batch: int
+
+    @property
+    def passed(self) -> bool:
+        return self.within_tolerance and self.top1_agreement == 1.0
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed}
+
+
+def input_specs(model: onnx.ModelProto, batch: int = 2, default_dim: int = 1
+                ) -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, concrete shape, elem_type) for each real graph input; symbolic dims
+    become ``batch`` for the first axis and ``default_dim`` elsewhere."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims = []
+        for k, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            else:
+                dims.append(batch if k == 0 else default_dim)
+        specs.append((inp.name, tuple(dims), tt.elem_type))
+    return specs
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2,
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> list[np.ndarray]:
+    """Seeded random inputs in [0, 1) matching the model's input types."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for name, shape, elem in input_specs(model, batch):
+        shape = tuple(shapes[name]) if shapes and name in shapes else shape
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        if np.issubdtype(dtype, np.floating):
+            arrays.append(rng.random(shape, dtype=np.float32).astype(dtype))
+        else:
+            arrays.append(rng.integers(0, 2, size=shape).astype(dtype))
+    return arrays
+
+
+def compare(graph: ShadowGraph, model_bytes: bytes, inputs: list[np.ndarray],
+            provider: str = "cpu", rtol: float | None = None, atol: float | None = None,
+            device: str | torch.device = "cpu") -> ParityResult:
+    """Run both on ``inputs`` and compare the first output (class scores)."""
+    session = open_session(model_bytes, provider)
+    expected = session.run(*inputs)
+    with torch.no_grad():
+        got = graph.to(device)(*[dtypes.numpy_to_torch(a).to(device) for a in inputs])
+    half = any(a.dtype == np.float16 for a in inputs) or expected[0].dtype == np.float16
+    rtol = rtol if rtol is not None else (FP16_RTOL if half else FP32_RTOL)
+    atol = atol if atol is not None else (FP16_ATOL if half else FP32_ATOL)
+    max_abs = max_rel = 0.0
+    ok = True
+    for g, e in zip(got, expected):
+        g = dtypes.torch_to_numpy(g).astype(np.float64)
+        e = np.asarray(e).astype(np.float64)
+        if g.shape != e.shape:
+            ok = False
+            max_abs = max_rel = float("inf")
+            continue
+        diff = np.abs(g - e)
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+            max_rel = max(max_rel, float((diff / np.maximum(np.abs(e), 1e-12)).max()))
+            ok = ok and bool(np.all(diff <= atol + rtol * np.abs(e)))
+    g0 = dtypes.torch_to_numpy(got[0]).astype(np.float64)
+    e0 = np.asarray(expected[0]).astype(np.float64)
+    if g0.ndim >= 2 and g0.shape == e0.shape:
+        top1 = float(np.mean(g0.reshape(len(g0), -1).argmax(1) == e0.reshape(len(e0), -1).argmax(1)))
+    else:
+        top1 = 1.0 if ok else 0.0
+    return ParityResult(max_abs, max_rel, ok, top1, rtol, atol, session.provider,
+                        int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1)
