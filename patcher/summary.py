@@ -121,7 +121,8 @@ def format_summary(s: ModelSummary) -> str:
         lines.append(f"parity     {verdict}  shadow vs onnxruntime ({p.provider}), seeded random "
                      f"input, batch {p.batch}: max abs diff {p.max_abs_diff:.3g}, max rel diff "
                      f"{p.max_rel_diff:.3g} (rtol {p.rtol:g}, atol {p.atol:g}), "
-                     f"top-1 agreement {p.top1_agreement:.0%}")
+                     + ("top-1 agreement n/a" if p.top1_agreement is None
+                      else f"top-1 agreement {p.top1_agreement:.0%}"))
     elif s.parity_error:
         lines.append(f"parity     not run: {s.parity_error}")
     return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""PyTorch -> ONNX export with the conventions patching needs.
+
+- a dynamic batch axis on the input and output;
+- an opset onnxruntime accepts (17 for the TorchScript exporter, 18+ for dynamo);
+- BatchNorm folded into the preceding Conv (what edge models ship) or kept as a node;
+- weights inline or in an external ``<name>.data`` file beside the model;
+- stable weight names: BatchNorm is folded in torch before export (``torch.fx``), so
+  a folded Conv keeps its state_dict name instead of the TorchScript exporter's
+  ``onnx::Conv_N`` (the dynamo exporter keeps state_dict names anyway);
+- preprocessing, class names and input layout in ``metadata_props``;
+- an onnxruntime parity check against the torch module before returning.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from patcher.errors import CheckFailedError, OutputError, RectifyError
+from patcher.runtime import open_session
+
+EXPORTERS = ("torchscript", "dynamo")
+#: Highest IR version onnxruntime 1.18+ reads; exporters may stamp newer ones.
+MAX_IR_VERSION = 10
+
+
+@dataclass
+class ExportResult:
+    """What was written and how closely onnxruntime reproduces the torch module."""
+
+    path: Path
+    data_path: Path | None
+    exporter: str
+    opset: int
+    batchnorm_folded: bool
+    max_abs_diff: float
+    top1_agreement: float
+    provider: str
+    weight_names: list[str] = field(default_factory=list)
+
+
+def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Conv followed by BatchNorm -> one Conv with folded weights, names kept (eval mode)."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(copy.deepcopy(module).eval())
+    except Exception as exc:  # fx cannot trace every module
+        raise RectifyError(
+            f"cannot fold BatchNorm in torch ({type(exc).__name__}: {exc}); "
+            "export with BatchNorm kept (--keep-bn) instead") from None
+
+
+def _metadata(model: onnx.ModelProto, metadata: dict[str, object]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in metadata.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if key in existing:
+            existing[key].value = text
+        else:
+            model.metadata_props.add(key=key, value=text)
+
+
+def _export_bytes(module, example, exporter: str, opset: int | None, input_name: str,
+                  output_name: str, keep_bn: bool) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            buf = io.BytesIO()
+            torch.onnx.export(
+                module, (example,), buf, dynamo=False, opset_version=opset or 17,
+                input_names=[input_name], output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                training=torch.onnx.TrainingMode.PRESERVE if keep_bn else
+                torch.onnx.TrainingMode.EVAL,
+                do_constant_folding=True)
+            return onnx.load_from_string(buf.getvalue())
+        with tempfile.TemporaryDirectory() as tmp:
+            target = os.path.join(tmp, "model.onnx")
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(module, (example,), target, dynamo=True,
+                                  opset_version=opset or 18, input_names=[input_name],
+                                  output_names=[output_name], dynamic_shapes=({0: batch},),
+                                  external_data=True, verbose=False)
+            return onnx.load(target)  # external data read into memory
+
+
+def save_model(model: onnx.ModelProto, path: Path, external_data: bool) -> Path | None:
+    """Write atomically; with ``external_data`` every tensor of 1 KiB or more goes to
+    ``<name>.data`` beside it (small shape constants stay inline: onnxruntime's shape
+    inference cannot read them from external data)."""
+    from patcher.modelio import write_bytes_atomic
+
+    path = Path(path)
+    if not external_data:
+        write_bytes_atomic(path, model.SerializeToString())
+        return None
+    data_name = f"{path.name}.data"
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        onnx.save_model(model, str(staged), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.replace(staged, path)
+    return path.parent / data_name
+
+
+def export_pytorch(module: torch.nn.Module, example_input: torch.Tensor, path: str | os.PathLike,
+                   *, fold_bn: bool = True, external_data: bool = False,
+                   exporter: str = "torchscript", opset: int | None = None,
+                   input_name: str = "input", output_name: str = "logits",
+                   class_names: list[str] | None = None, preprocessing: dict | None = None,
+                   input_layout: str = "NCHW", check_batch: int = 8, seed: int = 0
+                   ) -> ExportResult:
+    """Export ``module`` (in eval mode) to ``path`` and check it under onnxruntime.
+
+    The check feeds ``check_batch`` seeded random inputs shaped like ``example_input``
+    (batch axis replaced) to both and requires |onnx - torch| <= 1e-4 + 1e-4 |torch|
+    with identical top-1.
+    """
+    if exporter not in EXPORTERS:
+        raise RectifyError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
+    if exporter == "dynamo" and not fold_bn:
+        raise RectifyError("the dynamo exporter always folds BatchNorm into the Conv weights; "
+                           "use the torchscript exporter to keep BatchNorm nodes")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: folder '{path.parent}' does not exist")
+    module = copy.deepcopy(module).eval()
+    if fold_bn:
+        module = fold_batchnorm(module)
+    model = _export_bytes(module, example_input, exporter, opset, input_name, output_name,
+                          keep_bn=not fold_bn)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    _metadata(model, {"onnx_rectify.input_layout": input_layout,
+                      **({"onnx_rectify.class_names": class_names} if class_names else {}),
+                      **({"onnx_rectify.preprocessing": preprocessing} if preprocessing else {})})
+    has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    data_path = save_model(model, path, external_data)
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((check_batch,) + tuple(example_input.shape[1:]), generator=gen,
+                   dtype=example_input.dtype)
+    with torch.no_grad():
+        want = module(x).detach().cpu().numpy()
+    session = open_session(path, "cpu")
+    got = session.run(x.numpy())[0]
+    diff = float(np.abs(got - want).max())
+    top1 = float(np.mean(got.reshape(len(got), -1).argmax(1) == want.reshape(len(want), -1).argmax(1)))
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-4) or top1 < 1.0:
+        raise CheckFailedError(f"{path}: the export differs from the torch module under "
+                               f"onnxruntime (max abs diff {diff:.3g}, top-1 agreement {top1:.0%})")
+    weights = [t.name for t in model.graph.initializer]
+    return ExportResult(path, data_path, exporter, next(o.version for o in model.opset_import
+                                                          if o.domain in ("", "ai.onnx")),
+                        not has_bn, diff, top1, session.provider, weights)
