@@ -1,12 +1,14 @@
 """The ``onnx-rectify`` command line. Each verb is a small function whose docstring is its help.
 
-Exit codes: 0 success, 1 a check or gate failed, 2 bad input or usage. A
-``RectifyError`` becomes one line on stderr and its exit code, never a traceback.
+Exit codes: 0 success, 1 a check or gate failed, 2 bad input or usage, 3 an
+internal error (a bug). A ``RectifyError`` becomes one line on stderr and its
+exit code, never a traceback.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from .errors import RectifyError
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"onnx-rectify: error: {message}", err=True)
+    click.echo(f"onnx-rectify: error: {' '.join(message.split())}", err=True)
     sys.exit(code)
 
 
@@ -31,6 +33,11 @@ def reports_errors(fn):
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except Exception as exc:  # a bug, not bad input: say so in one line
+            if os.environ.get("ONNX_RECTIFY_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (set ONNX_RECTIFY_DEBUG=1 for "
+                  "the traceback, and please report it)", 3)
     return run
 
 
@@ -38,6 +45,21 @@ def _write_json(path: str, payload) -> None:
     from .modelio import write_text_atomic
 
     write_text_atomic(Path(path), json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or min(shape) < 1:
+            raise RectifyError(f"--input-shape '{item}': expected NAME=D0,D1,... with positive "
+                               "integers, e.g. x=1,3,48,192")
+        shapes[name] = shape
+    return shapes
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,9 +77,12 @@ def main() -> None:
 @click.option("--batch", default=2, show_default=True, help="Batch size of the parity input.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="onnxruntime execution provider for the parity check.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...",
+              help="Concrete shape of an input with symbolic dimensions (default: the batch "
+                   "size on axis 0, 64 on the others). Repeatable.")
 @reports_errors
 def inspect(model: Path, json_path: str | None, no_parity: bool, seed: int, batch: int,
-            provider: str) -> None:
+            provider: str, input_shapes: tuple[str, ...]) -> None:
     """Describe MODEL: IR and opsets, inputs and outputs, ops, editable layers, and whether
     the torch shadow graph matches onnxruntime on seeded random input.
 
@@ -66,7 +91,7 @@ def inspect(model: Path, json_path: str | None, no_parity: bool, seed: int, batc
     from .summary import format_summary, summarize
 
     summary = summarize(load_model(model), parity=not no_parity, seed=seed, batch=batch,
-                        provider=provider)
+                        provider=provider, shapes=_parse_shapes(input_shapes))
     click.echo(format_summary(summary))
     if json_path:
         _write_json(json_path, summary.as_dict())

@@ -39,10 +39,10 @@ class ParityResult:
         return asdict(self) | {"passed": self.passed}
 
 
-def input_specs(model: onnx.ModelProto, batch: int = 2, default_dim: int = 1
+def input_specs(model: onnx.ModelProto, batch: int = 2, default_dim: int = 64
                 ) -> list[tuple[str, tuple[int, ...], int]]:
     """(name, concrete shape, elem_type) for each real graph input; symbolic dims
-    become ``batch`` for the first axis and ``default_dim`` elsewhere."""
+    become ``batch`` on the first axis and ``default_dim`` elsewhere (image sides)."""
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for inp in model.graph.input:

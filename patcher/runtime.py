@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadModelError, RectifyError
+from .errors import BadModelError, BadSamplesError, RectifyError
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 
@@ -38,7 +38,10 @@ class RuntimeSession:
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
         feeds = dict(zip(self.input_names, arrays))
-        return self.session.run(None, feeds)
+        try:
+            return self.session.run(None, feeds)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BadSamplesError(f"onnxruntime refused the input: {exc}") from None
 
 
 def _gpu_present() -> bool:

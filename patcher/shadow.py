@@ -22,10 +22,14 @@ import torch
 from onnx import AttributeProto, ModelProto, helper
 
 from . import dtypes
-from .errors import BadModelError, UnsupportedOpError
+from .errors import BadModelError, RectifyError, UnsupportedOpError
 from .modelio import LoadedModel, load_model
 from .ops import lookup
 from .ops.registry import OpImpl
+
+class ShadowExecutionError(RectifyError):
+    """A node could not run on the given inputs (usually: inputs of the wrong shape)."""
+
 
 #: Ops whose constant weight makes them a linear associative memory v = W k.
 EDITABLE_OPS = ("Conv", "Gemm", "MatMul")
@@ -374,7 +378,17 @@ class ShadowGraph(torch.nn.Module):
         for step in self._steps:
             info = step.info
             args = [env[n] if n else None for n in info.inputs]
-            out = step.fn(*args, **step.attrs)
+            try:
+                out = step.fn(*args, **step.attrs)
+            except RectifyError:
+                raise
+            except Exception as exc:  # torch's message, attributed to the node
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                shapes = ", ".join("x".join(map(str, a.shape)) if isinstance(a, torch.Tensor)
+                                   else "-" for a in args)
+                raise ShadowExecutionError(
+                    f"node '{info.name}' ({info.op_type}) failed on inputs of shape "
+                    f"[{shapes}]: {first}") from exc
             if not isinstance(out, tuple):
                 out = (out,)
             if hooks:

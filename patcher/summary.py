@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from .errors import BadModelError
+from .errors import BadModelError, RectifyError
 from .modelio import LoadedModel
 from .parity import ParityResult, compare, input_specs, random_inputs
 from .shadow import ShadowGraph, find_unsupported, op_histogram
@@ -55,7 +55,8 @@ def _value_infos(values, skip=()) -> list[TensorInfo]:
 
 
 def summarize(model: LoadedModel, parity: bool = True, seed: int = 0, batch: int = 2,
-              provider: str = "auto") -> ModelSummary:
+              provider: str = "auto", shapes: dict[str, tuple[int, ...]] | None = None
+              ) -> ModelSummary:
     """Describe ``model``; with ``parity``, run shadow and onnxruntime on seeded random input."""
     proto = model.proto
     graph = proto.graph
@@ -77,7 +78,11 @@ def summarize(model: LoadedModel, parity: bool = True, seed: int = 0, batch: int
     summary.overridable_initializers = list(shadow.overridable_initializers)
     if parity:
         try:
-            inputs = random_inputs(proto, seed=seed, batch=batch)
+            unknown = set(shapes or {}) - {t.name for t in summary.inputs}
+            if unknown:
+                raise RectifyError(f"--input-shape names no graph input: {', '.join(sorted(unknown))} "
+                                   f"(inputs: {', '.join(t.name for t in summary.inputs)})")
+            inputs = random_inputs(proto, seed=seed, batch=batch, shapes=shapes)
             summary.parity = compare(shadow, proto.SerializeToString(), inputs, provider=provider)
         except BadModelError as exc:  # onnxruntime refuses a model the shadow can run
             summary.parity_error = str(exc)

@@ -63,3 +63,17 @@ def test_missing_file_exits_2():
     result = CliRunner().invoke(main, ["inspect", "/no/such/model.onnx"])
     assert result.exit_code == 2
     assert "no such file" in result.output
+
+
+def test_input_shape_option_and_node_failures_are_one_line_errors():
+    runner = CliRunner()
+    ok = runner.invoke(main, ["inspect", str(TINY), "--input-shape", "image=3,1,16,16"])
+    assert ok.exit_code == 0 and "batch 3" in ok.output
+    wrong = runner.invoke(main, ["inspect", str(TINY), "--input-shape", "image=3,1,20,20"])
+    assert wrong.exit_code == 2 and "onnxruntime refused the input" in wrong.output
+    bad = runner.invoke(main, ["inspect", str(TINY), "--input-shape", "image=1,x"])
+    assert bad.exit_code == 2 and "expected NAME=D0,D1" in bad.output
+    unknown = runner.invoke(main, ["inspect", str(TINY), "--input-shape", "nope=1"])
+    assert unknown.exit_code == 2 and "names no graph input: nope" in unknown.output
+    small = runner.invoke(main, ["inspect", str(TINY), "--input-shape", "image=1,2,16,16"])
+    assert small.exit_code in (1, 2) and "Traceback" not in small.output

@@ -168,3 +168,14 @@ def test_initializer_listed_as_graph_input_is_flagged_not_fed():
     graph = ShadowGraph.from_onnx(model)
     assert graph.overridable_initializers == ["w1"]
     assert graph.input_names == ["x", "x2", "xt"]
+
+
+def test_a_node_that_cannot_run_is_named_in_the_error():
+    from patcher.shadow import ShadowExecutionError
+
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                       [value_info("x", [1, 3, 4, 4])], [value_info("y", None)],
+                       {"w": RNG.standard_normal((2, 3, 3, 3)).astype(np.float32)})
+    graph = ShadowGraph.from_onnx(model)
+    with pytest.raises(ShadowExecutionError, match=r"node 'conv' \(Conv\) failed on inputs of shape \[1x5x4x4, 2x3x3x3\]"):
+        graph(torch.zeros(1, 5, 4, 4))
