@@ -99,3 +99,74 @@ def inspect(model: Path, json_path: str | None, no_parity: bool, seed: int, batc
         _fail(f"{len(summary.unsupported)} unsupported node(s); see the list above", 2)
     if summary.parity_error or (summary.parity is not None and not summary.parity.passed):
         sys.exit(1)
+
+
+def _load_factory(spec: str):
+    """'package.module:factory' -> the callable (run in this process: trusted code only)."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RectifyError(f"'{spec}': expected package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RectifyError(f"'{spec}': cannot import {module_name} ({exc})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise RectifyError(f"'{spec}': {module_name} has no attribute '{attr}'") from None
+
+
+@main.command()
+@click.argument("factory")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A state_dict saved with torch.save (loaded with weights_only).")
+@click.option("--input-shape", required=True, metavar="D0,D1,...",
+              help="Example input shape, batch first, e.g. 1,3,32,32 (the batch axis is dynamic).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the .onnx file.")
+@click.option("--keep-bn", is_flag=True, help="Keep BatchNormalization nodes (default: fold "
+              "them into the Conv weights, as edge models ship).")
+@click.option("--external-data", is_flag=True, help="Write weights to OUTPUT.data beside it.")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript",
+              show_default=True)
+@click.option("--opset", type=int, default=None, help="Default: 17 (torchscript), 18 (dynamo).")
+@click.option("--class-names", default=None, help="Comma-separated class names for metadata.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@reports_errors
+def export(factory: str, weights: Path | None, input_shape: str, output: Path, keep_bn: bool,
+           external_data: bool, exporter: str, opset: int | None, class_names: str | None,
+           force: bool) -> None:
+    """Export a PyTorch model to ONNX for patching. FACTORY is package.module:callable returning
+    the nn.Module; --weights loads a state_dict into it. The export is checked against the
+    torch module under onnxruntime before the command succeeds."""
+    import torch
+
+    from exporters import export_pytorch
+
+    if output.exists() and not force:
+        raise RectifyError(f"{output} exists; pass --force to overwrite it")
+    try:
+        shape = tuple(int(d) for d in input_shape.split(","))
+    except ValueError:
+        raise RectifyError(f"--input-shape '{input_shape}': expected integers like 1,3,32,32") \
+            from None
+    module = _load_factory(factory)()
+    if not isinstance(module, torch.nn.Module):
+        raise RectifyError(f"'{factory}' returned {type(module).__name__}, not a torch nn.Module")
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            module.load_state_dict(state)
+        except Exception as exc:  # torch raises many kinds for bad files
+            raise RectifyError(f"{weights}: cannot load as a state_dict for this model "
+                               f"({' '.join(str(exc).split())[:300]})") from None
+    result = export_pytorch(module, torch.zeros(shape), output, fold_bn=not keep_bn,
+                            external_data=external_data, exporter=exporter, opset=opset,
+                            class_names=class_names.split(",") if class_names else None)
+    click.echo(f"wrote {result.path}" + (f" and {result.data_path}" if result.data_path else ""))
+    click.echo(f"exporter {result.exporter}, opset {result.opset}, BatchNorm "
+               f"{'folded' if result.batchnorm_folded else 'kept'}; onnxruntime "
+               f"({result.provider}) vs torch: max abs diff {result.max_abs_diff:.3g}, "
+               f"top-1 agreement {result.top1_agreement:.0%}")
