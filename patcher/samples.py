@@ -71,6 +71,10 @@ def read_npz(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.nda
     path = Path(path)
     if not path.is_file():
         raise BadSamplesError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise BadSamplesError(f"{path}: not a readable npz file (npz files are zip "
+                                  "archives written by numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
