@@ -170,3 +170,20 @@ def export(factory: str, weights: Path | None, input_shape: str, output: Path, k
                f"{'folded' if result.batchnorm_folded else 'kept'}; onnxruntime "
                f"({result.provider}) vs torch: max abs diff {result.max_abs_diff:.3g}, "
                f"top-1 agreement {result.top1_agreement:.0%}")
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work folder (default: a new temporary folder).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="onnxruntime execution provider.")
+@reports_errors
+def demo(out_dir: Path | None, provider: str) -> None:
+    """Run the main job on the bundled trojaned MNIST sample and print OA and ASR before and
+    after. Works in a temporary (or the given) folder, never in the installed package."""
+    import tempfile
+
+    from .demo import format_demo, run_demo
+
+    work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="onnx-rectify-demo-"))
+    click.echo(format_demo(run_demo(work, provider)))

@@ -1,0 +1,91 @@
+"""``onnx-rectify demo``: the main job on the bundled backdoor sample.
+
+The trojaned MNIST CNN of ``samples/backdoor_cnn`` is copied into a work folder,
+checked (shadow graph vs onnxruntime), and measured under onnxruntime: clean
+accuracy (OA) on its held-out test set and attack success rate (ASR) on the
+triggered test set. Patching joins this flow when the rectification engine lands;
+until then the "after" column stays empty and says so.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import RectifyError
+from .metrics import accuracy, attack_success_rate
+from .modelio import load_model
+from .parity import ParityResult
+from .runtime import open_session
+from .samples import InputSpec, load_labelled, load_pairs, num_classes_of
+from .summary import summarize
+
+SAMPLE = "backdoor_cnn"
+
+
+@dataclass
+class DemoResult:
+    folder: Path
+    model: Path
+    pairs: int
+    parity: ParityResult | None
+    provider: str
+    before: dict[str, float]
+    after: dict[str, float] | None
+
+
+def sample_folder(name: str = SAMPLE) -> Path:
+    """The installed sample scenario folder (read only: never written to)."""
+    try:
+        root = resources.files("onnx_rectify_samples")
+    except ModuleNotFoundError:
+        raise RectifyError("the bundled samples are not installed (onnx_rectify_samples); "
+                           "reinstall onnx-rectify") from None
+    folder = Path(str(root)) / name
+    if not (folder / "model.onnx").is_file():
+        raise RectifyError(f"the bundled sample '{name}' has no model.onnx at {folder}")
+    return folder
+
+
+def run_demo(work: Path, provider: str = "auto") -> DemoResult:
+    """Copy the sample into ``work`` and measure it (and, later, patch it)."""
+    source = sample_folder()
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("model.onnx", "pairs_n1.npz", "eval.npz", "test.npz", "attack.npz"):
+        shutil.copyfile(source / name, work / name)
+    model_path = work / "model.onnx"
+    loaded = load_model(model_path)
+    spec, classes = InputSpec.of(loaded.proto), num_classes_of(loaded.proto)
+    pairs = load_pairs(work / "pairs_n1.npz", spec, classes)
+    test = load_labelled(work / "test.npz", spec, classes)
+    attack = load_labelled(work / "attack.npz", spec, classes, with_target=True)
+    summary = summarize(loaded, parity=True, provider=provider)
+    session = open_session(model_path, provider)
+    before = {"clean_accuracy": accuracy(session, test.x, test.y),
+              "attack_success_rate": attack_success_rate(session, attack.x, attack.y,
+                                                         attack.target)}
+    return DemoResult(work, model_path, len(pairs), summary.parity, session.provider, before, None)
+
+
+def format_demo(result: DemoResult) -> str:
+    lines = [f"onnx-rectify demo: a trojaned MNIST CNN (samples/{SAMPLE}), "
+             f"{result.pairs} corrupted/clean pair",
+             f"work folder  {result.folder}"]
+    if result.parity is not None:
+        p = result.parity
+        lines.append(f"parity       {'PASS' if p.passed else 'FAIL'} (shadow graph vs onnxruntime, "
+                     f"max abs diff {p.max_abs_diff:.2g})")
+    after = result.after or {}
+    lines += ["", f"{'':<28}{'before':>10}{'after':>10}"]
+    for key, label in (("clean_accuracy", "clean accuracy (OA)"),
+                       ("attack_success_rate", "attack success rate (ASR)")):
+        value = after.get(key)
+        lines.append(f"{label:<28}{result.before[key]:>10.2%}"
+                     f"{(f'{value:.2%}' if value is not None else '-'):>10}")
+    lines.append("")
+    lines.append(f"measured under onnxruntime ({result.provider}) on {result.model.name}")
+    if result.after is None:
+        lines.append("patching is not available yet: the rectification engine is being built, "
+                     "so the 'after' column is empty")
+    return "\n".join(lines)
