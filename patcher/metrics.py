@@ -71,6 +71,12 @@ def spurious_gap(model, clean_x, clean_y, spurious_x, spurious_y, provider: str 
                        accuracy(session, spurious_x, spurious_y, **kw))
 
 
+def _first_output(graph: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The class scores: a shadow graph returns a tuple of outputs, a torch module a tensor."""
+    out = graph(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def input_integrated_gradients(graph: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
                                baseline: torch.Tensor | None = None, steps: int = 32
                                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,12 +89,12 @@ def input_integrated_gradients(graph: torch.nn.Module, x: torch.Tensor, labels: 
     for k in range(steps):
         alpha = (k + 0.5) / steps
         point = (baseline + alpha * (x - baseline)).detach().requires_grad_(True)
-        prob = torch.softmax(graph(point)[0], dim=1)[rows, labels]
+        prob = torch.softmax(_first_output(graph, point), dim=1)[rows, labels]
         grad, = torch.autograd.grad(prob.sum(), point)
         total += grad
     attributions = (x - baseline) * total / steps
     with torch.no_grad():
-        ends = [torch.softmax(graph(v)[0], dim=1)[rows, labels] for v in (x, baseline)]
+        ends = [torch.softmax(_first_output(graph, v), dim=1)[rows, labels] for v in (x, baseline)]
     error = (attributions.flatten(1).sum(1) - (ends[0] - ends[1])).abs()
     return attributions.detach(), error
 

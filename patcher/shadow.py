@@ -348,6 +348,13 @@ class ShadowGraph(torch.nn.Module):
         known = ", ".join(l.name for l in self.editable_layers[:8])
         raise KeyError(f"no editable layer named '{name}' (editable layers: {known}...)")
 
+    def node_attributes(self, name: str) -> dict:
+        """The converted attributes of node ``name`` (as its op function receives them)."""
+        for step in self._steps:
+            if step.info.name == name:
+                return dict(step.attrs)
+        raise KeyError(f"unknown node '{name}'")
+
     def register_hook(self, fn: Hook, nodes: Iterable[str] | None = None) -> HookHandle:
         """Call ``fn(node, inputs, outputs)`` after each node (or only the named ones).
 

@@ -1,0 +1,195 @@
+"""The patch pipeline: validate -> rectify in the shadow graph -> write -> verify from disk.
+
+Nothing is written next to the input unless the output is put there; the output
+is reloaded from disk and checked under onnxruntime (never the in-memory copy);
+the inputs' sha256 are taken before and after and must not change.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import CheckFailedError, OutputError, RectifyError
+from .metrics import predict
+from .modelio import LoadedModel, load_model, sha256_file
+from .parity import ParityResult, compare
+from .rectify import LayerScore, RectifyConfig, RectifyResult, Rectifier, rectify
+from .runtime import open_session
+from .samples import InputSpec, LabelledSet, Pairs, load_labelled, load_pairs, num_classes_of
+from .shadow import ShadowGraph
+from .writeback import apply_deltas, save_model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RectifyError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    return torch.device(device)
+
+
+def pairs_digest(pairs: Pairs) -> str:
+    h = hashlib.sha256()
+    for a in (pairs.corrupted, pairs.clean, pairs.label):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Inputs:
+    loaded: LoadedModel
+    pairs: Pairs
+    eval_set: LabelledSet
+    calib_x: np.ndarray | None
+    files: list[Path]
+
+
+def load_inputs(model: Path, pairs: Path, eval_path: Path | None, calib: Path | None) -> Inputs:
+    """Load and validate the model and sample files against each other before any work."""
+    loaded = load_model(model)
+    spec, classes = InputSpec.of(loaded.proto), num_classes_of(loaded.proto)
+    p = load_pairs(pairs, spec, classes)
+    files = [Path(model), Path(pairs)]
+    if eval_path is not None:
+        ev = load_labelled(eval_path, spec, classes)
+        files.append(Path(eval_path))
+    else:  # locate without an eval set: the pairs' clean inputs serve as calibration
+        ev = LabelledSet(p.clean, p.label)
+    calib_x = None
+    if calib is not None:
+        calib_x = load_labelled(calib, spec, classes).x
+        files.append(Path(calib))
+    if loaded.path is not None:
+        files += [loaded.path.parent / ref.location for ref in loaded.external.values()]
+    return Inputs(loaded, p, ev, calib_x, sorted(set(files)))
+
+
+def locate(inputs: Inputs, config: RectifyConfig, device: str = "auto") -> list[LayerScore]:
+    """Editable layers ranked by editability, best first."""
+    graph = ShadowGraph(inputs.loaded)
+    r = Rectifier(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
+                  resolve_device(device))
+    return r.locate()
+
+
+@dataclass
+class Verification:
+    """The written file, reloaded from disk, under onnxruntime."""
+
+    provider: str
+    base_accuracy: float
+    patched_accuracy: float
+    base_pair_gap: float
+    patched_pair_gap: float
+    parity: dict
+    rounding_errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accuracy_drop(self) -> float:
+        return self.base_accuracy - self.patched_accuracy
+
+
+@dataclass
+class PatchReport:
+    model: str
+    output: str
+    written: list[str]
+    result: RectifyResult
+    verification: Verification
+    inputs_sha256_before: dict[str, str]
+    inputs_sha256_after: dict[str, str]
+    device: str
+    timings: dict[str, float]
+    passed: bool
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["result"].pop("deltas", None)
+        out["verification"]["accuracy_drop"] = self.verification.accuracy_drop
+        return out
+
+
+def default_output(model: Path) -> Path:
+    name = model.name[:-5] if model.name.endswith(".onnx") else model.name
+    return model.with_name(f"{name}.rectified.onnx")
+
+
+def check_output_path(out: Path, inputs: Inputs, force: bool) -> None:
+    out_resolved = out.resolve()
+    for f in inputs.files:
+        if f.resolve() == out_resolved:
+            raise OutputError(f"{out}: the output would overwrite an input file; choose another -o")
+    data = out.with_name(f"{out.name}.data").resolve()
+    if any(f.resolve() == data for f in inputs.files):
+        raise OutputError(f"{out}: its data file would overwrite an input file; choose another -o")
+    if out.exists() and not force:
+        raise OutputError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: folder '{out.parent}' does not exist")
+
+
+def _pair_gap(session, pairs: Pairs) -> float:
+    def prob(x):
+        s = predict(session, x, show_progress=False)
+        e = np.exp(s - s.max(1, keepdims=True))
+        return (e / e.sum(1, keepdims=True))[np.arange(len(x)), pairs.label]
+    return float(np.mean(prob(pairs.clean) - prob(pairs.corrupted)))
+
+
+def verify_written(base: LoadedModel, out: Path, inputs: Inputs, provider: str,
+                   rounding: dict[str, float]) -> Verification:
+    reloaded = load_model(out)
+    patched = open_session(out, provider)
+    original = open_session(base.path if base.path else base.proto.SerializeToString(), provider)
+    ev = inputs.eval_set
+    acc = lambda s: float(np.mean(predict(s, ev.x, label="verifying").argmax(1) == ev.y))  # noqa: E731
+    shadow = ShadowGraph(reloaded)
+    sample = ev.x[: min(16, len(ev.x))]
+    parity: ParityResult = compare(shadow, out, [sample], provider=provider)
+    return Verification(patched.provider, acc(original), acc(patched),
+                        _pair_gap(original, inputs.pairs), _pair_gap(patched, inputs.pairs),
+                        parity.as_dict(), rounding)
+
+
+def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Path | None,
+          config: RectifyConfig, device: str = "auto", provider: str = "auto",
+          force: bool = False, log=None) -> PatchReport:
+    """Run the whole patch job; see the module docstring."""
+    log = log or (lambda msg: None)
+    start = time.perf_counter()
+    inputs = load_inputs(model, pairs, eval_path, calib)
+    out = Path(out) if out is not None else default_output(Path(model))
+    check_output_path(out, inputs, force)
+    before = {str(f): sha256_file(f) for f in inputs.files}
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    graph = ShadowGraph(inputs.loaded)
+    timings = {"load": t0 - start}
+    result = rectify(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config, dev, log)
+    timings["rectify"] = time.perf_counter() - t0
+    if not result.deltas:
+        log("no edit was kept; the output equals the input's weights")
+    provenance = {"tool": f"onnx-rectify {__version__}", "strategy": result.strategy,
+                  "edits": [dict(e, pairs_sha256=pairs_digest(inputs.pairs)) for e in result.edits]}
+    t1 = time.perf_counter()
+    proto, written_tensors = apply_deltas(inputs.loaded, result.deltas, provenance)
+    written = save_model(proto, inputs.loaded, out)
+    timings["write"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    verification = verify_written(inputs.loaded, out, inputs, provider,
+                                  {w.name: w.rounding_error for w in written_tensors})
+    timings["verify"] = time.perf_counter() - t2
+    after = {str(f): sha256_file(f) for f in inputs.files}
+    if after != before:
+        raise CheckFailedError("an input file changed while patching; this is a bug, please report it")
+    timings["total"] = time.perf_counter() - start
+    passed = (result.met_target and verification.accuracy_drop <= config.budget
+              and verification.parity.get("within_tolerance", False))
+    return PatchReport(str(model), str(out), [str(w) for w in written], result, verification,
+                       before, after, str(dev), timings, passed)

@@ -1,0 +1,406 @@
+"""Rectification strategies: the only orchestrator of statistics, attribution and edits.
+
+- ``dynamic`` (default, paper Algorithm 1): while the pair gap delta* exceeds the
+  target and the accuracy drop eps* stays within the budget: locate the most
+  editable layer, apply a rank-one edit there, re-measure, keep it or roll it back
+  (a rolled-back layer is excluded; a round limit holds).
+- ``static``: one rank-one edit at the last editable layer (the paper's static baseline).
+- ``finetune``: fine-tune the last editable layer on the pairs (the paper's baseline).
+
+Beyond the paper, *transplant* turns one pair into many: the corruption of a pair
+(the pixels where x~ differs from x) is pasted onto calibration images ("paste"),
+or its difference x~ - x is added to them ("add"). Half of the transplanted pairs
+join the fit, the other half measure the gap the loop steers by, so that the loop
+sees whether an edit generalises rather than whether it fits its own pairs (the
+fitted pairs' gap is ~0 after any edit).
+
+Gap: delta* = mean over pairs of p_y(x) - p_y(x~). Accuracy drop: eps* = OA(base)
+- OA(edited) on the eval set.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .attribution import layer_integrated_gradients
+from .edit import RankOneEdit, solve_rank_one
+from .errors import BadSamplesError, RectifyError
+from .keys import LayerTap, layer_keys, layer_values, stored_delta
+from .shadow import EditableLayer, ShadowGraph
+from .stats import LayerStatistics, collect_moments, iterate_batches
+
+STRATEGIES = ("dynamic", "static", "finetune")
+TRANSPLANT_MODES = ("paste", "add", "none")
+SCORE_MODES = ("whitened", "inverse")
+
+
+@dataclass
+class RectifyConfig:
+    strategy: str = "dynamic"
+    budget: float = 0.03          # max accuracy drop eps
+    gap: float = 0.001            # target pair gap delta
+    max_rounds: int = 5
+    layer: str | None = None      # force one edit at this layer
+    steps: int = 16               # IG steps
+    ridge: float = 1e-2
+    transplant: str = "paste"
+    transplant_count: int = 40    # transplanted pairs (half fit, half measure)
+    score: str = "whitened"
+    attribution_form: str = "ig"
+    calib_limit: int = 1000
+    allow_shared: bool = False
+    finetune_steps: int = 100
+    finetune_lr: float = 1e-3
+    seed: int = 0
+    show_progress: bool | None = None
+
+
+@dataclass
+class LayerScore:
+    layer: str
+    score: float
+    completeness_error: float
+
+
+@dataclass
+class Round:
+    index: int
+    layer: str
+    score: float | None
+    kept: bool
+    reason: str
+    gap_before: float
+    gap_after: float
+    accuracy: float
+    accuracy_drop: float
+    delta_norm: float
+    fit_residual_ratio: float | None
+
+
+@dataclass
+class RectifyResult:
+    strategy: str
+    base_accuracy: float
+    base_gap: float
+    final_accuracy: float
+    final_gap: float
+    met_target: bool
+    rounds: list[Round] = field(default_factory=list)
+    scores: list[LayerScore] = field(default_factory=list)
+    deltas: dict[str, np.ndarray] = field(default_factory=dict)   # stored layout, float64
+    edits: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    conditioning: dict[str, dict] = field(default_factory=dict)
+    gap_measured_on: str = "pairs"
+
+
+def transplant(pair_corrupted: np.ndarray, pair_clean: np.ndarray, images: np.ndarray,
+               mode: str) -> np.ndarray:
+    """Carry one pair's corruption onto other images."""
+    if mode == "add":
+        return np.clip(images + (pair_corrupted - pair_clean)[None], 0.0, 1.0).astype(images.dtype)
+    changed = np.abs(pair_corrupted - pair_clean) > 1e-6
+    if pair_corrupted.ndim >= 3:  # a pixel counts as changed in every channel
+        changed = np.broadcast_to(changed.any(axis=0, keepdims=True), pair_corrupted.shape)
+    return np.where(changed[None], pair_corrupted[None], images).astype(images.dtype)
+
+
+class Rectifier:
+    """Holds the shadow graph, the data as tensors, and the statistics, for one run."""
+
+    def __init__(self, graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None,
+                 config: RectifyConfig, device: str | torch.device = "cpu") -> None:
+        if config.strategy not in STRATEGIES:
+            raise RectifyError(f"unknown strategy '{config.strategy}' (choose from {', '.join(STRATEGIES)})")
+        if config.transplant not in TRANSPLANT_MODES:
+            raise RectifyError(f"unknown transplant mode '{config.transplant}'")
+        if config.score not in SCORE_MODES:
+            raise RectifyError(f"unknown score mode '{config.score}'")
+        self.graph = graph.to(device).eval()
+        for p in self.graph.parameters():
+            p.requires_grad_(True)
+        self.device = torch.device(device)
+        self.config = config
+        self.timings: dict[str, float] = {}
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        self.pair_corrupted, self.pair_clean = t(pairs.corrupted), t(pairs.clean)
+        self.pair_label = t(pairs.label)
+        self.eval_x, self.eval_y = eval_set.x, eval_set.y
+        calib = calib_x if calib_x is not None else eval_set.x
+        self.calib_x = calib[:config.calib_limit]
+        self.layers = self._candidate_layers()
+        self._build_fit_and_gap_sets(pairs)
+        self.stats: dict[str, LayerStatistics] = {}
+
+    # -------------------------------------------------------------- setup
+    def _candidate_layers(self) -> list[EditableLayer]:
+        layers = []
+        for layer in self.graph.editable_layers:
+            if layer.shared_with and not self.config.allow_shared:
+                continue
+            if layer.orientation == "conv" and len(layer.shape) not in (3, 4):
+                continue
+            layers.append(layer)
+        if not layers:
+            raise RectifyError("the model has no editable layer that can be patched "
+                               "(Conv, Gemm, or MatMul with one constant operand, not shared)")
+        return layers
+
+    def _build_fit_and_gap_sets(self, pairs) -> None:
+        cfg = self.config
+        fit_c, fit_x, fit_y = [pairs.corrupted], [pairs.clean], [pairs.label]
+        self.gap_source = "pairs"
+        self.gap_sets = (self.pair_corrupted, self.pair_clean, self.pair_label)
+        if cfg.transplant == "none" or cfg.transplant_count < 2:
+            self.fit = tuple(torch.from_numpy(np.concatenate(a)).to(self.device)
+                             for a in (fit_c, fit_x, fit_y))
+            return
+        rng = np.random.default_rng(cfg.seed)
+        count = min(cfg.transplant_count, len(self.calib_x))
+        idx = rng.choice(len(self.eval_x), size=min(count, len(self.eval_x)), replace=False)
+        images, labels = self.eval_x[idx], self.eval_y[idx]
+        owners = np.arange(len(idx)) % len(pairs)
+        moved = np.stack([transplant(pairs.corrupted[o], pairs.clean[o], images[i:i + 1],
+                                     cfg.transplant)[0] for i, o in enumerate(owners)])
+        half = len(idx) // 2
+        fit_c.append(moved[:half]), fit_x.append(images[:half]), fit_y.append(labels[:half])
+        self.fit = tuple(torch.from_numpy(np.concatenate(a)).to(self.device)
+                         for a in (fit_c, fit_x, fit_y))
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        self.gap_sets = (t(moved[half:]), t(images[half:]), t(labels[half:]))
+        self.gap_source = f"{len(idx) - half} transplanted pairs not used for fitting"
+
+    def compute_statistics(self) -> None:
+        """C per layer from the calibration inputs plus the corrupted inputs being fitted."""
+        start = time.perf_counter()
+        extra = self.fit[0].cpu().numpy()
+        data = np.concatenate([self.calib_x, extra])
+        moments = collect_moments(self.graph, self.layers, iterate_batches(data, 128),
+                                  total=len(data), show_progress=self.config.show_progress)
+        self.stats = {name: LayerStatistics.from_moments(name, m, self.config.ridge)
+                      for name, m in moments.items()}
+        self.timings["statistics"] = self.timings.get("statistics", 0) + time.perf_counter() - start
+
+    # -------------------------------------------------------------- measurements
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(x), 256):
+            logits = self.graph(x[i:i + 256])[0]
+            out.append(torch.softmax(logits.reshape(len(logits), -1), 1)
+                       [torch.arange(len(logits)), labels[i:i + 256]])
+        return torch.cat(out)
+
+    def gap(self) -> float:
+        corrupted, clean, labels = self.gap_sets
+        return float((self.probabilities(clean, labels) - self.probabilities(corrupted, labels)).mean())
+
+    @torch.no_grad()
+    def accuracy(self) -> float:
+        start = time.perf_counter()
+        correct = 0
+        for i in range(0, len(self.eval_x), 256):
+            xb = torch.from_numpy(self.eval_x[i:i + 256]).to(self.device)
+            pred = self.graph(xb)[0].reshape(len(xb), -1).argmax(1).cpu().numpy()
+            correct += int((pred == self.eval_y[i:i + 256]).sum())
+        self.timings["evaluation"] = self.timings.get("evaluation", 0) + time.perf_counter() - start
+        return correct / max(len(self.eval_x), 1)
+
+    # -------------------------------------------------------------- localisation
+    def locate(self, exclude: set[str] = frozenset()) -> list[LayerScore]:
+        """Editability G_l = mean over pairs of || sum_p m_p (Z k*_p)^T ||_F, Z = C^-1/2
+        (``whitened``) or C^-1 (``inverse``, the paper's literal form), best first."""
+        if not self.stats:
+            self.compute_statistics()
+        layers = [l for l in self.layers if l.name not in exclude]
+        if not layers:
+            return []
+        start = time.perf_counter()
+        attr = layer_integrated_gradients(self.graph, layers, self.pair_corrupted,
+                                          self.pair_clean, self.pair_label,
+                                          steps=self.config.steps,
+                                          form=self.config.attribution_form)
+        scores = []
+        with torch.no_grad():
+            for layer in layers:
+                attrs = self.graph.node_attributes(layer.name)
+                keys = self._keys_of(layer, self.pair_corrupted).to(torch.float64)
+                st = self.stats[layer.name]
+                z = st.inverse_sqrt if self.config.score == "whitened" else st.inverse
+                m = layer_values(layer, attr.layers[layer.name].attribution,
+                                 {k: v for k, v in attrs.items() if k != "alpha"})
+                m = m.to(torch.float64)
+                kz = keys @ z.to(keys.device)
+                per_pair = torch.einsum("npgv,npgk->ngvk", m, kz).flatten(1).norm(dim=1)
+                scores.append(LayerScore(layer.name, float(per_pair.mean()),
+                                         float(attr.layers[layer.name].completeness_error.max())))
+        self.timings["attribution"] = self.timings.get("attribution", 0) + time.perf_counter() - start
+        return sorted(scores, key=lambda s: -s.score)
+
+    # -------------------------------------------------------------- editing
+    @torch.no_grad()
+    def _keys_of(self, layer: EditableLayer, x: torch.Tensor) -> torch.Tensor:
+        with LayerTap(self.graph, [layer]) as tap:
+            self.graph(x)
+        return layer_keys(layer, tap.inputs[layer.name], self.graph.node_attributes(layer.name))
+
+    @torch.no_grad()
+    def fit_edit(self, layer: EditableLayer) -> RankOneEdit:
+        """Closed-form rank-one edit mapping corrupted keys to clean values at ``layer``."""
+        start = time.perf_counter()
+        if not self.stats:
+            self.compute_statistics()
+        corrupted, clean, _ = self.fit
+        attrs = self.graph.node_attributes(layer.name)
+        keys, residuals = [], []
+        for i in range(0, len(clean), 64):
+            with LayerTap(self.graph, [layer]) as tap:
+                self.graph(torch.cat([corrupted[i:i + 64], clean[i:i + 64]]))
+            n = len(clean[i:i + 64])
+            data, out = tap.inputs[layer.name], tap.outputs[layer.name]
+            keys.append(layer_keys(layer, data[:n], attrs))
+            values = layer_values(layer, out, attrs)
+            residuals.append(values[n:] - values[:n])
+        edit = solve_rank_one(layer.name, layer.weight, torch.cat(keys), torch.cat(residuals),
+                              self.stats[layer.name].inverse.to(self.device))
+        self.timings["edit"] = self.timings.get("edit", 0) + time.perf_counter() - start
+        return edit
+
+    def stored(self, layer: EditableLayer, edit: RankOneEdit) -> torch.Tensor:
+        weight = self.graph.weight(layer.weight)
+        delta = stored_delta(layer, edit.delta, self.graph.node_attributes(layer.name))
+        return delta.to(weight.dtype if weight.dtype == torch.float64 else torch.float32)
+
+    @torch.no_grad()
+    def apply(self, layer: EditableLayer, delta: torch.Tensor, sign: float = 1.0) -> None:
+        weight = self.graph.weight(layer.weight)
+        weight.add_((sign * delta).to(weight.dtype))
+
+
+def _result(strategy, base_acc, base_gap, acc, gap, cfg, rectifier) -> RectifyResult:
+    met = gap <= cfg.gap and (base_acc - acc) <= cfg.budget
+    return RectifyResult(strategy, base_acc, base_gap, acc, gap, met,
+                         gap_measured_on=rectifier.gap_source)
+
+
+def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = None,
+            config: RectifyConfig | None = None, device: str | torch.device = "cpu",
+            log=None) -> RectifyResult:
+    """Run the configured strategy; the shadow graph's weights hold the result afterwards."""
+    cfg = config or RectifyConfig()
+    log = log or (lambda msg: None)
+    if len(pairs) == 0:
+        raise BadSamplesError("no pairs to fit")
+    r = Rectifier(graph, pairs, eval_set, calib_x, cfg, device)
+    base_acc, base_gap = r.accuracy(), r.gap()
+    log(f"base: accuracy {base_acc:.2%}, gap {base_gap:.4f} (on {r.gap_source})")
+    deltas: dict[str, torch.Tensor] = {}
+    edits: list[dict] = []
+    rounds: list[Round] = []
+    scores: list[LayerScore] = []
+    by_name = {l.name: l for l in r.layers}
+
+    def record(layer, delta, kind, edit: RankOneEdit | None):
+        deltas[layer.weight] = deltas.get(layer.weight, 0) + delta.to(torch.float64).cpu()
+        edits.append({"layer": layer.name, "weight": layer.weight, "kind": kind,
+                      "delta_norm": float(delta.norm()),
+                      "rank": 1 if edit is not None else int(torch.linalg.matrix_rank(
+                          delta.reshape(delta.shape[0], -1).to(torch.float64)))})
+
+    if cfg.strategy == "finetune":
+        layer = by_name.get(cfg.layer) if cfg.layer else r.layers[-1]
+        if layer is None:
+            raise RectifyError(f"no editable layer named '{cfg.layer}'")
+        delta = _finetune(r, layer)
+        record(layer, delta, "finetune", None)
+        acc, gap = r.accuracy(), r.gap()
+        rounds.append(Round(1, layer.name, None, True, "fine-tuned", base_gap, gap, acc,
+                            base_acc - acc, float(delta.norm()), None))
+    elif cfg.strategy == "static" or cfg.layer:
+        if cfg.layer:
+            if cfg.layer not in by_name:
+                known = ", ".join(by_name)
+                raise RectifyError(f"--layer '{cfg.layer}' is not an editable layer of this "
+                                   f"model (editable: {known})")
+            layer = by_name[cfg.layer]
+        else:
+            layer = r.layers[-1]
+        edit = r.fit_edit(layer)
+        delta = r.stored(layer, edit)
+        r.apply(layer, delta)
+        record(layer, delta, "rank-one", edit)
+        acc, gap = r.accuracy(), r.gap()
+        rounds.append(Round(1, layer.name, None, True, "forced layer" if cfg.layer else
+                            "static: last layer", base_gap, gap, acc, base_acc - acc,
+                            edit.norm, edit.fit_residual_after / max(edit.fit_residual_before, 1e-300)))
+    else:
+        gap, acc = base_gap, base_acc
+        excluded: set[str] = set()
+        for index in range(1, cfg.max_rounds + 1):
+            if gap <= cfg.gap:
+                break
+            ranked = r.locate(excluded)
+            if index == 1:
+                scores = ranked
+            if not ranked:
+                log("no layer left to try")
+                break
+            best = ranked[0]
+            layer = by_name[best.layer]
+            edit = r.fit_edit(layer)
+            delta = r.stored(layer, edit)
+            r.apply(layer, delta)
+            new_acc, new_gap = r.accuracy(), r.gap()
+            drop = base_acc - new_acc
+            ratio = edit.fit_residual_after / max(edit.fit_residual_before, 1e-300)
+            if drop > cfg.budget:
+                kept, reason = False, f"accuracy drop {drop:.2%} over budget {cfg.budget:.2%}"
+            elif new_gap >= gap - 1e-6:
+                kept, reason = False, "gap did not shrink"
+            else:
+                kept, reason = True, "kept"
+            rounds.append(Round(index, layer.name, best.score, kept, reason, gap, new_gap,
+                                new_acc, drop, edit.norm, ratio))
+            log(f"round {index}: {layer.name} score {best.score:.4g}: gap {gap:.4f} -> "
+                f"{new_gap:.4f}, accuracy {new_acc:.2%} ({reason})")
+            if kept:
+                record(layer, delta, "rank-one", edit)
+                gap, acc = new_gap, new_acc
+                r.stats = {}  # keys downstream of the edit changed
+            else:
+                r.apply(layer, delta, sign=-1.0)
+                excluded.add(layer.name)
+    final_acc, final_gap = r.accuracy(), r.gap()
+    result = _result(cfg.strategy if not cfg.layer or cfg.strategy == "finetune" else "forced",
+                     base_acc, base_gap, final_acc, final_gap, cfg, r)
+    result.rounds, result.scores, result.edits = rounds, scores, edits
+    result.deltas = {k: v.numpy() for k, v in deltas.items()}
+    result.timings = dict(r.timings)
+    result.conditioning = {k: {"condition_number": s.condition_number, "ridge": s.ridge_value}
+                           for k, s in r.stats.items()}
+    return result
+
+
+def _finetune(r: Rectifier, layer: EditableLayer) -> torch.Tensor:
+    """Adam on cross-entropy of the pairs (corrupted and clean, correct label), last layer only."""
+    weight = r.graph.weight(layer.weight)
+    original = weight.detach().clone()
+    others = [p for p in r.graph.parameters() if p is not weight]
+    for p in others:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([weight], lr=r.config.finetune_lr)
+    x = torch.cat([r.pair_corrupted, r.pair_clean])
+    y = torch.cat([r.pair_label, r.pair_label])
+    try:
+        for _ in range(r.config.finetune_steps):
+            loss = torch.nn.functional.cross_entropy(r.graph(x)[0].reshape(len(x), -1), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        for p in others:
+            p.requires_grad_(True)
+    return (weight.detach() - original)

@@ -1,0 +1,144 @@
+"""Key statistics C = E[k k^T] per editable layer, streamed in float64, and their inverses.
+
+One forward pass over the calibration inputs feeds every editable layer at once;
+each layer's keys [n, P, G, Kd] are folded into a running sum S = sum k k^T and a
+count (mergeable partial sums: statistics of several data shards add up).
+Regularisation (ridge): C_reg = C + lambda I with lambda = ridge * mean(diag C),
+default ridge = 1e-2.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .keys import LayerTap, layer_keys
+from .progress import progress
+from .shadow import EditableLayer, ShadowGraph
+
+DEFAULT_RIDGE = 1e-2
+
+
+@contextmanager
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class KeyMoments:
+    """Running sum of k k^T (float64) and the number of keys, for one layer."""
+
+    sum_kk: torch.Tensor
+    count: int = 0
+
+    def add(self, keys: torch.Tensor) -> None:
+        flat = keys.reshape(-1, keys.shape[-1]).to(torch.float64)
+        self.sum_kk += flat.T @ flat
+        self.count += flat.shape[0]
+
+    def merge(self, other: "KeyMoments") -> "KeyMoments":
+        return KeyMoments(self.sum_kk + other.sum_kk.to(self.sum_kk.device), self.count + other.count)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        return self.sum_kk / max(self.count, 1)
+
+
+@dataclass
+class LayerStatistics:
+    """C, its regularised inverse and inverse square root, and diagnostics."""
+
+    layer: str
+    moments: KeyMoments
+    ridge: float
+    cov: torch.Tensor = field(repr=False, default=None)
+    inverse: torch.Tensor = field(repr=False, default=None)
+    inverse_sqrt: torch.Tensor = field(repr=False, default=None)
+    condition_number: float = float("nan")
+    ridge_value: float = 0.0
+
+    @classmethod
+    def from_moments(cls, layer: str, moments: KeyMoments, ridge: float = DEFAULT_RIDGE
+                     ) -> "LayerStatistics":
+        cov = moments.second_moment
+        cov = (cov + cov.T) / 2
+        lam = ridge * float(torch.diagonal(cov).mean().clamp_min(1e-12))
+        with single_thread():  # small LAPACK calls thrash when threads compete for cores
+            evals, evecs = torch.linalg.eigh(cov)
+        raw_cond = float(evals.max() / evals.min().clamp_min(1e-300)) if evals.numel() else 1.0
+        reg = evals.clamp_min(0) + lam
+        inverse = (evecs / reg) @ evecs.T
+        inverse_sqrt = (evecs / reg.sqrt()) @ evecs.T
+        return cls(layer, moments, ridge, cov, inverse, inverse_sqrt, raw_cond, lam)
+
+
+def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
+                    total: int | None = None, label: str = "key statistics",
+                    show_progress: bool | None = None) -> dict[str, KeyMoments]:
+    """One forward pass per batch (an iterable of input tensors) feeds all layers' sums."""
+    device = next((p.device for p in graph.parameters()), torch.device("cpu"))
+    moments = {l.name: KeyMoments(torch.zeros(l.key_dim, l.key_dim, dtype=torch.float64,
+                                              device=device)) for l in layers}
+    attrs = {l.name: graph.node_attributes(l.name) for l in layers}
+
+    def accumulate(layer, data, _out):
+        moments[layer.name].add(layer_keys(layer, data, attrs[layer.name]))
+
+    with progress(total or 0, label, show_progress) as bar, \
+            LayerTap(graph, layers, on_capture=accumulate), torch.no_grad():
+        for batch in batches:
+            graph(batch.to(device))
+            bar.update(len(batch))
+    return moments
+
+
+def iterate_batches(x: np.ndarray, batch: int = 128):
+    for i in range(0, len(x), batch):
+        yield torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))
+
+
+def data_hash(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(str((a.shape, a.dtype.str)).encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class MomentCache:
+    """Partial sums on disk, keyed by model hash, layer weight and data hash."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, model_hash: str, layer: EditableLayer, data_key: str) -> Path:
+        name = hashlib.sha256(f"{model_hash}|{layer.name}|{layer.weight}|{data_key}".encode())
+        return self.folder / f"{name.hexdigest()[:24]}.npz"
+
+    def get(self, model_hash: str, layer: EditableLayer, data_key: str) -> KeyMoments | None:
+        path = self._path(model_hash, layer, data_key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return KeyMoments(torch.from_numpy(data["sum_kk"]), int(data["count"]))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, model_hash: str, layer: EditableLayer, data_key: str, m: KeyMoments) -> None:
+        from .modelio import write_bytes_atomic
+        import io
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, sum_kk=m.sum_kk.cpu().numpy(), count=np.int64(m.count))
+        write_bytes_atomic(self._path(model_hash, layer, data_key), buf.getvalue())
