@@ -46,8 +46,8 @@ def canonical_weight(layer: EditableLayer, weight: torch.Tensor) -> torch.Tensor
 def stored_delta(layer: EditableLayer, delta_canonical: torch.Tensor, attrs: dict) -> torch.Tensor:
     """The change of the stored tensor that realises a canonical change dW_c.
 
-    Gemm: y = alpha * A B' + ..., so the stored B changes by dW_c / alpha (transposed
-    back for transB = 0)."""
+    W_c is the stored tensor up to reshaping or transposition (Gemm's alpha scales the
+    value space, see :func:`layer_values`, not the weight), so only the layout changes."""
     o = layer.orientation
     if o == "conv":
         return delta_canonical.reshape(layer.shape)
@@ -55,10 +55,9 @@ def stored_delta(layer: EditableLayer, delta_canonical: torch.Tensor, attrs: dic
         return delta_canonical
     if o == "matmul_right":
         return delta_canonical.transpose(0, 1)
-    alpha = float(attrs.get("alpha", 1.0))
     if o == "gemm_transposed":
-        return delta_canonical / alpha
-    return delta_canonical.transpose(0, 1) / alpha
+        return delta_canonical
+    return delta_canonical.transpose(0, 1)
 
 
 def conv_keys(x: torch.Tensor, layer: EditableLayer, attrs: dict) -> torch.Tensor:

@@ -1,0 +1,197 @@
+"""The rectification engine: keys reproduce layer outputs, the closed form is the least-squares
+optimum, deltas land in the stored orientation, and the written file differs only where edited."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from patcher.edit import principal_direction, solve_rank_one
+from patcher.keys import LayerTap, canonical_weight, layer_keys, layer_values, stored_delta
+from patcher.modelio import load_model
+from patcher.shadow import ShadowGraph
+from patcher.writeback import apply_deltas, read_provenance, save_model
+from tests.build import make_model, value_info
+
+RNG = np.random.default_rng(3)
+
+
+def _w(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+LAYER_CASES = {
+    "conv_groups_asym_pads": (
+        helper.make_node("Conv", ["x", "w", "b"], ["y"], name="L", group=2, pads=[0, 1, 2, 0],
+                         strides=[2, 1], dilations=[1, 2]),
+        [1, 4, 9, 8], {"w": _w(6, 2, 3, 3), "b": _w(6)}),
+    "conv_same_upper": (
+        helper.make_node("Conv", ["x", "w"], ["y"], name="L", auto_pad="SAME_UPPER", strides=[2, 2]),
+        [2, 3, 7, 6], {"w": _w(5, 3, 2, 3)}),
+    "conv_1d": (helper.make_node("Conv", ["x", "w"], ["y"], name="L", pads=[1, 1]),
+                [2, 3, 10], {"w": _w(4, 3, 3)}),
+    "gemm_transB_alpha": (
+        helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="L", transB=1, alpha=0.7, beta=1.3),
+        [3, 5], {"w": _w(4, 5), "b": _w(4)}),
+    "gemm_transA": (helper.make_node("Gemm", ["x", "w"], ["y"], name="L", transA=1), [5, 3],
+                    {"w": _w(5, 4)}),
+    "matmul_right": (helper.make_node("MatMul", ["x", "w"], ["y"], name="L"), [2, 3, 5],
+                     {"w": _w(5, 4)}),
+    "matmul_left": (helper.make_node("MatMul", ["w", "x"], ["y"], name="L"), [2, 5, 3],
+                    {"w": _w(4, 5)}),
+}
+
+
+def _layer_model(name):
+    node, shape, inits = LAYER_CASES[name]
+    model = make_model([node], [value_info("x", shape)], [value_info("y", None)], inits)
+    return model, torch.from_numpy(_w(*shape))
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_CASES))
+def test_keys_times_canonical_weight_reproduce_the_layer(name):
+    """v = W_c k: differences of outputs equal W_c applied to differences of keys."""
+    model, x = _layer_model(name)
+    graph = ShadowGraph.from_onnx(model)
+    layer = graph.editable_layers[0]
+    attrs = graph.node_attributes("L")
+    x2 = x + torch.from_numpy(_w(*x.shape))
+    batch_axis = 1 if attrs.get("transA") else 0  # Gemm transA: samples are columns of A
+    with torch.no_grad(), LayerTap(graph, [layer]) as tap:
+        graph(torch.cat([x, x2], dim=batch_axis))
+    keys = layer_keys(layer, tap.inputs["L"], attrs)
+    values = layer_values(layer, tap.outputs["L"], attrs)
+    n = x.shape[batch_axis]
+    w_c = canonical_weight(layer, graph.weight(layer.weight).detach())
+    groups = keys.shape[2]
+    w_g = w_c.reshape(groups, -1, w_c.shape[1])
+    predicted = torch.einsum("gvk,npgk->npgv", w_g, keys[n:] - keys[:n])
+    torch.testing.assert_close(predicted, values[n:] - values[:n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_CASES))
+def test_stored_delta_changes_the_output_by_the_canonical_delta(name):
+    model, x = _layer_model(name)
+    graph = ShadowGraph.from_onnx(model)
+    layer = graph.editable_layers[0]
+    attrs = graph.node_attributes("L")
+    with torch.no_grad():
+        before = graph(x)[0].clone()
+        with LayerTap(graph, [layer]) as tap:
+            graph(x)
+        keys = layer_keys(layer, tap.inputs["L"], attrs)
+        w_c = canonical_weight(layer, graph.weight(layer.weight))
+        d_c = torch.from_numpy(_w(*w_c.shape))
+        graph.weight(layer.weight).add_(stored_delta(layer, d_c, attrs))
+        after = graph(x)[0]
+    # value space: outputs / alpha; a change dW_c moves values by dW_c k
+    groups = keys.shape[2]
+    moved = torch.einsum("gvk,npgk->npgv", d_c.reshape(groups, -1, d_c.shape[1]), keys)
+    got = layer_values(layer, after, attrs) - layer_values(layer, before, attrs)
+    torch.testing.assert_close(got, moved, rtol=1e-4, atol=1e-4)
+
+
+def test_closed_form_matches_brute_force_least_squares():
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 7, 1, 6, generator=gen, dtype=torch.float64)
+    residual = torch.randn(3, 7, 1, 4, generator=gen, dtype=torch.float64)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    c_inv = torch.linalg.inv(a @ a.T + torch.eye(6, dtype=torch.float64))
+    edit = solve_rank_one("L", "w", keys, residual, c_inv)
+    # direction: top left singular vector of C^-1 K^T diag(||r||)
+    k = keys.reshape(-1, 6)
+    w = residual.reshape(-1, 4).norm(dim=1)
+    u = torch.linalg.svd(c_inv @ (k.T * w))[0][:, 0]
+    assert abs(float(u @ edit.direction)) == pytest.approx(1.0, abs=1e-8)
+    assert float(principal_direction(c_inv, k, w).norm()) == pytest.approx(1.0)
+    # magnitude: least squares of R ~ a Lambda^T over all keys
+    proj = (k @ edit.direction)[:, None]
+    lam, *_ = torch.linalg.lstsq(proj, residual.reshape(-1, 4))
+    torch.testing.assert_close(edit.magnitude, lam[0], rtol=1e-9, atol=1e-9)
+    assert torch.linalg.matrix_rank(edit.delta) == 1
+    assert edit.fit_residual_after <= edit.fit_residual_before
+
+
+def test_single_key_direction_is_c_inverse_k():
+    c_inv = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    keys = torch.tensor([[[[1.0, 1.0, 1.0]]]], dtype=torch.float64)
+    edit = solve_rank_one("L", "w", keys, torch.ones(1, 1, 1, 2, dtype=torch.float64), c_inv)
+    expected = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(edit.direction.abs(), expected / expected.norm())
+
+
+def _two_weight_model():
+    w_const = _w(3, 4)
+    nodes = [helper.make_node("Constant", [], ["wc"], name="wc_node",
+                              value=numpy_helper.from_array(w_const, "wc")),
+             helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+             helper.make_node("MatMul", ["h", "wc"], ["y"], name="fc2")]
+    return make_model(nodes, [value_info("x", [2, 5])], [value_info("y", [2, 4])],
+                      {"w1": _w(3, 5), "untouched": _w(7)})
+
+
+def test_written_file_differs_only_in_edited_tensors_and_provenance(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_two_weight_model().SerializeToString())
+    loaded = load_model(path)
+    deltas = {"w1": np.outer(_w(3), _w(5)).astype(np.float64),
+              "wc": np.outer(_w(3), _w(4)).astype(np.float64)}
+    proto, written = apply_deltas(loaded, deltas, {"tool": "test", "edits": [{"layer": "fc1"}]})
+    out = tmp_path / "out.onnx"
+    assert save_model(proto, loaded, out) == [out]
+    reread = onnx.load(str(out))
+    base = onnx.load(str(path))
+    new_w1 = numpy_helper.to_array([t for t in reread.graph.initializer if t.name == "w1"][0])
+    old_w1 = numpy_helper.to_array([t for t in base.graph.initializer if t.name == "w1"][0])
+    np.testing.assert_allclose(new_w1 - old_w1, deltas["w1"], rtol=1e-5, atol=1e-6)
+    written_delta = new_w1.astype(np.float64) - old_w1
+    sv = np.linalg.svd(written_delta, compute_uv=False)
+    assert (sv > 1e-5 * sv[0]).sum() == 1  # rank one up to float32 rounding
+    new_wc = numpy_helper.to_array(reread.graph.node[0].attribute[0].t)
+    old_wc = numpy_helper.to_array(base.graph.node[0].attribute[0].t)
+    np.testing.assert_allclose(new_wc - old_wc, deltas["wc"], rtol=1e-5, atol=1e-6)
+    assert read_provenance(reread)["edits"] == [{"layer": "fc1"}]
+    # everything else is byte-identical
+    for m in (reread, base):
+        del m.metadata_props[:]
+        for t in m.graph.initializer:
+            if t.name == "w1":
+                t.ClearField("raw_data")
+        m.graph.node[0].attribute[0].t.ClearField("raw_data")
+    assert reread.SerializeToString() == base.SerializeToString()
+    assert {w.name for w in written} == {"w1", "wc"}
+
+
+def test_fp16_weights_keep_their_dtype_and_report_rounding(tmp_path):
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                       [value_info("x", [1, 4], onnx.TensorProto.FLOAT16)],
+                       [value_info("y", [1, 3], onnx.TensorProto.FLOAT16)],
+                       {"w": _w(4, 3).astype(np.float16)})
+    path = tmp_path / "h.onnx"
+    path.write_bytes(model.SerializeToString())
+    loaded = load_model(path)
+    delta = np.full((4, 3), 1e-3)
+    proto, written = apply_deltas(loaded, {"w": delta})
+    tensor = proto.graph.initializer[0]
+    assert tensor.data_type == onnx.TensorProto.FLOAT16
+    assert 0 < written[0].rounding_error < 1e-2
+
+
+def test_external_weights_go_to_a_fresh_data_file(tmp_path):
+    model = _two_weight_model()
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="ext.bin",
+                    size_threshold=0)
+    before = (tmp_path / "ext.bin").read_bytes()
+    loaded = load_model(path)
+    proto, _ = apply_deltas(loaded, {"w1": np.ones((3, 5))})
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    files = save_model(proto, loaded, out_dir / "p.onnx")
+    assert [f.name for f in files] == ["p.onnx", "p.onnx.data"]
+    assert (tmp_path / "ext.bin").read_bytes() == before
+    again = ShadowGraph.from_onnx(out_dir / "p.onnx")
+    np.testing.assert_allclose(again.weight("w1").detach().numpy(),
+                               ShadowGraph(loaded).weight("w1").detach().numpy() + 1, rtol=1e-6)
