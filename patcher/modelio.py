@@ -188,7 +188,10 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write in '{folder}' ({exc.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes owner-only files; outputs are ordinary
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

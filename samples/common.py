@@ -92,7 +92,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: fl
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         if log:
             print(f"  epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f} "
                   f"({time.time() - start:.1f}s)", file=sys.stderr)
