@@ -115,7 +115,7 @@ def leakage(model, x: np.ndarray, y: np.ndarray, null_mask: np.ndarray, steps: i
         yb = torch.from_numpy(y[i:i + batch]).to(device)
         attr, _ = input_integrated_gradients(graph, xb, yb, steps=steps)
         mass = attr.abs().flatten(1)
-        on_null = (mass * torch.from_numpy(np.ascontiguousarray(mask[i:i + batch])).to(device)
+        on_null = (mass * torch.tensor(mask[i:i + batch], dtype=mass.dtype, device=device)
                    .flatten(1)).sum(1)
         shares.append((on_null / mass.sum(1).clamp_min(1e-12)).cpu().numpy())
     return float(np.concatenate(shares).mean())
