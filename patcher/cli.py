@@ -177,16 +177,19 @@ def export(factory: str, weights: Path | None, input_shape: str, output: Path, k
               help="Work folder (default: a new temporary folder).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="onnxruntime execution provider.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where the shadow graph runs.")
 @reports_errors
-def demo(out_dir: Path | None, provider: str) -> None:
-    """Run the main job on the bundled trojaned MNIST sample and print OA and ASR before and
-    after. Works in a temporary (or the given) folder, never in the installed package."""
+def demo(out_dir: Path | None, provider: str, device: str) -> None:
+    """Patch the bundled trojaned MNIST sample with one corrupted/clean pair and print OA and
+    ASR before and after. Works in a temporary (or the given) folder, never in the installed
+    package."""
     import tempfile
 
     from .demo import format_demo, run_demo
 
     work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="onnx-rectify-demo-"))
-    click.echo(format_demo(run_demo(work, provider)))
+    click.echo(format_demo(run_demo(work, provider, device, log=lambda m: click.echo(m, err=True))))
 
 
 def _rectify_options(fn):

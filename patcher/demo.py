@@ -1,14 +1,15 @@
 """``onnx-rectify demo``: the main job on the bundled backdoor sample.
 
 The trojaned MNIST CNN of ``samples/backdoor_cnn`` is copied into a work folder,
-checked (shadow graph vs onnxruntime), and measured under onnxruntime: clean
-accuracy (OA) on its held-out test set and attack success rate (ASR) on the
-triggered test set. Patching joins this flow when the rectification engine lands;
-until then the "after" column stays empty and says so.
+patched with one corrupted/clean pair (``patch``: dynamic rectification, verified
+from disk under onnxruntime), and both files are measured under onnxruntime: clean
+accuracy (OA) on the held-out test set and attack success rate (ASR) on the
+triggered test set.
 """
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,6 +18,8 @@ from .errors import RectifyError
 from .metrics import accuracy, attack_success_rate
 from .modelio import load_model
 from .parity import ParityResult
+from .patch import patch
+from .rectify import RectifyConfig
 from .runtime import open_session
 from .samples import InputSpec, load_labelled, load_pairs, num_classes_of
 from .summary import summarize
@@ -33,6 +36,9 @@ class DemoResult:
     provider: str
     before: dict[str, float]
     after: dict[str, float] | None
+    patched: Path | None = None
+    rounds: list = None
+    seconds: float = 0.0
 
 
 def sample_folder(name: str = SAMPLE) -> Path:
@@ -48,8 +54,8 @@ def sample_folder(name: str = SAMPLE) -> Path:
     return folder
 
 
-def run_demo(work: Path, provider: str = "auto") -> DemoResult:
-    """Copy the sample into ``work`` and measure it (and, later, patch it)."""
+def run_demo(work: Path, provider: str = "auto", device: str = "auto", log=None) -> DemoResult:
+    """Copy the sample into ``work``, patch it with one pair, and measure both files."""
     source = sample_folder()
     work.mkdir(parents=True, exist_ok=True)
     for name in ("model.onnx", "pairs_n1.npz", "eval.npz", "test.npz", "attack.npz"):
@@ -61,11 +67,22 @@ def run_demo(work: Path, provider: str = "auto") -> DemoResult:
     test = load_labelled(work / "test.npz", spec, classes)
     attack = load_labelled(work / "attack.npz", spec, classes, with_target=True)
     summary = summarize(loaded, parity=True, provider=provider)
-    session = open_session(model_path, provider)
-    before = {"clean_accuracy": accuracy(session, test.x, test.y),
-              "attack_success_rate": attack_success_rate(session, attack.x, attack.y,
-                                                         attack.target)}
-    return DemoResult(work, model_path, len(pairs), summary.parity, session.provider, before, None)
+
+    def measure(path: Path) -> tuple[dict[str, float], str]:
+        session = open_session(path, provider)
+        return ({"clean_accuracy": accuracy(session, test.x, test.y),
+                 "attack_success_rate": attack_success_rate(session, attack.x, attack.y,
+                                                            attack.target)}, session.provider)
+
+    before, used = measure(model_path)
+    start = time.perf_counter()
+    report = patch(model_path, work / "pairs_n1.npz", work / "eval.npz", None,
+                   work / "model.rectified.onnx", RectifyConfig(), device, provider, force=True,
+                   log=log)
+    seconds = time.perf_counter() - start
+    after, _ = measure(Path(report.output))
+    return DemoResult(work, model_path, len(pairs), summary.parity, used, before, after,
+                      Path(report.output), report.result.rounds, seconds)
 
 
 def format_demo(result: DemoResult) -> str:
@@ -84,8 +101,10 @@ def format_demo(result: DemoResult) -> str:
         lines.append(f"{label:<28}{result.before[key]:>10.2%}"
                      f"{(f'{value:.2%}' if value is not None else '-'):>10}")
     lines.append("")
-    lines.append(f"measured under onnxruntime ({result.provider}) on {result.model.name}")
-    if result.after is None:
-        lines.append("patching is not available yet: the rectification engine is being built, "
-                     "so the 'after' column is empty")
+    kept = [r.layer for r in (result.rounds or []) if r.kept]
+    if result.patched is not None:
+        lines.append(f"patched      {result.patched.name} in {result.seconds:.1f} s: "
+                     f"{len(kept)} rank-one edit(s) at {', '.join(dict.fromkeys(kept)) or '-'}")
+    lines.append(f"measured under onnxruntime ({result.provider}) on {result.model.name} and "
+                 f"{result.patched.name if result.patched else '-'}, held-out test data")
     return "\n".join(lines)
