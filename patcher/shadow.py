@@ -355,6 +355,22 @@ class ShadowGraph(torch.nn.Module):
                 return dict(step.attrs)
         raise KeyError(f"unknown node '{name}'")
 
+    def downstream_nodes(self, name: str) -> set[str]:
+        """Names of the nodes that (transitively) consume node ``name``'s outputs."""
+        consumers: dict[str, list[NodeInfo]] = {}
+        for info in self.nodes:
+            for inp in info.inputs:
+                consumers.setdefault(inp, []).append(info)
+        seen: set[str] = set()
+        frontier = list(self.node_by_name[name].outputs)
+        while frontier:
+            tensor = frontier.pop()
+            for info in consumers.get(tensor, ()):
+                if info.name not in seen:
+                    seen.add(info.name)
+                    frontier.extend(info.outputs)
+        return seen
+
     def register_hook(self, fn: Hook, nodes: Iterable[str] | None = None) -> HookHandle:
         """Call ``fn(node, inputs, outputs)`` after each node (or only the named ones).
 

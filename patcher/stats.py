@@ -55,15 +55,18 @@ class KeyMoments:
 
 @dataclass
 class LayerStatistics:
-    """C, its regularised inverse and inverse square root, and diagnostics."""
+    """C, the Cholesky factor L of C_reg = C + lambda I, C_reg^-1, and diagnostics.
+
+    L gives the whitening Z = L^-1 (Z^T Z = C_reg^-1) without an eigendecomposition."""
 
     layer: str
     moments: KeyMoments
     ridge: float
     cov: torch.Tensor = field(repr=False, default=None)
+    cholesky: torch.Tensor = field(repr=False, default=None)
     inverse: torch.Tensor = field(repr=False, default=None)
-    inverse_sqrt: torch.Tensor = field(repr=False, default=None)
     condition_number: float = float("nan")
+    condition_estimated: bool = False
     ridge_value: float = 0.0
 
     @classmethod
@@ -72,13 +75,23 @@ class LayerStatistics:
         cov = moments.second_moment
         cov = (cov + cov.T) / 2
         lam = ridge * float(torch.diagonal(cov).mean().clamp_min(1e-12))
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
         with single_thread():  # small LAPACK calls thrash when threads compete for cores
-            evals, evecs = torch.linalg.eigh(cov)
-        raw_cond = float(evals.max() / evals.min().clamp_min(1e-300)) if evals.numel() else 1.0
-        reg = evals.clamp_min(0) + lam
-        inverse = (evecs / reg) @ evecs.T
-        inverse_sqrt = (evecs / reg.sqrt()) @ evecs.T
-        return cls(layer, moments, ridge, cov, inverse, inverse_sqrt, raw_cond, lam)
+            chol = torch.linalg.cholesky(cov + lam * eye)
+            inverse = torch.cholesky_inverse(chol)
+            if cov.shape[0] <= 2048:
+                evals = torch.linalg.eigvalsh(cov)
+                cond, estimated = float(evals.max() / evals.min().abs().clamp_min(1e-300)), False
+            else:  # a lower bound from the factor's diagonal, for large key dimensions
+                diag = torch.diagonal(chol) ** 2
+                cond, estimated = float(diag.max() / diag.min()), True
+        return cls(layer, moments, ridge, cov, chol, inverse, cond, estimated, lam)
+
+    def whiten_rows(self, b: torch.Tensor) -> torch.Tensor:
+        """B Z^T with Z = L^-1, for B [..., Kd]: ||B Z^T||_F^2 = tr(B C_reg^-1 B^T)."""
+        flat = b.reshape(-1, b.shape[-1]).to(self.cholesky.dtype)
+        solved = torch.linalg.solve_triangular(self.cholesky, flat.T, upper=False)
+        return solved.T.reshape(b.shape)
 
 
 def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,

@@ -195,3 +195,27 @@ def test_external_weights_go_to_a_fresh_data_file(tmp_path):
     again = ShadowGraph.from_onnx(out_dir / "p.onnx")
     np.testing.assert_allclose(again.weight("w1").detach().numpy(),
                                ShadowGraph(loaded).weight("w1").detach().numpy() + 1, rtol=1e-6)
+
+
+def test_whitening_by_the_cholesky_factor_matches_the_inverse():
+    from patcher.stats import KeyMoments, LayerStatistics
+
+    keys = torch.randn(200, 6, dtype=torch.float64)
+    moments = KeyMoments(torch.zeros(6, 6, dtype=torch.float64))
+    moments.add(keys)
+    st = LayerStatistics.from_moments("L", moments, ridge=1e-2)
+    cov = keys.T @ keys / 200
+    reg = cov + 1e-2 * torch.diagonal(cov).mean() * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(st.inverse, torch.linalg.inv(reg))
+    b = torch.randn(3, 6, dtype=torch.float64)
+    whitened = st.whiten_rows(b)
+    torch.testing.assert_close((whitened ** 2).sum(), torch.trace(b @ torch.linalg.inv(reg) @ b.T))
+    evals = torch.linalg.eigvalsh(cov)
+    assert st.condition_number == pytest.approx(float(evals.max() / evals.min()))
+
+
+def test_downstream_nodes_follow_the_data():
+    model = _two_weight_model()
+    graph = ShadowGraph.from_onnx(model)
+    assert graph.downstream_nodes("fc1") == {"fc2"}
+    assert graph.downstream_nodes("fc2") == set()
