@@ -208,6 +208,11 @@ def _rectify_options(fn):
         click.option("--transplant", type=click.Choice(["paste", "add", "none"]), default="paste",
                      show_default=True, help="Carry the pairs' corruption onto calibration "
                      "images (more keys from few pairs; a held-out gap for the loop)."),
+        click.option("--attribution", type=click.Choice(["ig", "path"]), default="ig",
+                     show_default=True, help="Layer attribution: Integrated Gradients (paper "
+                     "Eq. 3) or its path-derivative form (complete for internal layers)."),
+        click.option("--allow-shared", is_flag=True, help="Also edit weights that several "
+                     "nodes share (the edit then applies to all of them)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the shadow graph runs."),
         click.option("--seed", default=0, show_default=True),
@@ -226,14 +231,15 @@ def _rectify_options(fn):
               help="Write the ranking as JSON (a list, best first).")
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
-           transplant: str, device: str, seed: int, eval_path: Path | None,
-           json_path: str | None) -> None:
+           transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
+           eval_path: Path | None, json_path: str | None) -> None:
     """Rank MODEL's editable layers by editability for the given corrupted/clean pairs."""
     from .patch import load_inputs, locate as run_locate
     from .rectify import RectifyConfig
 
     inputs = load_inputs(model, pairs_path, eval_path, calib_path)
-    config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed)
+    config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
+                           attribution_form=attribution, allow_shared=allow_shared)
     ranking = run_locate(inputs, config, device)
     width = max(len(s.layer) for s in ranking)
     click.echo(f"{'rank':>4}  {'layer':<{width}}  {'score':>12}  {'IG completeness error':>21}")
@@ -268,7 +274,8 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
-          transplant: str, device: str, seed: int, eval_path: Path, output: Path | None,
+          transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
+          eval_path: Path, output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
           provider: str, report_path: str | None, force: bool) -> None:
     """Patch MODEL with rank-one weight edits and write the result (same graph, new weight
@@ -279,7 +286,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
 
     config = RectifyConfig(strategy=strategy, budget=budget, gap=gap_target,
                            max_rounds=max_rounds, layer=layer, steps=steps, score=score,
-                           transplant=transplant, seed=seed)
+                           transplant=transplant, seed=seed, attribution_form=attribution,
+                           allow_shared=allow_shared)
     report = run_patch(model, pairs_path, eval_path, calib_path, output, config, device,
                        provider, force, log=lambda m: click.echo(m, err=True))
     r, v = report.result, report.verification

@@ -342,6 +342,11 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
     elif cfg.strategy == "static" or cfg.layer:
         if cfg.layer:
             if cfg.layer not in by_name:
+                shared = next((l for l in graph.editable_layers if l.name == cfg.layer), None)
+                if shared is not None and shared.shared_with:
+                    raise RectifyError(
+                        f"--layer '{cfg.layer}': its weight '{shared.weight}' is shared with "
+                        f"{', '.join(shared.shared_with)}; pass --allow-shared to edit it for all")
                 known = ", ".join(by_name)
                 raise RectifyError(f"--layer '{cfg.layer}' is not an editable layer of this "
                                    f"model (editable: {known})")
