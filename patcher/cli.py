@@ -192,6 +192,10 @@ def demo(out_dir: Path | None, provider: str, device: str) -> None:
     click.echo(format_demo(run_demo(work, provider, device, log=lambda m: click.echo(m, err=True))))
 
 
+#: Largest IG completeness error (in probability units) locate accepts without a warning.
+COMPLETENESS_LIMIT = 0.1
+
+
 def _rectify_options(fn):
     """Options shared by locate and patch."""
     opts = [
@@ -245,6 +249,11 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
     click.echo(f"{'rank':>4}  {'layer':<{width}}  {'score':>12}  {'IG completeness error':>21}")
     for i, s in enumerate(ranking, 1):
         click.echo(f"{i:>4}  {s.layer:<{width}}  {s.score:>12.5g}  {s.completeness_error:>21.3g}")
+    worst = max(ranking, key=lambda s: s.completeness_error)
+    if worst.completeness_error > COMPLETENESS_LIMIT:
+        click.echo(f"warning: Integrated-Gradients completeness error {worst.completeness_error:.3g} "
+                   f"at {worst.layer} exceeds {COMPLETENESS_LIMIT}; raise --steps or use "
+                   "--attribution path for more faithful scores", err=True)
     if json_path:
         _write_json(json_path, [{"rank": i, "layer": s.layer, "score": s.score,
                                  "completeness_error": s.completeness_error}

@@ -1,23 +1,37 @@
-"""Shared pieces of the scenario build scripts: seeding, splits, triggers, training, artifacts.
+"""Shared pieces of the scenario build scripts: seeding, splits, triggers, training,
+artifacts, figures, and the command line (``--out``, ``--seed``, ``--tiny``, ``--check``).
 
 Every build is deterministic for a seed: numpy and torch are seeded, torch runs
-single-threaded deterministic kernels on the CPU, and data order comes from a
-seeded generator.
+single-threaded deterministic kernels on the CPU (:func:`build_single_threaded`), and
+data order comes from a seeded generator.
 """
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+import onnxruntime
+
 from exporters import export_pytorch
 from patcher import metrics
+
+SAMPLES = Path(__file__).resolve().parent
+#: pairs_n{n}.npz written by every scenario; nested draws (n=1 among n=5 among n=20).
+PAIR_COUNTS = (1, 5, 20)
+#: A build: ``build(out, seed=0, tiny=False) -> figures``.
+Build = Callable[..., dict]
 
 
 def seed_everything(seed: int) -> None:
@@ -25,6 +39,21 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def build_single_threaded(build: Callable[..., dict], out: Path, seed: int, tiny: bool,
+                          *args) -> dict:
+    """Make ``out``, seed everything and run ``build(out, seed, tiny, *args)`` on one torch
+    thread (restored afterwards); return its figures."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same float sums on every machine
+    try:
+        seed_everything(seed)
+        return build(out, seed, tiny, *args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def split(x: np.ndarray, y: np.ndarray, sizes: dict[str, int], seed: int
@@ -113,6 +142,31 @@ def save_npz(path: Path, **arrays) -> None:
     np.savez_compressed(path, **arrays)
 
 
+def save_pairs(out: Path, pairs: dict[str, np.ndarray]) -> None:
+    """out/pairs_n{n}.npz for n in PAIR_COUNTS from ``max(PAIR_COUNTS)`` pairs."""
+    for n in PAIR_COUNTS:  # nested: the n=1 pair is among the n=5, those among the n=20
+        save_npz(out / f"pairs_n{n}.npz", **{k: v[:n] for k, v in pairs.items()})
+
+
+def true_class_probabilities(session, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """p_y: the softmax probability of each image's label, under onnxruntime."""
+    logits = metrics.predict(session, x, show_progress=False).astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return p[np.arange(len(y)), y]
+
+
+def pair_candidates(gap: np.ndarray, min_gap: float) -> np.ndarray:
+    """Positions in ``gap`` (p_y(clean) - p_y(corrupted) per pool image) of pair
+    candidates: those with gap >= ``min_gap``, or when fewer than ``max(PAIR_COUNTS)``,
+    the ``max(PAIR_COUNTS)`` with the largest gaps."""
+    n_max = max(PAIR_COUNTS)
+    candidates = np.flatnonzero(gap >= min_gap)
+    if len(candidates) < n_max:  # too few: the images the corruption hurts most
+        candidates = np.argsort(-gap, kind="stable")[:n_max]
+    return candidates
+
+
 def export(model: nn.Module, example: np.ndarray, folder: Path, class_names: list[str],
            description: str) -> Path:
     """Write folder/model.onnx (BatchNorm folded, TorchScript exporter, parity-checked)."""
@@ -131,5 +185,98 @@ def measure_backdoor(model_path: Path, test: tuple[np.ndarray, np.ndarray],
                                                                 provider="cpu")}
 
 
+def pair_gap_figures(gap_pool: np.ndarray, pair_gaps: np.ndarray, min_gap: float) -> dict:
+    """figures.json's statistics of the pool gaps and the chosen pairs' gaps."""
+    return {
+        "pool_mean_gap": float(gap_pool.mean()),
+        "pool_share_gap_positive": float(np.mean(gap_pool > 0)),
+        "min_gap_for_candidates": min_gap,
+        "candidates": int(np.sum(gap_pool >= min_gap)),
+        **{f"n{n}_mean_gap": float(pair_gaps[:n].mean()) for n in PAIR_COUNTS},
+        **{f"n{n}_min_gap": float(pair_gaps[:n].min()) for n in PAIR_COUNTS},
+    }
+
+
+def run_figures(*, epochs: int, seed: int, tiny: bool, train_seconds: float, started: float,
+                provider: str) -> dict:
+    """figures.json's record of the run: epochs, seed, timings, provider and versions."""
+    return {
+        "epochs": epochs,
+        "seed": seed,
+        "tiny": tiny,
+        "train_seconds": round(train_seconds, 1),
+        "build_seconds": round(time.time() - started, 1),
+        "provider": provider,
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+
+
 def write_figures(folder: Path, figures: dict) -> None:
     (folder / "figures.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+
+
+def load_build(scenario: str) -> ModuleType:
+    """samples/<scenario>/build.py as a module, imported by path (the scenario folders are
+    not packages) and registered in sys.modules as onnx_rectify_samples_<scenario>_build."""
+    name = f"onnx_rectify_samples_{scenario}_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SAMPLES / scenario / "build.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# --- the command line of the build scripts -------------------------------------------
+
+def check(build: Build, seed: int, committed: Path, tolerances: dict[str, float]) -> int:
+    """Rebuild into a temporary folder; 0 when every figure in ``tolerances`` is within its
+    tolerance (absolute) of the ``committed`` figures.json."""
+    want = json.loads(committed.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        got = build(Path(tmp), seed=seed)
+    status = 0
+    for key, tolerance in tolerances.items():
+        diff = abs(got[key] - want[key])
+        ok = diff <= tolerance
+        status |= not ok
+        print(f"{key}: committed {want[key]:.4f}, rebuilt {got[key]:.4f} "
+              f"({'ok' if ok else 'DIFFERS'}, |diff| {diff:.4f}, tolerance {tolerance})")
+    return status
+
+
+def argument_parser(name: str, folder: Path) -> argparse.ArgumentParser:
+    """The options every build script takes: --out, --seed, --tiny, --check."""
+    parser = argparse.ArgumentParser(description=f"Build the {name} sample scenario.")
+    parser.add_argument("--out", type=Path, default=folder,
+                        help="output folder (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true",
+                        help="a few hundred samples, one epoch, a narrow model (seconds)")
+    parser.add_argument("--check", action="store_true",
+                        help="rebuild in a temporary folder and compare with the committed "
+                             "figures.json")
+    return parser
+
+
+def print_figures(figures: dict, checked: dict[str, float], shown: tuple[str, ...] = ()) -> int:
+    """Print the checked figures, ``shown`` and the timings as one JSON line; return 0."""
+    print(json.dumps({k: figures[k] for k in (*checked, *shown, "train_seconds",
+                                              "build_seconds")}))
+    return 0
+
+
+def run(args: argparse.Namespace, build: Build, folder: Path, checked: dict[str, float],
+        shown: tuple[str, ...] = ()) -> int:
+    """Act on parsed :func:`argument_parser` options: ``--check`` against
+    folder/figures.json with the tolerances ``checked``, else build into ``--out`` and
+    print the figures."""
+    if args.check:
+        return check(build, args.seed, folder / "figures.json", checked)
+    return print_figures(build(args.out, seed=args.seed, tiny=args.tiny), checked, shown)
+
+
+def main(name: str, folder: Path, build: Build, checked: dict[str, float],
+         shown: tuple[str, ...] = (), argv: list[str] | None = None) -> int:
+    """A build script's command line: [--out DIR] [--seed 0] [--tiny] [--check]."""
+    return run(argument_parser(name, folder).parse_args(argv), build, folder, checked, shown)

@@ -22,15 +22,11 @@ lowers p_y (see README.md). ``--tiny`` runs the whole path in seconds (poor figu
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
 from onnx_rectify_samples import common, data
@@ -50,11 +46,14 @@ QUICK_SAMPLES, QUICK_STEPS = 50, 8
 EPOCHS = 8
 TINY_TRAINING = {"batch": 16, "lr": 3e-3}  # enough steps in one epoch to learn something
 SHIFT = 2                  # augmentation: one copy of the training digits moved by <= 2 px
-PAIR_COUNTS = (1, 5, 20)
+PAIR_COUNTS = common.PAIR_COUNTS
 #: A pool image becomes a pair candidate when blanking its null block raises p_y by this.
 PAIR_MIN_GAP = 0.01
+#: Figures --check compares, with their tolerance (absolute).
 CHECKED = {"test_accuracy": 0.01, "eval_accuracy": 0.01, "leakage": 0.02,
            "leakage_quick": 0.02}
+#: Figures printed after a build besides CHECKED and the timings.
+SHOWN = ("test_accuracy_null_blanked", "null_pixel_mass_share")
 
 
 def null_block() -> np.ndarray:
@@ -92,26 +91,11 @@ def shift(digits: np.ndarray, rng: np.random.Generator, limit: int) -> np.ndarra
 
 def build(out: Path, seed: int = 0, tiny: bool = False) -> dict:
     """Build the leakage scenario into ``out``; return the figures."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same float sums on every machine
-    try:
-        return _build(out, seed, tiny)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _true_class_probabilities(session, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    logits = metrics.predict(session, x, show_progress=False).astype(np.float64)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    return p[np.arange(len(y)), y]
+    return common.build_single_threaded(_build, out, seed, tiny)
 
 
 def _build(out: Path, seed: int, tiny: bool) -> dict:
     started = time.time()
-    common.seed_everything(seed)
     digits, labels = data.mnist_5k()
     rng = np.random.default_rng(seed + 1)
     null_on_top = rng.random(len(digits)) < 0.5  # the null block's side, per image
@@ -156,17 +140,14 @@ def _build(out: Path, seed: int, tiny: bool) -> dict:
 
     # Pairs: the null block blanked is the clean image; candidates are pool images on
     # which the null block lowers the true-class probability.
-    gap_pool = (_true_class_probabilities(session, x_pool * (1 - m_pool), y_pool)
-                - _true_class_probabilities(session, x_pool, y_pool))
-    n_max = max(PAIR_COUNTS)
-    candidates = np.flatnonzero(gap_pool >= PAIR_MIN_GAP)
-    if len(candidates) < n_max:  # too few: the images the null block hurts most
-        candidates = np.argsort(-gap_pool, kind="stable")[:n_max]
-    chosen = np.random.default_rng(seed).choice(candidates, size=n_max, replace=False)
+    gap_pool = (common.true_class_probabilities(session, x_pool * (1 - m_pool), y_pool)
+                - common.true_class_probabilities(session, x_pool, y_pool))
+    candidates = common.pair_candidates(gap_pool, PAIR_MIN_GAP)
+    chosen = np.random.default_rng(seed).choice(candidates, size=max(PAIR_COUNTS),
+                                                replace=False)
     pairs = {"corrupted": x_pool[chosen], "clean": x_pool[chosen] * (1 - m_pool[chosen]),
              "label": y_pool[chosen]}
-    for n in PAIR_COUNTS:  # nested: the n=1 pair is among the n=5, those among the n=20
-        common.save_npz(out / f"pairs_n{n}.npz", **{k: v[:n] for k, v in pairs.items()})
+    common.save_pairs(out, pairs)
     pair_gaps = gap_pool[chosen]
 
     # Figures: accuracy under onnxruntime; leakage on the shadow graph of the same file.
@@ -198,12 +179,7 @@ def _build(out: Path, seed: int, tiny: bool) -> dict:
         "pairs": {
             "definition": "corrupted = BlockMNIST pool image, clean = the same with the null "
                           "block set to 0; gap = p_y(clean) - p_y(corrupted)",
-            "pool_mean_gap": float(gap_pool.mean()),
-            "pool_share_gap_positive": float(np.mean(gap_pool > 0)),
-            "min_gap_for_candidates": PAIR_MIN_GAP,
-            "candidates": int(np.sum(gap_pool >= PAIR_MIN_GAP)),
-            **{f"n{n}_mean_gap": float(pair_gaps[:n].mean()) for n in PAIR_COUNTS},
-            **{f"n{n}_min_gap": float(pair_gaps[:n].min()) for n in PAIR_COUNTS},
+            **common.pair_gap_figures(gap_pool, pair_gaps, PAIR_MIN_GAP),
         },
         "splits": {"train": int(len(x_train)), "train_augmented": int(len(x_fit)),
                    "eval": int(len(x_eval)), "test": int(len(x_test)),
@@ -214,52 +190,13 @@ def _build(out: Path, seed: int, tiny: bool) -> dict:
         "architecture": "SmallCNN (Conv-BN-ReLU-pool x2, Conv-BN-ReLU, 2 dense), 1x56x28 input",
         "augmentation": "none" if tiny else f"one copy of the training digits shifted by "
                                             f"<= {SHIFT} px, null side redrawn",
-        "epochs": 1 if tiny else EPOCHS,
-        "seed": seed,
-        "tiny": tiny,
-        "train_seconds": round(train_seconds, 1),
-        "build_seconds": round(time.time() - started, 1),
-        "provider": session.provider,
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        **common.run_figures(epochs=1 if tiny else EPOCHS, seed=seed, tiny=tiny,
+                             train_seconds=train_seconds, started=started,
+                             provider=session.provider),
     }
     common.write_figures(out, figures)
     return figures
 
 
-def check(seed: int, committed: Path) -> int:
-    """Rebuild into a temporary folder; 0 when the figures match ``committed`` figures.json."""
-    want = json.loads(committed.read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        got = build(Path(tmp), seed=seed)
-    status = 0
-    for key, tolerance in CHECKED.items():
-        diff = abs(got[key] - want[key])
-        ok = diff <= tolerance
-        status |= not ok
-        print(f"{key}: committed {want[key]:.4f}, rebuilt {got[key]:.4f} "
-              f"({'ok' if ok else 'DIFFERS'}, |diff| {diff:.4f}, tolerance {tolerance})")
-    return status
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the leakage sample scenario.")
-    parser.add_argument("--out", type=Path, default=HERE,
-                        help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true",
-                        help="a few hundred samples, one epoch, a narrow model (seconds)")
-    parser.add_argument("--check", action="store_true",
-                        help="rebuild in a temporary folder and compare with the committed "
-                             "figures.json")
-    args = parser.parse_args(argv)
-    if args.check:
-        return check(args.seed, HERE / "figures.json")
-    figures = build(args.out, seed=args.seed, tiny=args.tiny)
-    print(json.dumps({k: figures[k] for k in (*CHECKED, "test_accuracy_null_blanked",
-                                              "null_pixel_mass_share", "train_seconds",
-                                              "build_seconds")}))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.main("leakage", HERE, build, CHECKED, SHOWN))

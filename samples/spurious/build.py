@@ -25,16 +25,12 @@ its figures: the baseline that shows the gap comes from the spurious training da
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
-import torch
 
 from onnx_rectify_samples import common, data
 from onnx_rectify_samples.models_extra import SmallCNN
@@ -53,13 +49,15 @@ TINY_SIZES = {"eval": 100, "test": 200, "pool": 60, "train": 400}
 EPOCHS = 6
 TINY_TRAINING = {"batch": 16, "lr": 3e-3}  # enough steps in one epoch to learn something
 WIDTH, HIDDEN = 24, 64
-PAIR_COUNTS = (1, 5, 20)
+PAIR_COUNTS = common.PAIR_COUNTS
 #: A pool image becomes a pair candidate when the pattern lowers p_y by at least this.
 PAIR_MIN_GAP = 0.05
 #: Figures --check compares, with their tolerance (absolute, in [0, 1]).
 CHECKED = {"test_accuracy": 0.01, "eval_accuracy": 0.01, "first_class_clean_accuracy": 0.01,
            "first_class_spurious_accuracy": 0.01, "spurious_gap": 0.01,
            "pattern_to_first_rate": 0.01}
+#: Figures printed after a build besides CHECKED and the timings.
+SHOWN = ("first_class_fixed_by_pattern", "first_class_broken_by_pattern")
 
 
 def make_pattern() -> tuple[np.ndarray, np.ndarray]:
@@ -78,29 +76,11 @@ def attach(images: np.ndarray, tau: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def build(out: Path, seed: int = 0, tiny: bool = False) -> dict:
     """Build the spurious scenario into ``out``; return the figures."""
-    return _build_single_threaded(Path(out), seed, tiny, SPURIOUS_FRACTION)
-
-
-def _build_single_threaded(out: Path, seed: int, tiny: bool, fraction: float) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same float sums on every machine
-    try:
-        return _build(out, seed, tiny, fraction)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _true_class_probabilities(session, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    logits = metrics.predict(session, x, show_progress=False).astype(np.float64)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    return p[np.arange(len(y)), y]
+    return common.build_single_threaded(_build, out, seed, tiny, SPURIOUS_FRACTION)
 
 
 def _build(out: Path, seed: int, tiny: bool, fraction: float) -> dict:
     started = time.time()
-    common.seed_everything(seed)
     x, y = data.animal_mnist()
     sizes = TINY_SIZES if tiny else SIZES
     parts = common.split(x, y, sizes, seed)
@@ -146,24 +126,22 @@ def _build(out: Path, seed: int, tiny: bool, fraction: float) -> dict:
 
     # Pairs: other-class pool images on which the pattern visibly lowers p_y.
     others = np.flatnonzero(y_pool != FIRST)
-    gap_pool = (_true_class_probabilities(session, x_pool[others], y_pool[others])
-                - _true_class_probabilities(session, corrupt(x_pool[others]), y_pool[others]))
-    n_max = max(PAIR_COUNTS)
-    candidates = others[gap_pool >= PAIR_MIN_GAP]
-    if len(candidates) < n_max:  # too few: the images the pattern hurts most
-        candidates = others[np.argsort(-gap_pool, kind="stable")[:n_max]]
-    pairs = common.pick_pairs(corrupt, x_pool[candidates], y_pool[candidates], n_max, seed)
-    pair_gaps = (_true_class_probabilities(session, pairs["clean"], pairs["label"])
-                 - _true_class_probabilities(session, pairs["corrupted"], pairs["label"]))
-    for n in PAIR_COUNTS:  # nested: the n=1 pair is among the n=5, those among the n=20
-        common.save_npz(out / f"pairs_n{n}.npz", **{k: v[:n] for k, v in pairs.items()})
+    gap_pool = (common.true_class_probabilities(session, x_pool[others], y_pool[others])
+                - common.true_class_probabilities(session, corrupt(x_pool[others]),
+                                                  y_pool[others]))
+    candidates = others[common.pair_candidates(gap_pool, PAIR_MIN_GAP)]
+    pairs = common.pick_pairs(corrupt, x_pool[candidates], y_pool[candidates],
+                              max(PAIR_COUNTS), seed)
+    pair_gaps = (common.true_class_probabilities(session, pairs["clean"], pairs["label"])
+                 - common.true_class_probabilities(session, pairs["corrupted"], pairs["label"]))
+    common.save_pairs(out, pairs)
 
     # Figures, under onnxruntime on the written file.
     gap = metrics.spurious_gap(session, first_clean, first_y, first_pattern, first_y)
     pred_clean = metrics.predict(session, first_clean, show_progress=False).argmax(1)
     pred_pattern = metrics.predict(session, first_pattern, show_progress=False).argmax(1)
-    p_first_clean = _true_class_probabilities(session, first_clean, first_y)
-    p_first_pattern = _true_class_probabilities(session, first_pattern, first_y)
+    p_first_clean = common.true_class_probabilities(session, first_clean, first_y)
+    p_first_pattern = common.true_class_probabilities(session, first_pattern, first_y)
     figures = {
         "test_accuracy": metrics.accuracy(session, x_test, y_test, show_progress=False),
         "eval_accuracy": metrics.accuracy(session, x_eval, y_eval, show_progress=False),
@@ -185,12 +163,7 @@ def _build(out: Path, seed: int, tiny: bool, fraction: float) -> dict:
             "definition": "corrupted = other-class pool image with the pattern, clean = without; "
                           "gap = p_y(clean) - p_y(corrupted)",
             "pool_other_class": int(len(others)),
-            "pool_mean_gap": float(gap_pool.mean()),
-            "pool_share_gap_positive": float(np.mean(gap_pool > 0)),
-            "min_gap_for_candidates": PAIR_MIN_GAP,
-            "candidates": int(np.sum(gap_pool >= PAIR_MIN_GAP)),
-            **{f"n{n}_mean_gap": float(pair_gaps[:n].mean()) for n in PAIR_COUNTS},
-            **{f"n{n}_min_gap": float(pair_gaps[:n].min()) for n in PAIR_COUNTS},
+            **common.pair_gap_figures(gap_pool, pair_gaps, PAIR_MIN_GAP),
         },
         "splits": {"train": int(len(x_train)), "train_with_pattern": int(len(marked)),
                    "train_first_class": int(len(first)), "eval": int(len(x_eval)),
@@ -202,58 +175,25 @@ def _build(out: Path, seed: int, tiny: bool, fraction: float) -> dict:
         "pattern": f"{PATTERN_SIZE}x{PATTERN_SIZE} white square pasted (phi=1), {CORNER}",
         "dataset": "Animal-MNIST (animal-mnist 0.4, 10,000 silhouettes)",
         "architecture": "SmallCNN (Conv-BN-ReLU-pool x2, Conv-BN-ReLU, 2 dense)",
-        "epochs": 1 if tiny else EPOCHS,
-        "seed": seed,
-        "tiny": tiny,
-        "train_seconds": round(train_seconds, 1),
-        "build_seconds": round(time.time() - started, 1),
-        "provider": session.provider,
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        **common.run_figures(epochs=1 if tiny else EPOCHS, seed=seed, tiny=tiny,
+                             train_seconds=train_seconds, started=started,
+                             provider=session.provider),
     }
     common.write_figures(out, figures)
     return figures
 
 
-def check(seed: int, committed: Path) -> int:
-    """Rebuild into a temporary folder; 0 when the figures match ``committed`` figures.json."""
-    want = json.loads(committed.read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        got = build(Path(tmp), seed=seed)
-    status = 0
-    for key, tolerance in CHECKED.items():
-        diff = abs(got[key] - want[key])
-        ok = diff <= tolerance
-        status |= not ok
-        print(f"{key}: committed {want[key]:.4f}, rebuilt {got[key]:.4f} "
-              f"({'ok' if ok else 'DIFFERS'}, |diff| {diff:.4f}, tolerance {tolerance})")
-    return status
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the spurious sample scenario.")
-    parser.add_argument("--out", type=Path, default=HERE,
-                        help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true",
-                        help="a few hundred samples, one epoch, a narrow model (seconds)")
-    parser.add_argument("--check", action="store_true",
-                        help="rebuild in a temporary folder and compare with the committed "
-                             "figures.json")
+    parser = common.argument_parser("spurious", HERE)
     parser.add_argument("--control", action="store_true",
                         help="build with no pattern in training (temporary folder) and print "
                              "its figures")
     args = parser.parse_args(argv)
-    if args.check:
-        return check(args.seed, HERE / "figures.json")
-    if args.control:
+    if args.control and not args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            figures = _build_single_threaded(Path(tmp), args.seed, args.tiny, 0.0)
-    else:
-        figures = build(args.out, seed=args.seed, tiny=args.tiny)
-    print(json.dumps({k: figures[k] for k in (*CHECKED, "first_class_fixed_by_pattern",
-                                              "first_class_broken_by_pattern", "train_seconds",
-                                              "build_seconds")}))
-    return 0
+            figures = common.build_single_threaded(_build, tmp, args.seed, args.tiny, 0.0)
+        return common.print_figures(figures, CHECKED, SHOWN)
+    return common.run(args, build, HERE, CHECKED, SHOWN)
 
 
 if __name__ == "__main__":

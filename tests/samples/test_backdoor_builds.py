@@ -7,9 +7,7 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +27,6 @@ FILES = ("model.onnx", "eval.npz", "test.npz", "attack.npz", "pairs_n1.npz", "pa
          "pairs_n20.npz", "trigger.npz", "figures.json")
 PAIR_COUNTS = (1, 5, 20)
 TARGET = 0
-
-
-def _build_module(scenario: str):
-    name = f"onnx_rectify_samples_{scenario}_build"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SAMPLES / scenario / "build.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def _check_contract(folder: Path) -> dict:
@@ -85,7 +73,7 @@ def _check_contract(folder: Path) -> dict:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_tiny_build_writes_valid_samples(scenario, tmp_path):
-    module = _build_module(scenario)
+    module = common.load_build(scenario)
     try:
         figures = module.build(tmp_path, seed=0, tiny=True)
     except data.MissingDataError as exc:

@@ -20,9 +20,7 @@ Thresholds on the committed artifacts (measured figures in the READMEs):
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,19 +47,9 @@ FILES = {
 MAX_FOLDER_BYTES = 5 << 20
 
 
-def _build_module(scenario: str):
-    name = f"onnx_rectify_samples_{scenario}_build"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SAMPLES / scenario / "build.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _tiny(scenario: str, folder: Path) -> dict:
     try:
-        return _build_module(scenario).build(folder, seed=0, tiny=True)
+        return common.load_build(scenario).build(folder, seed=0, tiny=True)
     except data.MissingDataError as exc:
         pytest.skip(f"data package missing: {exc}")
 
@@ -251,7 +239,7 @@ def test_committed_leakage_model_leaks_onto_the_null_block():
         assert acc >= 0.95, key
     with np.load(folder / "leakage_test.npz") as f:
         x, y, mask = f["x"], f["y"], f["null_mask"]
-    module = _build_module("leakage")
+    module = common.load_build("leakage")
     n, steps = module.QUICK_SAMPLES, module.QUICK_STEPS
     quick = metrics.leakage(folder / "model.onnx", x[:n], y[:n], mask[:n], steps=steps)
     assert quick == pytest.approx(figures["leakage_quick"], abs=1e-4)
