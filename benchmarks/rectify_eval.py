@@ -95,19 +95,26 @@ def run_one(sc: Scenario, n: int, config: RectifyConfig, tmp: Path, quick: bool)
     return row
 
 
-def localisation(sc: Scenario, tmp: Path, quick: bool, score: str) -> dict:
-    """Brute force: one forced edit per layer (n=1); compare with locate's ranking."""
+def localisation(sc: Scenario, tmp: Path, quick: bool) -> dict:
+    """Brute force: one forced edit per layer (n=1, transplant as by default); compare
+    with locate's rankings (whitened and inverse scores, IG and path attribution)."""
     key = {"backdoor": "asr", "spurious": "gap", "leakage": "leakage"}[sc.kind]
-    graph = ShadowGraph(sc.loaded)
-    r = Rectifier(graph, sc.pairs(1), sc.eval, None, RectifyConfig(score=score), "cpu")
-    ranking = [s.layer for s in r.locate()]
+    rankings = {}
+    for score in ("whitened", "inverse"):
+        for form in ("ig", "path"):
+            graph = ShadowGraph(sc.loaded)
+            r = Rectifier(graph, sc.pairs(1), sc.eval, None,
+                          RectifyConfig(score=score, attribution_form=form), "cpu")
+            rankings[f"{score}/{form}"] = [s.layer for s in r.locate()]
     brute = {}
-    for layer in ranking:
+    for layer in rankings["whitened/ig"]:
         row = run_one(sc, 1, RectifyConfig(strategy="static", layer=layer), tmp, quick)
         brute[layer] = row[key] if key != "gap" else abs(row[key])
+        print(f"  brute force {layer}: {key} {brute[layer]:.4f}", flush=True)
     best = sorted(brute, key=lambda k: brute[k])
-    return {"metric": key, "ranking": ranking, "brute_force": brute, "brute_order": best,
-            "top1_hit": ranking[0] == best[0], "top3_hit": best[0] in ranking[:3]}
+    return {"metric": key, "brute_force": brute, "brute_order": best,
+            "rankings": {k: {"ranking": v, "top1_hit": v[0] == best[0],
+                             "top3_hit": best[0] in v[:3]} for k, v in rankings.items()}}
 
 
 def main() -> None:
@@ -134,10 +141,9 @@ def main() -> None:
                     results["rows"].append({"scenario": name, "n": n, "strategy": strat, **row})
                     print(name, n, strat, json.dumps(row), flush=True)
             if not args.no_localisation:
-                for score in ("whitened", "inverse"):
-                    loc = localisation(sc, tmp, args.quick, score)
-                    results["localisation"][f"{name}/{score}"] = loc
-                    print(name, "localisation", score, json.dumps(loc), flush=True)
+                loc = localisation(sc, tmp, args.quick)
+                results["localisation"][name] = loc
+                print(name, "localisation", json.dumps(loc), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
