@@ -121,6 +121,52 @@ def test_patch_refuses_to_overwrite_its_input(trojaned):
     assert result.exit_code == 2 and "overwrite an input" in result.output
 
 
+def test_patch_of_a_dynamo_export_with_external_data(trojaned, tmp_path):
+    """Another exporter and storage: weights in an external file, rewritten beside the output."""
+    import shutil
+
+    from patcher.shadow import ShadowGraph
+
+    src = tmp_path / "src"
+    src.mkdir()
+    graph = ShadowGraph.from_onnx(trojaned / "model.onnx")
+    net = _TorchTwin(graph)
+    export_pytorch(net, torch.zeros(1, 1, 8, 8), src / "dyn.onnx", exporter="dynamo",
+                   external_data=True)
+    data_before = (src / "dyn.onnx.data").read_bytes()
+    for name in ("pairs.npz", "eval.npz"):
+        shutil.copy(trojaned / name, src / name)
+    out = tmp_path / "out" / "patched.onnx"
+    out.parent.mkdir()
+    result = CliRunner().invoke(main, ["patch", str(src / "dyn.onnx"), "--pairs",
+                                       str(src / "pairs.npz"), "--eval", str(src / "eval.npz"),
+                                       "-o", str(out), "--gap", "0.05"])
+    assert result.exit_code in (0, 1), result.output
+    assert (out.parent / "patched.onnx.data").is_file()
+    assert (src / "dyn.onnx.data").read_bytes() == data_before
+    assert _asr(out, trojaned) <= 0.5 * _asr(src / "dyn.onnx", trojaned)
+
+
+class _TorchTwin(nn.Module):
+    """The trojaned fixture's network rebuilt in torch from its ONNX weights (for re-export)."""
+
+    def __init__(self, graph):
+        super().__init__()
+        w = {l.name: (graph.weight(l.weight).detach().clone(), graph.constant(l.bias).clone())
+             for l in graph.editable_layers}
+        convs = [k for k in w if k.endswith("Conv")]
+        gemms = [k for k in w if k.endswith("Gemm")]
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.f1, self.f2 = nn.Linear(256, 32), nn.Linear(32, 4)
+        for mod, key in zip((self.c1, self.c2, self.f1, self.f2), convs + gemms):
+            mod.weight.data, mod.bias.data = w[key]
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = torch.relu(self.c2(x)).flatten(1)
+        return self.f2(torch.relu(self.f1(x)))
+
+
 @pytest.mark.parametrize("strategy", ["static", "finetune"])
 def test_baseline_strategies_run(trojaned, tmp_path, strategy):
     out = tmp_path / f"{strategy}.onnx"
