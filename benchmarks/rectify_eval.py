@@ -117,6 +117,41 @@ def localisation(sc: Scenario, tmp: Path, quick: bool) -> dict:
                              "top3_hit": best[0] in v[:3]} for k, v in rankings.items()}}
 
 
+def markdown(results: dict) -> str:
+    """The paper's table layout per scenario: method x n, with OA and the fault's measure."""
+    names = {"trained": "trained model", "finetune": "fine-tune last layer",
+             "static": "static (last layer, transplant)", "static-plain": "static (last layer, plain)",
+             "dynamic": "dynamic (transplant, default)", "dynamic-plain": "dynamic (plain)"}
+    out = []
+    for scenario in dict.fromkeys(r["scenario"] for r in results["rows"]):
+        rows = [r for r in results["rows"] if r["scenario"] == scenario]
+        kind = "backdoor" if scenario.startswith("backdoor") else scenario
+        cols = {"backdoor": [("OA", "accuracy"), ("ASR", "asr")],
+                "spurious": [("OA", "accuracy"), ("class 0 clean", "clean"),
+                             ("class 0 with pattern", "spurious"), ("gap", "gap")],
+                "leakage": [("OA", "accuracy"), ("leakage share", "leakage")]}[kind]
+        out.append(f"#### {scenario}\n")
+        out.append("| method | n | " + " | ".join(c for c, _ in cols) + " | edited layers | seconds |")
+        out.append("|---|---|" + "---|" * len(cols) + "---|---|")
+        for r in rows:
+            vals = " | ".join(f"{100 * r[k]:.2f}%" if k != "leakage" else f"{r[k]:.3f}"
+                              for _, k in cols)
+            layers = ", ".join(dict.fromkeys(r.get("layers", []))) or "-"
+            secs = f"{r['seconds']:.1f}" if "seconds" in r else "-"
+            out.append(f"| {names.get(r['strategy'], r['strategy'])} | {r['n'] or '-'} | {vals} | "
+                       f"{layers} | {secs} |")
+        loc = results.get("localisation", {}).get(scenario)
+        if loc:
+            best = loc["brute_order"]
+            out.append(f"\nLocalisation (n = 1): brute-force best layer `{best[0]}` "
+                       f"({loc['metric']} {loc['brute_force'][best[0]]:.4f}); ")
+            out.append("; ".join(f"{k}: top-1 {'hit' if v['top1_hit'] else 'miss'}, top-3 "
+                                 f"{'hit' if v['top3_hit'] else 'miss'}"
+                                 for k, v in loc["rankings"].items()) + ".\n")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", default="backdoor_cnn,backdoor_resnet,spurious,leakage")
@@ -125,7 +160,13 @@ def main() -> None:
     ap.add_argument("--no-localisation", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None, help="Also write the tables as markdown.")
+    ap.add_argument("--render", default=None, help="Only render --markdown from this JSON.")
     args = ap.parse_args()
+    if args.render:
+        text = markdown(json.loads(Path(args.render).read_text()))
+        Path(args.markdown).write_text(text) if args.markdown else print(text)
+        return
     torch.manual_seed(0)
     results = {"rows": [], "localisation": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,6 +187,8 @@ def main() -> None:
                 print(name, "localisation", json.dumps(loc), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(results))
 
 
 if __name__ == "__main__":
