@@ -272,7 +272,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
               help="Largest accuracy drop allowed on the eval set (0.03 = 3 points).")
 @click.option("--gap", "gap_target", default=0.001, show_default=True,
               help="Target pair gap: mean of p_y(clean) - p_y(corrupted).")
-@click.option("--max-rounds", default=5, show_default=True, help="Round limit of the loop.")
+@click.option("--max-rounds", default=10, show_default=True, help="Round limit of the loop.")
 @click.option("--strategy", type=click.Choice(["dynamic", "static", "finetune"]),
               default="dynamic", show_default=True)
 @click.option("--layer", default=None, help="Force one edit at this layer (node name).")

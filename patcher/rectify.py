@@ -42,7 +42,7 @@ class RectifyConfig:
     strategy: str = "dynamic"
     budget: float = 0.03          # max accuracy drop eps
     gap: float = 0.001            # target pair gap delta
-    max_rounds: int = 5
+    max_rounds: int = 10
     layer: str | None = None      # force one edit at this layer
     steps: int = 16               # IG steps
     ridge: float = 1e-2
