@@ -220,6 +220,8 @@ def _rectify_options(fn):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the shadow graph runs."),
         click.option("--seed", default=0, show_default=True),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Cache key statistics here (keyed by model, layer and data hashes)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -236,14 +238,15 @@ def _rectify_options(fn):
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
            transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
-           eval_path: Path | None, json_path: str | None) -> None:
+           cache_dir: str | None, eval_path: Path | None, json_path: str | None) -> None:
     """Rank MODEL's editable layers by editability for the given corrupted/clean pairs."""
     from .patch import load_inputs, locate as run_locate
     from .rectify import RectifyConfig
 
     inputs = load_inputs(model, pairs_path, eval_path, calib_path)
     config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
-                           attribution_form=attribution, allow_shared=allow_shared)
+                           attribution_form=attribution, allow_shared=allow_shared,
+                           cache_dir=cache_dir)
     ranking = run_locate(inputs, config, device)
     width = max(len(s.layer) for s in ranking)
     click.echo(f"{'rank':>4}  {'layer':<{width}}  {'score':>12}  {'IG completeness error':>21}")
@@ -284,7 +287,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
           transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
-          eval_path: Path, output: Path | None,
+          cache_dir: str | None, eval_path: Path, output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
           provider: str, report_path: str | None, force: bool) -> None:
     """Patch MODEL with rank-one weight edits and write the result (same graph, new weight
@@ -296,7 +299,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     config = RectifyConfig(strategy=strategy, budget=budget, gap=gap_target,
                            max_rounds=max_rounds, layer=layer, steps=steps, score=score,
                            transplant=transplant, seed=seed, attribution_form=attribution,
-                           allow_shared=allow_shared)
+                           allow_shared=allow_shared, cache_dir=cache_dir)
     report = run_patch(model, pairs_path, eval_path, calib_path, output, config, device,
                        provider, force, log=lambda m: click.echo(m, err=True))
     r, v = report.result, report.verification

@@ -19,8 +19,10 @@ Gap: delta* = mean over pairs of p_y(x) - p_y(x~). Accuracy drop: eps* = OA(base
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +32,8 @@ from .edit import RankOneEdit, solve_rank_one
 from .errors import BadSamplesError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
 from .shadow import EditableLayer, ShadowGraph
-from .stats import LayerStatistics, collect_moments, iterate_batches
+from .stats import (LayerStatistics, MomentCache, collect_moments, data_hash,
+                    iterate_batches)
 
 STRATEGIES = ("dynamic", "static", "finetune")
 TRANSPLANT_MODES = ("paste", "add", "none")
@@ -56,6 +59,7 @@ class RectifyConfig:
     finetune_lr: float = 1e-3
     seed: int = 0
     show_progress: bool | None = None
+    cache_dir: str | None = None  # key statistics cached here (partial sums, mergeable)
 
 
 @dataclass
@@ -182,11 +186,34 @@ class Rectifier:
         corrupted inputs added (benchmarks/rectify_eval.py measures the whole loop)."""
         start = time.perf_counter()
         data = self.calib_x
-        moments = collect_moments(self.graph, self.layers, iterate_batches(data, 128),
-                                  total=len(data), show_progress=self.config.show_progress)
-        self.stats = {name: LayerStatistics.from_moments(name, m, self.config.ridge)
+        cache = MomentCache(Path(self.config.cache_dir)) if self.config.cache_dir else None
+        moments: dict = {}
+        if cache is not None:
+            model_key, data_key = self._model_key(), data_hash(data)
+            for layer in self.layers:
+                hit = cache.get(model_key, layer, data_key)
+                if hit is not None:
+                    moments[layer.name] = hit
+        missing = [l for l in self.layers if l.name not in moments]
+        if missing:
+            fresh = collect_moments(self.graph, missing, iterate_batches(data, 128),
+                                    total=len(data), show_progress=self.config.show_progress)
+            moments.update(fresh)
+            if cache is not None:
+                for layer in missing:
+                    cache.put(model_key, layer, data_key, fresh[layer.name])
+        self.cache_hits = len(self.layers) - len(missing)
+        self.stats = {name: LayerStatistics.from_moments(name, m.to(self.device),
+                                                         self.config.ridge)
                       for name, m in moments.items()}
         self.timings["statistics"] = self.timings.get("statistics", 0) + time.perf_counter() - start
+
+    def _model_key(self) -> str:
+        """The model file's hash plus the current editable weights (edits change keys)."""
+        digest = hashlib.sha256((self.graph.model.sha256 or "in-memory").encode())
+        for p in self.graph.weights:
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def refresh_statistics(self, edited: str) -> None:
         """Recompute C for the layers whose keys an edit of ``edited`` changed (downstream)."""

@@ -48,6 +48,9 @@ class KeyMoments:
     def merge(self, other: "KeyMoments") -> "KeyMoments":
         return KeyMoments(self.sum_kk + other.sum_kk.to(self.sum_kk.device), self.count + other.count)
 
+    def to(self, device) -> "KeyMoments":
+        return KeyMoments(self.sum_kk.to(device), self.count)
+
     @property
     def second_moment(self) -> torch.Tensor:
         return self.sum_kk / max(self.count, 1)

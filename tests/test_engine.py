@@ -219,3 +219,24 @@ def test_downstream_nodes_follow_the_data():
     graph = ShadowGraph.from_onnx(model)
     assert graph.downstream_nodes("fc1") == {"fc2"}
     assert graph.downstream_nodes("fc2") == set()
+
+
+def test_key_statistics_are_cached_and_reused(tmp_path):
+    from patcher.rectify import RectifyConfig, Rectifier
+    from patcher.samples import LabelledSet, Pairs
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_two_weight_model().SerializeToString())
+    x = RNG.random((30, 5), dtype=np.float32)
+    pairs = Pairs(x[:1] + 1, x[:1], np.array([0]))
+    cfg = RectifyConfig(cache_dir=str(tmp_path / "cache"), transplant="none")
+    first = Rectifier(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, np.zeros(30, np.int64)),
+                      None, cfg)
+    first.compute_statistics()
+    assert first.cache_hits == 0 and len(list((tmp_path / "cache").iterdir())) == 2
+    second = Rectifier(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, np.zeros(30, np.int64)),
+                       None, cfg)
+    second.compute_statistics()
+    assert second.cache_hits == 2
+    for name, st in first.stats.items():
+        torch.testing.assert_close(second.stats[name].inverse, st.inverse)
