@@ -320,3 +320,83 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
         click.echo("onnx-rectify: the gap target was not met within the budget; the best model "
                    "found was written", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("patched", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--base", "base_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The model before patching.")
+@click.option("--eval", "eval_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="npz with x, y: clean data for the accuracy gate.")
+@click.option("--attack", "attack_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="npz with x, y, target: gate the attack success rate.")
+@click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="npz with corrupted, clean, label: gate the pair gap.")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True)
+@click.option("--max-asr", default=0.05, show_default=True)
+@click.option("--max-gap", default=0.05, show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Every figure, with a top-level \"passed\".")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
+              help="JUnit XML, one test case per check.")
+@reports_errors
+def verify(patched: Path, base_path: Path, eval_path: Path, attack_path: Path | None,
+           pairs_path: Path | None, max_accuracy_drop: float, max_asr: float, max_gap: float,
+           provider: str, json_path: str | None, junit_path: str | None) -> None:
+    """The release gate: is PATCHED safe to ship in place of --base? Checks that both files
+    load and pass onnx.checker, that only Conv/Gemm/MatMul weight values changed and each
+    change is declared in the provenance, and (under onnxruntime) accuracy, flip rate,
+    output differences, ASR, pair gap and latency. Exit 0 when every gate passes, 1 when
+    one fails, 2 when an input is unusable."""
+    from .modelio import load_model, write_text_atomic
+    from .verify import verify as run_verify
+
+    report = run_verify(load_model(base_path), load_model(patched), eval_path, attack_path,
+                        pairs_path, max_accuracy_drop, max_asr, max_gap, provider)
+    for check in report.checks:
+        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in check.figures.items()
+                            if not isinstance(v, (dict, list)))
+        click.echo(f"{'PASS' if check.passed else 'FAIL':<5} {check.name:<20} {figures}")
+        if not check.passed:
+            click.echo(f"      {check.message}")
+    click.echo(f"verify: {'PASSED' if report.passed else 'FAILED'} "
+               f"(onnxruntime provider: {report.provider or '-'})")
+    if json_path:
+        _write_json(json_path, report.as_dict())
+    if junit_path:
+        write_text_atomic(Path(junit_path), report.junit() + "\n")
+    if not report.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("a", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("b", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+@reports_errors
+def diff(a: Path, b: Path, json_path: str | None) -> None:
+    """Every tensor that differs between A and B (shape, ||delta||_F, max |delta|, numerical
+    rank, the nodes it feeds) and every structural difference. Exit 0 if identical, 1 if not."""
+    from dataclasses import asdict
+
+    from .modelio import load_model
+    from .verify import diff_models
+
+    result = diff_models(load_model(a).proto, load_model(b).proto)
+    for t in result.tensors:
+        click.echo(f"tensor  {t.name}  [{'x'.join(map(str, t.shape))}]  ||delta||_F {t.frobenius:.4g}"
+                   f"  max |delta| {t.max_abs:.4g}  rank {t.rank}  feeds {', '.join(t.feeds)}")
+    for s in result.structural:
+        click.echo(f"structure  {s}")
+    click.echo("identical" if result.identical else
+               f"{len(result.tensors)} tensor(s) and {len(result.structural)} structural "
+               "difference(s)")
+    if json_path:
+        _write_json(json_path, {"identical": result.identical,
+                                "tensors": [asdict(t) for t in result.tensors],
+                                "structural": result.structural})
+    if not result.identical:
+        sys.exit(1)
