@@ -22,6 +22,7 @@ from .patch import patch
 from .rectify import RectifyConfig
 from .runtime import open_session
 from .samples import InputSpec, load_labelled, load_pairs, num_classes_of
+from .verify import verify
 from .summary import summarize
 
 SAMPLE = "backdoor_cnn"
@@ -39,6 +40,7 @@ class DemoResult:
     patched: Path | None = None
     rounds: list = None
     seconds: float = 0.0
+    verification: object = None
 
 
 def sample_folder(name: str = SAMPLE) -> Path:
@@ -81,8 +83,10 @@ def run_demo(work: Path, provider: str = "auto", device: str = "auto", log=None)
                    log=log)
     seconds = time.perf_counter() - start
     after, _ = measure(Path(report.output))
+    gate = verify(loaded, load_model(Path(report.output)), work / "eval.npz", work / "attack.npz",
+                  work / "pairs_n1.npz", provider=provider)
     return DemoResult(work, model_path, len(pairs), summary.parity, used, before, after,
-                      Path(report.output), report.result.rounds, seconds)
+                      Path(report.output), report.result.rounds, seconds, gate)
 
 
 def format_demo(result: DemoResult) -> str:
@@ -107,4 +111,8 @@ def format_demo(result: DemoResult) -> str:
                      f"{len(kept)} rank-one edit(s) at {', '.join(dict.fromkeys(kept)) or '-'}")
     lines.append(f"measured under onnxruntime ({result.provider}) on {result.model.name} and "
                  f"{result.patched.name if result.patched else '-'}, held-out test data")
+    if result.verification is not None:
+        gate = result.verification
+        verdicts = ", ".join(f"{c.name} {'ok' if c.passed else 'FAILED'}" for c in gate.checks)
+        lines.append(f"verify       {'PASSED' if gate.passed else 'FAILED'}: {verdicts}")
     return "\n".join(lines)

@@ -23,9 +23,11 @@ def test_demo_patches_the_sample_without_touching_the_package(tmp_path):
     assert result.after["attack_success_rate"] <= 0.05
     assert result.before["clean_accuracy"] - result.after["clean_accuracy"] <= 0.01
     assert result.patched.parent == tmp_path / "work"
+    assert result.verification.passed
 
 
 def test_demo_cli_prints_the_table(tmp_path):
     out = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--provider", "cpu"])
     assert out.exit_code == 0, out.output
     assert "attack success rate (ASR)" in out.output and "patched" in out.output
+    assert "verify       PASSED" in out.output
