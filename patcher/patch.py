@@ -99,6 +99,8 @@ class Verification:
 class PatchReport:
     model: str
     output: str
+    pairs: str
+    eval: str
     written: list[str]
     result: RectifyResult
     verification: Verification
@@ -191,5 +193,6 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
     timings["total"] = time.perf_counter() - start
     passed = (result.met_target and verification.accuracy_drop <= config.budget
               and verification.parity.get("within_tolerance", False))
-    return PatchReport(str(model), str(out), [str(w) for w in written], result, verification,
+    return PatchReport(str(model), str(out), str(pairs), str(eval_path),
+                       [str(w) for w in written], result, verification,
                        before, after, str(dev), timings, passed)
