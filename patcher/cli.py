@@ -279,6 +279,9 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
 @click.option("--strategy", type=click.Choice(["dynamic", "static", "finetune"]),
               default="dynamic", show_default=True)
 @click.option("--layer", default=None, help="Force one edit at this layer (node name).")
+@click.option("--solver", type=click.Choice(["closed", "iterative"]), default="closed",
+              show_default=True, help="Rank-one solve: closed-form least squares, or the "
+              "paper's iterative optimiser (Adam, rank-one projection every 10 steps).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="onnxruntime provider for verification.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
@@ -289,7 +292,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
           transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
           cache_dir: str | None, eval_path: Path, output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
-          provider: str, report_path: str | None, force: bool) -> None:
+          solver: str, provider: str, report_path: str | None, force: bool) -> None:
     """Patch MODEL with rank-one weight edits and write the result (same graph, new weight
     values), verified under onnxruntime from disk. Exit 0 when the gap target was met within
     the budget, 1 when not (the best model found is still written), 2 for bad input."""
@@ -299,7 +302,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     config = RectifyConfig(strategy=strategy, budget=budget, gap=gap_target,
                            max_rounds=max_rounds, layer=layer, steps=steps, score=score,
                            transplant=transplant, seed=seed, attribution_form=attribution,
-                           allow_shared=allow_shared, cache_dir=cache_dir)
+                           allow_shared=allow_shared, cache_dir=cache_dir, solver=solver)
     report = run_patch(model, pairs_path, eval_path, calib_path, output, config, device,
                        provider, force, log=lambda m: click.echo(m, err=True))
     r, v = report.result, report.verification

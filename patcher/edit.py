@@ -87,3 +87,46 @@ def solve_rank_one(layer: str, weight: str, keys: torch.Tensor, residual: torch.
     before = float((residual ** 2).sum())
     after = float(((residual - a[..., None] * lam[None, None]) ** 2).sum())
     return RankOneEdit(layer, weight, d, lam.reshape(-1), before, after)
+
+
+def solve_rank_one_iterative(layer: str, weight: str, keys: torch.Tensor, residual: torch.Tensor,
+                             lr: float = 1e-2, epochs: int = 200, project_every: int = 10,
+                             seed: int = 0) -> RankOneEdit:
+    """The paper's iterative optimiser, as an alternative to the closed form: Adam on
+    sum_q ||r_q - dW k_q||^2 / Q over a full dW (per group for grouped convolutions), with
+    dW replaced by its best rank-one approximation (truncated SVD) every ``project_every``
+    steps and at the end. Slower than :func:`solve_rank_one`; kept for comparison."""
+    keys = keys.to(torch.float64)
+    residual = residual.to(torch.float64)
+    n, p, g, kd = keys.shape
+    vg = residual.shape[-1]
+    flat_k = keys.permute(2, 0, 1, 3).reshape(g, n * p, kd)       # [G, Q, Kd]
+    flat_r = residual.permute(2, 0, 1, 3).reshape(g, n * p, vg)   # [G, Q, Vg]
+    scale = float(flat_k.pow(2).sum(-1).mean().clamp_min(1e-12))
+    gen = torch.Generator().manual_seed(seed)
+    delta = (torch.randn(g * vg, kd, generator=gen, dtype=torch.float64) * 1e-6).requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=lr / scale ** 0.5)
+
+    def project(d: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        return s[0] * torch.outer(u[:, 0], vh[0])
+
+    for step in range(1, epochs + 1):
+        with torch.enable_grad():  # callers may run under no_grad
+            pred = torch.einsum("gvk,gqk->gqv", delta.reshape(g, vg, kd), flat_k)
+            loss = ((flat_r - pred) ** 2).sum() / flat_r.shape[1]
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+        if step % project_every == 0:
+            with torch.no_grad():
+                delta.copy_(project(delta))
+    with torch.no_grad():
+        final = project(delta.detach())
+        u, s, vh = torch.linalg.svd(final, full_matrices=False)
+        direction, magnitude = vh[0], s[0] * u[:, 0]
+        pred = torch.einsum("gvk,gqk->gqv", final.reshape(g, vg, kd), flat_k)
+        before, after = float((flat_r ** 2).sum()), float(((flat_r - pred) ** 2).sum())
+    if not torch.isfinite(final).all():
+        raise NumericalError(f"layer '{layer}': the iterative solve diverged; lower its learning rate")
+    return RankOneEdit(layer, weight, direction, magnitude, before, after)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .attribution import layer_integrated_gradients
-from .edit import RankOneEdit, solve_rank_one
+from .edit import RankOneEdit, solve_rank_one, solve_rank_one_iterative
 from .errors import BadSamplesError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
 from .shadow import EditableLayer, ShadowGraph
@@ -55,6 +55,9 @@ class RectifyConfig:
     attribution_form: str = "ig"
     calib_limit: int = 1000
     allow_shared: bool = False
+    solver: str = "closed"        # "closed" (least squares) or "iterative" (the paper's)
+    solver_lr: float = 1e-2
+    solver_epochs: int = 200
     finetune_steps: int = 100
     finetune_lr: float = 1e-3
     seed: int = 0
@@ -121,6 +124,8 @@ class Rectifier:
             raise RectifyError(f"unknown strategy '{config.strategy}' (choose from {', '.join(STRATEGIES)})")
         if config.transplant not in TRANSPLANT_MODES:
             raise RectifyError(f"unknown transplant mode '{config.transplant}'")
+        if config.solver not in ("closed", "iterative"):
+            raise RectifyError(f"unknown solver '{config.solver}' (closed or iterative)")
         if config.score not in SCORE_MODES:
             raise RectifyError(f"unknown score mode '{config.score}'")
         self.graph = graph.to(device).eval()
@@ -311,8 +316,13 @@ class Rectifier:
             keys.append(layer_keys(layer, data[:n], attrs))
             values = layer_values(layer, out, attrs)
             residuals.append(values[n:] - values[:n])
-        edit = solve_rank_one(layer.name, layer.weight, torch.cat(keys), torch.cat(residuals),
-                              self.stats[layer.name].inverse.to(self.device))
+        if self.config.solver == "iterative":
+            edit = solve_rank_one_iterative(layer.name, layer.weight, torch.cat(keys),
+                                            torch.cat(residuals), lr=self.config.solver_lr,
+                                            epochs=self.config.solver_epochs, seed=self.config.seed)
+        else:
+            edit = solve_rank_one(layer.name, layer.weight, torch.cat(keys), torch.cat(residuals),
+                                  self.stats[layer.name].inverse.to(self.device))
         self.timings["edit"] = self.timings.get("edit", 0) + time.perf_counter() - start
         return edit
 

@@ -240,3 +240,17 @@ def test_key_statistics_are_cached_and_reused(tmp_path):
     assert second.cache_hits == 2
     for name, st in first.stats.items():
         torch.testing.assert_close(second.stats[name].inverse, st.inverse)
+
+
+def test_iterative_solver_reaches_a_rank_one_fit_close_to_the_closed_form():
+    from patcher.edit import solve_rank_one_iterative
+
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(4, 5, 1, 6, generator=gen, dtype=torch.float64)
+    true = torch.outer(torch.randn(3, generator=gen, dtype=torch.float64),
+                       torch.randn(6, generator=gen, dtype=torch.float64))
+    residual = torch.einsum("vk,npgk->npgv", true, keys)  # exactly rank-one explainable
+    edit = solve_rank_one_iterative("L", "w", keys, residual, lr=5e-2, epochs=400)
+    assert torch.linalg.matrix_rank(edit.delta) == 1
+    assert edit.fit_residual_after < 1e-3 * edit.fit_residual_before
+    torch.testing.assert_close(edit.delta, true, rtol=1e-2, atol=1e-2)

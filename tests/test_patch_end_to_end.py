@@ -178,3 +178,14 @@ def test_baseline_strategies_run(trojaned, tmp_path, strategy):
     assert out.is_file()
     kinds = {e["kind"] for e in read_provenance(onnx.load(str(out)))["edits"]}
     assert kinds == {"rank-one" if strategy == "static" else "finetune"}
+
+
+def test_iterative_solver_runs_through_the_cli(trojaned, tmp_path):
+    out = tmp_path / "iterative.onnx"
+    result = CliRunner().invoke(main, ["patch", str(trojaned / "model.onnx"), "--pairs",
+                                       str(trojaned / "pairs.npz"), "--eval",
+                                       str(trojaned / "eval.npz"), "-o", str(out),
+                                       "--solver", "iterative", "--max-rounds", "2"])
+    assert result.exit_code in (0, 1), result.output
+    edits = read_provenance(onnx.load(str(out)))["edits"]
+    assert edits and all(e["rank"] == 1 for e in edits)
