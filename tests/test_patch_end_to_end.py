@@ -189,3 +189,36 @@ def test_iterative_solver_runs_through_the_cli(trojaned, tmp_path):
     assert result.exit_code in (0, 1), result.output
     edits = read_provenance(onnx.load(str(out)))["edits"]
     assert edits and all(e["rank"] == 1 for e in edits)
+
+
+def test_fp16_model_is_patched_in_fp16(trojaned, tmp_path):
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(trojaned / "model.onnx"))
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in list(model.graph.input) + list(model.graph.output):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del model.graph.value_info[:]
+    half = tmp_path / "half.onnx"
+    onnx.save(model, str(half))
+    for name in ("pairs", "eval"):
+        data = dict(np.load(trojaned / f"{name}.npz"))
+        for key in ("x", "corrupted", "clean"):
+            if key in data:
+                data[key] = data[key].astype(np.float16)
+        np.savez(tmp_path / f"{name}.npz", **data)
+    out = tmp_path / "half_patched.onnx"
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["patch", str(half), "--pairs", str(tmp_path / "pairs.npz"),
+                                       "--eval", str(tmp_path / "eval.npz"), "-o", str(out),
+                                       "--gap", "0.05", "--report", str(report)])
+    assert result.exit_code in (0, 1), result.output
+    patched = onnx.load(str(out))
+    assert {t.data_type for t in patched.graph.initializer} == {TensorProto.FLOAT16}
+    rounding = json.loads(report.read_text())["verification"]["rounding_errors"]
+    assert rounding and all(0 <= v < 1e-2 for v in rounding.values())
+    a = np.load(trojaned / "attack.npz")
+    asr = metrics.attack_success_rate(out, a["x"].astype(np.float16), a["y"], 0, provider="cpu")
+    assert asr <= 0.5
