@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .keys import LayerTap
+from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
 
 
@@ -52,7 +53,8 @@ def _prob(graph: ShadowGraph, x: torch.Tensor, labels: torch.Tensor) -> torch.Te
 def layer_integrated_gradients(graph: ShadowGraph, layers: list[EditableLayer],
                                corrupted: torch.Tensor, clean: torch.Tensor,
                                labels: torch.Tensor, steps: int = 16, chunk: int = 64,
-                               form: str = "ig") -> AttributionResult:
+                               form: str = "ig", show_progress: bool | None = None
+                               ) -> AttributionResult:
     """IG (``form="ig"``) or path-derivative IG (``form="path"``) for all ``layers`` at once."""
     if form not in ("ig", "path"):
         raise ValueError(f"unknown attribution form '{form}'")
@@ -77,43 +79,45 @@ def layer_integrated_gradients(graph: ShadowGraph, layers: list[EditableLayer],
     points = [corrupted + a * (clean - corrupted) for a in alphas]
     per_chunk = max(1, chunk // max(n, 1))
     step_index = 0
-    for start in range(0, len(points), per_chunk):
-        block = torch.cat(points[start:start + per_chunk]).detach().requires_grad_(False)
-        k_steps = len(points[start:start + per_chunk])
-        captured: dict[str, torch.Tensor] = {}
+    with progress(len(points), "attribution", show_progress) as bar:
+        for start in range(0, len(points), per_chunk):
+            block = torch.cat(points[start:start + per_chunk]).detach().requires_grad_(False)
+            k_steps = len(points[start:start + per_chunk])
+            captured: dict[str, torch.Tensor] = {}
 
-        def keep(node, ins, outs):
-            out = outs[0]
-            if not out.requires_grad:
-                out = out.detach().requires_grad_(True)
-            out.retain_grad()
-            captured[node.name] = out
-            return (out,) + tuple(outs[1:])
+            def keep(node, ins, outs):
+                out = outs[0]
+                if not out.requires_grad:
+                    out = out.detach().requires_grad_(True)
+                out.retain_grad()
+                captured[node.name] = out
+                return (out,) + tuple(outs[1:])
 
-        handle = graph.register_hook(keep, nodes=names)
-        try:
-            with torch.enable_grad():
-                prob = _prob(graph, block, labels.repeat(k_steps))
-                prob.sum().backward()
-        finally:
-            handle.remove()
-        for name in names:
-            out = captured[name]
-            grads = out.grad.reshape(k_steps, n, *out.shape[1:])
-            values = out.detach().reshape(k_steps, n, *out.shape[1:])
-            if form == "ig":
-                grad_sum[name] += grads.sum(0)
-            else:
-                for j in range(k_steps):
-                    idx = step_index + j
-                    if idx > 0:  # trapezoid: mean gradient of the segment's end points
-                        mid = (grads[j] + prev_grad[name]) / 2
-                        path_sum[name] += mid * (values[j] - prev_out[name])
-                    prev_out[name] = values[j]
-                    prev_grad[name] = grads[j]
-        step_index += k_steps
-        for p in graph.parameters():
-            p.grad = None
+            handle = graph.register_hook(keep, nodes=names)
+            try:
+                with torch.enable_grad():
+                    prob = _prob(graph, block, labels.repeat(k_steps))
+                    prob.sum().backward()
+            finally:
+                handle.remove()
+            for name in names:
+                out = captured[name]
+                grads = out.grad.reshape(k_steps, n, *out.shape[1:])
+                values = out.detach().reshape(k_steps, n, *out.shape[1:])
+                if form == "ig":
+                    grad_sum[name] += grads.sum(0)
+                else:
+                    for j in range(k_steps):
+                        idx = step_index + j
+                        if idx > 0:  # trapezoid: mean gradient of the segment's end points
+                            mid = (grads[j] + prev_grad[name]) / 2
+                            path_sum[name] += mid * (values[j] - prev_out[name])
+                        prev_out[name] = values[j]
+                        prev_grad[name] = grads[j]
+            step_index += k_steps
+            bar.update(k_steps)
+            for p in graph.parameters():
+                p.grad = None
     result: dict[str, LayerAttribution] = {}
     target = f_clean - f_corr
     for name in names:

@@ -286,13 +286,19 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
               show_default=True, help="onnxruntime provider for verification.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write everything (rounds, scores, metrics, timings, hashes) as JSON.")
+@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write an HTML report (rounds, scores chart, attribution heatmaps before and "
+                   "after, verify results) into this folder; needs onnx-rectify[report].")
+@click.option("--attack", "attack_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="npz with x, y, target: adds ASR to the HTML report.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
           transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
           cache_dir: str | None, eval_path: Path, output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
-          solver: str, provider: str, report_path: str | None, force: bool) -> None:
+          solver: str, provider: str, report_path: str | None, report_dir: Path | None,
+          attack_path: Path | None, force: bool) -> None:
     """Patch MODEL with rank-one weight edits and write the result (same graph, new weight
     values), verified under onnxruntime from disk. Exit 0 when the gap target was met within
     the budget, 1 when not (the best model found is still written), 2 for bad input."""
@@ -319,6 +325,13 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                f"{'ok' if v.parity.get('within_tolerance') else 'FAILED'}")
     if report_path:
         _write_json(report_path, report.as_dict())
+    if report_dir is not None:
+        from .report import write_report
+
+        report_dir.mkdir(parents=True, exist_ok=True)
+        page = write_report(report.as_dict(), report_dir, attack_path=attack_path,
+                            device=report.device, provider=provider)
+        click.echo(f"report: {page}")
     if not report.passed:
         click.echo("onnx-rectify: the gap target was not met within the budget; the best model "
                    "found was written", err=True)
@@ -403,3 +416,35 @@ def diff(a: Path, b: Path, json_path: str | None) -> None:
                                 "structural": result.structural})
     if not result.identical:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("report_json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Folder for the HTML page.")
+@click.option("--attack", "attack_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="npz with x, y, target: adds ASR and held-out heatmaps.")
+@click.option("--verify-json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Use the results of `verify --json` instead of re-running it.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where the heatmaps' attributions are computed.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@reports_errors
+def report(report_json: Path, out_dir: Path, attack_path: Path | None,
+           verify_json: Path | None, device: str, provider: str) -> None:
+    """Write the HTML report of an existing run from the JSON of `patch --report`."""
+    from .report import write_report
+
+    try:
+        data = json.loads(report_json.read_text())
+        verify_data = json.loads(verify_json.read_text()) if verify_json else None
+    except ValueError as exc:
+        raise RectifyError(f"{report_json}: not JSON ({exc})") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from .patch import resolve_device
+
+    page = write_report(data, out_dir, verify_report=verify_data, attack_path=attack_path,
+                        base_dir=report_json.parent, device=str(resolve_device(device)),
+                        provider=provider)
+    click.echo(f"report: {page}")

@@ -31,6 +31,7 @@ from .attribution import layer_integrated_gradients
 from .edit import RankOneEdit, solve_rank_one, solve_rank_one_iterative
 from .errors import BadSamplesError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
+from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
 from .stats import (LayerStatistics, MomentCache, collect_moments, data_hash,
                     iterate_batches)
@@ -251,10 +252,12 @@ class Rectifier:
     def accuracy(self) -> float:
         start = time.perf_counter()
         correct = 0
-        for i in range(0, len(self.eval_x), 256):
-            xb = torch.from_numpy(self.eval_x[i:i + 256]).to(self.device)
-            pred = self.graph(xb)[0].reshape(len(xb), -1).argmax(1).cpu().numpy()
-            correct += int((pred == self.eval_y[i:i + 256]).sum())
+        with progress(len(self.eval_x), "evaluating", self.config.show_progress) as bar:
+            for i in range(0, len(self.eval_x), 256):
+                xb = torch.from_numpy(self.eval_x[i:i + 256]).to(self.device)
+                pred = self.graph(xb)[0].reshape(len(xb), -1).argmax(1).cpu().numpy()
+                correct += int((pred == self.eval_y[i:i + 256]).sum())
+                bar.update(len(xb))
         self.timings["evaluation"] = self.timings.get("evaluation", 0) + time.perf_counter() - start
         return correct / max(len(self.eval_x), 1)
 
@@ -271,7 +274,8 @@ class Rectifier:
         attr = layer_integrated_gradients(self.graph, layers, self.pair_corrupted,
                                           self.pair_clean, self.pair_label,
                                           steps=self.config.steps,
-                                          form=self.config.attribution_form)
+                                          form=self.config.attribution_form,
+                                          show_progress=self.config.show_progress)
         scores = []
         with torch.no_grad():
             for layer in layers:

@@ -332,7 +332,9 @@ code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;overflow-wra
 .hm .rl{font-weight:600;padding-top:24px}.hm figure{margin:0;text-align:center}
 .hm img{width:100%;max-width:168px;image-rendering:pixelated;border:1px solid #d0d7de}
 .hm figcaption{font-size:12px;color:#57606a}.hm .h{font-size:12px;font-weight:600;color:#1f2328}
-img.chart{max-width:100%;border:0}table.narrow{width:auto;min-width:420px}
+img.chart{max-width:100%;border:0}.scroll{overflow-x:auto}
+code.id{overflow-wrap:normal;white-space:nowrap}
+table.narrow{width:auto;min-width:420px}
 details{margin:6px 0}summary{cursor:pointer;color:#0969da}
 """
 
@@ -348,7 +350,8 @@ def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()
                         for i, c in enumerate(row))
         body.append(f'<tr class="{tr_cls}">{cells}</tr>' if tr_cls else f"<tr>{cells}</tr>")
     table = f'<table class="{cls}">' if cls else "<table>"
-    return f"{table}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f'<div class="scroll">{table}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def _badge(passed) -> str:
@@ -440,7 +443,7 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
 
     h.append("<h2>Rounds</h2>")
     if rounds:
-        body = [[_esc(r.get("index")), f"<code>{_esc(r.get('layer'))}</code>",
+        body = [[_esc(r.get("index")), f'<code class="id">{_esc(r.get("layer"))}</code>',
                  _esc(_num(r.get("score"), ".4g")), _esc(_num(r.get("gap_before"))),
                  _esc(_num(r.get("gap_after"))), _esc(_pct(r.get("accuracy"))),
                  _esc(_pct(r.get("accuracy_drop"))), _esc(_num(r.get("delta_norm"), ".4g")),
@@ -462,7 +465,7 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
         h.append(f'<img class="chart" src="{_esc(chart_file)}" alt="editability score per layer">')
         scores = res.get("scores") or []
         cond = res.get("conditioning") or {}
-        body = [[f"<code>{_esc(s.get('layer'))}</code>", _esc(_num(s.get("score"), ".4g")),
+        body = [[f'<code class="id">{_esc(s.get("layer"))}</code>', _esc(_num(s.get("score"), ".4g")),
                  _esc(_num(s.get("completeness_error"), ".3g")),
                  _esc(_num((cond.get(s.get("layer")) or {}).get("condition_number"), ".3g")),
                  _esc(_num((cond.get(s.get("layer")) or {}).get("ridge"), ".3g"))]

@@ -130,3 +130,25 @@ def test_missing_libraries_say_how_to_install(monkeypatch, tmp_path):
 def test_not_a_patch_report(tmp_path):
     with pytest.raises(RectifyError, match="not a patch report"):
         write_report({"checks": []}, tmp_path)
+
+
+def test_patch_report_dir_and_report_verb(tmp_path):
+    pytest.importorskip("matplotlib", reason="the HTML report needs onnx-rectify[report]")
+    from click.testing import CliRunner
+
+    from patcher.cli import main
+    from patcher.demo import sample_folder
+
+    sample = sample_folder()
+    runner = CliRunner()
+    out = runner.invoke(main, ["patch", str(sample / "model.onnx"), "--pairs",
+                               str(sample / "pairs_n1.npz"), "--eval", str(sample / "eval.npz"),
+                               "-o", str(tmp_path / "p.onnx"), "--report", str(tmp_path / "r.json"),
+                               "--report-dir", str(tmp_path / "html"), "--device", "cpu",
+                               "--provider", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "html" / "index.html").is_file()
+    again = runner.invoke(main, ["report", str(tmp_path / "r.json"), "-o", str(tmp_path / "html2"),
+                                 "--attack", str(sample / "attack.npz"), "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert "attack" in (tmp_path / "html2" / "index.html").read_text().lower()
