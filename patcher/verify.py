@@ -110,9 +110,10 @@ def diff_models(a: ModelProto, b: ModelProto) -> ModelDiff:
         s.append(f"tensor names differ: removed {sorted(set(ta) - set(tb))[:5]}, added "
                  f"{sorted(set(tb) - set(ta))[:5]}")
     consumers: dict[str, list[tuple[str, str, int]]] = {}
-    for node in b.graph.node:
+    for i, node in enumerate(b.graph.node):  # names as the shadow graph gives them
         for k, inp in enumerate(node.input):
-            consumers.setdefault(inp, []).append((node.name or node.op_type, node.op_type, k))
+            consumers.setdefault(inp, []).append((node.name or f"{node.op_type}_{i}",
+                                                  node.op_type, k))
     for name in sorted(set(ta) & set(tb)):
         x, y = ta[name], tb[name]
         if x.data_type != y.data_type or list(x.dims) != list(y.dims):
@@ -200,6 +201,10 @@ def check_provenance(patched: ModelProto, diff: ModelDiff) -> Check:
         if not other and t.rank > len(rank_one):
             problems.append(f"'{t.name}': numerical rank {t.rank} exceeds its {len(rank_one)} "
                             "declared rank-one edit(s)")
+        wrong_layer = [e.get("layer") for e in declared if e.get("layer") not in t.feeds]
+        if wrong_layer:
+            problems.append(f"'{t.name}': provenance names layer(s) {wrong_layer} that do not "
+                            f"use it (it feeds {', '.join(t.feeds)})")
         if t.frobenius > norm_sum * (1 + 1e-3) + 1e-6:
             problems.append(f"'{t.name}': ||delta|| {t.frobenius:.4g} exceeds the declared "
                             f"{norm_sum:.4g}")
