@@ -356,13 +356,21 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
     if len(pairs) == 0:
         raise BadSamplesError("no pairs to fit")
     r = Rectifier(graph, pairs, eval_set, calib_x, cfg, device)
+    by_name = {l.name: l for l in r.layers}
+    if cfg.layer and cfg.layer not in by_name:
+        shared = next((l for l in graph.editable_layers if l.name == cfg.layer), None)
+        if shared is not None and shared.shared_with:
+            raise RectifyError(
+                f"--layer '{cfg.layer}': its weight '{shared.weight}' is shared with "
+                f"{', '.join(shared.shared_with)}; pass --allow-shared to edit it for all")
+        raise RectifyError(f"--layer '{cfg.layer}' is not an editable layer of this model "
+                           f"(editable: {', '.join(by_name)})")
     base_acc, base_gap = r.accuracy(), r.gap()
     log(f"base: accuracy {base_acc:.2%}, gap {base_gap:.4f} (on {r.gap_source})")
     deltas: dict[str, torch.Tensor] = {}
     edits: list[dict] = []
     rounds: list[Round] = []
     scores: list[LayerScore] = []
-    by_name = {l.name: l for l in r.layers}
 
     def record(layer, delta, kind, edit: RankOneEdit | None):
         deltas[layer.weight] = deltas.get(layer.weight, 0) + delta.to(torch.float64).cpu()
@@ -372,9 +380,7 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                           delta.reshape(delta.shape[0], -1).to(torch.float64)))})
 
     if cfg.strategy == "finetune":
-        layer = by_name.get(cfg.layer) if cfg.layer else r.layers[-1]
-        if layer is None:
-            raise RectifyError(f"no editable layer named '{cfg.layer}'")
+        layer = by_name[cfg.layer] if cfg.layer else r.layers[-1]
         delta = _finetune(r, layer)
         record(layer, delta, "finetune", None)
         acc, gap = r.accuracy(), r.gap()
@@ -382,15 +388,6 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                             base_acc - acc, float(delta.norm()), None))
     elif cfg.strategy == "static" or cfg.layer:
         if cfg.layer:
-            if cfg.layer not in by_name:
-                shared = next((l for l in graph.editable_layers if l.name == cfg.layer), None)
-                if shared is not None and shared.shared_with:
-                    raise RectifyError(
-                        f"--layer '{cfg.layer}': its weight '{shared.weight}' is shared with "
-                        f"{', '.join(shared.shared_with)}; pass --allow-shared to edit it for all")
-                known = ", ".join(by_name)
-                raise RectifyError(f"--layer '{cfg.layer}' is not an editable layer of this "
-                                   f"model (editable: {known})")
             layer = by_name[cfg.layer]
         else:
             layer = r.layers[-1]

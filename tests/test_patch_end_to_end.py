@@ -222,3 +222,12 @@ def test_fp16_model_is_patched_in_fp16(trojaned, tmp_path):
     a = np.load(trojaned / "attack.npz")
     asr = metrics.attack_success_rate(out, a["x"].astype(np.float16), a["y"], 0, provider="cpu")
     assert asr <= 0.5
+
+
+def test_an_unknown_layer_is_refused_before_any_work(trojaned, tmp_path):
+    result = CliRunner().invoke(main, ["patch", str(trojaned / "model.onnx"), "--pairs",
+                                       str(trojaned / "pairs.npz"), "--eval",
+                                       str(trojaned / "eval.npz"), "-o", str(tmp_path / "x.onnx"),
+                                       "--layer", "nope"])
+    assert result.exit_code == 2 and "--layer 'nope' is not an editable layer" in result.output
+    assert not (tmp_path / "x.onnx").exists()
