@@ -254,3 +254,17 @@ def test_iterative_solver_reaches_a_rank_one_fit_close_to_the_closed_form():
     assert torch.linalg.matrix_rank(edit.delta) == 1
     assert edit.fit_residual_after < 1e-3 * edit.fit_residual_before
     torch.testing.assert_close(edit.delta, true, rtol=1e-2, atol=1e-2)
+
+
+def test_transplant_pastes_local_corruptions_and_adds_global_ones():
+    from patcher.rectify import transplant
+
+    clean = np.zeros((1, 4, 4), np.float32)
+    local = clean.copy()
+    local[0, :2, :2] = 1.0
+    images = np.full((3, 1, 4, 4), 0.5, np.float32)
+    pasted = transplant(local, clean, images, "paste")
+    assert (pasted[:, 0, :2, :2] == 1.0).all() and (pasted[:, 0, 2:, 2:] == 0.5).all()
+    stripes = clean + 0.1 * (1 + np.arange(16).reshape(1, 4, 4) % 2)  # every pixel changes
+    moved = transplant(stripes.astype(np.float32), clean, images, "paste")
+    np.testing.assert_allclose(moved, np.clip(images + stripes, 0, 1), rtol=1e-6)
