@@ -148,6 +148,7 @@ def load_model(source: str | os.PathLike | ModelProto, base_dir: str | os.PathLi
         model = ModelProto()
         model.CopyFrom(source)
         refs = _load_external(model, Path(base_dir) if base_dir is not None else None)
+        validate_model(model, "model")
         return LoadedModel(model, None, None, refs)
     path = Path(source)
     if not path.exists():
@@ -171,6 +172,7 @@ def load_model(source: str | os.PathLike | ModelProto, base_dir: str | os.PathLi
     if not model.graph.node and not model.graph.output:
         raise BadModelError(f"{path}: not an ONNX model (no graph found)")
     refs = _load_external(model, Path(base_dir) if base_dir else path.parent)
+    validate_model(model, str(path))
     return LoadedModel(model, path, digest, refs)
 
 
@@ -207,3 +209,51 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+#: Largest element count a tensor may declare (guards against overflowing dims).
+MAX_ELEMENTS = 1 << 40
+
+
+def validate_model(model: ModelProto, where: str) -> None:
+    """Refuse versions newer than this onnx knows, and tensors whose dims or data are
+    inconsistent (negative or overflowing dims, raw_data of the wrong size, NaN weights)."""
+    import numpy as np
+    from onnx import helper
+
+    if model.ir_version > onnx.IR_VERSION:
+        raise BadModelError(f"{where}: IR version {model.ir_version} is newer than this onnx "
+                            f"({onnx.__version__}) supports (IR {onnx.IR_VERSION}); upgrade onnx")
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version > newest:
+            raise BadModelError(f"{where}: opset {o.version} is newer than this onnx supports "
+                                f"({newest}); upgrade onnx")
+    for t in iter_tensors(model.graph):
+        name = t.name or "<unnamed Constant>"
+        count = 1
+        for d in t.dims:
+            if d < 0:
+                raise BadModelError(f"{where}: tensor '{name}' has a negative dimension {d}")
+            count *= d
+            if count > MAX_ELEMENTS:
+                raise BadModelError(f"{where}: tensor '{name}' declares more than 2^40 elements")
+        if t.data_type == TensorProto.STRING or t.data_location == TensorProto.EXTERNAL:
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+        if t.raw_data and t.data_type not in (TensorProto.INT4, TensorProto.UINT4,
+                                              TensorProto.FLOAT4E2M1, TensorProto.INT2,
+                                              TensorProto.UINT2):
+            if len(t.raw_data) != count * itemsize:
+                raise BadModelError(f"{where}: tensor '{name}' holds {len(t.raw_data)} bytes of "
+                                    f"data, its dims {list(t.dims)} need {count * itemsize}")
+        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
+                           TensorProto.BFLOAT16) and count:
+            values = onnx.numpy_helper.to_array(t)
+            if t.data_type == TensorProto.BFLOAT16:
+                values = values.astype(np.float32)
+            if np.isnan(values).any():
+                raise BadModelError(f"{where}: tensor '{name}' contains NaN values")

@@ -105,3 +105,38 @@ def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
     write_bytes_atomic(target, b"new")
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def _gemm_model(weight):
+    from onnx import numpy_helper
+
+    model = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)],
+                       [value_info("x", [1, 4])], [value_info("y", [1, 3])], {"w": weight})
+    return model
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda m: setattr(m.graph.initializer[0], "raw_data", b"\0" * 7), "holds 7 bytes"),
+    (lambda m: m.graph.initializer[0].dims.__setitem__(0, -3), "negative dimension"),
+    (lambda m: m.graph.initializer[0].dims.extend([1 << 30, 1 << 30]), "more than 2\\^40"),
+    (lambda m: setattr(m, "ir_version", 99), "IR version 99 is newer"),
+    (lambda m: setattr(m.opset_import[0], "version", 99), "opset 99 is newer"),
+])
+def test_inconsistent_tensors_and_versions_are_refused(tmp_path, mutate, match):
+    model = _gemm_model(W)
+    mutate(model)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    before = path.read_bytes()
+    with pytest.raises(BadModelError, match=match):
+        load_model(path)
+    assert path.read_bytes() == before
+
+
+def test_nan_weights_are_refused(tmp_path):
+    bad = W.copy()
+    bad[1, 2] = np.nan
+    path = tmp_path / "nan.onnx"
+    path.write_bytes(_gemm_model(bad).SerializeToString())
+    with pytest.raises(BadModelError, match="tensor 'w' contains NaN"):
+        load_model(path)
