@@ -172,6 +172,10 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
     dev = resolve_device(device)
     t0 = time.perf_counter()
     graph = ShadowGraph(inputs.loaded)
+    if graph.overridable_initializers:
+        log(f"warning: {len(graph.overridable_initializers)} initializer(s) are also graph inputs "
+            f"({', '.join(graph.overridable_initializers[:5])}); a runtime feed of the same name "
+            "would override them, and the edit with them")
     timings = {"load": t0 - start}
     result = rectify(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config, dev, log)
     timings["rectify"] = time.perf_counter() - t0
