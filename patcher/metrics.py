@@ -53,6 +53,21 @@ def attack_success_rate(model, x: np.ndarray, y: np.ndarray, target: int,
     return float(np.mean(scores.argmax(1) == target))
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def pair_gap(model, corrupted: np.ndarray, clean: np.ndarray, labels: np.ndarray,
+             provider: str = "auto") -> float:
+    """delta* = mean over pairs of p_y(x) - p_y(x~) (softmax of the first output)."""
+    session = _session(model, provider)
+    rows = np.arange(len(labels))
+    p_clean = softmax(predict(session, clean, show_progress=False))[rows, labels]
+    p_corrupted = softmax(predict(session, corrupted, show_progress=False))[rows, labels]
+    return float(np.mean(p_clean - p_corrupted))
+
+
 @dataclass
 class SpuriousGap:
     clean_accuracy: float

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .errors import CheckFailedError, OutputError, RectifyError
-from .metrics import predict
+from .metrics import pair_gap, predict
 from .modelio import LoadedModel, load_model, sha256_file
 from .parity import ParityResult, compare
 from .rectify import LayerScore, RectifyConfig, RectifyResult, Rectifier, rectify
@@ -136,12 +136,8 @@ def check_output_path(out: Path, inputs: Inputs, force: bool) -> None:
         raise OutputError(f"{out}: folder '{out.parent}' does not exist")
 
 
-def _pair_gap(session, pairs: Pairs) -> float:
-    def prob(x):
-        s = predict(session, x, show_progress=False)
-        e = np.exp(s - s.max(1, keepdims=True))
-        return (e / e.sum(1, keepdims=True))[np.arange(len(x)), pairs.label]
-    return float(np.mean(prob(pairs.clean) - prob(pairs.corrupted)))
+def _gap(session, pairs: Pairs) -> float:
+    return pair_gap(session, pairs.corrupted, pairs.clean, pairs.label)
 
 
 def verify_written(base: LoadedModel, out: Path, inputs: Inputs, provider: str,
@@ -155,7 +151,7 @@ def verify_written(base: LoadedModel, out: Path, inputs: Inputs, provider: str,
     sample = ev.x[: min(16, len(ev.x))]
     parity: ParityResult = compare(shadow, out, [sample], provider=provider)
     return Verification(patched.provider, acc(original), acc(patched),
-                        _pair_gap(original, inputs.pairs), _pair_gap(patched, inputs.pairs),
+                        _gap(original, inputs.pairs), _gap(patched, inputs.pairs),
                         parity.as_dict(), rounding)
 
 

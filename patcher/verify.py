@@ -17,7 +17,7 @@ import onnx
 from onnx import ModelProto, numpy_helper
 
 from .errors import BadModelError
-from .metrics import predict
+from .metrics import pair_gap, predict
 from .modelio import LoadedModel, iter_tensors
 from .runtime import open_session
 from .samples import InputSpec, load_labelled, load_pairs, num_classes_of
@@ -214,11 +214,6 @@ def check_provenance(patched: ModelProto, diff: ModelDiff) -> Check:
     return Check("provenance", not problems, figures, "; ".join(problems))
 
 
-def _softmax(s: np.ndarray) -> np.ndarray:
-    e = np.exp(s - s.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None, pairs_path=None,
            max_accuracy_drop: float = 0.01, max_asr: float = 0.05, max_gap: float = 0.05,
            provider: str = "auto", latency_runs: int = 50) -> VerifyReport:
@@ -261,12 +256,8 @@ def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None,
                             {"base_asr": asr_b, "patched_asr": asr, "max_asr": max_asr},
                             f"ASR {asr:.2%} exceeds {max_asr:.2%}" if asr > max_asr else ""))
     if pairs is not None:
-        def gap(session):
-            pc = _softmax(predict(session, pairs.clean, show_progress=False))
-            px = _softmax(predict(session, pairs.corrupted, show_progress=False))
-            idx = np.arange(len(pairs))
-            return float(np.mean(pc[idx, pairs.label] - px[idx, pairs.label]))
-        g_b, g_p = gap(s_base), gap(s_new)
+        g_b, g_p = (pair_gap(s, pairs.corrupted, pairs.clean, pairs.label)
+                    for s in (s_base, s_new))
         checks.append(Check("pair_gap", g_p <= max_gap,
                             {"base_gap": g_b, "patched_gap": g_p, "max_gap": max_gap},
                             f"pair gap {g_p:.4f} exceeds {max_gap}" if g_p > max_gap else ""))

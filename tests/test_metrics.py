@@ -48,3 +48,12 @@ def test_input_integrated_gradients_are_complete_and_leakage_counts_the_mask():
     share = metrics.leakage(graph, x.numpy(), np.array([0]), mask, steps=64)
     expected = float(attr[0, 1:].abs().sum() / attr[0].abs().sum())
     assert share == pytest.approx(expected, rel=1e-4) and 0 < share < 1
+
+
+def test_pair_gap_is_the_mean_probability_difference():
+    clean, corrupted = _onehot([0, 1]) * 5, _onehot([2, 2]) * 5
+    labels = np.array([0, 1])
+    gap = metrics.pair_gap(BYTES, corrupted, clean, labels, provider="cpu")
+    p_right = np.exp(5) / (np.exp(5) + 2)   # softmax of [5, 0, 0] at the hot class
+    p_wrong = 1 / (np.exp(5) + 2)
+    assert gap == pytest.approx(p_right - p_wrong, rel=1e-5)
