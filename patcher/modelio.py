@@ -221,6 +221,13 @@ def validate_model(model: ModelProto, where: str) -> None:
     import numpy as np
     from onnx import helper
 
+    _check_text_fields(model.graph, where)
+    texts = [model.producer_name, model.producer_version,
+             *(f for p in model.metadata_props for f in (p.key, p.value)),
+             *(o.domain for o in model.opset_import)]
+    if any(isinstance(t, bytes) for t in texts):
+        raise BadModelError(f"{where}: producer, metadata or opset domain text is not valid "
+                            "UTF-8 (corrupted file?)")
     if model.ir_version > onnx.IR_VERSION:
         raise BadModelError(f"{where}: IR version {model.ir_version} is newer than this onnx "
                             f"({onnx.__version__}) supports (IR {onnx.IR_VERSION}); upgrade onnx")
@@ -257,3 +264,20 @@ def validate_model(model: ModelProto, where: str) -> None:
                 values = values.astype(np.float32)
             if np.isnan(values).any():
                 raise BadModelError(f"{where}: tensor '{name}' contains NaN values")
+
+
+def _check_text_fields(graph: onnx.GraphProto, where: str) -> None:
+    """Names must be text: protobuf hands back bytes for strings that are not UTF-8."""
+    def bad(value) -> bool:
+        return isinstance(value, bytes)
+
+    for i, node in enumerate(graph.node):
+        fields = [node.name, node.op_type, node.domain, *node.input, *node.output]
+        if any(bad(f) for f in fields) or any(bad(a.name) for a in node.attribute):
+            raise BadModelError(f"{where}: node {i} has a name, op type or tensor name that is "
+                                "not valid UTF-8 (corrupted file?)")
+    for kind, items in (("initializer", graph.initializer), ("graph input", graph.input),
+                        ("graph output", graph.output), ("value info", graph.value_info)):
+        for item in items:
+            if bad(item.name):
+                raise BadModelError(f"{where}: a {kind} name is not valid UTF-8 (corrupted file?)")

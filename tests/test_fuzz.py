@@ -1,0 +1,101 @@
+"""Property-based fuzzing: mutated model and sample files fail only with a RectifyError
+(one line, exit code 2; or 1 when the model still loads but a check fails), never a
+traceback or an internal error, and the input files stay byte-identical."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from patcher.cli import main
+from patcher.errors import RectifyError
+from patcher.samples import InputSpec, load_pairs
+from patcher.modelio import load_model
+
+TINY = Path(__file__).resolve().parents[1] / "samples" / "tiny" / "model.onnx"
+MODEL_BYTES = TINY.read_bytes()
+SPEC = InputSpec.of(load_model(TINY).proto)
+
+mutations = st.lists(
+    st.one_of(
+        st.tuples(st.just("flip"), st.integers(0, len(MODEL_BYTES) - 1), st.integers(1, 255)),
+        st.tuples(st.just("cut"), st.integers(0, len(MODEL_BYTES) - 1), st.just(0)),
+        st.tuples(st.just("insert"), st.integers(0, len(MODEL_BYTES) - 1), st.integers(0, 255)),
+    ), min_size=1, max_size=4)
+
+
+def _mutate(data: bytes, ops) -> bytes:
+    buf = bytearray(data)
+    for kind, pos, value in ops:
+        pos = min(pos, max(len(buf) - 1, 0))
+        if kind == "flip" and buf:
+            buf[pos] ^= value
+        elif kind == "cut":
+            del buf[pos:]
+        else:
+            buf.insert(pos, value)
+    return bytes(buf)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=mutations)
+def test_mutated_models_fail_cleanly(tmp_path_factory, ops):
+    folder = tmp_path_factory.mktemp("fuzz")
+    path = folder / "m.onnx"
+    data = _mutate(MODEL_BYTES, ops)
+    path.write_bytes(data)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--no-parity"])
+    assert result.exit_code in (0, 1, 2), result.output
+    if result.exit_code == 2:
+        lines = result.output.strip().splitlines()
+        assert lines[-1].startswith("onnx-rectify: error: ")
+        assert "internal error" not in result.output
+    assert "Traceback" not in result.output
+    assert path.read_bytes() == data
+
+
+arrays = st.fixed_dictionaries({
+    "corrupted": st.sampled_from(["ok", "nan", "int", "rank3", "wide", "empty"]),
+    "clean": st.sampled_from(["ok", "nan", "rank3"]),
+    "label": st.sampled_from(["ok", "negative", "big", "float", "short"]),
+    "drop": st.sampled_from([None, "corrupted", "clean", "label"]),
+})
+
+
+def _array(kind: str, n: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    base = rng.random((n, 1, 16, 16), dtype=np.float32)
+    return {"ok": base, "nan": np.where(base > 0.5, np.nan, base).astype(np.float32),
+            "int": (base * 255).astype(np.int32), "rank3": base[:, 0],
+            "wide": rng.random((n, 1, 16, 17), dtype=np.float32),
+            "empty": base[:0]}[kind]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=arrays)
+def test_mutated_pair_files_raise_only_rectify_errors(tmp_path_factory, spec):
+    folder = tmp_path_factory.mktemp("pairs")
+    labels = {"ok": np.array([0, 1, 2]), "negative": np.array([-1, 0, 1]),
+              "big": np.array([0, 1, 9]), "float": np.array([0.0, 1.0, 2.0]),
+              "short": np.array([0, 1])}[spec["label"]]
+    content = {"corrupted": _array(spec["corrupted"]) + 0.01 if spec["corrupted"] == "ok"
+               else _array(spec["corrupted"]), "clean": _array(spec["clean"]), "label": labels}
+    if spec["drop"]:
+        del content[spec["drop"]]
+    buf = io.BytesIO()
+    np.savez(buf, **content)
+    path = folder / "pairs.npz"
+    path.write_bytes(buf.getvalue())
+    try:
+        pairs = load_pairs(path, SPEC, 4)
+    except RectifyError as exc:
+        assert exc.exit_code == 2 and "\n" not in str(exc)
+    else:  # only fully valid files load
+        assert spec == {"corrupted": "ok", "clean": "ok", "label": "ok", "drop": None}
+        assert len(pairs) == 3
+    assert path.read_bytes() == buf.getvalue()
