@@ -300,8 +300,9 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
           solver: str, provider: str, report_path: str | None, report_dir: Path | None,
           attack_path: Path | None, force: bool) -> None:
     """Patch MODEL with rank-one weight edits and write the result (same graph, new weight
-    values), verified under onnxruntime from disk. Exit 0 when the gap target was met within
-    the budget, 1 when not (the best model found is still written), 2 for bad input."""
+    values), verified under onnxruntime from disk. Exit 0 when the pairs' gap meets --gap
+    within --budget on the written file, 1 when not (the best model found is still
+    written), 2 for bad input."""
     from .patch import patch as run_patch
     from .rectify import RectifyConfig
 
@@ -333,8 +334,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                             device=report.device, provider=provider)
         click.echo(f"report: {page}")
     if not report.passed:
-        click.echo("onnx-rectify: the gap target was not met within the budget; the best model "
-                   "found was written", err=True)
+        click.echo("onnx-rectify: the pairs' gap did not meet --gap within --budget on the "
+                   "written file; the best model found was written", err=True)
         sys.exit(1)
 
 
