@@ -236,8 +236,19 @@ def validate_model(model: ModelProto, where: str) -> None:
         if o.domain in ("", "ai.onnx") and o.version > newest:
             raise BadModelError(f"{where}: opset {o.version} is newer than this onnx supports "
                                 f"({newest}); upgrade onnx")
+    _check_attribute_types(model, where)
+    initializer_names = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in initializer_names or not vi.type.HasField("tensor_type"):
+            continue
+        elem = vi.type.tensor_type.elem_type
+        if elem == TensorProto.UNDEFINED or elem not in TensorProto.DataType.values():
+            raise BadModelError(f"{where}: graph input '{vi.name}' has no valid element type")
     for t in iter_tensors(model.graph):
         name = t.name or "<unnamed Constant>"
+        if t.data_type == TensorProto.UNDEFINED or t.data_type not in TensorProto.DataType.values():
+            raise BadModelError(f"{where}: tensor '{name}' has no valid element type "
+                                f"({t.data_type})")
         count = 1
         for d in t.dims:
             if d < 0:
@@ -276,8 +287,33 @@ def _check_text_fields(graph: onnx.GraphProto, where: str) -> None:
         if any(bad(f) for f in fields) or any(bad(a.name) for a in node.attribute):
             raise BadModelError(f"{where}: node {i} has a name, op type or tensor name that is "
                                 "not valid UTF-8 (corrupted file?)")
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.UNDEFINED:
+                raise BadModelError(f"{where}: node '{node.name or i}' attribute '{attr.name}' "
+                                    "has no type (corrupted file?)")
     for kind, items in (("initializer", graph.initializer), ("graph input", graph.input),
                         ("graph output", graph.output), ("value info", graph.value_info)):
         for item in items:
             if bad(item.name):
                 raise BadModelError(f"{where}: a {kind} name is not valid UTF-8 (corrupted file?)")
+
+
+def _check_attribute_types(model: ModelProto, where: str) -> None:
+    """Each attribute of a default-domain node has the type its op's schema declares."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        return
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except Exception:  # unknown op: reported as unsupported later
+            continue
+        for attr in node.attribute:
+            declared = schema.attributes.get(attr.name)
+            if declared is not None and int(declared.type) != int(attr.type):
+                raise BadModelError(
+                    f"{where}: node '{node.name or i}' attribute '{attr.name}' has type "
+                    f"{onnx.AttributeProto.AttributeType.Name(attr.type)}, its op expects "
+                    f"{onnx.AttributeProto.AttributeType.Name(int(declared.type))}")

@@ -140,3 +140,19 @@ def test_nan_weights_are_refused(tmp_path):
     path.write_bytes(_gemm_model(bad).SerializeToString())
     with pytest.raises(BadModelError, match="tensor 'w' contains NaN"):
         load_model(path)
+
+
+def test_attributes_and_element_types_must_be_well_formed(tmp_path):
+    from onnx import AttributeProto
+
+    model = _gemm_model(W)
+    model.graph.node[0].attribute[0].type = AttributeProto.STRING  # transB as a string
+    path = tmp_path / "attr.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BadModelError, match="attribute 'transB' has type STRING, its op expects INT"):
+        load_model(path)
+    model = _gemm_model(W)
+    model.graph.initializer[0].data_type = 0
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BadModelError, match="tensor 'w' has no valid element type"):
+        load_model(path)
