@@ -239,7 +239,11 @@ def validate_model(model: ModelProto, where: str) -> None:
     _check_attribute_types(model, where)
     initializer_names = {t.name for t in model.graph.initializer}
     for vi in model.graph.input:
-        if vi.name in initializer_names or not vi.type.HasField("tensor_type"):
+        if vi.name in initializer_names:
+            continue
+        if vi.type.WhichOneof("value") is None:
+            raise BadModelError(f"{where}: graph input '{vi.name}' has no type")
+        if not vi.type.HasField("tensor_type"):
             continue
         elem = vi.type.tensor_type.elem_type
         if elem == TensorProto.UNDEFINED or elem not in TensorProto.DataType.values():

@@ -9,6 +9,7 @@ import onnx
 import torch
 
 from . import dtypes
+from .errors import BadSamplesError
 from .runtime import open_session
 from .shadow import ShadowGraph
 
@@ -48,6 +49,9 @@ def input_specs(model: onnx.ModelProto, batch: int = 2, default_dim: int = 64
     for inp in model.graph.input:
         if inp.name in inits:
             continue
+        if not inp.type.HasField("tensor_type"):
+            raise BadSamplesError(f"graph input '{inp.name}' is not a tensor; random parity "
+                                  "input can only be made for tensors")
         tt = inp.type.tensor_type
         dims = []
         for k, d in enumerate(tt.shape.dim):

@@ -73,7 +73,7 @@ def open_session(model: "str | os.PathLike | bytes", provider: str = "auto",
             # report the fallback ourselves from get_providers().
             ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures are reported by us, in one line
     if threads:
         options.intra_op_num_threads = threads
     source = os.fspath(model) if not isinstance(model, (bytes, bytearray)) else bytes(model)
