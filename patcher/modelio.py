@@ -272,9 +272,14 @@ def validate_model(model: ModelProto, where: str) -> None:
             if len(t.raw_data) != count * itemsize:
                 raise BadModelError(f"{where}: tensor '{name}' holds {len(t.raw_data)} bytes of "
                                     f"data, its dims {list(t.dims)} need {count * itemsize}")
+        try:
+            values = onnx.numpy_helper.to_array(t)
+        except Exception as exc:  # numpy/onnx raise several kinds for inconsistent data
+            raise BadModelError(f"{where}: tensor '{name}': its data does not match its dims "
+                                f"{list(t.dims)} and type ({' '.join(str(exc).split())[:120]})") \
+                from None
         if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
                            TensorProto.BFLOAT16) and count:
-            values = onnx.numpy_helper.to_array(t)
             if t.data_type == TensorProto.BFLOAT16:
                 values = values.astype(np.float32)
             if np.isnan(values).any():
