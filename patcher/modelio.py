@@ -64,6 +64,18 @@ def iter_tensors(graph: onnx.GraphProto):
                     yield attr.t
 
 
+def named_tensors(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    """Weight tensors by the name the graph uses for them: initializers by their name,
+    Constant values by the node's output name (the inner tensor may be unnamed)."""
+    out = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    out[node.output[0]] = attr.t
+    return out
+
+
 def _external_fields(tensor: TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 

@@ -18,7 +18,7 @@ from onnx import ModelProto, numpy_helper
 
 from .errors import BadModelError
 from .metrics import pair_gap, predict
-from .modelio import LoadedModel, iter_tensors
+from .modelio import LoadedModel, named_tensors
 from .runtime import open_session
 from .samples import InputSpec, load_labelled, load_pairs, num_classes_of
 from .writeback import PROVENANCE_KEY, read_provenance
@@ -47,16 +47,6 @@ class ModelDiff:
     @property
     def identical(self) -> bool:
         return not self.tensors and not self.structural
-
-
-def _tensors(model: ModelProto) -> dict[str, onnx.TensorProto]:
-    out = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.HasField("t"):
-                    out[node.output[0]] = a.t
-    return out
 
 
 def numerical_rank(delta: np.ndarray, rel_tol: float = 1e-5) -> int:
@@ -105,7 +95,7 @@ def diff_models(a: ModelProto, b: ModelProto) -> ModelDiff:
     if meta_a != meta_b:
         changed = sorted(set(meta_a) ^ set(meta_b) | {k for k in meta_a if meta_b.get(k) != meta_a[k]})
         s.append(f"metadata differs: {', '.join(changed)}")
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = named_tensors(a.graph), named_tensors(b.graph)
     if set(ta) != set(tb):
         s.append(f"tensor names differ: removed {sorted(set(ta) - set(tb))[:5]}, added "
                  f"{sorted(set(tb) - set(ta))[:5]}")

@@ -22,7 +22,7 @@ import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
 from .errors import NumericalError, OutputError
-from .modelio import LoadedModel, iter_tensors, write_bytes_atomic
+from .modelio import LoadedModel, iter_tensors, named_tensors, write_bytes_atomic
 
 PROVENANCE_KEY = "onnx_rectify.provenance"
 
@@ -64,14 +64,7 @@ def apply_deltas(loaded: LoadedModel, deltas: dict[str, np.ndarray], provenance:
     """A copy of the model with ``deltas`` (float32/64 arrays by tensor name) added."""
     model = ModelProto()
     model.CopyFrom(loaded.proto)
-    by_name = {}
-    for t in iter_tensors(model.graph):
-        by_name.setdefault(t.name, t)
-    for node in model.graph.node:  # a Constant's tensor may be unnamed: use its output name
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.HasField("t"):
-                    by_name.setdefault(node.output[0], attr.t)
+    by_name = named_tensors(model.graph)
     written = []
     for name, delta in deltas.items():
         tensor = by_name.get(name)
