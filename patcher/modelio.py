@@ -160,7 +160,9 @@ def load_model(source: str | os.PathLike | ModelProto, base_dir: str | os.PathLi
         model = ModelProto()
         model.CopyFrom(source)
         refs = _load_external(model, Path(base_dir) if base_dir is not None else None)
-        validate_model(model, "model")
+        # A graph built in code may list its nodes in any order (the shadow graph sorts
+        # them); a file must be in the topological order ONNX requires.
+        validate_model(model, "model", require_order=False)
         return LoadedModel(model, None, None, refs)
     path = Path(source)
     if not path.exists():
@@ -227,9 +229,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 MAX_ELEMENTS = 1 << 40
 
 
-def validate_model(model: ModelProto, where: str) -> None:
-    """Refuse versions newer than this onnx knows, and tensors whose dims or data are
-    inconsistent (negative or overflowing dims, raw_data of the wrong size, NaN weights)."""
+def validate_model(model: ModelProto, where: str, require_order: bool = True) -> None:
+    """Refuse versions newer than this onnx knows, graphs that cannot run as written (see
+    :func:`check_graph`), and tensors whose dims or data are inconsistent (negative or
+    overflowing dims, raw_data of the wrong size, NaN anywhere, Inf in weights)."""
     import numpy as np
     from onnx import helper
 
@@ -249,6 +252,7 @@ def validate_model(model: ModelProto, where: str) -> None:
             raise BadModelError(f"{where}: opset {o.version} is newer than this onnx supports "
                                 f"({newest}); upgrade onnx")
     _check_attribute_types(model, where)
+    check_graph(model, where, require_order)
     initializer_names = {t.name for t in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in initializer_names:
@@ -260,6 +264,7 @@ def validate_model(model: ModelProto, where: str) -> None:
         elem = vi.type.tensor_type.elem_type
         if elem == TensorProto.UNDEFINED or elem not in TensorProto.DataType.values():
             raise BadModelError(f"{where}: graph input '{vi.name}' has no valid element type")
+    weights = _weight_consumers(model.graph)
     for t in iter_tensors(model.graph):
         name = t.name or "<unnamed Constant>"
         if t.data_type == TensorProto.UNDEFINED or t.data_type not in TensorProto.DataType.values():
@@ -296,6 +301,9 @@ def validate_model(model: ModelProto, where: str) -> None:
                 values = values.astype(np.float32)
             if np.isnan(values).any():
                 raise BadModelError(f"{where}: tensor '{name}' contains NaN values")
+            if t.name in weights and np.isinf(values).any():
+                raise BadModelError(f"{where}: tensor '{name}' (a weight of node "
+                                    f"'{weights[t.name]}') contains Inf values")
 
 
 def _check_text_fields(graph: onnx.GraphProto, where: str) -> None:
@@ -338,3 +346,110 @@ def _check_attribute_types(model: ModelProto, where: str) -> None:
                     f"{where}: node '{node.name or i}' attribute '{attr.name}' has type "
                     f"{onnx.AttributeProto.AttributeType.Name(attr.type)}, its op expects "
                     f"{onnx.AttributeProto.AttributeType.Name(int(declared.type))}")
+
+
+#: Ops whose constant inputs are weights: Inf there is corruption (elsewhere, +-Inf is a
+#: legitimate constant, e.g. an attention mask or a Clip bound).
+WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
+              "LayerNormalization", "InstanceNormalization"}
+
+
+def _weight_consumers(graph: onnx.GraphProto) -> dict[str, str]:
+    """Tensor name -> the first weight-op node that reads it."""
+    out: dict[str, str] = {}
+    for i, node in enumerate(graph.node):
+        if node.op_type in WEIGHT_OPS:
+            for name in node.input:
+                out.setdefault(name, node.name or f"{node.op_type}_{i}")
+    # Constant nodes: their tensor may be unnamed; key it by the node's output name too
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in out:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t") and attr.t.name:
+                    out.setdefault(attr.t.name, out[node.output[0]])
+    return out
+
+
+def check_graph(model: ModelProto, where: str, require_order: bool = True) -> None:
+    """The graph must be runnable as written: only supported ops (all listed at once), unique
+    names, every tensor defined once and before it is used (topological order, no cycle, no
+    dangling input), every graph output produced. ``require_order=False`` accepts nodes out
+    of order (the shadow graph sorts them) but still refuses cycles."""
+    from collections import Counter
+
+    from .errors import UnsupportedOpError
+
+    graph = model.graph
+    nodes = list(graph.node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise BadModelError(f"{where}: the model imports no default-domain opset")
+    names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(nodes)]
+    from .shadow import find_unsupported  # late: shadow imports this module
+
+    problems = find_unsupported(nodes, names, opset)
+    if problems:
+        at = f" in {where}" if where != "model" else ""
+        raise UnsupportedOpError(f"{len(problems)} unsupported node(s){at}: "
+                                 f"{'; '.join(problems)}")
+
+    def dupes(items) -> list[str]:
+        return sorted(k for k, c in Counter(items).items() if c > 1)
+
+    if d := dupes(n.name for n in nodes if n.name):
+        raise BadModelError(f"{where}: duplicate node names: {', '.join(d[:10])}")
+    if d := dupes(t.name for t in graph.initializer):
+        raise BadModelError(f"{where}: duplicate initializer names: {', '.join(d[:10])}")
+    if d := dupes(o.name for o in graph.output):
+        raise BadModelError(f"{where}: graph output '{d[0]}' is listed more than once")
+    if d := dupes(i.name for i in graph.input):
+        raise BadModelError(f"{where}: graph input '{d[0]}' is listed more than once")
+    defined: dict[str, str] = {}
+    for vi in graph.input:
+        defined[vi.name] = "graph input"
+    for t in graph.initializer:
+        defined.setdefault(t.name, "initializer")  # an initializer may also be a graph input
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if not out:
+                continue
+            if out in defined:
+                raise BadModelError(f"{where}: tensor '{out}' is defined twice: by node "
+                                    f"'{names[i]}' and by {defined[out]}")
+            defined[out] = f"node '{names[i]}'"
+            producer[out] = i
+    done: set[str] = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    for i, node in enumerate(nodes):
+        for inp in node.input:
+            if not inp or inp in done:
+                continue
+            if inp not in producer:
+                raise BadModelError(f"{where}: node '{names[i]}' reads '{inp}', which no node, "
+                                    "initializer or graph input defines")
+            j = producer[inp]
+            if _reaches(nodes, producer, start=j, target=i):
+                raise BadModelError(f"{where}: the graph has a cycle through nodes "
+                                    f"'{names[i]}' and '{names[j]}' (tensor '{inp}')")
+            if require_order:
+                raise BadModelError(f"{where}: node '{names[i]}' reads '{inp}' before node "
+                                    f"'{names[j]}' makes it (the graph is not in topological "
+                                    "order, as ONNX requires)")
+        done.update(o for o in node.output if o)
+    for o in graph.output:
+        if o.name not in defined:
+            raise BadModelError(f"{where}: graph output '{o.name}' is not made by any node")
+
+
+def _reaches(nodes, producer: dict[str, int], start: int, target: int) -> bool:
+    """Whether node ``start`` depends (through its inputs) on node ``target``."""
+    seen, stack = set(), [start]
+    while stack:
+        k = stack.pop()
+        if k == target:
+            return True
+        if k in seen:
+            continue
+        seen.add(k)
+        stack.extend(producer[n] for n in nodes[k].input if n in producer)
+    return False
