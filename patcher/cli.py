@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,19 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class _WarningLine(logging.Handler):
+    """Warnings of the library (logger ``onnx_rectify``) as one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"onnx-rectify: warning: {' '.join(record.getMessage().split())}", err=True)
+
+
+_LOGGER = logging.getLogger("onnx_rectify")
+if not any(isinstance(h, _WarningLine) for h in _LOGGER.handlers):
+    _LOGGER.addHandler(_WarningLine(logging.WARNING))
+    _LOGGER.propagate = False
+
+
 def reports_errors(fn):
     """Turn RectifyError (and Ctrl-C) into a one-line message and an exit code."""
 
@@ -31,8 +45,8 @@ def reports_errors(fn):
             return fn(*args, **kwargs)
         except RectifyError as exc:
             _fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
+        except KeyboardInterrupt:  # exit 2 like every refusal; partial files were removed
+            _fail("interrupted (Ctrl-C); no partial output was left behind", 2)
         except Exception as exc:  # a bug, not bad input: say so in one line
             if os.environ.get("ONNX_RECTIFY_DEBUG"):
                 raise

@@ -17,13 +17,13 @@ import torch
 from . import __version__
 from .errors import CheckFailedError, OutputError, RectifyError
 from .metrics import pair_gap, predict
-from .modelio import LoadedModel, load_model, sha256_file
+from .modelio import LOG, LoadedModel, load_model, sha256_file
 from .parity import ParityResult, compare
 from .rectify import LayerScore, RectifyConfig, RectifyResult, Rectifier, rectify
 from .runtime import open_session
 from .samples import InputSpec, LabelledSet, Pairs, load_labelled, load_pairs, num_classes_of
 from .shadow import ShadowGraph
-from .writeback import apply_deltas, save_model
+from .writeback import apply_deltas, probe_writable, stage_model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -75,7 +75,28 @@ def locate(inputs: Inputs, config: RectifyConfig, device: str = "auto") -> list[
     graph = ShadowGraph(inputs.loaded)
     r = Rectifier(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
                   resolve_device(device))
-    return r.locate()
+    ranking = r.locate()
+    warn_conditioning({k: {"condition_number": s.condition_number, "ridge": s.ridge_value}
+                       for k, s in r.stats.items()})
+    return ranking
+
+
+#: Key covariances with a condition number above this are called singular (ill-conditioned).
+ILL_CONDITIONED = 1e10
+
+
+def warn_conditioning(conditioning: dict[str, dict]) -> None:
+    """Say so (one warning line) when a layer's key covariance C is singular or
+    ill-conditioned; the statistics always use C + lambda I, so the edit stays defined."""
+    bad = {k: v for k, v in conditioning.items()
+           if not v["condition_number"] <= ILL_CONDITIONED}  # NaN and Inf count as bad
+    if bad:
+        worst = max(bad, key=lambda k: np.nan_to_num(bad[k]["condition_number"], nan=np.inf))
+        LOG.warning(f"the key covariance of {len(bad)} layer(s) ({', '.join(list(bad)[:5])}) is "
+                    f"singular or ill-conditioned (condition number up to "
+                    f"{bad[worst]['condition_number']:.3g} at {worst}); regularised as "
+                    f"C + lambda I (lambda {bad[worst]['ridge']:.3g} there); more and more varied "
+                    "calibration inputs (--calib) make it better determined")
 
 
 @dataclass
@@ -132,8 +153,12 @@ def check_output_path(out: Path, inputs: Inputs, force: bool) -> None:
         raise OutputError(f"{out}: its data file would overwrite an input file; choose another -o")
     if out.exists() and not force:
         raise OutputError(f"{out} exists; pass --force to overwrite it")
+    if inputs.loaded.external and out.with_name(f"{out.name}.data").exists() and not force:
+        raise OutputError(f"{out}: its data file {out.name}.data exists; pass --force to "
+                          "overwrite it")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: folder '{out.parent}' does not exist")
+    probe_writable(out)
 
 
 def _gap(session, pairs: Pairs) -> float:
@@ -142,7 +167,7 @@ def _gap(session, pairs: Pairs) -> float:
 
 def verify_written(base: LoadedModel, out: Path, inputs: Inputs, provider: str,
                    rounding: dict[str, float]) -> Verification:
-    reloaded = load_model(out)
+    reloaded = load_model(out, warn=False)  # the input's warnings were given already
     patched = open_session(out, provider)
     original = open_session(base.path if base.path else base.proto.SerializeToString(), provider)
     ev = inputs.eval_set
@@ -167,29 +192,33 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
     before = {str(f): sha256_file(f) for f in inputs.files}
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    graph = ShadowGraph(inputs.loaded)
-    if graph.overridable_initializers:
-        log(f"warning: {len(graph.overridable_initializers)} initializer(s) are also graph inputs "
-            f"({', '.join(graph.overridable_initializers[:5])}); a runtime feed of the same name "
-            "would override them, and the edit with them")
+    graph = ShadowGraph(inputs.loaded)  # initializers that are graph inputs: load_model warns
     timings = {"load": t0 - start}
     result = rectify(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config, dev, log)
     timings["rectify"] = time.perf_counter() - t0
+    warn_conditioning(result.conditioning)
     if not result.deltas:
         log("no edit was kept; the output equals the input's weights")
     provenance = {"tool": f"onnx-rectify {__version__}", "strategy": result.strategy,
                   "edits": [dict(e, pairs_sha256=pairs_digest(inputs.pairs)) for e in result.edits]}
     t1 = time.perf_counter()
     proto, written_tensors = apply_deltas(inputs.loaded, result.deltas, provenance)
-    written = save_model(proto, inputs.loaded, out)
-    timings["write"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    verification = verify_written(inputs.loaded, out, inputs, provider,
-                                  {w.name: w.rounding_error for w in written_tensors})
-    timings["verify"] = time.perf_counter() - t2
-    after = {str(f): sha256_file(f) for f in inputs.files}
-    if after != before:
-        raise CheckFailedError("an input file changed while patching; this is a bug, please report it")
+    # Written in full into a private folder beside the output, verified from there (from
+    # disk), then renamed into place; on any failure or Ctrl-C nothing is left behind.
+    staged = stage_model(proto, inputs.loaded, out)
+    try:
+        timings["write"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        verification = verify_written(inputs.loaded, staged.model, inputs, provider,
+                                      {w.name: w.rounding_error for w in written_tensors})
+        timings["verify"] = time.perf_counter() - t2
+        after = {str(f): sha256_file(f) for f in inputs.files}
+        if after != before:
+            raise CheckFailedError("an input file changed while patching; nothing was written "
+                                   "(this is a bug, please report it)")
+        written = staged.commit()
+    finally:
+        staged.discard()
     timings["total"] = time.perf_counter() - start
     # The issue's delta*: the mean gap over the given pairs, measured under onnxruntime on the
     # written file. (The loop itself steers by held-out transplanted pairs; that figure is

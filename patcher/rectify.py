@@ -6,6 +6,9 @@
   (a rolled-back layer is excluded; a round limit holds).
 - ``static``: one rank-one edit at the last editable layer (the paper's static baseline).
 - ``finetune``: fine-tune the last editable layer on the pairs (the paper's baseline).
+- ``care``: CARE's repair (Sun et al., ICSE 2022; :mod:`patcher.care`): the layer where
+  the fewest neurons causally carry the misbehaviour (:mod:`patcher.causal`), its top
+  neurons by average causal effect, their scales and shifts searched by a particle swarm.
 
 Beyond the paper, *transplant* turns one pair into many: the corruption of a pair
 (the pixels where x~ differs from x) is pasted onto calibration images ("paste"),
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 
 from .attribution import layer_integrated_gradients
+from .care import apply_care, care_repair, shrink
+from .causal import layer_causal_effects, neuron_causal_effects
 from .edit import RankOneEdit, solve_rank_one, solve_rank_one_iterative
 from .errors import BadSamplesError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
@@ -36,11 +41,14 @@ from .shadow import EditableLayer, ShadowGraph
 from .stats import (LayerStatistics, MomentCache, collect_moments, data_hash,
                     iterate_batches)
 
-STRATEGIES = ("dynamic", "static", "finetune")
+STRATEGIES = ("dynamic", "static", "finetune", "care")
+LOCATE_METHODS = ("attribution", "causal")
 #: An edit is kept only if it shrinks the gap by at least this share (no rounds spent on
 #: edits that barely move it).
 MIN_GAP_GAIN = 0.05
 TRANSPLANT_MODES = ("paste", "add", "none")
+#: CARE: shares of the found repair tried, largest first, until the accuracy budget holds.
+CARE_SHRINK = (1.0, 0.75, 0.5, 0.25)
 SCORE_MODES = ("whitened", "inverse")
 
 
@@ -67,6 +75,13 @@ class RectifyConfig:
     seed: int = 0
     show_progress: bool | None = None
     cache_dir: str | None = None  # key statistics cached here (partial sums, mergeable)
+    causal_top_fraction: float = 0.1  # causal layer score: swap this share of neurons
+    care_neurons: int | None = None   # neurons CARE repairs (default: the causal top share)
+    care_particles: int = 20
+    care_iterations: int = 30
+    care_values: int = 8              # intervention values per neuron (ACE)
+    care_eval: int = 256              # clean eval images in CARE's objective
+    care_accuracy_weight: float = 1.0
 
 
 @dataclass
@@ -311,6 +326,25 @@ class Rectifier:
         self.timings["attribution"] = self.timings.get("attribution", 0) + time.perf_counter() - start
         return sorted(scores, key=lambda s: -s.score)
 
+    def hidden_layers(self) -> list[EditableLayer]:
+        """Layers with another editable layer downstream: their neurons are hidden units, as
+        in CARE (the output layer's neurons are the logits themselves; swapping the label's
+        logit restores the prediction trivially). All layers when none is hidden."""
+        names = {l.name for l in self.layers}
+        hidden = [l for l in self.layers if (self.graph.downstream_nodes(l.name) - {l.name}) & names]
+        return hidden or list(self.layers)
+
+    def locate_causal(self, hidden_only: bool = False) -> list:
+        """Layers ranked by intervention (:func:`patcher.causal.layer_causal_effects`) on the
+        fit pairs (the given pairs plus transplanted ones), best first."""
+        start = time.perf_counter()
+        corrupted, clean, labels = self.fit
+        layers = self.hidden_layers() if hidden_only else self.layers
+        effects = layer_causal_effects(self.graph, layers, corrupted, clean, labels,
+                                       self.config.causal_top_fraction)
+        self.timings["causal"] = self.timings.get("causal", 0) + time.perf_counter() - start
+        return effects
+
     # -------------------------------------------------------------- editing
     @torch.no_grad()
     def _keys_of(self, layer: EditableLayer, x: torch.Tensor) -> torch.Tensor:
@@ -394,7 +428,9 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                       "rank": 1 if edit is not None else int(torch.linalg.matrix_rank(
                           delta.reshape(delta.shape[0], -1).to(torch.float64)))})
 
-    if cfg.strategy == "finetune":
+    if cfg.strategy == "care":
+        _care(r, by_name, cfg, base_acc, base_gap, rounds, edits, deltas, log)
+    elif cfg.strategy == "finetune":
         layer = by_name[cfg.layer] if cfg.layer else r.layers[-1]
         delta = _finetune(r, layer)
         record(layer, delta, "finetune", None)
@@ -452,7 +488,8 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                 r.apply(layer, delta, sign=-1.0)
                 excluded.add(layer.name)
     final_acc, final_gap = r.accuracy(), r.gap()
-    result = _result(cfg.strategy if not cfg.layer or cfg.strategy == "finetune" else "forced",
+    result = _result(cfg.strategy if not cfg.layer or cfg.strategy in ("finetune", "care")
+                     else "forced",
                      base_acc, base_gap, final_acc, final_gap, cfg, r)
     result.rounds, result.scores, result.edits = rounds, scores, edits
     result.deltas = {k: v.numpy() for k, v in deltas.items()}
@@ -482,3 +519,67 @@ def _finetune(r: Rectifier, layer: EditableLayer) -> torch.Tensor:
         for p in others:
             p.requires_grad_(True)
     return (weight.detach() - original)
+
+
+def _care(r: Rectifier, by_name: dict, cfg: RectifyConfig, base_acc: float, base_gap: float,
+          rounds: list, edits: list, deltas: dict, log) -> None:
+    """One CARE repair: causal layer (or --layer), top neurons by ACE, swarm search; rolled
+    back when it breaks the accuracy budget."""
+    corrupted, clean, labels = r.fit
+    if cfg.layer:
+        layer, score = by_name[cfg.layer], None
+    else:
+        ranked = r.locate_causal(hidden_only=True)
+        layer, score = by_name[ranked[0].layer], ranked[0].score
+        log(f"causal localisation: {layer.name} (restores {ranked[0].score:.1%} of the gap "
+            f"with {ranked[0].top} of {ranked[0].neurons} neurons swapped)")
+    start = time.perf_counter()
+    effects = neuron_causal_effects(r.graph, layer, corrupted, clean, labels, cfg.care_values)
+    k = cfg.care_neurons or max(1, int(np.ceil(cfg.causal_top_fraction * len(effects.ace))))
+    k = min(k, len(effects.ace))
+    neurons = effects.order[:k]
+    rng = np.random.default_rng(cfg.seed)
+    pick = rng.permutation(len(r.eval_x))[:cfg.care_eval]
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(r.device)  # noqa: E731
+    repair = care_repair(r.graph, layer, neurons, corrupted, labels, to(r.eval_x[pick]),
+                         to(r.eval_y[pick]), particles=cfg.care_particles,
+                         iterations=cfg.care_iterations,
+                         accuracy_weight=cfg.care_accuracy_weight, max_drop=cfg.budget / 2,
+                         seed=cfg.seed)
+    r.timings["care_search"] = time.perf_counter() - start
+    # The swarm saw a subset of the eval set; if the whole set says the repair costs too
+    # much accuracy, move it back towards the identity until it fits the budget.
+    for t in CARE_SHRINK:
+        candidate = shrink(r.graph, layer, repair, t) if t < 1 else repair
+        apply_care(r.graph, layer, candidate)
+        acc, gap = r.accuracy(), r.gap()
+        drop = base_acc - acc
+        if drop <= cfg.budget:
+            repair = candidate
+            break
+        apply_care(r.graph, layer, candidate, sign=-1.0)
+    kept = drop <= cfg.budget
+    if kept:
+        reason = (f"CARE: {k} neuron(s), objective {repair.objective_before:.4f} -> "
+                  f"{repair.objective_after:.4f}" + (f", shrunk to {t:.0%}" if t < 1 else ""))
+    else:
+        reason = f"accuracy drop {drop:.2%} over budget {cfg.budget:.2%}; rolled back"
+    norm = float(repair.weight_delta.norm())
+    rounds.append(Round(1, layer.name, score, kept, reason, base_gap, gap, acc, drop, norm, None))
+    log(f"CARE at {layer.name}: neurons {neurons}: gap {base_gap:.4f} -> {gap:.4f}, "
+        f"accuracy {acc:.2%} ({reason})")
+    if not kept:
+        return
+    entries = [(layer.weight, repair.weight_delta)]
+    if repair.bias_name is not None:
+        entries.append((repair.bias_name, repair.bias_delta))
+    for name, delta in entries:
+        delta = delta.to(torch.float64).cpu()
+        deltas[name] = deltas.get(name, 0) + delta
+        edits.append({"layer": layer.name, "weight": name, "kind": "care",
+                      "neurons": [int(i) for i in neurons],
+                      "scales": [round(float(v), 6) for v in repair.scales],
+                      "shifts": [round(float(v), 6) for v in repair.shifts],
+                      "delta_norm": float(delta.norm()),
+                      "rank": int(torch.linalg.matrix_rank(delta.reshape(delta.shape[0], -1)))
+                      if delta.dim() > 1 else 1})

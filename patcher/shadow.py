@@ -387,45 +387,82 @@ class ShadowGraph(torch.nn.Module):
         return HookHandle(self._hooks, key)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        env = self._initial_env(inputs)
+        hooks = list(self._hooks.values())
+        for step in self._steps:
+            self._run_step(step, env, hooks)
+        return tuple(env[n] for n in self.output_names)
+
+    def run_until(self, name: str, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the graph up to and including node ``name``; return every live tensor.
+
+        With :meth:`run_after` this splits one forward in two, so that the part before a
+        layer runs once and the part after it many times (interventions, repair search).
+        Hooks are not called."""
+        stop = self._step_index(name)
+        env = self._initial_env(inputs)
+        for step in self._steps[:stop + 1]:
+            self._run_step(step, env, ())
+        return env
+
+    def run_after(self, name: str, env: dict[str, torch.Tensor],
+                  replace: "tuple[torch.Tensor, ...] | None" = None) -> tuple[torch.Tensor, ...]:
+        """Resume from ``env`` (of :meth:`run_until`) after node ``name``, with its outputs
+        optionally replaced. ``env`` is not modified, so it can be resumed again."""
+        start = self._step_index(name)
+        env = dict(env)
+        if replace is not None:
+            for out_name, value in zip(self._steps[start].info.outputs, replace):
+                if out_name:
+                    env[out_name] = value
+        for step in self._steps[start + 1:]:
+            self._run_step(step, env, ())
+        return tuple(env[n] for n in self.output_names)
+
+    def _step_index(self, name: str) -> int:
+        for i, step in enumerate(self._steps):
+            if step.info.name == name:
+                return i
+        raise KeyError(f"unknown node '{name}'")
+
+    def _initial_env(self, inputs) -> dict[str, torch.Tensor]:
         if len(inputs) != len(self.input_names):
             raise TypeError(f"expected {len(self.input_names)} input(s) "
                             f"({', '.join(self.input_names)}), got {len(inputs)}")
         env: dict[str, torch.Tensor] = {}
         for name, idx in self._param_index.items():
             env[name] = self.weights[idx]
-        buffers = self._buffers
         for name, key in self._buffer_key.items():
-            env[name] = buffers[key]
+            env[name] = self._buffers[key]
         env.update(zip(self.input_names, inputs))
-        hooks = list(self._hooks.values())
-        for step in self._steps:
-            info = step.info
-            args = [env[n] if n else None for n in info.inputs]
-            try:
-                out = step.fn(*args, **step.attrs)
-            except RectifyError:
-                raise
-            except Exception as exc:  # torch's message, attributed to the node
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                shapes = ", ".join("x".join(map(str, a.shape)) if isinstance(a, torch.Tensor)
-                                   else "-" for a in args)
-                raise ShadowExecutionError(
-                    f"node '{info.name}' ({info.op_type}) failed on inputs of shape "
-                    f"[{shapes}]: {first}") from exc
-            if not isinstance(out, tuple):
-                out = (out,)
-            if hooks:
-                for fn, wanted in hooks:
-                    if wanted is None or info.name in wanted:
-                        replaced = fn(info, tuple(args), out)
-                        if replaced is not None:
-                            out = tuple(replaced)
-            for name, value in zip(info.outputs, out):
-                if name:
-                    env[name] = value
-            for name in step.release:
-                env.pop(name, None)
-        return tuple(env[n] for n in self.output_names)
+        return env
+
+    def _run_step(self, step: "_Step", env: dict, hooks) -> None:
+        info = step.info
+        args = [env[n] if n else None for n in info.inputs]
+        try:
+            out = step.fn(*args, **step.attrs)
+        except RectifyError:
+            raise
+        except Exception as exc:  # torch's message, attributed to the node
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            shapes = ", ".join("x".join(map(str, a.shape)) if isinstance(a, torch.Tensor)
+                               else "-" for a in args)
+            raise ShadowExecutionError(
+                f"node '{info.name}' ({info.op_type}) failed on inputs of shape "
+                f"[{shapes}]: {first}") from exc
+        if not isinstance(out, tuple):
+            out = (out,)
+        for fn, wanted in hooks:
+            if wanted is None or info.name in wanted:
+                replaced = fn(info, tuple(args), out)
+                if replaced is not None:
+                    out = tuple(replaced)
+        for out_name, value in zip(info.outputs, out):
+            if out_name:
+                env[out_name] = value
+        for released in step.release:
+            env.pop(released, None)
 
     def run_numpy(self, *arrays, device: "torch.device | str | None" = None):
         """Convenience: numpy in, numpy out, no gradients."""
