@@ -10,6 +10,7 @@ again.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from onnx import ModelProto, TensorProto
 from .errors import BadModelError, UnsafeModelError
 
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
+LOG = logging.getLogger("onnx_rectify")
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,26 @@ def _load_external(model: ModelProto, base_dir: Path | None) -> dict[str, Extern
     return refs
 
 
-def load_model(source: str | os.PathLike | ModelProto, base_dir: str | os.PathLike | None = None
-               ) -> LoadedModel:
-    """Parse a model file (or take a ModelProto) and bring all external data into memory."""
+def overridable_initializers(model: ModelProto) -> list[str]:
+    """Initializers also listed as graph inputs: a runtime feed of that name replaces them."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name in inits]
+
+
+def _warn_overridable(model: ModelProto, where: str) -> None:
+    names = overridable_initializers(model)
+    if names:
+        LOG.warning(f"{where}: {len(names)} initializer(s) are also graph inputs "
+                    f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); a runtime "
+                    "feed of the same name would override them, and any edit with them; to rule "
+                    "that out, remove them from the model's graph inputs (IR 4 and later allow it)")
+
+
+def load_model(source: str | os.PathLike | ModelProto, base_dir: str | os.PathLike | None = None,
+               warn: bool = True) -> LoadedModel:
+    """Parse a model file (or take a ModelProto) and bring all external data into memory.
+    Everything refused raises a :class:`RectifyError`; with ``warn``, what is allowed but
+    risky (initializers that are also graph inputs) is logged to the ``onnx_rectify`` logger."""
     if isinstance(source, ModelProto):
         model = ModelProto()
         model.CopyFrom(source)
@@ -163,6 +182,8 @@ def load_model(source: str | os.PathLike | ModelProto, base_dir: str | os.PathLi
         # A graph built in code may list its nodes in any order (the shadow graph sorts
         # them); a file must be in the topological order ONNX requires.
         validate_model(model, "model", require_order=False)
+        if warn:
+            _warn_overridable(model, "model")
         return LoadedModel(model, None, None, refs)
     path = Path(source)
     if not path.exists():
@@ -187,11 +208,15 @@ def load_model(source: str | os.PathLike | ModelProto, base_dir: str | os.PathLi
         raise BadModelError(f"{path}: not an ONNX model (no graph found)")
     refs = _load_external(model, Path(base_dir) if base_dir else path.parent)
     validate_model(model, str(path))
+    if warn:
+        _warn_overridable(model, str(path))
     return LoadedModel(model, path, digest, refs)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the destination folder, fsync, then rename into place."""
+    """Write to a temporary file in the destination folder, fsync, then rename into place.
+    On any failure (a full disk, Ctrl-C) the temporary file is removed and ``path`` is as
+    it was."""
     import tempfile
 
     from .errors import OutputError
@@ -213,12 +238,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise OutputError(f"{path}: write failed ({exc.strerror})") from None
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: write failed ({exc.strerror or exc})") from None
+        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -94,9 +94,11 @@ def warn_conditioning(conditioning: dict[str, dict]) -> None:
         worst = max(bad, key=lambda k: np.nan_to_num(bad[k]["condition_number"], nan=np.inf))
         LOG.warning(f"the key covariance of {len(bad)} layer(s) ({', '.join(list(bad)[:5])}) is "
                     f"singular or ill-conditioned (condition number up to "
-                    f"{bad[worst]['condition_number']:.3g} at {worst}); regularised as "
-                    f"C + lambda I (lambda {bad[worst]['ridge']:.3g} there); more and more varied "
-                    "calibration inputs (--calib) make it better determined")
+                    f"{bad[worst]['condition_number']:.3g} at {worst}: some key directions never "
+                    "vary in the calibration inputs, e.g. units that are always zero); it is "
+                    f"regularised as C + lambda I (lambda {bad[worst]['ridge']:.3g} there), so "
+                    "edits stay defined; more varied calibration inputs (--calib) determine it "
+                    "better")
 
 
 @dataclass

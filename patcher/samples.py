@@ -22,8 +22,9 @@ import onnx
 
 from .errors import BadSamplesError
 
-#: Refuse sample files larger than this (uncompressed bytes per array).
-MAX_ARRAY_BYTES = 8 << 30
+#: Refuse sample files whose arrays hold more than this (uncompressed bytes, all the keys
+#: read). Checked from the array headers, before anything is decompressed.
+MAX_SAMPLE_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,29 @@ class LabelledSet:
         return len(self.y)
 
 
+def _declared_sizes(path: Path, keys: tuple[str, ...]) -> dict[str, int]:
+    """Bytes each array declares in its .npy header, read without loading the data (so a
+    huge or zip-bombed file is refused before it is decompressed)."""
+    sizes = {}
+    with zipfile.ZipFile(path) as zf:
+        members = {name[:-4] if name.endswith(".npy") else name: name for name in zf.namelist()}
+        for key in keys:
+            if key not in members:
+                continue
+            with zf.open(members[key]) as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                else:  # 3.0: only structured dtypes with non-Latin-1 field names need it
+                    raise BadSamplesError(f"{path}: '{key}' has a structured dtype (.npy "
+                                          f"format {version[0]}.{version[1]}); expected plain "
+                                          "float or integer arrays")
+            sizes[key] = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    return sizes
+
+
 def read_npz(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The named arrays of an npz file (no pickles), or a BadSamplesError saying what is wrong."""
     path = Path(path)
@@ -76,23 +100,29 @@ def read_npz(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.nda
             raise BadSamplesError(f"{path}: not a readable npz file (npz files are zip "
                                   "archives written by numpy.savez)")
     try:
+        sizes = _declared_sizes(path, keys)
+        total = sum(sizes.values())
+        if total > MAX_SAMPLE_BYTES:
+            big = max(sizes, key=sizes.get)
+            raise BadSamplesError(f"{path}: its arrays hold {total / 2**30:.1f} GiB ('{big}': "
+                                  f"{sizes[big] / 2**30:.1f} GiB), more than the "
+                                  f"{MAX_SAMPLE_BYTES / 2**30:g} GiB a sample file may hold; "
+                                  "use fewer samples")
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
             if missing:
                 raise BadSamplesError(f"{path}: missing key(s) {', '.join(missing)} "
                                       f"(has: {', '.join(data.files) or 'nothing'})")
-            out = {}
-            for k in keys:
-                out[k] = data[k]
-                if out[k].nbytes > MAX_ARRAY_BYTES:
-                    raise BadSamplesError(f"{path}: '{k}' is larger than {MAX_ARRAY_BYTES >> 30} GiB")
-            return out
+            return {k: data[k] for k in keys}
     except BadSamplesError:
         raise
-    except ValueError as exc:  # object arrays need pickles
-        raise BadSamplesError(f"{path}: cannot read without pickles ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadSamplesError(f"{path}: not a readable npz file ({exc})") from None
+    except ValueError as exc:  # object arrays need pickles; bad headers
+        raise BadSamplesError(f"{path}: cannot read without pickles or not a valid npz "
+                              f"({' '.join(str(exc).split())[:200]})") from None
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError, TypeError) as exc:
+        raise BadSamplesError(f"{path}: not a readable npz file "
+                              f"({' '.join(str(exc).split())[:200] or type(exc).__name__})") \
+            from None
 
 
 def check_images(array: np.ndarray, where: str, spec: InputSpec) -> np.ndarray:

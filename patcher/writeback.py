@@ -4,16 +4,17 @@ Each delta is added to the tensor of the same name in a copy of the loaded
 ModelProto (an initializer or a Constant node's value), in the tensor's own field
 (raw_data or the typed field) and dtype; float16/bfloat16 weights are updated in
 float32 and rounded back, and the rounding error is reported. Tensors that came
-from external data go to a fresh data file beside the output. Provenance of the
-edits is recorded in ``metadata_props`` under ``onnx_rectify.provenance``.
-Files are written to a temporary name in the destination folder, fsynced and
-renamed into place.
+from external data go to a fresh data file beside the output (``<out name>.data``,
+never the input's), as do the largest tensors when the model would exceed protobuf's
+2 GB limit. Provenance of the edits is recorded in ``metadata_props`` under
+``onnx_rectify.provenance``. Files are written into a private folder inside the
+destination folder, fsynced, verified from there by the caller, and renamed into place.
 """
 from __future__ import annotations
 
 import json
-import os
 import tempfile
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
 from .errors import NumericalError, OutputError
-from .modelio import LoadedModel, iter_tensors, named_tensors, write_bytes_atomic
+from .modelio import LoadedModel, iter_tensors, named_tensors
 
 PROVENANCE_KEY = "onnx_rectify.provenance"
 
@@ -116,33 +117,157 @@ def record_provenance(model: ModelProto, entry: dict) -> None:
     model.metadata_props.add(key=PROVENANCE_KEY, value=text)
 
 
-def save_model(model: ModelProto, loaded: LoadedModel, out: Path) -> list[Path]:
-    """Write ``model`` to ``out``; tensors that were external go to ``<out name>.data``.
+#: Largest serialised ModelProto protobuf can write (2 GiB - 1). Above it, weights go to
+#: external data. A module constant so that tests can lower it instead of allocating 2 GB.
+PROTOBUF_LIMIT = (1 << 31) - 1
 
-    Returns the files written. The input's own files are never touched."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: folder '{out.parent}' does not exist")
-    if not loaded.external:
-        write_bytes_atomic(out, model.SerializeToString())
-        return [out]
-    data_name = f"{out.name}.data"
+#: Tensors at least this large move to external data when the limit would be hit.
+EXTERNAL_MIN_BYTES = 1024
+
+
+@dataclass
+class StagedModel:
+    """A written model (and its data file) in a private folder inside the destination folder,
+    fsynced and ready to be renamed into place: verify :attr:`model` from disk, then
+    :meth:`commit`; :meth:`discard` (always call it, e.g. in ``finally``) removes what is left."""
+
+    folder: Path
+    files: list[tuple[Path, Path]]  # (staged, final), the data file first
+
+    @property
+    def model(self) -> Path:
+        return self.files[-1][0]
+
+    def commit(self) -> list[Path]:
+        moved: list[Path] = []
+        try:
+            for staged, final in self.files:
+                os.replace(staged, final)
+                moved.append(final)
+            _fsync_folder(self.files[-1][1].parent)
+        except OSError as exc:
+            for final in moved:  # a data file without its model is of no use
+                try:
+                    os.unlink(final)
+                except OSError:
+                    pass
+            raise OutputError(f"{self.files[-1][1]}: cannot move the written file into place "
+                              f"({exc.strerror or exc})") from None
+        return [final for _, final in self.files[::-1]]
+
+    def discard(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _externalize(model: ModelProto, names: set[str], data_name: str) -> bytes:
+    """Move the named tensors' bytes out of ``model`` into one blob (64-byte aligned)."""
     blob = bytearray()
     for tensor in iter_tensors(model.graph):
-        if tensor.name in loaded.external and tensor.data_location != TensorProto.EXTERNAL:
+        if tensor.name in names and tensor.data_location != TensorProto.EXTERNAL:
             raw = tensor.raw_data if tensor.HasField("raw_data") else \
                 numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
-            pad = (-len(blob)) % 64
-            blob.extend(b"\0" * pad)
+            blob.extend(b"\0" * ((-len(blob)) % 64))
             offset = len(blob)
             blob.extend(raw)
-            tensor.ClearField("raw_data")
+            for f in ("raw_data", "float_data", "int32_data", "double_data", "int64_data"):
+                tensor.ClearField(f)
             del tensor.external_data[:]
             tensor.data_location = TensorProto.EXTERNAL
             for key, value in (("location", data_name), ("offset", str(offset)),
                                ("length", str(len(raw)))):
                 tensor.external_data.add(key=key, value=value)
-    data_path = out.parent / data_name
-    write_bytes_atomic(data_path, bytes(blob))
-    write_bytes_atomic(out, model.SerializeToString())
-    return [out, data_path]
+    return bytes(blob)
+
+
+def _too_big_inline(model: ModelProto, keep_external: set[str]) -> set[str]:
+    """Names of tensors to store externally so that the protobuf stays under the limit:
+    those that were external in the input, plus the largest others while it is too big."""
+    names = set(keep_external)
+    size = model.ByteSize()
+    if size <= PROTOBUF_LIMIT:
+        return names
+    sizes = sorted(((t.ByteSize(), t.name) for t in iter_tensors(model.graph)
+                    if t.name and t.name not in names and t.ByteSize() >= EXTERNAL_MIN_BYTES),
+                   reverse=True)
+    for nbytes, name in sizes:
+        names.add(name)
+        size -= nbytes
+        if size <= PROTOBUF_LIMIT:
+            break
+    return names
+
+
+def stage_model(model: ModelProto, loaded: LoadedModel, out: Path) -> StagedModel:
+    """Write ``model`` for ``out`` into a private folder next to it (see :class:`StagedModel`).
+    Tensors that were external in the input, and any others needed to stay under protobuf's
+    2 GB limit, go to ``<out name>.data``. ``model`` is modified (tensors moved out)."""
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{out}: folder '{folder}' does not exist")
+    data_name = f"{out.name}.data"
+    external = _too_big_inline(model, set(loaded.external))
+    blob = _externalize(model, external, data_name) if external else None
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        raise OutputError(f"{out}: the model's graph alone exceeds protobuf's 2 GB limit, even "
+                          "with its weights in external data")
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write in '{folder}' ({exc.strerror or exc})") from None
+    staged = StagedModel(stage, [])
+    try:
+        if blob is not None:
+            _write_synced(stage / data_name, blob)
+            staged.files.append((stage / data_name, folder / data_name))
+        _write_synced(stage / out.name, model.SerializeToString())
+        staged.files.append((stage / out.name, out))
+    except BaseException as exc:
+        staged.discard()
+        if isinstance(exc, OSError):
+            raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from None
+        raise
+    return staged
+
+
+def probe_writable(out: Path) -> None:
+    """Fail now, before any work, if files cannot be created in ``out``'s folder (read-only
+    folder or file system, no permission): create and remove a private folder there."""
+    folder = out.parent if str(out.parent) else Path(".")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write in '{folder}' ({exc.strerror or exc})") from None
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_model(model: ModelProto, loaded: LoadedModel, out: Path) -> list[Path]:
+    """Write ``model`` to ``out`` (staged, fsynced, renamed into place); tensors that were
+    external go to ``<out name>.data``. Returns the files written, the model first. The
+    input's own files are never touched."""
+    staged = stage_model(model, loaded, out)
+    try:
+        return staged.commit()
+    finally:
+        staged.discard()

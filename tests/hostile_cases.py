@@ -164,14 +164,20 @@ def run(args: list[str]) -> Outcome:
     return Outcome(result.exit_code, result.stdout, result.stderr)
 
 
-def assert_refused(outcome: Outcome, *must_mention: str, code: int = 2) -> str:
-    """Exit ``code``, exactly one line on stderr saying what is wrong, no traceback."""
+def assert_refused(outcome: Outcome, *must_mention: str, code: int = 2,
+                   progress: bool = False) -> str:
+    """Exit ``code``, one line on stderr saying what is wrong, no traceback. With
+    ``progress``, progress and warning lines may come first (a failure after work began);
+    the error is still exactly one line, the last."""
     text = outcome.stdout + outcome.stderr
     assert "Traceback" not in text, text
     lines = outcome.stderr.strip().splitlines()
     assert outcome.exit_code == code, f"exit {outcome.exit_code}: {text}"
-    assert len(lines) == 1 and lines[0].startswith("onnx-rectify: error: "), outcome.stderr
-    assert "internal error" not in lines[0], lines[0]
+    errors = [line for line in lines if line.startswith("onnx-rectify: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], outcome.stderr
+    if not progress:
+        assert len(lines) == 1, outcome.stderr
+    assert "internal error" not in errors[0], errors[0]
     for word in must_mention:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    return lines[0]
+        assert word in errors[0], f"{word!r} not in {errors[0]!r}"
+    return errors[0]
