@@ -81,6 +81,21 @@ def locate(inputs: Inputs, config: RectifyConfig, device: str = "auto") -> list[
     return ranking
 
 
+#: Largest IG completeness error (probability units) patch accepts without a warning.
+COMPLETENESS_LIMIT = 0.1
+
+
+def warn_completeness(scores: list[LayerScore]) -> None:
+    """Say so (one warning line) when Integrated Gradients' completeness error of a scored
+    layer exceeds :data:`COMPLETENESS_LIMIT`, and what to change."""
+    if scores:
+        worst = max(scores, key=lambda s: s.completeness_error)
+        if worst.completeness_error > COMPLETENESS_LIMIT:
+            LOG.warning(f"Integrated-Gradients completeness error {worst.completeness_error:.3g} "
+                        f"at {worst.layer} exceeds {COMPLETENESS_LIMIT}: the layer scores are "
+                        "less faithful; raise --steps or use --attribution path")
+
+
 #: Key covariances with a condition number above this are called singular (ill-conditioned).
 ILL_CONDITIONED = 1e10
 
@@ -199,6 +214,7 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
     result = rectify(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config, dev, log)
     timings["rectify"] = time.perf_counter() - t0
     warn_conditioning(result.conditioning)
+    warn_completeness(result.scores)
     if not result.deltas:
         log("no edit was kept; the output equals the input's weights")
     provenance = {"tool": f"onnx-rectify {__version__}", "strategy": result.strategy,

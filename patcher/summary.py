@@ -83,7 +83,9 @@ def summarize(model: LoadedModel, parity: bool = True, seed: int = 0, batch: int
                 raise RectifyError(f"--input-shape names no graph input: {', '.join(sorted(unknown))} "
                                    f"(inputs: {', '.join(t.name for t in summary.inputs)})")
             inputs = random_inputs(proto, seed=seed, batch=batch, shapes=shapes)
-            summary.parity = compare(shadow, proto.SerializeToString(), inputs, provider=provider)
+            # from the file when there is one: a model over 2 GB cannot be serialised again
+            source = model.path if model.path is not None else proto.SerializeToString()
+            summary.parity = compare(shadow, source, inputs, provider=provider)
         except BadModelError as exc:  # onnxruntime refuses a model the shadow can run
             summary.parity_error = str(exc)
     return summary

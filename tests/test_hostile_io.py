@@ -379,9 +379,17 @@ def test_integrated_gradients_completeness_above_its_limit_is_said(tmp_path, mon
     model = save(tiny_model(), tmp_path / "m.onnx")
     files = samples(tmp_path / "samples")
     monkeypatch.setattr(patcher.cli, "COMPLETENESS_LIMIT", -1.0)  # every error is above it
+    monkeypatch.setattr(patcher.patch, "COMPLETENESS_LIMIT", -1.0)
     result = run(["locate", str(model), "--pairs", str(files["pairs"]), *FAST])
     assert result.exit_code == 0, result.stderr
     assert "completeness error" in result.stderr and "raise --steps" in result.stderr
+    result = run(["patch", str(model), "--pairs", str(files["pairs"]), "--eval",
+                  str(files["eval"]), "-o", str(tmp_path / "p.onnx"), "--max-rounds", "1",
+                  "--provider", "cpu", *FAST])
+    assert result.exit_code in (0, 1), result.stderr
+    line = [l for l in result.stderr.splitlines() if "completeness error" in l]
+    assert len(line) == 1 and line[0].startswith("onnx-rectify: warning: ")
+    assert "raise --steps or use --attribution path" in line[0]
 
 
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.BFLOAT16])
@@ -398,3 +406,19 @@ def test_half_precision_weights_keep_their_dtype_and_report_rounding(dtype):
     new = next(t for t in proto.graph.initializer if t.name == "w1")
     assert new.data_type == dtype
     assert 0 < written[0].rounding_error < 0.05
+
+
+def test_inspect_never_serialises_a_loaded_model_again(tmp_path, monkeypatch):
+    """A model over 2 GB (external data) could not be serialised in one protobuf: inspect's
+    parity check hands onnxruntime the file, whose external data was checked on loading."""
+    import patcher.summary
+
+    seen = []
+    real = patcher.summary.compare
+    monkeypatch.setattr(patcher.summary, "compare",
+                        lambda shadow, source, *a, **k: seen.append(source) or
+                        real(shadow, source, *a, **k))
+    model = save_external(tiny_model(), tmp_path / "m.onnx")
+    result = run(["inspect", str(model), "--provider", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert seen == [model]
