@@ -422,3 +422,54 @@ def test_inspect_never_serialises_a_loaded_model_again(tmp_path, monkeypatch):
     result = run(["inspect", str(model), "--provider", "cpu"])
     assert result.exit_code == 0, result.stderr
     assert seen == [model]
+
+
+def test_report_records_input_hashes_and_the_input_folder_stays_as_it_was(job):
+    import json
+
+    tmp_path, model, args = job
+    (tmp_path / "out").mkdir()
+    before = snapshot(tmp_path / "in", tmp_path / "samples")
+    report = tmp_path / "out" / "r.json"
+    result = run(args(tmp_path / "out" / "p.onnx", "--report", str(report)))
+    assert result.exit_code in (0, 1), result.stderr
+    assert snapshot(tmp_path / "in", tmp_path / "samples") == before  # nothing written there
+    data = json.loads(report.read_text())
+    hashes = data["inputs_sha256_before"]
+    assert hashes == data["inputs_sha256_after"]
+    assert {Path(p).name for p in hashes} == {"m.onnx", "m.data", "pairs.npz", "eval.npz"}
+    assert hashes[str(model)] == before[str(model)]
+
+
+def test_an_input_that_changes_during_the_run_fails_and_nothing_is_written(job, monkeypatch):
+    tmp_path, model, args = job
+    real = patcher.patch.verify_written
+
+    def tamper(*a, **k):
+        out = real(*a, **k)
+        (tmp_path / "samples" / "pairs.npz").write_bytes(b"changed behind our back")
+        return out
+    monkeypatch.setattr(patcher.patch, "verify_written", tamper)
+    (tmp_path / "out").mkdir()
+    line = assert_refused(run(args(tmp_path / "out" / "p.onnx")), "input file changed",
+                          code=1, progress=True)
+    assert "nothing was written" in line
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_verification_reads_the_written_file_from_disk(job, monkeypatch):
+    tmp_path, model, args = job
+    loaded = []
+    real = patcher.patch.load_model
+
+    def spy(source, *a, **k):
+        loaded.append((Path(source), Path(source).read_bytes()))
+        return real(source, *a, **k)
+    monkeypatch.setattr(patcher.patch, "load_model", spy)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "p.onnx"
+    result = run(args(out))
+    assert result.exit_code in (0, 1), result.stderr
+    staged = [(p, b) for p, b in loaded if p.name == "p.onnx"]
+    assert len(staged) == 1 and staged[0][0].parent.parent == out.parent  # the staging folder
+    assert staged[0][1] == out.read_bytes()  # the very bytes then renamed into place
