@@ -249,18 +249,29 @@ def _rectify_options(fn):
               default=None, help="npz with x, y (calibration when --calib is not given).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the ranking as JSON (a list, best first).")
+@click.option("--method", type=click.Choice(["attribution", "causal"]), default="attribution",
+              show_default=True, help="Editability from Integrated Gradients (the paper), or "
+              "causal effect by intervention (CARE): swap the layer's top neurons' clean "
+              "outputs into the corrupted run and measure the restored share of the gap.")
+@click.option("--top-fraction", default=0.1, show_default=True,
+              help="--method causal: share of a layer's neurons that are swapped.")
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
            transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
-           cache_dir: str | None, eval_path: Path | None, json_path: str | None) -> None:
-    """Rank MODEL's editable layers by editability for the given corrupted/clean pairs."""
-    from .patch import load_inputs, locate as run_locate
+           cache_dir: str | None, eval_path: Path | None, json_path: str | None,
+           method: str, top_fraction: float) -> None:
+    """Rank MODEL's editable layers by editability (or causal effect) for the given
+    corrupted/clean pairs."""
+    from .patch import load_inputs, locate as run_locate, locate_causal
     from .rectify import RectifyConfig
 
     inputs = load_inputs(model, pairs_path, eval_path, calib_path)
     config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
                            attribution_form=attribution, allow_shared=allow_shared,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, causal_top_fraction=top_fraction)
+    if method == "causal":
+        _locate_causal(*locate_causal(inputs, config, device), json_path)
+        return
     ranking = run_locate(inputs, config, device)
     width = max(len(s.layer) for s in ranking)
     click.echo(f"{'rank':>4}  {'layer':<{width}}  {'score':>12}  {'IG completeness error':>21}")
@@ -277,6 +288,27 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
                                 for i, s in enumerate(ranking, 1)])
 
 
+def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
+    from .causal import rank_agreement
+
+    width = max(len(e.layer) for e in effects)
+    click.echo(f"{'rank':>4}  {'layer':<{width}}  {'restored (top neurons)':>22}  "
+               f"{'neurons swapped':>15}  {'restored (all)':>14}")
+    for i, e in enumerate(effects, 1):
+        click.echo(f"{i:>4}  {e.layer:<{width}}  {e.score:>22.1%}  "
+                   f"{f'{e.top} of {e.neurons}':>15}  {e.restored:>14.1%}")
+    agreement = rank_agreement([e.layer for e in effects], [s.layer for s in attribution_ranking])
+    click.echo(f"attribution ranking: {', '.join(s.layer for s in attribution_ranking[:3])}"
+               f"{', ...' if len(attribution_ranking) > 3 else ''}; same top-1: "
+               f"{'yes' if agreement['top1_same'] else 'no'}, top-3 overlap "
+               f"{agreement['top3_overlap']}, Spearman {agreement['spearman']:.2f}")
+    if json_path:
+        _write_json(json_path, [{"rank": i, "layer": e.layer, "score": e.score,
+                                 "restored_all": e.restored, "neurons": e.neurons,
+                                 "swapped": e.top_neurons}
+                                for i, e in enumerate(effects, 1)])
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @_rectify_options
@@ -290,8 +322,12 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
 @click.option("--gap", "gap_target", default=0.001, show_default=True,
               help="Target pair gap: mean of p_y(clean) - p_y(corrupted).")
 @click.option("--max-rounds", default=10, show_default=True, help="Round limit of the loop.")
-@click.option("--strategy", type=click.Choice(["dynamic", "static", "finetune"]),
-              default="dynamic", show_default=True)
+@click.option("--strategy", type=click.Choice(["dynamic", "static", "finetune", "care"]),
+              default="dynamic", show_default=True, help="dynamic: the paper's loop; static: "
+              "one edit at the last layer; finetune: fine-tune the last layer; care: CARE's "
+              "causal neuron repair (particle swarm).")
+@click.option("--care-neurons", type=int, default=None,
+              help="--strategy care: neurons to repair (default: 10% of the layer's).")
 @click.option("--layer", default=None, help="Force one edit at this layer (node name).")
 @click.option("--solver", type=click.Choice(["closed", "iterative"]), default="closed",
               show_default=True, help="Rank-one solve: closed-form least squares, or the "
@@ -311,8 +347,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
           transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
           cache_dir: str | None, eval_path: Path, output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
-          solver: str, provider: str, report_path: str | None, report_dir: Path | None,
-          attack_path: Path | None, force: bool) -> None:
+          care_neurons: int | None, solver: str, provider: str, report_path: str | None,
+          report_dir: Path | None, attack_path: Path | None, force: bool) -> None:
     """Patch MODEL with rank-one weight edits and write the result (same graph, new weight
     values), verified under onnxruntime from disk. Exit 0 when the pairs' gap meets --gap
     within --budget on the written file, 1 when not (the best model found is still
@@ -323,7 +359,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     config = RectifyConfig(strategy=strategy, budget=budget, gap=gap_target,
                            max_rounds=max_rounds, layer=layer, steps=steps, score=score,
                            transplant=transplant, seed=seed, attribution_form=attribution,
-                           allow_shared=allow_shared, cache_dir=cache_dir, solver=solver)
+                           allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
+                           care_neurons=care_neurons)
     report = run_patch(model, pairs_path, eval_path, calib_path, output, config, device,
                        provider, force, log=lambda m: click.echo(m, err=True))
     r, v = report.result, report.verification

@@ -116,6 +116,15 @@ def warn_conditioning(conditioning: dict[str, dict]) -> None:
                     "better")
 
 
+def locate_causal(inputs: Inputs, config: RectifyConfig, device: str = "auto"):
+    """Layers ranked by intervention (see :mod:`patcher.causal`), best first, and the
+    attribution ranking of the same run for comparison."""
+    graph = ShadowGraph(inputs.loaded)
+    r = Rectifier(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
+                  resolve_device(device))
+    return r.locate_causal(), r.locate()
+
+
 @dataclass
 class Verification:
     """The written file, reloaded from disk, under onnxruntime."""
