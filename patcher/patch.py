@@ -219,7 +219,7 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
     dev = resolve_device(device)
     t0 = time.perf_counter()
     graph = ShadowGraph(inputs.loaded)  # initializers that are graph inputs: load_model warns
-    timings = {"load": t0 - start}
+    timings = {"load": t0 - start, "shadow_build": time.perf_counter() - t0}
     result = rectify(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config, dev, log)
     timings["rectify"] = time.perf_counter() - t0
     warn_conditioning(result.conditioning)
