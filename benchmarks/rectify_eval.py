@@ -40,6 +40,7 @@ STRATEGIES = {
     "static": dict(strategy="static", transplant="paste"),
     "static-plain": dict(strategy="static", transplant="none"),
     "finetune": dict(strategy="finetune", transplant="none"),
+    "care": dict(strategy="care", transplant="paste"),
 }
 
 
@@ -112,14 +113,39 @@ def localisation(sc: Scenario, tmp: Path, quick: bool) -> dict:
         brute[layer] = row[key] if key != "gap" else abs(row[key])
         print(f"  brute force {layer}: {key} {brute[layer]:.4f}", flush=True)
     best = sorted(brute, key=lambda k: brute[k])
+    rankings.update(causal_rankings(sc))
     return {"metric": key, "brute_force": brute, "brute_order": best,
-            "rankings": {k: {"ranking": v, "top1_hit": v[0] == best[0],
-                             "top3_hit": best[0] in v[:3]} for k, v in rankings.items()}}
+            "rankings": _hits(rankings, best)}
+
+
+def _hits(rankings: dict, best: list) -> dict:
+    return {k: {"ranking": v, "top1_hit": v[0] == best[0], "top3_hit": best[0] in v[:3]}
+            for k, v in rankings.items()}
+
+
+def causal_rankings(sc: Scenario) -> dict:
+    """Causal localisation (n=1, transplant as by default): all layers, and the hidden
+    layers that CARE chooses from."""
+    r = Rectifier(ShadowGraph(sc.loaded), sc.pairs(1), sc.eval, None,
+                  RectifyConfig(strategy="care"), "cpu")
+    return {"causal": [e.layer for e in r.locate_causal()],
+            "causal/hidden (CARE)": [e.layer for e in r.locate_causal(hidden_only=True)]}
+
+
+def add_causal(results: dict, names: list[str]) -> None:
+    """Add causal rankings to the stored localisation results (brute force reused)."""
+    for name in names:
+        loc = results["localisation"][name]
+        rankings = {k: v["ranking"] for k, v in loc["rankings"].items()}
+        rankings.update(causal_rankings(Scenario(name)))
+        loc["rankings"] = _hits(rankings, loc["brute_order"])
+        print(name, "causal", json.dumps(loc["rankings"]["causal"]), flush=True)
 
 
 def markdown(results: dict) -> str:
     """The paper's table layout per scenario: method x n, with OA and the fault's measure."""
     names = {"trained": "trained model", "finetune": "fine-tune last layer",
+             "care": "CARE (causal neurons, particle swarm)",
              "static": "static (last layer, transplant)", "static-plain": "static (last layer, plain)",
              "dynamic": "dynamic (transplant, default)", "dynamic-plain": "dynamic (plain)"}
     out = []
@@ -152,6 +178,26 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def sync_readmes(results: dict) -> None:
+    """Replace each sample README's tables under "## Rectification results" (everything
+    from the first table to the next heading) with the rendered results."""
+    for scenario in dict.fromkeys(r["scenario"] for r in results["rows"]):
+        readme = SAMPLES / scenario / "README.md"
+        text = readme.read_text()
+        head = text.find("## Rectification results")
+        if head < 0:
+            continue
+        start = text.find("\n|", head) + 1
+        end = text.find("\n## ", start)
+        end = len(text) if end < 0 else end + 1
+        one = {"rows": [r for r in results["rows"] if r["scenario"] == scenario],
+               "localisation": {k: v for k, v in results.get("localisation", {}).items()
+                                if k == scenario}}
+        block = markdown(one).split("\n", 2)[2].strip() + "\n\n"  # drop the "#### name" line
+        readme.write_text(text[:start] + block + text[end:])
+        print(f"updated {readme}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", default="backdoor_cnn,backdoor_resnet,spurious,leakage")
@@ -162,12 +208,26 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None, help="Also write the tables as markdown.")
     ap.add_argument("--render", default=None, help="Only render --markdown from this JSON.")
+    ap.add_argument("--readmes", action="store_true", help="With --render: write the tables "
+                    "into the samples' READMEs.")
+    ap.add_argument("--merge", default=None, help="Add this run's rows (and causal rankings "
+                    "with --causal-only) to the results in this JSON, in place.")
+    ap.add_argument("--causal-only", action="store_true", help="Localisation: only add the "
+                    "causal rankings to the --merge file's (brute force reused).")
     args = ap.parse_args()
     if args.render:
+        if args.readmes:
+            sync_readmes(json.loads(Path(args.render).read_text()))
+            return
         text = markdown(json.loads(Path(args.render).read_text()))
         Path(args.markdown).write_text(text) if args.markdown else print(text)
         return
     torch.manual_seed(0)
+    if args.causal_only:
+        merged = json.loads(Path(args.merge).read_text())
+        add_causal(merged, args.scenarios.split(","))
+        Path(args.merge).write_text(json.dumps(merged, indent=2) + "\n")
+        return
     results = {"rows": [], "localisation": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -185,6 +245,20 @@ def main() -> None:
                 loc = localisation(sc, tmp, args.quick)
                 results["localisation"][name] = loc
                 print(name, "localisation", json.dumps(loc), flush=True)
+    if args.merge:
+        merged = json.loads(Path(args.merge).read_text())
+        fresh = {(r["scenario"], r["n"], r["strategy"]) for r in results["rows"]}
+        rows = [r for r in merged["rows"] if (r["scenario"], r["n"], r["strategy"]) not in fresh]
+        order = {name: i for i, name in enumerate(["trained", *STRATEGIES])}
+        merged["rows"] = sorted(rows + [r for r in results["rows"] if r["strategy"] != "trained"
+                                        or not any(m["scenario"] == r["scenario"]
+                                                   and m["strategy"] == "trained" for m in rows)],
+                                key=lambda r: (list(dict.fromkeys(m["scenario"] for m in merged["rows"])).index(r["scenario"])
+                                               if r["scenario"] in {m["scenario"] for m in merged["rows"]} else 99,
+                                               r["n"], order.get(r["strategy"], 99)))
+        merged["localisation"].update(results["localisation"])
+        Path(args.merge).write_text(json.dumps(merged, indent=2) + "\n")
+        results = merged
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
