@@ -40,6 +40,7 @@ import torch
 from .causal import _label_probability, _select, neuron_axis
 from .errors import RectifyError
 from .keys import canonical_weight, stored_delta
+from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
 from .swarm import SwarmResult, particle_swarm
 
@@ -81,7 +82,7 @@ def care_repair(graph: ShadowGraph, layer: EditableLayer, neurons: list[int],
                 corrupted: torch.Tensor, labels: torch.Tensor, eval_x: torch.Tensor,
                 eval_y: torch.Tensor, particles: int = 20, iterations: int = 30,
                 accuracy_weight: float = 1.0, max_drop: float = 0.015,
-                seed: int = 0) -> CareRepair:
+                seed: int = 0, show_progress: bool | None = None) -> CareRepair:
     """Search scales and shifts of ``neurons`` of ``layer`` (module docstring); the graph is
     left unchanged: apply the returned deltas with :func:`apply_care`."""
     if not neurons:
@@ -133,8 +134,14 @@ def care_repair(graph: ShadowGraph, layer: EditableLayer, neurons: list[int],
         return (fit + accuracy_weight * clean
                 + PENALTY * max(0.0, error - base_error - max_drop))
 
-    result = particle_swarm(lambda pos: np.array([value(p) for p in pos]), low, high,
-                            particles=particles, iterations=iterations, seed=seed, start=start)
+    with progress(particles * (iterations + 1), "particle swarm", show_progress) as bar:
+        def swarm_values(positions: np.ndarray) -> np.ndarray:
+            values = np.array([value(p) for p in positions])
+            bar.update(len(positions))
+            return values
+
+        result = particle_swarm(swarm_values, low, high, particles=particles,
+                                iterations=iterations, seed=seed, start=start)
     before = value(start)
     scales = result.best[:k]
     shifts = result.best[k:] if bias_name is not None else np.zeros(k)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import RectifyError
+from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
 
 
@@ -125,7 +126,8 @@ def single_neuron_swaps(graph: ShadowGraph, layer: EditableLayer, corrupted: tor
 @torch.no_grad()
 def layer_causal_effects(graph: ShadowGraph, layers: list[EditableLayer],
                          corrupted: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor,
-                         top_fraction: float = 0.1) -> list[LayerEffect]:
+                         top_fraction: float = 0.1,
+                         show_progress: bool | None = None) -> list[LayerEffect]:
     """Rank layers by intervention (see the module docstring), best first."""
     if not 0 < top_fraction <= 1:
         raise RectifyError(f"top fraction {top_fraction} must be in (0, 1]")
@@ -136,17 +138,24 @@ def layer_causal_effects(graph: ShadowGraph, layers: list[EditableLayer],
         raise RectifyError("the pairs' corrupted and clean inputs get the same probability "
                            "for their label: there is nothing for an intervention to restore")
     effects = []
-    for layer in layers:
-        full = swap_probabilities(graph, layer, corrupted, clean, labels)
-        singles = single_neuron_swaps(graph, layer, corrupted, clean, labels)
-        top = max(1, math.ceil(top_fraction * len(singles)))
-        chosen = [int(i) for i in np.argsort(-singles, kind="stable")[:top]]
-        partial = swap_probabilities(graph, layer, corrupted, clean, labels, chosen)
-        effects.append(LayerEffect(layer.name,
-                                   float((partial - p_corrupted).sum()) / total,
-                                   float((full - p_corrupted).sum()) / total,
-                                   len(singles), top, chosen))
+    with progress(len(layers), "causal effects", show_progress) as bar:
+        for layer in layers:
+            effects.append(_layer_effect(graph, layer, corrupted, clean, labels, top_fraction,
+                                         p_corrupted, total))
+            bar.update(1)
     return sorted(effects, key=lambda e: -e.score)
+
+
+def _layer_effect(graph, layer, corrupted, clean, labels, top_fraction, p_corrupted,
+                  total) -> LayerEffect:
+    """One layer's full-swap and top-neuron-swap shares of the gap ``total``."""
+    full = swap_probabilities(graph, layer, corrupted, clean, labels)
+    singles = single_neuron_swaps(graph, layer, corrupted, clean, labels)
+    top = max(1, math.ceil(top_fraction * len(singles)))
+    chosen = [int(i) for i in np.argsort(-singles, kind="stable")[:top]]
+    partial = swap_probabilities(graph, layer, corrupted, clean, labels, chosen)
+    return LayerEffect(layer.name, float((partial - p_corrupted).sum()) / total,
+                       float((full - p_corrupted).sum()) / total, len(singles), top, chosen)
 
 
 @torch.no_grad()

@@ -350,7 +350,8 @@ class Rectifier:
         corrupted, clean, labels = self.fit
         layers = self.hidden_layers() if hidden_only else self.layers
         effects = layer_causal_effects(self.graph, layers, corrupted, clean, labels,
-                                       self.config.causal_top_fraction)
+                                       self.config.causal_top_fraction,
+                                       self.config.show_progress)
         self.timings["causal"] = self.timings.get("causal", 0) + time.perf_counter() - start
         return effects
 
@@ -557,7 +558,7 @@ def _care(r: Rectifier, by_name: dict, cfg: RectifyConfig, base_acc: float, base
                          to(r.eval_y[pick]), particles=cfg.care_particles,
                          iterations=cfg.care_iterations,
                          accuracy_weight=cfg.care_accuracy_weight, max_drop=cfg.budget / 2,
-                         seed=cfg.seed)
+                         seed=cfg.seed, show_progress=cfg.show_progress)
     r.timings["care_search"] = time.perf_counter() - start
     # The swarm saw a subset of the eval set; if the whole set says the repair costs too
     # much accuracy, move it back towards the identity until it fits the budget.
