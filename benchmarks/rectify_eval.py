@@ -174,6 +174,15 @@ def markdown(results: dict) -> str:
             out.append("; ".join(f"{k}: top-1 {'hit' if v['top1_hit'] else 'miss'}, top-3 "
                                  f"{'hit' if v['top3_hit'] else 'miss'}"
                                  for k, v in loc["rankings"].items()) + ".\n")
+            picks = {k: v["ranking"][0] for k, v in loc["rankings"].items()}
+            out.append("| ranking | picks | brute-force rank of the pick |\n|---|---|---|")
+            out.append(f"| brute force ({loc['metric']}) | `{best[0]}` | 1 |")
+            for k, layer in picks.items():
+                label = {"whitened/ig": "attribution (default: whitened, IG)",
+                         "causal": "causal (all layers)",
+                         "causal/hidden (CARE)": "causal, hidden layers (CARE's choice)"}.get(k, k)
+                out.append(f"| {label} | `{layer}` | {best.index(layer) + 1} of {len(best)} |")
+            out.append("")
         out.append("")
     return "\n".join(out)
 
