@@ -234,6 +234,9 @@ def _rectify_options(fn):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the shadow graph runs."),
         click.option("--seed", default=0, show_default=True),
+        click.option("--stat-rows", type=click.IntRange(min=1), default=None,
+                     help="Cap the keys per layer used for the key statistics C (a seeded "
+                     "uniform sample; default: all). Faster on wide conv layers, less exact."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                      help="Cache key statistics here (keyed by model, layer and data hashes)."),
     ]
@@ -258,7 +261,8 @@ def _rectify_options(fn):
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
            transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
-           cache_dir: str | None, eval_path: Path | None, json_path: str | None,
+           stat_rows: int | None, cache_dir: str | None, eval_path: Path | None,
+           json_path: str | None,
            method: str, top_fraction: float) -> None:
     """Rank MODEL's editable layers by editability (or causal effect) for the given
     corrupted/clean pairs."""
@@ -268,7 +272,8 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
     inputs = load_inputs(model, pairs_path, eval_path, calib_path)
     config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
                            attribution_form=attribution, allow_shared=allow_shared,
-                           cache_dir=cache_dir, causal_top_fraction=top_fraction)
+                           cache_dir=cache_dir, causal_top_fraction=top_fraction,
+                           stat_rows=stat_rows)
     if method == "causal":
         _locate_causal(*locate_causal(inputs, config, device), json_path)
         return
@@ -345,7 +350,8 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
           transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
-          cache_dir: str | None, eval_path: Path, output: Path | None,
+          stat_rows: int | None, cache_dir: str | None, eval_path: Path,
+          output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
           care_neurons: int | None, solver: str, provider: str, report_path: str | None,
           report_dir: Path | None, attack_path: Path | None, force: bool) -> None:
@@ -360,6 +366,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                            max_rounds=max_rounds, layer=layer, steps=steps, score=score,
                            transplant=transplant, seed=seed, attribution_form=attribution,
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
+                           stat_rows=stat_rows,
                            care_neurons=care_neurons)
     report = run_patch(model, pairs_path, eval_path, calib_path, output, config, device,
                        provider, force, log=lambda m: click.echo(m, err=True))

@@ -71,6 +71,7 @@ class RectifyConfig:
     score: str = "whitened"
     attribution_form: str = "ig"
     calib_limit: int = 1000
+    stat_rows: int | None = None  # cap on keys per layer for C (seeded sample); None: all
     allow_shared: bool = False
     solver: str = "closed"        # "closed" (least squares) or "iterative" (the paper's)
     solver_lr: float = 1e-2
@@ -231,6 +232,8 @@ class Rectifier:
         moments: dict = {}
         if cache is not None:
             model_key, data_key = self._model_key(), data_hash(data)
+            if self.config.stat_rows:
+                data_key += f"-rows{self.config.stat_rows}-seed{self.config.seed}"
             for layer in self.layers:
                 hit = cache.get(model_key, layer, data_key)
                 if hit is not None:
@@ -238,7 +241,8 @@ class Rectifier:
         missing = [l for l in self.layers if l.name not in moments]
         if missing:
             fresh = collect_moments(self.graph, missing, iterate_batches(data, 128),
-                                    total=len(data), show_progress=self.config.show_progress)
+                                    total=len(data), show_progress=self.config.show_progress,
+                                    max_rows=self.config.stat_rows, seed=self.config.seed)
             moments.update(fresh)
             if cache is not None:
                 for layer in missing:
@@ -264,7 +268,8 @@ class Rectifier:
         start = time.perf_counter()
         layers = [l for l in self.layers if l.name in stale]
         moments = collect_moments(self.graph, layers, iterate_batches(self.calib_x, 128),
-                                  total=len(self.calib_x), show_progress=self.config.show_progress)
+                                  total=len(self.calib_x), show_progress=self.config.show_progress,
+                                  max_rows=self.config.stat_rows, seed=self.config.seed)
         for name, m in moments.items():
             self.stats[name] = LayerStatistics.from_moments(name, m, self.config.ridge)
         self.timings["statistics"] = self.timings.get("statistics", 0) + time.perf_counter() - start

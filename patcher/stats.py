@@ -3,6 +3,16 @@
 One forward pass over the calibration inputs feeds every editable layer at once;
 each layer's keys [n, P, G, Kd] are folded into a running sum S = sum k k^T and a
 count (mergeable partial sums: statistics of several data shards add up).
+
+Precision: the products K^T K are float32 GEMMs over chunks of at most ``CHUNK_ROWS``
+keys (relative error about sqrt(CHUNK_ROWS) x 6e-8, below 1e-5), each added to a float64
+sum; float32 GEMMs run about twice as fast as float64 on CPUs and GPUs, and the GEMM is
+the whole cost of this pass (about 9 C_in / C_out times the conv itself for a 3x3 conv).
+Keys already in float64 stay in float64.
+
+``max_rows`` (optional) caps the keys per layer: each batch contributes a seeded,
+uniformly drawn share of its keys, so that about ``max_rows`` keys in all are used. The
+default uses every key.
 Regularisation (ridge): C_reg = C + lambda I with lambda = ridge * mean(diag C),
 default ridge = 1e-2.
 """
@@ -21,6 +31,7 @@ from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
 
 DEFAULT_RIDGE = 1e-2
+CHUNK_ROWS = 8192
 
 
 @contextmanager
@@ -41,8 +52,12 @@ class KeyMoments:
     count: int = 0
 
     def add(self, keys: torch.Tensor) -> None:
-        flat = keys.reshape(-1, keys.shape[-1]).to(torch.float64)
-        self.sum_kk += flat.T @ flat
+        flat = keys.reshape(-1, keys.shape[-1])
+        if flat.dtype != torch.float64:
+            flat = flat.to(torch.float32)
+        for i in range(0, flat.shape[0], CHUNK_ROWS):
+            chunk = flat[i:i + CHUNK_ROWS]
+            self.sum_kk += (chunk.T @ chunk).to(torch.float64)
         self.count += flat.shape[0]
 
     def merge(self, other: "KeyMoments") -> "KeyMoments":
@@ -99,19 +114,35 @@ class LayerStatistics:
 
 def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
                     total: int | None = None, label: str = "key statistics",
-                    show_progress: bool | None = None) -> dict[str, KeyMoments]:
-    """One forward pass per batch (an iterable of input tensors) feeds all layers' sums."""
+                    show_progress: bool | None = None, max_rows: int | None = None,
+                    seed: int = 0) -> dict[str, KeyMoments]:
+    """One forward pass per batch (an iterable of input tensors) feeds all layers' sums.
+
+    With ``max_rows`` and ``total`` (the number of inputs), each layer keeps a seeded
+    random share max_rows / (keys per input x total) of every batch's keys."""
     device = next((p.device for p in graph.parameters()), torch.device("cpu"))
     moments = {l.name: KeyMoments(torch.zeros(l.key_dim, l.key_dim, dtype=torch.float64,
                                               device=device)) for l in layers}
     attrs = {l.name: graph.node_attributes(l.name) for l in layers}
 
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    current = {"batch": 1}
+
     def accumulate(layer, data, _out):
-        moments[layer.name].add(layer_keys(layer, data, attrs[layer.name]))
+        keys = layer_keys(layer, data, attrs[layer.name])
+        if max_rows and total:
+            flat = keys.reshape(-1, keys.shape[-1])
+            share = max_rows / (flat.shape[0] / max(current["batch"], 1) * total)
+            if share < 1:
+                keep = max(1, round(share * flat.shape[0]))
+                pick = torch.randperm(flat.shape[0], generator=generator)[:keep]
+                keys = flat[pick.to(flat.device)]
+        moments[layer.name].add(keys)
 
     with progress(total or 0, label, show_progress) as bar, \
             LayerTap(graph, layers, on_capture=accumulate), torch.no_grad():
         for batch in batches:
+            current["batch"] = len(batch)
             graph(batch.to(device))
             bar.update(len(batch))
     return moments
