@@ -251,13 +251,13 @@ def ig_vs_captum(case: Case, rounds: int) -> dict:
             net.zero_grad(set_to_none=True)
         return out
 
-    def captum_same():
+    def captum_same(steps=STEPS):
         """The quantity patcher computes: input-path gradients at the layer (captum's
         InternalInfluence) times the layer's output difference."""
         out = {}
         for layer in layers:
             ii = InternalInfluence(prob, modules[layer.name])
-            g = ii.attribute(clean, baselines=corrupted, target=int(label[0]), n_steps=STEPS,
+            g = ii.attribute(clean, baselines=corrupted, target=int(label[0]), n_steps=steps,
                              method="riemann_middle", attribute_to_layer_input=False)
             acts = []
             h = modules[layer.name].register_forward_hook(
@@ -292,13 +292,17 @@ def ig_vs_captum(case: Case, rounds: int) -> dict:
     t_ours = statistics.median(ours_times[1:])
     agree_lig, worst_lig = compare(a, lig)
     agree_same, worst_same = compare(a, same)
+    # control: the same comparison against captum with half the steps must see a difference,
+    # or the agreement above would prove nothing
+    _, worst_control = compare(a, captum_same(STEPS // 2))
     med = {"ours": t_ours, "captum_layer_ig": t_lig, "captum_internal_influence": t_same}
     return {"layers": len(layers), "steps": STEPS, "method": "midpoint (captum riemann_middle)",
             "seconds": med, "ig_speedup_vs_captum": t_lig / t_ours,
             "ig_speedup_vs_captum_same_quantity": t_same / t_ours,
             "agreement_same_quantity_max_diff_over_layer_max": worst_same,
             "agreement_layer_ig_max_diff_over_layer_max": worst_lig,
-            "attributions_agree": worst_same < 1e-3,
+            "attributions_agree": worst_same < 1e-3 and worst_control > 1e-3,
+            "agreement_control_half_steps_max_diff_over_layer_max": worst_control,
             "sum_ours_vs_layer_ig": {k: (agree_lig[k]["sum_ours"], agree_lig[k]["sum_captum"])
                                      for k in agree_lig},
             "per_layer_same_quantity": agree_same,
