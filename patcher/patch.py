@@ -97,7 +97,7 @@ def warn_completeness(scores: list[LayerScore]) -> None:
 
 
 #: Key covariances with a condition number above this are called singular (ill-conditioned).
-ILL_CONDITIONED = 1e10
+ILL_CONDITIONED = 1e6  # the statistics' float32 products resolve eigenvalue ratios to ~1e-6
 
 
 def warn_conditioning(conditioning: dict[str, dict]) -> None:

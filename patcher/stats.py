@@ -35,6 +35,16 @@ CHUNK_ROWS = 8192
 
 
 @contextmanager
+def _threads_for(dim: int):
+    """One thread for small factorisations, all threads for large ones."""
+    if dim < SINGLE_THREAD_BELOW:
+        with single_thread():
+            yield
+    else:
+        yield
+
+
+@contextmanager
 def single_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -71,21 +81,31 @@ class KeyMoments:
         return self.sum_kk / max(self.count, 1)
 
 
+#: Below this key dimension the factorisation runs on one thread (small LAPACK calls thrash
+#: when threads compete for cores); above it, on all of them.
+SINGLE_THREAD_BELOW = 512
+#: Up to this key dimension the condition number is exact (eigenvalues); above it, the
+#: ratio of the Cholesky factor's squared diagonal, a cheap lower bound.
+EXACT_CONDITION_UP_TO = 1024
+
+
 @dataclass
 class LayerStatistics:
-    """C, the Cholesky factor L of C_reg = C + lambda I, C_reg^-1, and diagnostics.
+    """C, the Cholesky factor L of C_reg = C + lambda I, C_reg^-1 (on first use), and
+    diagnostics.
 
-    L gives the whitening Z = L^-1 (Z^T Z = C_reg^-1) without an eigendecomposition."""
+    L gives the whitening Z = L^-1 (Z^T Z = C_reg^-1) without an eigendecomposition; the
+    inverse is only formed for layers that are edited (or scored with ``inverse``)."""
 
     layer: str
     moments: KeyMoments
     ridge: float
     cov: torch.Tensor = field(repr=False, default=None)
     cholesky: torch.Tensor = field(repr=False, default=None)
-    inverse: torch.Tensor = field(repr=False, default=None)
     condition_number: float = float("nan")
     condition_estimated: bool = False
     ridge_value: float = 0.0
+    _inverse: torch.Tensor | None = field(repr=False, default=None)
 
     @classmethod
     def from_moments(cls, layer: str, moments: KeyMoments, ridge: float = DEFAULT_RIDGE
@@ -94,16 +114,23 @@ class LayerStatistics:
         cov = (cov + cov.T) / 2
         lam = ridge * float(torch.diagonal(cov).mean().clamp_min(1e-12))
         eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        with single_thread():  # small LAPACK calls thrash when threads compete for cores
+        with _threads_for(cov.shape[0]):
             chol = torch.linalg.cholesky(cov + lam * eye)
-            inverse = torch.cholesky_inverse(chol)
-            if cov.shape[0] <= 2048:
+            if cov.shape[0] <= EXACT_CONDITION_UP_TO:
                 evals = torch.linalg.eigvalsh(cov)
                 cond, estimated = float(evals.max() / evals.min().abs().clamp_min(1e-300)), False
             else:  # a lower bound from the factor's diagonal, for large key dimensions
                 diag = torch.diagonal(chol) ** 2
                 cond, estimated = float(diag.max() / diag.min()), True
-        return cls(layer, moments, ridge, cov, chol, inverse, cond, estimated, lam)
+        return cls(layer, moments, ridge, cov, chol, cond, estimated, lam)
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """C_reg^-1 from the Cholesky factor, formed on first use."""
+        if self._inverse is None:
+            with _threads_for(self.cholesky.shape[0]):
+                self._inverse = torch.cholesky_inverse(self.cholesky)
+        return self._inverse
 
     def whiten_rows(self, b: torch.Tensor) -> torch.Tensor:
         """B Z^T with Z = L^-1, for B [..., Kd]: ||B Z^T||_F^2 = tr(B C_reg^-1 B^T)."""
