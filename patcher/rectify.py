@@ -450,7 +450,7 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                           delta.reshape(delta.shape[0], -1).to(torch.float64)))})
 
     if cfg.strategy == "care":
-        _care(r, by_name, cfg, base_acc, base_gap, rounds, edits, deltas, log)
+        acc, gap = _care(r, by_name, cfg, base_acc, base_gap, rounds, edits, deltas, log)
     elif cfg.strategy == "finetune":
         layer = by_name[cfg.layer] if cfg.layer else r.layers[-1]
         delta = _finetune(r, layer)
@@ -512,7 +512,8 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
             else:
                 r.apply(layer, delta, sign=-1.0)
                 excluded.add(layer.name)
-    final_acc, final_gap = r.accuracy(), r.gap()
+    final_acc, final_gap = acc, gap  # measured on the graph as it now is (rolled-back
+    # edits are undone), so no further evaluation pass
     result = _result(cfg.strategy if not cfg.layer or cfg.strategy in ("finetune", "care")
                      else "forced",
                      base_acc, base_gap, final_acc, final_gap, cfg, r)
@@ -547,9 +548,9 @@ def _finetune(r: Rectifier, layer: EditableLayer) -> torch.Tensor:
 
 
 def _care(r: Rectifier, by_name: dict, cfg: RectifyConfig, base_acc: float, base_gap: float,
-          rounds: list, edits: list, deltas: dict, log) -> None:
+          rounds: list, edits: list, deltas: dict, log) -> tuple[float, float]:
     """One CARE repair: causal layer (or --layer), top neurons by ACE, swarm search; rolled
-    back when it breaks the accuracy budget."""
+    back when it breaks the accuracy budget. Returns the accuracy and gap it leaves."""
     corrupted, clean, labels = r.fit
     if cfg.layer:
         layer, score = by_name[cfg.layer], None
@@ -594,7 +595,7 @@ def _care(r: Rectifier, by_name: dict, cfg: RectifyConfig, base_acc: float, base
     log(f"CARE at {layer.name}: neurons {neurons}: gap {base_gap:.4f} -> {gap:.4f}, "
         f"accuracy {acc:.2%} ({reason})")
     if not kept:
-        return
+        return base_acc, base_gap
     entries = [(layer.weight, repair.weight_delta)]
     if repair.bias_name is not None:
         entries.append((repair.bias_name, repair.bias_delta))
@@ -608,3 +609,4 @@ def _care(r: Rectifier, by_name: dict, cfg: RectifyConfig, base_acc: float, base
                       "delta_norm": float(delta.norm()),
                       "rank": int(torch.linalg.matrix_rank(delta.reshape(delta.shape[0], -1)))
                       if delta.dim() > 1 else 1})
+    return acc, gap

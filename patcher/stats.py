@@ -111,11 +111,13 @@ class LayerStatistics:
     def from_moments(cls, layer: str, moments: KeyMoments, ridge: float = DEFAULT_RIDGE
                      ) -> "LayerStatistics":
         cov = moments.second_moment
-        cov = (cov + cov.T) / 2
+        cov = (cov + cov.T).mul_(0.5)
         lam = ridge * float(torch.diagonal(cov).mean().clamp_min(1e-12))
-        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        regularised = cov.clone()
+        regularised.diagonal().add_(lam)
         with _threads_for(cov.shape[0]):
-            chol = torch.linalg.cholesky(cov + lam * eye)
+            chol = torch.linalg.cholesky(regularised)
+            del regularised
             if cov.shape[0] <= EXACT_CONDITION_UP_TO:
                 evals = torch.linalg.eigvalsh(cov)
                 cond, estimated = float(evals.max() / evals.min().abs().clamp_min(1e-300)), False
