@@ -130,9 +130,10 @@ class RectifyResult:
     gap_measured_on: str = "pairs"
 
 
-#: "paste" falls back to "add" when a pair's corruption covers more than this share of the
-#: input: a corruption spread over the whole image (a global blend) cannot be pasted, since
-#: pasting it would paste the pair's own image (generalisation benchmark, stripes case).
+#: "paste" treats a pair's corruption as a blend when it covers more than this share of the
+#: input: a corruption spread over the whole image cannot be pasted, since pasting it would
+#: paste the pair's own image (generalisation benchmark, stripes case: ASR 96% pasted, 22.8%
+#: added, 2.2% as a blend, n = 1).
 PASTE_MAX_SHARE = 0.5
 
 
@@ -140,11 +141,32 @@ def changed_share(pair_corrupted: np.ndarray, pair_clean: np.ndarray) -> float:
     return float(np.mean(np.abs(pair_corrupted - pair_clean) > 1e-6))
 
 
+def blend_weight(pair_corrupted: np.ndarray, pair_clean: np.ndarray) -> float:
+    """phi of a blend x~ = (1 - phi) x + phi t fitted from one pair: d = x~ - x = phi (t - x),
+    so with t unrelated to x the slope of d on x over the pixels is -phi. Clipped to
+    [0, 1); about 0 for an additive corruption (x~ = x + n)."""
+    x = pair_clean.astype(np.float64).ravel()
+    d = pair_corrupted.astype(np.float64).ravel() - x
+    var = float(np.var(x))
+    if var <= 1e-12:
+        return 0.0
+    slope = float(np.mean((x - x.mean()) * (d - d.mean()))) / var
+    return float(np.clip(-slope, 0.0, 0.99))
+
+
 def transplant(pair_corrupted: np.ndarray, pair_clean: np.ndarray, images: np.ndarray,
                mode: str) -> np.ndarray:
-    """Carry one pair's corruption onto other images."""
+    """Carry one pair's corruption onto other images.
+
+    ``paste``: the changed pixels of x~ replace the image's. ``add``: z~ = z + (x~ - x).
+    A corruption over more than half the input cannot be pasted (it would paste the
+    pair's own image): it is modelled as a blend, z~ = z + (x~ - x) + phi (x - z) with phi
+    from :func:`blend_weight`, which removes the pair image's ghost that plain adding
+    leaves (and equals ``add`` for an additive corruption)."""
     if mode == "paste" and changed_share(pair_corrupted, pair_clean) > PASTE_MAX_SHARE:
-        mode = "add"
+        phi = blend_weight(pair_corrupted, pair_clean)
+        moved = images + (pair_corrupted - pair_clean)[None] + phi * (pair_clean[None] - images)
+        return np.clip(moved, 0.0, 1.0).astype(images.dtype)
     if mode == "add":
         return np.clip(images + (pair_corrupted - pair_clean)[None], 0.0, 1.0).astype(images.dtype)
     changed = np.abs(pair_corrupted - pair_clean) > 1e-6

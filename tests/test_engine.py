@@ -268,3 +268,24 @@ def test_transplant_pastes_local_corruptions_and_adds_global_ones():
     stripes = clean + 0.1 * (1 + np.arange(16).reshape(1, 4, 4) % 2)  # every pixel changes
     moved = transplant(stripes.astype(np.float32), clean, images, "paste")
     np.testing.assert_allclose(moved, np.clip(images + stripes, 0, 1), rtol=1e-6)
+
+
+def test_transplant_of_a_global_blend_recovers_the_blend_on_other_images():
+    """x~ = (1 - phi) x + phi t over every pixel: phi is fitted from the one pair, and the
+    transplanted z~ is (1 - phi) z + phi t, without the pair image's ghost that adding
+    x~ - x would leave; an additive corruption gets phi ~ 0."""
+    from patcher.rectify import blend_weight, transplant
+
+    rng = np.random.default_rng(4)
+    x = rng.random((1, 16, 16)).astype(np.float32)
+    t = (0.5 + 0.5 * np.sin(np.arange(16) / 2))[None, None, :].repeat(16, 1).astype(np.float32)
+    blended = (0.8 * x + 0.2 * t).astype(np.float32)
+    assert blend_weight(blended, x) == pytest.approx(0.2, abs=0.03)
+    images = rng.random((4, 1, 16, 16)).astype(np.float32)
+    moved = transplant(blended, x, images, "paste")
+    expect = 0.8 * images + 0.2 * t
+    ghost = np.clip(images + (blended - x), 0, 1)
+    assert np.abs(moved - expect).max() < 0.02
+    assert np.abs(ghost - expect).max() > 0.1  # what plain adding would have given
+    noise = np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1).astype(np.float32)
+    assert blend_weight(noise, x) < 0.05
