@@ -355,8 +355,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
           care_neurons: int | None, solver: str, provider: str, report_path: str | None,
           report_dir: Path | None, attack_path: Path | None, force: bool) -> None:
-    """Patch MODEL with rank-one weight edits and write the result (same graph, new weight
-    values), verified under onnxruntime from disk. Exit 0 when the pairs' gap meets --gap
+    """Patch MODEL's weights (rank-one edits; CARE's neuron rows with --strategy care) and
+    write the result (same graph, new weight values), verified under onnxruntime from disk. Exit 0 when the pairs' gap meets --gap
     within --budget on the written file, 1 when not (the best model found is still
     written), 2 for bad input."""
     from .patch import patch as run_patch
