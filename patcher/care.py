@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .causal import _label_probability, _select, neuron_axis
+from .causal import label_probability, neuron_axis, neuron_slice
 from .errors import RectifyError
 from .keys import canonical_weight, stored_delta
 from .progress import progress
@@ -99,7 +99,7 @@ def care_repair(graph: ShadowGraph, layer: EditableLayer, neurons: list[int],
                            f"(it has {out.shape[axis]})")
     bias_name = editable_bias(graph, layer)
     k = len(neurons)
-    sds = np.array([float(out[_select(axis, out.dim(), i)].to(torch.float64).std())
+    sds = np.array([float(out[neuron_slice(axis, out.dim(), i)].to(torch.float64).std())
                     for i in neurons])
     low = np.full(k, SCALE_RANGE[0])
     high = np.full(k, SCALE_RANGE[1])
@@ -112,7 +112,7 @@ def care_repair(graph: ShadowGraph, layer: EditableLayer, neurons: list[int],
     def modified(position: np.ndarray) -> torch.Tensor:
         new = out.clone()
         for j, i in enumerate(neurons):
-            sel = _select(axis, out.dim(), i)
+            sel = neuron_slice(axis, out.dim(), i)
             shift = position[k + j] if bias_name is not None else 0.0
             new[sel] = out[sel] * float(position[j]) + float(shift)
         return new

@@ -70,15 +70,51 @@ def neuron_axis(layer: EditableLayer, output: torch.Tensor) -> int:
     raise RectifyError(f"layer '{layer.name}': unknown orientation {o}")
 
 
-def _label_probability(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def label_probability(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """p_y from logits [n, ...] (float64 softmax)."""
     flat = logits.reshape(len(logits), -1)
     return torch.softmax(flat.to(torch.float64), 1)[torch.arange(len(flat)), labels]
 
 
-def _select(axis: int, ndim: int, index) -> tuple:
+def neuron_slice(axis: int, ndim: int, index) -> tuple:
+    """An index selecting ``index`` along ``axis`` of an ``ndim``-dimensional tensor."""
     sel = [slice(None)] * ndim
     sel[axis] = index
     return tuple(sel)
+
+
+class _Swap:
+    """A layer's output on the clean and on the corrupted inputs, for swapping clean
+    neurons into the corrupted run: the network before the layer runs once, each swap
+    re-runs only the part after it."""
+
+    def __init__(self, graph: ShadowGraph, layer: EditableLayer, corrupted: torch.Tensor,
+                 clean: torch.Tensor, labels: torch.Tensor) -> None:
+        out_name = graph.node_by_name[layer.name].outputs[0]
+        self.graph, self.layer, self.labels = graph, layer, labels
+        self.clean_out = graph.run_until(layer.name, clean)[out_name]
+        self.env = graph.run_until(layer.name, corrupted)
+        self.out = self.env[out_name]
+        self.axis = neuron_axis(layer, self.out)
+        self.neurons = self.out.shape[self.axis]
+
+    def probabilities(self, neurons: "list[int] | int | None" = None) -> torch.Tensor:
+        """p_y on the corrupted inputs with ``neurons`` (all when None) swapped."""
+        if neurons is None:
+            new = self.clean_out
+        else:
+            new = self.out.clone()
+            sel = neuron_slice(self.axis, self.out.dim(), neurons)
+            new[sel] = self.clean_out[sel]
+        return label_probability(self.graph.run_after(self.layer.name, self.env, (new,))[0],
+                                 self.labels)
+
+    def single_shares(self, p_corrupted: torch.Tensor, total: float) -> np.ndarray:
+        """Restored share of ``total`` per neuron, swapped alone."""
+        if abs(total) <= 1e-12:
+            return np.zeros(self.neurons)
+        return np.array([float((self.probabilities(n) - p_corrupted).sum()) / total
+                         for n in range(self.neurons)])
 
 
 @torch.no_grad()
@@ -87,40 +123,18 @@ def swap_probabilities(graph: ShadowGraph, layer: EditableLayer, corrupted: torc
                        neurons: "list[int] | None" = None) -> torch.Tensor:
     """p_y on the corrupted inputs with the layer's output (or only ``neurons``) replaced by
     its output on the clean inputs."""
-    clean_env = graph.run_until(layer.name, clean)
-    clean_out = clean_env[graph.node_by_name[layer.name].outputs[0]]
-    env = graph.run_until(layer.name, corrupted)
-    out_name = graph.node_by_name[layer.name].outputs[0]
-    out = env[out_name]
-    if neurons is None:
-        new = clean_out
-    else:
-        new = out.clone()
-        sel = _select(neuron_axis(layer, out), out.dim(), list(neurons))
-        new[sel] = clean_out[sel]
-    return _label_probability(graph.run_after(layer.name, env, (new,))[0], labels)
+    swap = _Swap(graph, layer, corrupted, clean, labels)
+    return swap.probabilities(None if neurons is None else list(neurons))
 
 
 @torch.no_grad()
 def single_neuron_swaps(graph: ShadowGraph, layer: EditableLayer, corrupted: torch.Tensor,
                         clean: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """Restored share per neuron when only that neuron's output is swapped."""
-    out_name = graph.node_by_name[layer.name].outputs[0]
-    clean_out = graph.run_until(layer.name, clean)[out_name]
-    env = graph.run_until(layer.name, corrupted)
-    out = env[out_name]
-    base = _label_probability(graph.run_after(layer.name, env)[0], labels)
-    target = _label_probability(graph(clean)[0], labels)
-    total = float((target - base).sum())
-    axis = neuron_axis(layer, out)
-    effects = np.zeros(out.shape[axis])
-    for n in range(out.shape[axis]):
-        new = out.clone()
-        sel = _select(axis, out.dim(), n)
-        new[sel] = clean_out[sel]
-        p = _label_probability(graph.run_after(layer.name, env, (new,))[0], labels)
-        effects[n] = float((p - base).sum()) / total if abs(total) > 1e-12 else 0.0
-    return effects
+    p_clean = label_probability(graph(clean)[0], labels)
+    p_corrupted = label_probability(graph(corrupted)[0], labels)
+    swap = _Swap(graph, layer, corrupted, clean, labels)
+    return swap.single_shares(p_corrupted, float((p_clean - p_corrupted).sum()))
 
 
 @torch.no_grad()
@@ -131,8 +145,8 @@ def layer_causal_effects(graph: ShadowGraph, layers: list[EditableLayer],
     """Rank layers by intervention (see the module docstring), best first."""
     if not 0 < top_fraction <= 1:
         raise RectifyError(f"top fraction {top_fraction} must be in (0, 1]")
-    p_clean = _label_probability(graph(clean)[0], labels)
-    p_corrupted = _label_probability(graph(corrupted)[0], labels)
+    p_clean = label_probability(graph(clean)[0], labels)
+    p_corrupted = label_probability(graph(corrupted)[0], labels)
     total = float((p_clean - p_corrupted).sum())
     if abs(total) < 1e-12:
         raise RectifyError("the pairs' corrupted and clean inputs get the same probability "
@@ -149,13 +163,13 @@ def layer_causal_effects(graph: ShadowGraph, layers: list[EditableLayer],
 def _layer_effect(graph, layer, corrupted, clean, labels, top_fraction, p_corrupted,
                   total) -> LayerEffect:
     """One layer's full-swap and top-neuron-swap shares of the gap ``total``."""
-    full = swap_probabilities(graph, layer, corrupted, clean, labels)
-    singles = single_neuron_swaps(graph, layer, corrupted, clean, labels)
+    swap = _Swap(graph, layer, corrupted, clean, labels)
+    singles = swap.single_shares(p_corrupted, total)
     top = max(1, math.ceil(top_fraction * len(singles)))
     chosen = [int(i) for i in np.argsort(-singles, kind="stable")[:top]]
-    partial = swap_probabilities(graph, layer, corrupted, clean, labels, chosen)
-    return LayerEffect(layer.name, float((partial - p_corrupted).sum()) / total,
-                       float((full - p_corrupted).sum()) / total, len(singles), top, chosen)
+    share = lambda p: float((p - p_corrupted).sum()) / total  # noqa: E731
+    return LayerEffect(layer.name, share(swap.probabilities(chosen)),
+                       share(swap.probabilities()), len(singles), top, chosen)
 
 
 @torch.no_grad()
@@ -183,11 +197,11 @@ def neuron_causal_effects(graph: ShadowGraph, layer: EditableLayer, corrupted: t
     for neuron in range(out.shape[axis]):
         grid = (low[neuron] + steps * (high[neuron] - low[neuron])).to(out.dtype)
         new = out.clone()
-        sel = _select(axis, out.dim(), neuron)
+        sel = neuron_slice(axis, out.dim(), neuron)
         shape = [values] + [1] * (new[sel].dim() - 1)
         per_copy = grid.repeat_interleave(n).reshape([values * n] + shape[1:])
         new[sel] = per_copy.expand_as(new[sel])
-        p = _label_probability(graph.run_after(layer.name, env, (new,))[0], y)
+        p = label_probability(graph.run_after(layer.name, env, (new,))[0], y)
         curve = p.reshape(values, n).mean(1)
         ace[neuron] = float((curve - curve.mean()).abs().mean())
     swap = single_neuron_swaps(graph, layer, corrupted, clean, labels)
