@@ -156,7 +156,7 @@ def markdown(results: dict) -> str:
                 "spurious": [("OA", "accuracy"), ("class 0 clean", "clean"),
                              ("class 0 with pattern", "spurious"), ("gap", "gap")],
                 "leakage": [("OA", "accuracy"), ("leakage share", "leakage")]}[kind]
-        out.append(f"#### {scenario}\n")
+        out.append(f"## {scenario}\n")
         out.append("| method | n | " + " | ".join(c for c, _ in cols) + " | edited layers | seconds |")
         out.append("|---|---|" + "---|" * len(cols) + "---|---|")
         for r in rows:
@@ -187,6 +187,29 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def merge_rows(stored: list[dict], fresh: list[dict]) -> list[dict]:
+    """Stored rows with fresh ones replacing those of the same scenario, n and strategy;
+    ordered by scenario (as first seen), n, then strategy."""
+    key = lambda r: (r["scenario"], r["n"], r["strategy"])  # noqa: E731
+    rows = {key(r): r for r in stored}
+    rows.update({key(r): r for r in fresh})
+    scenarios = list(dict.fromkeys(r["scenario"] for r in stored + fresh))
+    order = {name: i for i, name in enumerate(["trained", *STRATEGIES])}
+    return sorted(rows.values(), key=lambda r: (scenarios.index(r["scenario"]), r["n"],
+                                                order.get(r["strategy"], len(order))))
+
+
+def write_markdown(path: Path, results: dict) -> None:
+    """The tables into ``path``, keeping the text it has before its first table heading."""
+    text = markdown(results)
+    if path.exists():
+        old = path.read_text()
+        first = old.find("\n## ")
+        if first >= 0:
+            text = old[:first + 1] + text
+    path.write_text(text)
+
+
 def sync_readmes(results: dict) -> None:
     """Replace each sample README's tables under "## Rectification results" (everything
     from the first table to the next heading) with the rendered results."""
@@ -202,7 +225,7 @@ def sync_readmes(results: dict) -> None:
         one = {"rows": [r for r in results["rows"] if r["scenario"] == scenario],
                "localisation": {k: v for k, v in results.get("localisation", {}).items()
                                 if k == scenario}}
-        block = markdown(one).split("\n", 2)[2].strip() + "\n\n"  # drop the "#### name" line
+        block = markdown(one).split("\n", 2)[2].strip() + "\n\n"  # drop the "## name" line
         readme.write_text(text[:start] + block + text[end:])
         print(f"updated {readme}")
 
@@ -225,11 +248,13 @@ def main() -> None:
                     "causal rankings to the --merge file's (brute force reused).")
     args = ap.parse_args()
     if args.render:
+        rendered = json.loads(Path(args.render).read_text())
         if args.readmes:
-            sync_readmes(json.loads(Path(args.render).read_text()))
-            return
-        text = markdown(json.loads(Path(args.render).read_text()))
-        Path(args.markdown).write_text(text) if args.markdown else print(text)
+            sync_readmes(rendered)
+        elif args.markdown:
+            write_markdown(Path(args.markdown), rendered)
+        else:
+            print(markdown(rendered))
         return
     torch.manual_seed(0)
     if args.causal_only:
@@ -256,22 +281,14 @@ def main() -> None:
                 print(name, "localisation", json.dumps(loc), flush=True)
     if args.merge:
         merged = json.loads(Path(args.merge).read_text())
-        fresh = {(r["scenario"], r["n"], r["strategy"]) for r in results["rows"]}
-        rows = [r for r in merged["rows"] if (r["scenario"], r["n"], r["strategy"]) not in fresh]
-        order = {name: i for i, name in enumerate(["trained", *STRATEGIES])}
-        merged["rows"] = sorted(rows + [r for r in results["rows"] if r["strategy"] != "trained"
-                                        or not any(m["scenario"] == r["scenario"]
-                                                   and m["strategy"] == "trained" for m in rows)],
-                                key=lambda r: (list(dict.fromkeys(m["scenario"] for m in merged["rows"])).index(r["scenario"])
-                                               if r["scenario"] in {m["scenario"] for m in merged["rows"]} else 99,
-                                               r["n"], order.get(r["strategy"], 99)))
+        merged["rows"] = merge_rows(merged["rows"], results["rows"])
         merged["localisation"].update(results["localisation"])
         Path(args.merge).write_text(json.dumps(merged, indent=2) + "\n")
         results = merged
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(markdown(results))
+        write_markdown(Path(args.markdown), results)
 
 
 if __name__ == "__main__":
