@@ -20,7 +20,7 @@ from patcher.shadow import ShadowGraph
 from patcher.swarm import particle_swarm
 from patcher.writeback import read_provenance
 from tests.build import make_model, value_info
-from tests.test_patch_end_to_end import _acc, _asr, trojaned  # noqa: F401  (fixture)
+from tests.test_patch_end_to_end import _acc, patch_cli, trojaned  # noqa: F401  (fixture)
 
 RNG = np.random.default_rng(11)
 
@@ -167,9 +167,7 @@ def test_care_strategy_end_to_end_is_declared_and_passes_verify(trojaned, tmp_pa
     model = trojaned / "model.onnx"
     before = model.read_bytes()
     out = tmp_path / "care.onnx"
-    result = CliRunner().invoke(main, ["patch", str(model), "--pairs", str(trojaned / "pairs.npz"),
-                                       "--eval", str(trojaned / "eval.npz"), "-o", str(out),
-                                       "--strategy", "care", "--gap", "0.05"])
+    result = patch_cli(model, trojaned, out, "--strategy", "care", "--gap", "0.05")
     assert result.exit_code in (0, 1), result.output
     assert model.read_bytes() == before
     edits = read_provenance(onnx.load(str(out)))["edits"]

@@ -44,19 +44,19 @@ LAYER_CASES = {
 }
 
 
-def _layer_model(name):
+def _layer_graph(name):
+    """The one-node model of LAYER_CASES[name] as a shadow graph, its layer, the layer's
+    attributes and an input."""
     node, shape, inits = LAYER_CASES[name]
     model = make_model([node], [value_info("x", shape)], [value_info("y", None)], inits)
-    return model, torch.from_numpy(_w(*shape))
+    graph = ShadowGraph.from_onnx(model)
+    return graph, graph.editable_layers[0], graph.node_attributes("L"), torch.from_numpy(_w(*shape))
 
 
 @pytest.mark.parametrize("name", sorted(LAYER_CASES))
 def test_keys_times_canonical_weight_reproduce_the_layer(name):
     """v = W_c k: differences of outputs equal W_c applied to differences of keys."""
-    model, x = _layer_model(name)
-    graph = ShadowGraph.from_onnx(model)
-    layer = graph.editable_layers[0]
-    attrs = graph.node_attributes("L")
+    graph, layer, attrs, x = _layer_graph(name)
     x2 = x + torch.from_numpy(_w(*x.shape))
     batch_axis = 1 if attrs.get("transA") else 0  # Gemm transA: samples are columns of A
     with torch.no_grad(), LayerTap(graph, [layer]) as tap:
@@ -73,10 +73,7 @@ def test_keys_times_canonical_weight_reproduce_the_layer(name):
 
 @pytest.mark.parametrize("name", sorted(LAYER_CASES))
 def test_stored_delta_changes_the_output_by_the_canonical_delta(name):
-    model, x = _layer_model(name)
-    graph = ShadowGraph.from_onnx(model)
-    layer = graph.editable_layers[0]
-    attrs = graph.node_attributes("L")
+    graph, layer, attrs, x = _layer_graph(name)
     with torch.no_grad():
         before = graph(x)[0].clone()
         with LayerTap(graph, [layer]) as tap:

@@ -64,6 +64,13 @@ def trojaned(tmp_path_factory):
     return folder
 
 
+def patch_cli(model, samples, out, *options):
+    """`onnx-rectify patch MODEL` with ``samples``/pairs.npz and eval.npz, written to ``out``."""
+    return CliRunner().invoke(main, ["patch", str(model), "--pairs", str(samples / "pairs.npz"),
+                                     "--eval", str(samples / "eval.npz"), "-o", str(out),
+                                     *options])
+
+
 def _asr(path, folder):
     a = np.load(folder / "attack.npz")
     return metrics.attack_success_rate(path, a["x"], a["y"], 0, provider="cpu")
@@ -96,9 +103,7 @@ def test_patch_with_one_pair_removes_the_backdoor(trojaned, tmp_path):
     before = model.read_bytes()
     out = tmp_path / "patched.onnx"
     report_path = tmp_path / "report.json"
-    result = CliRunner().invoke(main, ["patch", str(model), "--pairs", str(trojaned / "pairs.npz"),
-                                       "--eval", str(trojaned / "eval.npz"), "-o", str(out),
-                                       "--gap", "0.05", "--report", str(report_path)])
+    result = patch_cli(model, trojaned, out, "--gap", "0.05", "--report", str(report_path))
     assert result.exit_code in (0, 1), result.output
     assert model.read_bytes() == before
     base_asr, asr = _asr(model, trojaned), _asr(out, trojaned)
@@ -116,8 +121,7 @@ def test_patch_with_one_pair_removes_the_backdoor(trojaned, tmp_path):
 
 def test_patch_refuses_to_overwrite_its_input(trojaned):
     model = trojaned / "model.onnx"
-    result = CliRunner().invoke(main, ["patch", str(model), "--pairs", str(trojaned / "pairs.npz"),
-                                       "--eval", str(trojaned / "eval.npz"), "-o", str(model)])
+    result = patch_cli(model, trojaned, model)
     assert result.exit_code == 2 and "overwrite an input" in result.output
 
 
@@ -138,9 +142,7 @@ def test_patch_of_a_dynamo_export_with_external_data(trojaned, tmp_path):
         shutil.copy(trojaned / name, src / name)
     out = tmp_path / "out" / "patched.onnx"
     out.parent.mkdir()
-    result = CliRunner().invoke(main, ["patch", str(src / "dyn.onnx"), "--pairs",
-                                       str(src / "pairs.npz"), "--eval", str(src / "eval.npz"),
-                                       "-o", str(out), "--gap", "0.05"])
+    result = patch_cli(src / "dyn.onnx", src, out, "--gap", "0.05")
     assert result.exit_code in (0, 1), result.output
     assert (out.parent / "patched.onnx.data").is_file()
     assert (src / "dyn.onnx.data").read_bytes() == data_before
@@ -170,10 +172,7 @@ class _TorchTwin(nn.Module):
 @pytest.mark.parametrize("strategy", ["static", "finetune"])
 def test_baseline_strategies_run(trojaned, tmp_path, strategy):
     out = tmp_path / f"{strategy}.onnx"
-    result = CliRunner().invoke(main, ["patch", str(trojaned / "model.onnx"), "--pairs",
-                                       str(trojaned / "pairs.npz"), "--eval",
-                                       str(trojaned / "eval.npz"), "-o", str(out),
-                                       "--strategy", strategy])
+    result = patch_cli(trojaned / "model.onnx", trojaned, out, "--strategy", strategy)
     assert result.exit_code in (0, 1), result.output
     assert out.is_file()
     kinds = {e["kind"] for e in read_provenance(onnx.load(str(out)))["edits"]}
@@ -182,10 +181,8 @@ def test_baseline_strategies_run(trojaned, tmp_path, strategy):
 
 def test_iterative_solver_runs_through_the_cli(trojaned, tmp_path):
     out = tmp_path / "iterative.onnx"
-    result = CliRunner().invoke(main, ["patch", str(trojaned / "model.onnx"), "--pairs",
-                                       str(trojaned / "pairs.npz"), "--eval",
-                                       str(trojaned / "eval.npz"), "-o", str(out),
-                                       "--solver", "iterative", "--max-rounds", "2"])
+    result = patch_cli(trojaned / "model.onnx", trojaned, out, "--solver", "iterative",
+                       "--max-rounds", "2")
     assert result.exit_code in (0, 1), result.output
     edits = read_provenance(onnx.load(str(out)))["edits"]
     assert edits and all(e["rank"] == 1 for e in edits)
@@ -211,9 +208,7 @@ def test_fp16_model_is_patched_in_fp16(trojaned, tmp_path):
         np.savez(tmp_path / f"{name}.npz", **data)
     out = tmp_path / "half_patched.onnx"
     report = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["patch", str(half), "--pairs", str(tmp_path / "pairs.npz"),
-                                       "--eval", str(tmp_path / "eval.npz"), "-o", str(out),
-                                       "--gap", "0.05", "--report", str(report)])
+    result = patch_cli(half, tmp_path, out, "--gap", "0.05", "--report", str(report))
     assert result.exit_code in (0, 1), result.output
     patched = onnx.load(str(out))
     assert {t.data_type for t in patched.graph.initializer} == {TensorProto.FLOAT16}
@@ -225,9 +220,6 @@ def test_fp16_model_is_patched_in_fp16(trojaned, tmp_path):
 
 
 def test_an_unknown_layer_is_refused_before_any_work(trojaned, tmp_path):
-    result = CliRunner().invoke(main, ["patch", str(trojaned / "model.onnx"), "--pairs",
-                                       str(trojaned / "pairs.npz"), "--eval",
-                                       str(trojaned / "eval.npz"), "-o", str(tmp_path / "x.onnx"),
-                                       "--layer", "nope"])
+    result = patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "x.onnx", "--layer", "nope")
     assert result.exit_code == 2 and "--layer 'nope' is not an editable layer" in result.output
     assert not (tmp_path / "x.onnx").exists()
