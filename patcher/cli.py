@@ -331,7 +331,7 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               default="dynamic", show_default=True, help="dynamic: the paper's loop; static: "
               "one edit at the last layer; finetune: fine-tune the last layer; care: CARE's "
               "causal neuron repair (particle swarm).")
-@click.option("--care-neurons", type=int, default=None,
+@click.option("--care-neurons", type=click.IntRange(min=1), default=None,
               help="--strategy care: neurons to repair (default: 10% of the layer's).")
 @click.option("--layer", default=None, help="Force one edit at this layer (node name).")
 @click.option("--solver", type=click.Choice(["closed", "iterative"]), default="closed",

@@ -42,7 +42,6 @@ from .stats import (LayerStatistics, MomentCache, collect_moments, data_hash,
                     iterate_batches)
 
 STRATEGIES = ("dynamic", "static", "finetune", "care")
-LOCATE_METHODS = ("attribution", "causal")
 #: An edit is kept only if it shrinks the gap by at least this share (no rounds spent on
 #: edits that barely move it).
 MIN_GAP_GAIN = 0.05
@@ -389,12 +388,6 @@ class Rectifier:
         return effects
 
     # -------------------------------------------------------------- editing
-    @torch.no_grad()
-    def _keys_of(self, layer: EditableLayer, x: torch.Tensor) -> torch.Tensor:
-        with LayerTap(self.graph, [layer]) as tap:
-            self.graph(x)
-        return layer_keys(layer, tap.inputs[layer.name], self.graph.node_attributes(layer.name))
-
     @torch.no_grad()
     def fit_edit(self, layer: EditableLayer) -> RankOneEdit:
         """Closed-form rank-one edit mapping corrupted keys to clean values at ``layer``."""

@@ -91,16 +91,15 @@ EXACT_CONDITION_UP_TO = 1024
 
 @dataclass
 class LayerStatistics:
-    """C, the Cholesky factor L of C_reg = C + lambda I, C_reg^-1 (on first use), and
-    diagnostics.
+    """The Cholesky factor L of C_reg = C + lambda I, C_reg^-1 (on first use), and
+    diagnostics. C itself and the running sums are not kept: two fewer d x d float64
+    copies per layer (1.5 GB on ResNet-18); the factor is all scoring and editing need.
 
     L gives the whitening Z = L^-1 (Z^T Z = C_reg^-1) without an eigendecomposition; the
     inverse is only formed for layers that are edited (or scored with ``inverse``)."""
 
     layer: str
-    moments: KeyMoments | None   # not kept by from_moments (memory)
     ridge: float
-    cov: torch.Tensor | None = field(repr=False, default=None)  # likewise
     cholesky: torch.Tensor = field(repr=False, default=None)
     condition_number: float = float("nan")
     condition_estimated: bool = False
@@ -124,9 +123,7 @@ class LayerStatistics:
             else:  # a lower bound from the factor's diagonal, for large key dimensions
                 diag = torch.diagonal(chol) ** 2
                 cond, estimated = float(diag.max() / diag.min()), True
-        # C itself and the running sums are not kept: two fewer d x d float64 copies per
-        # layer (1.5 GB on ResNet-18); the factor is all that scoring and editing need
-        return cls(layer, None, ridge, None, chol, cond, estimated, lam)
+        return cls(layer, ridge, chol, cond, estimated, lam)
 
     @property
     def inverse(self) -> torch.Tensor:
