@@ -32,7 +32,6 @@ import gc
 import io
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -68,26 +67,15 @@ STEPS = 16  # RectifyConfig.steps
 
 # ---------------------------------------------------------------- environment and memory
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    """shadow_vs_torch's environment plus the GPU, memory, load and onnxruntime version."""
     import onnxruntime
+    from shadow_vs_torch import environment
 
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "cores_available": cores,
-            "torch_threads": torch.get_num_threads(),
+    return {**environment(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
-            "load_average_at_start": load, "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "platform": platform.platform()}
+            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "onnxruntime": onnxruntime.__version__}
 
 
 def rss_mb() -> float:
