@@ -127,7 +127,7 @@ def care_repair(graph: ShadowGraph, layer: EditableLayer, neurons: list[int],
         error = float(wrong.to(torch.float64).mean()) if len(wrong) else 0.0
         return fit, clean, error
 
-    base_error = terms(start)[2]
+    start_fit, start_clean, base_error = terms(start)
 
     def value(position: np.ndarray) -> float:
         fit, clean, error = terms(position)
@@ -142,7 +142,7 @@ def care_repair(graph: ShadowGraph, layer: EditableLayer, neurons: list[int],
 
         result = particle_swarm(swarm_values, low, high, particles=particles,
                                 iterations=iterations, seed=seed, start=start)
-    before = value(start)
+    before = start_fit + accuracy_weight * start_clean  # the identity: no penalty
     scales = result.best[:k]
     shifts = result.best[k:] if bias_name is not None else np.zeros(k)
     weight_delta, bias_delta = _deltas(graph, layer, neurons, scales, shifts, bias_name)
