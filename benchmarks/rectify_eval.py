@@ -4,12 +4,14 @@
                                       [--json FILE] [--markdown FILE]
 
 For each scenario and pair count n it runs the strategies side by side (dynamic with
-corruption transplant, dynamic without, static, finetune), writes each patched model
+corruption transplant, dynamic without, static, finetune, CARE), writes each patched model
 to a temporary folder, and measures it with onnxruntime on the held-out sets:
 backdoor: OA on test.npz and ASR on attack.npz; spurious: accuracy and the gap between
 the class's patterned and clean test sets; leakage: accuracy and the input-IG share on
 the null block. It also ranks layers by brute force (one forced edit per layer, n=1)
-and reports top-1 / top-3 recall of ``locate``.
+and reports top-1 / top-3 recall of ``locate`` and of the causal rankings (CARE).
+``--merge FILE`` adds a run's rows to stored results; ``--render FILE --markdown F``
+and ``--render FILE --readmes`` write RECTIFY_RESULTS.md and the samples' tables.
 """
 from __future__ import annotations
 
