@@ -370,13 +370,16 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                            care_neurons=care_neurons)
     report = run_patch(model, pairs_path, eval_path, calib_path, output, config, device,
                        provider, force, log=lambda m: click.echo(m, err=True))
+    from .rectify import format_accuracy
+
     r, v = report.result, report.verification
     click.echo(f"{'round':>5}  {'layer':<28} {'score':>10} {'gap before':>10} {'gap after':>10} "
                f"{'accuracy':>9}  decision")
     for rd in r.rounds:
         score_text = f"{rd.score:.4g}" if rd.score is not None else "-"
         click.echo(f"{rd.index:>5}  {rd.layer:<28} {score_text:>10} {rd.gap_before:>10.4f} "
-                   f"{rd.gap_after:>10.4f} {rd.accuracy:>9.2%}  {rd.reason}")
+                   f"{rd.gap_after:>10.4f} {format_accuracy(rd.accuracy, rd.evaluated):>9}  "
+                   f"{rd.reason}")
     click.echo(f"wrote {', '.join(report.written)}")
     click.echo(f"onnxruntime ({v.provider}), reloaded from disk: accuracy {v.base_accuracy:.2%} -> "
                f"{v.patched_accuracy:.2%}, pair gap {v.base_pair_gap:.4f} -> "

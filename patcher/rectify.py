@@ -38,8 +38,8 @@ from .errors import BadSamplesError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
 from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
-from .stats import (LayerStatistics, MomentCache, collect_moments, data_hash,
-                    iterate_batches)
+from .stats import (STATISTICS_MODES, LayerStatistics, MomentCache, collect_moments,
+                    data_hash, iterate_batches, statistics_from_moments, statistics_kind)
 
 STRATEGIES = ("dynamic", "static", "finetune", "care")
 #: An edit is kept only if it shrinks the gap by at least this share (no rounds spent on
@@ -71,6 +71,7 @@ class RectifyConfig:
     attribution_form: str = "ig"
     calib_limit: int = 1000
     stat_rows: int | None = None  # cap on keys per layer for C (seeded sample); None: all
+    statistics: str = "auto"      # C per layer: auto, exact or kronecker (patcher.stats)
     refresh_statistics: bool = False  # recompute downstream C after each kept edit
     allow_shared: bool = False
     solver: str = "closed"        # "closed" (least squares) or "iterative" (the paper's)
@@ -106,10 +107,13 @@ class Round:
     reason: str
     gap_before: float
     gap_after: float
-    accuracy: float
-    accuracy_drop: float
+    accuracy: float | None
+    accuracy_drop: float | None
     delta_norm: float
     fit_residual_ratio: float | None
+    #: eval images seen when the round was decided early (None: all). Then ``accuracy`` is
+    #: the upper bound reached (the drop a lower bound), or None when none were needed.
+    evaluated: int | None = None
 
 
 @dataclass
@@ -187,6 +191,9 @@ class Rectifier:
             raise RectifyError(f"unknown solver '{config.solver}' (closed or iterative)")
         if config.score not in SCORE_MODES:
             raise RectifyError(f"unknown score mode '{config.score}'")
+        if config.statistics not in STATISTICS_MODES:
+            raise RectifyError(f"unknown statistics mode '{config.statistics}' "
+                               f"({', '.join(STATISTICS_MODES)})")
         self.graph = graph.to(device).eval()
         for p in self.graph.parameters():
             p.requires_grad_(True)
@@ -199,9 +206,13 @@ class Rectifier:
         self.eval_x, self.eval_y = eval_set.x, eval_set.y
         calib = calib_x if calib_x is not None else eval_set.x
         self.calib_x = calib[:config.calib_limit]
+        #: the calibration inputs are the whole eval set, in order (the default)
+        self.calibrates_on_eval = calib_x is None and len(self.calib_x) == len(self.eval_x)
         self.layers = self._candidate_layers()
         self._build_fit_and_gap_sets(pairs)
         self.stats: dict[str, LayerStatistics] = {}
+        self.exact_stats: dict[str, LayerStatistics] = {}  # for edits of factored layers
+        self._calib_accuracy: float | None = None
 
     # -------------------------------------------------------------- setup
     def _candidate_layers(self) -> list[EditableLayer]:
@@ -247,33 +258,67 @@ class Rectifier:
         corruption's direction familiar to C, C^-1 stops singling it out, and edits
         generalise far worse: on samples/backdoor_cnn with 5 pairs, one edit of the
         first dense layer left ASR at 0.2% with C from clean data, 26.6% with the five
-        corrupted inputs added (benchmarks/rectify_eval.py measures the whole loop)."""
+        corrupted inputs added (benchmarks/rectify_eval.py measures the whole loop).
+
+        When the calibration inputs are the eval set, the same pass also gives the
+        base accuracy (:meth:`base_accuracy`)."""
+        self.stats = self._statistics(self.layers, self.config.statistics,
+                                      count_accuracy=self.calibrates_on_eval)
+
+    def _statistics(self, layers: list[EditableLayer], mode: str, count_accuracy: bool = False
+                    ) -> dict[str, LayerStatistics]:
         start = time.perf_counter()
         data = self.calib_x
         cache = MomentCache(Path(self.config.cache_dir)) if self.config.cache_dir else None
         moments: dict = {}
+        keys = {}
         if cache is not None:
             model_key, data_key = self._model_key(), data_hash(data)
             if self.config.stat_rows:
                 data_key += f"-rows{self.config.stat_rows}-seed{self.config.seed}"
-            for layer in self.layers:
-                hit = cache.get(model_key, layer, data_key)
+            for layer in layers:
+                keys[layer.name] = f"{data_key}-{statistics_kind(layer, mode)}"
+                hit = cache.get(model_key, layer, keys[layer.name])
                 if hit is not None:
                     moments[layer.name] = hit
-        missing = [l for l in self.layers if l.name not in moments]
+        missing = [l for l in layers if l.name not in moments]
+        correct = [0]
+
+        def count(batch, outputs):
+            pred = outputs[0].reshape(len(batch), -1).argmax(1).cpu().numpy()
+            done = count.seen
+            correct[0] += int((pred == self.eval_y[done:done + len(batch)]).sum())
+            count.seen += len(batch)
+        count.seen = 0
+
         if missing:
             fresh = collect_moments(self.graph, missing, iterate_batches(data, 128),
                                     total=len(data), show_progress=self.config.show_progress,
-                                    max_rows=self.config.stat_rows, seed=self.config.seed)
+                                    max_rows=self.config.stat_rows, seed=self.config.seed,
+                                    mode=mode, on_output=count if count_accuracy else None)
             moments.update(fresh)
+            if count_accuracy:
+                self._calib_accuracy = correct[0] / max(len(data), 1)
             if cache is not None:
                 for layer in missing:
-                    cache.put(model_key, layer, data_key, fresh[layer.name])
-        self.cache_hits = len(self.layers) - len(missing)
-        self.stats = {name: LayerStatistics.from_moments(name, m.to(self.device),
-                                                         self.config.ridge)
-                      for name, m in moments.items()}
+                    cache.put(model_key, layer, keys[layer.name], fresh[layer.name])
+        self.cache_hits = len(layers) - len(missing)
+        stats = {name: statistics_from_moments(name, m.to(self.device), self.config.ridge)
+                 for name, m in moments.items()}
         self.timings["statistics"] = self.timings.get("statistics", 0) + time.perf_counter() - start
+        return stats
+
+    def edit_statistics(self, layer: EditableLayer) -> LayerStatistics:
+        """The exact statistics of ``layer`` (an edit's C^-1): those of the ranking pass, or
+        for a layer ranked with factored statistics, one more pass for this layer alone."""
+        if not self.stats:
+            self.compute_statistics()
+        st = self.stats[layer.name]
+        if st.kind == "exact":
+            return st
+        if layer.name not in self.exact_stats:
+            self.exact_stats.update(self._statistics([layer], "exact"))
+        return self.exact_stats[layer.name]
 
     def _model_key(self) -> str:
         """The model file's hash plus the current editable weights (edits change keys)."""
@@ -292,14 +337,10 @@ class Rectifier:
         stale = self.graph.downstream_nodes(edited) & {l.name for l in self.layers}
         if not stale or not self.stats:
             return
-        start = time.perf_counter()
         layers = [l for l in self.layers if l.name in stale]
-        moments = collect_moments(self.graph, layers, iterate_batches(self.calib_x, 128),
-                                  total=len(self.calib_x), show_progress=self.config.show_progress,
-                                  max_rows=self.config.stat_rows, seed=self.config.seed)
-        for name, m in moments.items():
-            self.stats[name] = LayerStatistics.from_moments(name, m, self.config.ridge)
-        self.timings["statistics"] = self.timings.get("statistics", 0) + time.perf_counter() - start
+        self.stats.update(self._statistics(layers, self.config.statistics))
+        for name in stale:
+            self.exact_stats.pop(name, None)
 
     # -------------------------------------------------------------- measurements
     @torch.no_grad()
@@ -315,18 +356,38 @@ class Rectifier:
         corrupted, clean, labels = self.gap_sets
         return float((self.probabilities(clean, labels) - self.probabilities(corrupted, labels)).mean())
 
+    def base_accuracy(self) -> float:
+        """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
+        the strategy needs key statistics, the statistics pass measures it on the way."""
+        if self.calibrates_on_eval and self.config.strategy in ("dynamic", "static") \
+                and not self.stats:
+            self.compute_statistics()
+            if self._calib_accuracy is not None:
+                return self._calib_accuracy
+        return self.accuracy()
+
     @torch.no_grad()
-    def accuracy(self) -> float:
+    def accuracy(self, at_least: float | None = None) -> float:
+        """Accuracy on the eval set. With ``at_least``, the pass stops once the result is
+        certainly below it (even if every image left were right) and returns that upper
+        bound instead; ``self.last_evaluated`` says how many images were seen."""
         start = time.perf_counter()
-        correct = 0
-        with progress(len(self.eval_x), "evaluating", self.config.show_progress) as bar:
-            for i in range(0, len(self.eval_x), 256):
+        correct, total = 0, len(self.eval_x)
+        self.last_evaluated = total
+        with progress(total, "evaluating", self.config.show_progress) as bar:
+            for i in range(0, total, 256):
                 xb = torch.from_numpy(self.eval_x[i:i + 256]).to(self.device)
                 pred = self.graph(xb)[0].reshape(len(xb), -1).argmax(1).cpu().numpy()
                 correct += int((pred == self.eval_y[i:i + 256]).sum())
                 bar.update(len(xb))
+                seen = i + len(xb)
+                if at_least is not None and seen < total and \
+                        (correct + total - seen) / total < at_least - 1e-9:
+                    self.last_evaluated = seen
+                    correct += total - seen
+                    break
         self.timings["evaluation"] = self.timings.get("evaluation", 0) + time.perf_counter() - start
-        return correct / max(len(self.eval_x), 1)
+        return correct / max(total, 1)
 
     # -------------------------------------------------------------- localisation
     def locate(self, exclude: set[str] = frozenset()) -> list[LayerScore]:
@@ -360,7 +421,7 @@ class Rectifier:
                 if self.config.score == "whitened":
                     m_star = st.whiten_rows(b)
                 else:
-                    m_star = b @ st.inverse.to(b.device)
+                    m_star = st.solve_rows(b)
                 per_pair = m_star.flatten(1).norm(dim=1)
                 scores.append(LayerScore(layer.name, float(per_pair.mean()),
                                          float(attr.layers[layer.name].completeness_error.max())))
@@ -411,7 +472,7 @@ class Rectifier:
                                             epochs=self.config.solver_epochs, seed=self.config.seed)
         else:
             edit = solve_rank_one(layer.name, layer.weight, torch.cat(keys), torch.cat(residuals),
-                                  self.stats[layer.name].inverse.to(self.device))
+                                  self.edit_statistics(layer).inverse.to(self.device))
         self.timings["edit"] = self.timings.get("edit", 0) + time.perf_counter() - start
         return edit
 
@@ -424,6 +485,13 @@ class Rectifier:
     def apply(self, layer: EditableLayer, delta: torch.Tensor, sign: float = 1.0) -> None:
         weight = self.graph.weight(layer.weight)
         weight.add_((sign * delta).to(weight.dtype))
+
+
+def format_accuracy(accuracy: float | None, evaluated: int | None) -> str:
+    """A round's accuracy as text: "-" when not measured, "<=x%" when decided early."""
+    if accuracy is None:
+        return "-"
+    return f"{'<=' if evaluated else ''}{accuracy:.2%}"
 
 
 def _result(strategy, base_acc, base_gap, acc, gap, cfg, rectifier) -> RectifyResult:
@@ -450,7 +518,7 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                 f"{', '.join(shared.shared_with)}; pass --allow-shared to edit it for all")
         raise RectifyError(f"--layer '{cfg.layer}' is not an editable layer of this model "
                            f"(editable: {', '.join(by_name)})")
-    base_acc, base_gap = r.accuracy(), r.gap()
+    base_acc, base_gap = r.base_accuracy(), r.gap()
     log(f"base: accuracy {base_acc:.2%}, gap {base_gap:.4f} (on {r.gap_source})")
     deltas: dict[str, torch.Tensor] = {}
     edits: list[dict] = []
@@ -503,22 +571,35 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
             edit = r.fit_edit(layer)
             delta = r.stored(layer, edit)
             r.apply(layer, delta)
-            new_acc, new_gap = r.accuracy(), r.gap()
-            drop = base_acc - new_acc
+            # The gap first (a few pairs): the accuracy pass then stops as soon as the
+            # round is certainly rejected, and is skipped when the gap alone rejects it.
+            new_gap = r.gap()
             ratio = edit.fit_residual_after / max(edit.fit_residual_before, 1e-300)
-            if drop > cfg.budget:
-                kept, reason = False, f"accuracy drop {drop:.2%} over budget {cfg.budget:.2%}"
-            elif new_gap > gap - MIN_GAP_GAIN * max(gap, 0.0) - 1e-6:
+            evaluated = None
+            if new_gap > gap - MIN_GAP_GAIN * max(gap, 0.0) - 1e-6:
                 kept, reason = False, f"gap shrank by less than {MIN_GAP_GAIN:.0%}"
-            elif acc - new_acc > ACCURACY_PER_GAP * (gap - new_gap) + 1e-9:
-                kept, reason = False, (f"cost {acc - new_acc:.2%} accuracy for "
-                                       f"{gap - new_gap:.4f} of gap")
+                new_acc, drop, evaluated = None, None, 0
             else:
-                kept, reason = True, "kept"
+                need = max(base_acc - cfg.budget, acc - ACCURACY_PER_GAP * (gap - new_gap))
+                new_acc = r.accuracy(at_least=need)
+                drop = base_acc - new_acc
+                if r.last_evaluated < len(r.eval_x):
+                    evaluated = r.last_evaluated
+                bound = "at least " if evaluated is not None else ""
+                if drop > cfg.budget:
+                    kept, reason = False, (f"accuracy drop {bound}{drop:.2%} over budget "
+                                           f"{cfg.budget:.2%}")
+                elif acc - new_acc > ACCURACY_PER_GAP * (gap - new_gap) + 1e-9:
+                    kept, reason = False, (f"cost {bound}{acc - new_acc:.2%} accuracy for "
+                                           f"{gap - new_gap:.4f} of gap")
+                else:
+                    kept, reason = True, "kept"
+                if evaluated is not None:
+                    reason += f" (decided after {evaluated} of {len(r.eval_x)} eval images)"
             rounds.append(Round(index, layer.name, best.score, kept, reason, gap, new_gap,
-                                new_acc, drop, edit.norm, ratio))
+                                new_acc, drop, edit.norm, ratio, evaluated))
             log(f"round {index}: {layer.name} score {best.score:.4g}: gap {gap:.4f} -> "
-                f"{new_gap:.4f}, accuracy {new_acc:.2%} ({reason})")
+                f"{new_gap:.4f}, accuracy {format_accuracy(new_acc, evaluated)} ({reason})")
             if kept:
                 record(layer, delta, "rank-one", edit)
                 gap, acc = new_gap, new_acc
@@ -535,8 +616,8 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
     result.rounds, result.scores, result.edits = rounds, scores, edits
     result.deltas = {k: v.numpy() for k, v in deltas.items()}
     result.timings = dict(r.timings)
-    result.conditioning = {k: {"condition_number": s.condition_number, "ridge": s.ridge_value}
-                           for k, s in r.stats.items()}
+    result.conditioning = {k: {"condition_number": s.condition_number, "ridge": s.ridge_value,
+                               "kind": s.kind} for k, s in r.stats.items()}
     return result
 
 

@@ -445,8 +445,9 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
     if rounds:
         body = [[_esc(r.get("index")), f'<code class="id">{_esc(r.get("layer"))}</code>',
                  _esc(_num(r.get("score"), ".4g")), _esc(_num(r.get("gap_before"))),
-                 _esc(_num(r.get("gap_after"))), _esc(_pct(r.get("accuracy"))),
-                 _esc(_pct(r.get("accuracy_drop"))), _esc(_num(r.get("delta_norm"), ".4g")),
+                 _esc(_num(r.get("gap_after"))),
+                 _esc(("≤ " if r.get("evaluated") else "") + _pct(r.get("accuracy"))),
+                 _esc(("≥ " if r.get("evaluated") else "") + _pct(r.get("accuracy_drop"))), _esc(_num(r.get("delta_norm"), ".4g")),
                  _esc(_num(r.get("fit_residual_ratio"), ".3g")), _esc(r.get("reason"))]
                 for r in rounds]
         h.append(_table(["round", "layer", "score", "gap before", "gap after", "accuracy",

@@ -15,6 +15,23 @@ uniformly drawn share of its keys, so that about ``max_rows`` keys in all are us
 default uses every key.
 Regularisation (ridge): C_reg = C + lambda I with lambda = ridge * mean(diag C),
 default ridge = 1e-2.
+
+Kronecker-factored statistics (``kind = "kronecker"``), for convolutions with a spatial
+kernel: a conv key k[c, o] holds input channel c at kernel offset o, and the exact C costs
+Kd = C_in/g x kh x kw times the keys' count in multiply-adds, about 9 C_in / C_out times
+the conv itself for 3x3 kernels (8x a whole ResNet-18 forward). The factored form
+
+    C ~= A (x) B / mean(diag B),
+    A[c, c'] = E_pixels[x_c x_c']               (the layer input's channel second moment)
+    B[o, o'] = E_keys,channels[k_(c,o) k_(c,o')]  (the kernel offsets' second moment)
+
+costs one C_in/g x C_in/g product per input pixel for A and a Kd x kh*kw product per key
+for B, taken on the first ``OFFSET_IMAGES`` inputs of each batch (B is kh*kw x kh*kw).
+With A = U_A L_A U_A^T and B' = B / mean(diag B) = U_B L_B U_B^T, C_reg = (U_A (x) U_B)
+(L_A (x) L_B + lambda) (U_A (x) U_B)^T, so C_reg^-1 k and the whitened norms cost two small
+matrix products per key. The factors are exact when the input's spatial correlation is the
+same in every channel (and with no padding); they are an approximation otherwise, used to
+rank layers; an edit always uses the exact C of its layer (:func:`statistics_kind`).
 """
 from __future__ import annotations
 
@@ -32,6 +49,33 @@ from .shadow import EditableLayer, ShadowGraph
 
 DEFAULT_RIDGE = 1e-2
 CHUNK_ROWS = 8192
+#: How C is computed per layer: "exact" everywhere, "kronecker" for every conv with a
+#: spatial kernel, or "auto": Kronecker-factored where the exact products would cost more
+#: than the conv itself (key dimension Kd above the output channels per group).
+STATISTICS_MODES = ("auto", "exact", "kronecker")
+#: Kronecker statistics: inputs per batch whose unfolded keys estimate the offsets' B.
+OFFSET_IMAGES = 8
+
+
+def kernel_offsets(layer: EditableLayer) -> int:
+    """kh x kw (1 for Gemm, MatMul and 1x1 convolutions)."""
+    if layer.orientation != "conv":
+        return 1
+    return int(np.prod(layer.shape[2:], dtype=np.int64))
+
+
+def statistics_kind(layer: EditableLayer, mode: str = "auto") -> str:
+    """"exact" or "kronecker" for ``layer`` under ``mode`` (:data:`STATISTICS_MODES`).
+
+    Only convolutions with a spatial kernel can be factored (channel x offset); "auto"
+    factors those whose K^T K costs more than the conv: Kd > M / g."""
+    if mode not in STATISTICS_MODES:
+        raise ValueError(f"unknown statistics mode '{mode}' ({', '.join(STATISTICS_MODES)})")
+    if mode == "exact" or kernel_offsets(layer) == 1:
+        return "exact"
+    if mode == "kronecker":
+        return "kronecker"
+    return "kronecker" if layer.key_dim > layer.value_dim // max(layer.groups, 1) else "exact"
 
 
 @contextmanager
@@ -81,6 +125,38 @@ class KeyMoments:
         return self.sum_kk / max(self.count, 1)
 
 
+@dataclass
+class KroneckerMoments:
+    """Running sums of the two factors of a conv's C (see the module docstring)."""
+
+    channels: KeyMoments  # sum over input pixels of x x^T, [C_in/g, C_in/g]
+    offsets: KeyMoments   # sum over keys and channels of k_o k_o'^T, [kh*kw, kh*kw]
+
+    @classmethod
+    def empty(cls, layer: EditableLayer, device) -> "KroneckerMoments":
+        kk = kernel_offsets(layer)
+        zeros = lambda d: torch.zeros(d, d, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(KeyMoments(zeros(layer.key_dim // kk)), KeyMoments(zeros(kk)))
+
+    def add(self, layer: EditableLayer, data: torch.Tensor, attrs: dict) -> None:
+        """Fold in one batch of the layer's input ``data`` [n, C, *spatial]."""
+        n, c = data.shape[:2]
+        groups = max(layer.groups, 1)
+        per_group = c // groups
+        pixels = data.reshape(n, groups, per_group, -1).permute(0, 1, 3, 2)
+        self.channels.add(pixels.reshape(-1, per_group))
+        keys = layer_keys(layer, data[:OFFSET_IMAGES], attrs)
+        self.offsets.add(keys.reshape(-1, per_group, kernel_offsets(layer))
+                         .reshape(-1, kernel_offsets(layer)))
+
+    def merge(self, other: "KroneckerMoments") -> "KroneckerMoments":
+        return KroneckerMoments(self.channels.merge(other.channels),
+                                self.offsets.merge(other.offsets))
+
+    def to(self, device) -> "KroneckerMoments":
+        return KroneckerMoments(self.channels.to(device), self.offsets.to(device))
+
+
 #: Below this key dimension the factorisation runs on one thread (small LAPACK calls thrash
 #: when threads compete for cores); above it, on all of them.
 SINGLE_THREAD_BELOW = 512
@@ -105,6 +181,7 @@ class LayerStatistics:
     condition_estimated: bool = False
     ridge_value: float = 0.0
     _inverse: torch.Tensor | None = field(repr=False, default=None)
+    kind: str = "exact"
 
     @classmethod
     def from_moments(cls, layer: str, moments: KeyMoments, ridge: float = DEFAULT_RIDGE
@@ -139,24 +216,90 @@ class LayerStatistics:
         solved = torch.linalg.solve_triangular(self.cholesky, flat.T, upper=False)
         return solved.T.reshape(b.shape)
 
+    def solve_rows(self, b: torch.Tensor) -> torch.Tensor:
+        """B C_reg^-1 for B [..., Kd]."""
+        flat = b.reshape(-1, b.shape[-1]).to(self.cholesky.dtype)
+        return torch.cholesky_solve(flat.T, self.cholesky).T.reshape(b.shape)
+
+
+@dataclass
+class KroneckerStatistics:
+    """C_reg = (U_A (x) U_B)(L_A (x) L_B + lambda)(U_A (x) U_B)^T from the factors'
+    eigendecompositions (module docstring); the same queries as :class:`LayerStatistics`
+    except the dense inverse, which edits take from the exact statistics."""
+
+    layer: str
+    ridge: float
+    channel_vectors: torch.Tensor = field(repr=False, default=None)
+    offset_vectors: torch.Tensor = field(repr=False, default=None)
+    spectrum: torch.Tensor = field(repr=False, default=None)  # L_A (x) L_B + lambda, [Ca, kk]
+    condition_number: float = float("nan")
+    condition_estimated: bool = False
+    ridge_value: float = 0.0
+    kind: str = "kronecker"
+
+    @classmethod
+    def from_moments(cls, layer: str, moments: KroneckerMoments, ridge: float = DEFAULT_RIDGE
+                     ) -> "KroneckerStatistics":
+        a, b = moments.channels.second_moment, moments.offsets.second_moment
+        a, b = (a + a.T) * 0.5, (b + b.T) * 0.5
+        b = b / torch.diagonal(b).mean().clamp_min(1e-300)
+        with _threads_for(a.shape[0]):
+            la, ua = torch.linalg.eigh(a)
+            lb, ub = torch.linalg.eigh(b)
+        la, lb = la.clamp_min(0), lb.clamp_min(0)
+        lam = ridge * float(torch.diagonal(a).mean().clamp_min(1e-12))
+        product = la[:, None] * lb[None, :]
+        cond = float(product.max() / product.min().clamp_min(1e-300))
+        return cls(layer, ridge, ua, ub, product + lam, cond, False, lam)
+
+    def _rotate(self, b: torch.Tensor) -> torch.Tensor:
+        """U^T k for every row k of B, as [rows, C_in/g, kh*kw] matrices U_A^T K U_B."""
+        ua, ub = self.channel_vectors, self.offset_vectors
+        mats = b.reshape(-1, ua.shape[0], ub.shape[0]).to(ua.dtype)
+        return ua.T @ mats @ ub
+
+    def whiten_rows(self, b: torch.Tensor) -> torch.Tensor:
+        """B Z^T with Z^T Z = C_reg^-1 (Z = (L + lambda)^-1/2 U^T): norms as in
+        :meth:`LayerStatistics.whiten_rows`, coordinates rotated."""
+        return (self._rotate(b) / self.spectrum.sqrt()).reshape(b.shape)
+
+    def solve_rows(self, b: torch.Tensor) -> torch.Tensor:
+        """B C_reg^-1 for B [..., Kd]."""
+        y = self._rotate(b) / self.spectrum
+        return (self.channel_vectors @ y @ self.offset_vectors.T).reshape(b.shape)
+
 
 def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
                     total: int | None = None, label: str = "key statistics",
                     show_progress: bool | None = None, max_rows: int | None = None,
-                    seed: int = 0) -> dict[str, KeyMoments]:
-    """One forward pass per batch (an iterable of input tensors) feeds all layers' sums.
+                    seed: int = 0, mode: str = "exact", on_output=None
+                    ) -> dict[str, "KeyMoments | KroneckerMoments"]:
+    """One forward pass per batch (an iterable of input tensors) feeds all layers' sums:
+    :class:`KeyMoments`, or :class:`KroneckerMoments` where :func:`statistics_kind` says so
+    for ``mode``. ``on_output(batch, outputs)`` sees every batch's graph outputs.
 
     With ``max_rows`` and ``total`` (the number of inputs), each layer keeps a seeded
-    random share max_rows / (keys per input x total) of every batch's keys."""
+    random share max_rows / (keys per input x total) of every batch's keys (exact
+    statistics only: the factored ones are cheap)."""
     device = next((p.device for p in graph.parameters()), torch.device("cpu"))
-    moments = {l.name: KeyMoments(torch.zeros(l.key_dim, l.key_dim, dtype=torch.float64,
-                                              device=device)) for l in layers}
+    moments: dict = {}
+    for l in layers:
+        if statistics_kind(l, mode) == "kronecker":
+            moments[l.name] = KroneckerMoments.empty(l, device)
+        else:
+            moments[l.name] = KeyMoments(torch.zeros(l.key_dim, l.key_dim, dtype=torch.float64,
+                                                     device=device))
     attrs = {l.name: graph.node_attributes(l.name) for l in layers}
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     current = {"batch": 1}
 
     def accumulate(layer, data, _out):
+        target = moments[layer.name]
+        if isinstance(target, KroneckerMoments):
+            target.add(layer, data, attrs[layer.name])
+            return
         keys = layer_keys(layer, data, attrs[layer.name])
         if max_rows and total:
             flat = keys.reshape(-1, keys.shape[-1])
@@ -171,9 +314,19 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
             LayerTap(graph, layers, on_capture=accumulate), torch.no_grad():
         for batch in batches:
             current["batch"] = len(batch)
-            graph(batch.to(device))
+            outputs = graph(batch.to(device))
+            if on_output is not None:
+                on_output(batch, outputs)
             bar.update(len(batch))
     return moments
+
+
+def statistics_from_moments(name: str, moments: "KeyMoments | KroneckerMoments",
+                            ridge: float = DEFAULT_RIDGE
+                            ) -> "LayerStatistics | KroneckerStatistics":
+    if isinstance(moments, KroneckerMoments):
+        return KroneckerStatistics.from_moments(name, moments, ridge)
+    return LayerStatistics.from_moments(name, moments, ridge)
 
 
 def iterate_batches(x: np.ndarray, batch: int = 128):
@@ -199,21 +352,33 @@ class MomentCache:
         name = hashlib.sha256(f"{model_hash}|{layer.name}|{layer.weight}|{data_key}".encode())
         return self.folder / f"{name.hexdigest()[:24]}.npz"
 
-    def get(self, model_hash: str, layer: EditableLayer, data_key: str) -> KeyMoments | None:
+    def get(self, model_hash: str, layer: EditableLayer, data_key: str
+            ) -> "KeyMoments | KroneckerMoments | None":
         path = self._path(model_hash, layer, data_key)
         if not path.is_file():
             return None
         try:
             with np.load(path, allow_pickle=False) as data:
+                if "channels_sum" in data:
+                    return KroneckerMoments(
+                        KeyMoments(torch.from_numpy(data["channels_sum"]), int(data["channels_count"])),
+                        KeyMoments(torch.from_numpy(data["offsets_sum"]), int(data["offsets_count"])))
                 return KeyMoments(torch.from_numpy(data["sum_kk"]), int(data["count"]))
         except (OSError, ValueError, KeyError):
             return None
 
-    def put(self, model_hash: str, layer: EditableLayer, data_key: str, m: KeyMoments) -> None:
+    def put(self, model_hash: str, layer: EditableLayer, data_key: str,
+            m: "KeyMoments | KroneckerMoments") -> None:
         from .modelio import write_bytes_atomic
         import io
 
         self.folder.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        np.savez(buf, sum_kk=m.sum_kk.cpu().numpy(), count=np.int64(m.count))
+        if isinstance(m, KroneckerMoments):
+            np.savez(buf, channels_sum=m.channels.sum_kk.cpu().numpy(),
+                     channels_count=np.int64(m.channels.count),
+                     offsets_sum=m.offsets.sum_kk.cpu().numpy(),
+                     offsets_count=np.int64(m.offsets.count))
+        else:
+            np.savez(buf, sum_kk=m.sum_kk.cpu().numpy(), count=np.int64(m.count))
         write_bytes_atomic(self._path(model_hash, layer, data_key), buf.getvalue())
