@@ -234,6 +234,12 @@ def _rectify_options(fn):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the shadow graph runs."),
         click.option("--seed", default=0, show_default=True),
+        click.option("--statistics", "statistics", type=click.Choice(["auto", "exact", "kronecker"]),
+                     default="auto", show_default=True,
+                     help="How the key statistics C are computed for ranking layers: exact, "
+                     "Kronecker-factored (channel x kernel offset, eigenvalue-corrected) for "
+                     "spatial convolutions, or auto: factored where the exact C would cost "
+                     "more than the conv itself. Edits always use the exact C."),
         click.option("--stat-rows", type=click.IntRange(min=1), default=None,
                      help="Cap the keys per layer used for the key statistics C (a seeded "
                      "uniform sample; default: all). Faster on wide conv layers, less exact."),
@@ -261,8 +267,8 @@ def _rectify_options(fn):
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
            transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
-           stat_rows: int | None, cache_dir: str | None, eval_path: Path | None,
-           json_path: str | None,
+           statistics: str, stat_rows: int | None, cache_dir: str | None,
+           eval_path: Path | None, json_path: str | None,
            method: str, top_fraction: float) -> None:
     """Rank MODEL's editable layers by editability (or causal effect) for the given
     corrupted/clean pairs."""
@@ -273,7 +279,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
     config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
                            attribution_form=attribution, allow_shared=allow_shared,
                            cache_dir=cache_dir, causal_top_fraction=top_fraction,
-                           stat_rows=stat_rows)
+                           stat_rows=stat_rows, statistics=statistics)
     if method == "causal":
         _locate_causal(*locate_causal(inputs, config, device), json_path)
         return
@@ -350,7 +356,7 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
           transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
-          stat_rows: int | None, cache_dir: str | None, eval_path: Path,
+          statistics: str, stat_rows: int | None, cache_dir: str | None, eval_path: Path,
           output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
           care_neurons: int | None, solver: str, provider: str, report_path: str | None,
@@ -366,7 +372,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                            max_rounds=max_rounds, layer=layer, steps=steps, score=score,
                            transplant=transplant, seed=seed, attribution_form=attribution,
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
-                           stat_rows=stat_rows,
+                           stat_rows=stat_rows, statistics=statistics,
                            care_neurons=care_neurons)
     report = run_patch(model, pairs_path, eval_path, calib_path, output, config, device,
                        provider, force, log=lambda m: click.echo(m, err=True))

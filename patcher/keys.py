@@ -81,6 +81,28 @@ def conv_keys(x: torch.Tensor, layer: EditableLayer, attrs: dict) -> torch.Tenso
     return cols.reshape(n, groups, ck // groups, positions).permute(0, 3, 1, 2)
 
 
+def patch_coverage(layer: EditableLayer, attrs: dict, spatial: tuple[int, ...]
+                   ) -> tuple[torch.Tensor, int]:
+    """How many (position, kernel offset) pairs of the conv's keys read each input pixel
+    (zero padding excluded), as a tensor of the input's spatial shape, and the number of
+    positions P. Sum over pixels of coverage x f(pixel) = sum over keys and offsets of f."""
+    dims = len(spatial)
+    kernel = list(layer.shape[2:])
+    strides = list(attrs.get("strides") or [1] * dims)
+    dilations = list(attrs.get("dilations") or [1] * dims)
+    pads = resolve_pads(list(spatial), kernel, strides, dilations, attrs.get("pads"),
+                        attrs.get("auto_pad", "NOTSET"))
+    ones = F.pad(torch.ones((1, 1, *spatial), dtype=torch.float64), torch_pad_list(pads))
+    if dims == 1:
+        ones, kernel, strides, dilations = ones.unsqueeze(2), [1] + kernel, [1] + strides, [1] + dilations
+    cols = F.unfold(ones, kernel, dilation=dilations, stride=strides)
+    counts = F.fold(cols, ones.shape[2:], kernel, dilation=dilations, stride=strides)[0, 0]
+    if dims == 1:
+        counts = counts[0]
+    crop = tuple(slice(pads[i], pads[i] + spatial[i]) for i in range(dims))
+    return counts[crop], int(cols.shape[-1])
+
+
 def layer_keys(layer: EditableLayer, data: torch.Tensor, attrs: dict) -> torch.Tensor:
     """Keys [n, P, G, Kd] from the layer's data input."""
     o = layer.orientation

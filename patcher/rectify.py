@@ -38,8 +38,9 @@ from .errors import BadSamplesError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
 from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
-from .stats import (STATISTICS_MODES, LayerStatistics, MomentCache, collect_moments,
-                    data_hash, iterate_batches, statistics_from_moments, statistics_kind)
+from .stats import (CORRECTION_IMAGES, STATISTICS_MODES, LayerStatistics, MomentCache,
+                    collect_moments, correct_spectra, data_hash, iterate_batches,
+                    statistics_from_moments, statistics_kind)
 
 STRATEGIES = ("dynamic", "static", "finetune", "care")
 #: An edit is kept only if it shrinks the gap by at least this share (no rounds spent on
@@ -296,6 +297,10 @@ class Rectifier:
                                     total=len(data), show_progress=self.config.show_progress,
                                     max_rows=self.config.stat_rows, seed=self.config.seed,
                                     mode=mode, on_output=count if count_accuracy else None)
+            correct_spectra(self.graph, missing, fresh,
+                            iterate_batches(data[:CORRECTION_IMAGES], 128),
+                            total=min(len(data), CORRECTION_IMAGES),
+                            show_progress=self.config.show_progress)
             moments.update(fresh)
             if count_accuracy:
                 self._calib_accuracy = correct[0] / max(len(data), 1)
@@ -452,9 +457,8 @@ class Rectifier:
     @torch.no_grad()
     def fit_edit(self, layer: EditableLayer) -> RankOneEdit:
         """Closed-form rank-one edit mapping corrupted keys to clean values at ``layer``."""
+        statistics = self.edit_statistics(layer) if self.config.solver == "closed" else None
         start = time.perf_counter()
-        if not self.stats:
-            self.compute_statistics()
         corrupted, clean, _ = self.fit
         attrs = self.graph.node_attributes(layer.name)
         keys, residuals = [], []
@@ -472,7 +476,7 @@ class Rectifier:
                                             epochs=self.config.solver_epochs, seed=self.config.seed)
         else:
             edit = solve_rank_one(layer.name, layer.weight, torch.cat(keys), torch.cat(residuals),
-                                  self.edit_statistics(layer).inverse.to(self.device))
+                                  statistics.inverse.to(self.device))
         self.timings["edit"] = self.timings.get("edit", 0) + time.perf_counter() - start
         return edit
 

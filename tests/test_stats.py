@@ -1,8 +1,13 @@
 """Key statistics: float32 chunked products accumulated in float64 match the exact second
-moment; a row cap keeps about that many keys, deterministically."""
+moment; a row cap keeps about that many keys, deterministically; the Kronecker-factored
+form is exact where its assumption holds, and edits still use the exact C; the statistics
+pass measures the base accuracy; an accuracy pass stops once its verdict is certain."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 from onnx import helper
 
@@ -70,3 +75,178 @@ def test_keys_fed_to_the_statistics_are_the_layers_keys():
     m = collect_moments(graph, [layer], [x], total=5)["L"]
     expect = keys.to(torch.float64).T @ keys.to(torch.float64)
     assert torch.allclose(m.sum_kk, expect, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- Kronecker-factored C
+
+def test_kronecker_solve_and_whitening_equal_the_dense_factored_matrix():
+    from patcher.stats import KroneckerMoments, KroneckerStatistics
+
+    gen = torch.Generator().manual_seed(0)
+    fa, fb = torch.randn(4, 6, generator=gen, dtype=torch.float64), \
+        torch.randn(9, 12, generator=gen, dtype=torch.float64)
+    a, b = fa @ fa.T, fb @ fb.T
+    moments = KroneckerMoments(KeyMoments(a.clone(), 1), KeyMoments(b.clone(), 1))
+    st = KroneckerStatistics.from_moments("L", moments, ridge=1e-2)
+    dense = torch.kron(a, b / torch.diagonal(b).mean())
+    torch.testing.assert_close(moments.dense(), dense)
+    reg = dense + 1e-2 * torch.diagonal(a).mean() * torch.eye(36, dtype=torch.float64)
+    rows = torch.randn(5, 36, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(st.solve_rows(rows), rows @ torch.linalg.inv(reg))
+    torch.testing.assert_close((st.whiten_rows(rows) ** 2).sum(),
+                               torch.trace(rows @ torch.linalg.inv(reg) @ rows.T))
+    evals = torch.linalg.eigvalsh(dense)
+    assert st.condition_number == pytest.approx(float(evals.max() / evals.min()), rel=1e-6)
+    assert st.kind == "kronecker"
+
+
+def _unpadded_conv(channels: int = 3):
+    rng = np.random.default_rng(0)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="L")
+    return ShadowGraph.from_onnx(make_model([node], [value_info("x", [None, channels, 10, 10])],
+                                            [value_info("y", None)],
+                                            {"w": rng.standard_normal((2, channels, 3, 3))
+                                             .astype(np.float32)}))
+
+
+def _relative_error(x: np.ndarray) -> float:
+    graph = _unpadded_conv(x.shape[1])
+    layers = graph.editable_layers
+    exact = collect_moments(graph, layers, iterate_batches(x, 50), mode="exact")["L"]
+    factored = collect_moments(graph, layers, iterate_batches(x, 50), mode="kronecker")["L"]
+    c = exact.second_moment
+    return float((factored.dense() - c).norm() / c.norm())
+
+
+def test_kronecker_factors_recover_c_when_channels_share_their_spatial_statistics():
+    rng = np.random.default_rng(3)
+    mix = np.array([[1.0, 0, 0], [0.8, 0.6, 0], [0.2, -0.5, 1.0]], dtype=np.float32)
+    white = rng.standard_normal((400, 3, 10, 10)).astype(np.float32)
+    separable = np.einsum("cd,ndhw->nchw", mix, white)  # C = (M M^T) (x) I exactly
+    assert _relative_error(separable) < 0.05
+    # control: channel 0 constant over each image, channels 1-2 white: no Kronecker form
+    mixed = white.copy()
+    mixed[:, 0] = white[:, 0, :1, :1]
+    assert _relative_error(mixed) > 0.3
+
+
+def test_statistics_kind_factors_only_wide_spatial_convolutions():
+    from patcher.stats import statistics_kind
+
+    graph = _conv_model()  # 3 -> 4 channels, 3x3: Kd 27 > 4
+    layer = graph.editable_layers[0]
+    assert statistics_kind(layer, "auto") == "kronecker"
+    assert statistics_kind(layer, "exact") == "exact"
+    wide = dataclasses.replace(layer, value_dim=64)  # Kd 27 <= 64 outputs: exact is cheap
+    assert statistics_kind(wide, "auto") == "exact"
+    assert statistics_kind(wide, "kronecker") == "kronecker"
+    pointwise = dataclasses.replace(layer, shape=(4, 3, 1, 1), key_dim=3)
+    assert statistics_kind(pointwise, "kronecker") == "exact"
+    with pytest.raises(ValueError):
+        statistics_kind(layer, "approximate")
+
+
+def _conv_classifier(tmp_path):
+    """Conv 3->6 (3x3, pad 1) -> Relu -> GlobalAveragePool -> Flatten -> Gemm 6->3."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fw"], ["y"], name="fc", transB=1)]
+    model = make_model(nodes, [value_info("x", [None, 3, 8, 8])], [value_info("y", None)],
+                       {"w": rng.standard_normal((6, 3, 3, 3)).astype(np.float32),
+                        "fw": rng.standard_normal((3, 6)).astype(np.float32)})
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    x = rng.random((600, 3, 8, 8), dtype=np.float32)
+    graph = ShadowGraph.from_onnx(path)
+    with torch.no_grad():
+        y = graph(torch.from_numpy(x))[0].argmax(1).numpy()
+    y[::7] = (y[::7] + 1) % 3  # some wrong labels
+    return path, x, y
+
+
+def _rectifier(path, x, y, **config):
+    from patcher.rectify import RectifyConfig, Rectifier
+    from patcher.samples import LabelledSet, Pairs
+
+    pairs = Pairs(np.clip(x[:2] + 0.5, 0, 1), x[:2], y[:2])
+    cfg = RectifyConfig(transplant="none", show_progress=False, **config)
+    return Rectifier(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None, cfg)
+
+
+def test_an_edit_of_a_factored_layer_uses_its_exact_statistics(tmp_path):
+    path, x, y = _conv_classifier(tmp_path)
+    exact = _rectifier(path, x, y, statistics="exact")
+    factored = _rectifier(path, x, y, statistics="kronecker")
+    factored.compute_statistics()
+    assert factored.stats["conv"].kind == "kronecker" and factored.stats["fc"].kind == "exact"
+    assert all(np.isfinite(s.score) for s in factored.locate())
+    conv = next(l for l in factored.layers if l.name == "conv")
+    a, b = exact.fit_edit(conv), factored.fit_edit(conv)
+    assert factored.exact_stats["conv"].kind == "exact"
+    torch.testing.assert_close(a.delta, b.delta)
+
+
+def test_the_statistics_pass_measures_the_base_accuracy(tmp_path):
+    path, x, y = _conv_classifier(tmp_path)
+    r = _rectifier(path, x, y)
+    from_statistics = r.base_accuracy()
+    assert r.stats and "evaluation" not in r.timings  # no separate evaluation pass
+    assert from_statistics == r.accuracy() == pytest.approx(float(np.mean(
+        r.graph(torch.from_numpy(x))[0].argmax(1).numpy() == y)))
+    # a calibration set other than the eval set measures nothing
+    other = _rectifier(path, x, y, calib_limit=300)
+    assert not other.calibrates_on_eval
+
+
+def test_an_accuracy_pass_stops_once_it_cannot_reach_its_threshold(tmp_path):
+    path, x, y = _conv_classifier(tmp_path)
+    r = _rectifier(path, x, y)
+    full = r.accuracy()
+    assert r.last_evaluated == 600
+    assert r.accuracy(at_least=0.0) == full and r.last_evaluated == 600
+    bound = r.accuracy(at_least=1.01)  # unreachable: decided after the first batch
+    assert r.last_evaluated == 256
+    assert full <= bound < 1.01
+    with torch.no_grad():
+        first = int((r.graph(torch.from_numpy(x[:256]))[0].argmax(1).numpy() == y[:256]).sum())
+    assert bound == pytest.approx((first + 344) / 600)
+
+
+def test_eigenvalue_correction_measures_c_along_the_factored_basis():
+    from patcher.stats import correct_spectra
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((200, 3, 10, 10)).astype(np.float32)
+    x[:, 0] = x[:, 0, :1, :1]  # no Kronecker form (see the control above)
+    graph = _unpadded_conv(3)
+    layers = graph.editable_layers
+    exact = collect_moments(graph, layers, iterate_batches(x, 50), mode="exact")["L"].second_moment
+    moments = collect_moments(graph, layers, iterate_batches(x, 50), mode="kronecker")
+    plain = moments["L"].dense()
+    correct_spectra(graph, layers, moments, iterate_batches(x, 50))
+    corrected = moments["L"]
+    _, ua, _, ub = corrected.basis()
+    q = torch.kron(ua, ub)
+    # all keys were measured (50 inputs x 64 positions < SPECTRUM_ROWS per batch)
+    assert corrected.spectrum_count == 200 * 64
+    torch.testing.assert_close(corrected.spectrum().reshape(-1), torch.diagonal(q.T @ exact @ q),
+                               rtol=1e-4, atol=1e-6)
+    # the best diagonal in that basis: closer to C than the plain Kronecker product
+    assert (corrected.dense() - exact).norm() < 0.8 * (plain - exact).norm()
+
+
+def test_factored_statistics_are_cached_with_their_correction(tmp_path):
+    path, x, y = _conv_classifier(tmp_path)
+    first = _rectifier(path, x, y, statistics="kronecker", cache_dir=str(tmp_path / "cache"))
+    first.compute_statistics()
+    second = _rectifier(path, x, y, statistics="kronecker", cache_dir=str(tmp_path / "cache"))
+    second.compute_statistics()
+    assert first.cache_hits == 0 and second.cache_hits == 2
+    torch.testing.assert_close(second.stats["conv"].spectrum, first.stats["conv"].spectrum)
+    # exact statistics of the same layer are a different cache entry
+    third = _rectifier(path, x, y, statistics="exact", cache_dir=str(tmp_path / "cache"))
+    third.compute_statistics()
+    assert third.cache_hits == 1 and third.stats["conv"].kind == "exact"
