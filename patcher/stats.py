@@ -80,12 +80,13 @@ def kernel_offsets(layer: EditableLayer) -> int:
 def statistics_kind(layer: EditableLayer, mode: str = "auto") -> str:
     """"exact" or "kronecker" for ``layer`` under ``mode`` (:data:`STATISTICS_MODES`).
 
-    Only convolutions with a spatial kernel can be factored (channel x offset); "auto"
-    factors those whose K^T K costs more than the conv: Kd > M / g."""
+    Only convolutions with a spatial kernel and several input channels per group can be
+    factored (channel x offset); "auto" factors those whose K^T K costs more than the
+    conv: Kd > M / g."""
     if mode not in STATISTICS_MODES:
         raise ValueError(f"unknown statistics mode '{mode}' ({', '.join(STATISTICS_MODES)})")
-    if mode == "exact" or kernel_offsets(layer) == 1:
-        return "exact"
+    if mode == "exact" or kernel_offsets(layer) == 1 or layer.key_dim == kernel_offsets(layer):
+        return "exact"  # nothing to factor: a 1x1 kernel, or one input channel per group
     if mode == "kronecker":
         return "kronecker"
     return "kronecker" if layer.key_dim > layer.value_dim // max(layer.groups, 1) else "exact"

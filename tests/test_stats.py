@@ -142,6 +142,8 @@ def test_statistics_kind_factors_only_wide_spatial_convolutions():
     assert statistics_kind(wide, "kronecker") == "kronecker"
     pointwise = dataclasses.replace(layer, shape=(4, 3, 1, 1), key_dim=3)
     assert statistics_kind(pointwise, "kronecker") == "exact"
+    depthwise = dataclasses.replace(layer, shape=(3, 1, 3, 3), key_dim=9, value_dim=3, groups=3)
+    assert statistics_kind(depthwise, "kronecker") == "exact"  # one channel: nothing to factor
     with pytest.raises(ValueError):
         statistics_kind(layer, "approximate")
 
@@ -250,3 +252,41 @@ def test_factored_statistics_are_cached_with_their_correction(tmp_path):
     third = _rectifier(path, x, y, statistics="exact", cache_dir=str(tmp_path / "cache"))
     third.compute_statistics()
     assert third.cache_hits == 1 and third.stats["conv"].kind == "exact"
+
+
+@pytest.mark.parametrize("case", ["padded-strided", "grouped-dilated", "conv1d"])
+def test_factored_channel_moment_is_the_exact_moment_averaged_over_offsets(case):
+    """A is read off coverage-weighted pixels; it must equal the exact C's channel blocks
+    averaged over kernel offsets, whatever the padding, stride, dilation and groups."""
+    from patcher.stats import correct_spectra
+
+    rng = np.random.default_rng(6)
+    if case == "conv1d":
+        attrs, w, shape = dict(pads=[2, 1], strides=[2]), (4, 3, 3), [None, 3, 17]
+        x = rng.random((40, 3, 17), dtype=np.float32)
+    elif case == "grouped-dilated":
+        attrs, w, shape = dict(pads=[1, 2, 2, 1], dilations=[2, 1], group=2), (4, 2, 3, 3), \
+            [None, 4, 9, 11]
+        x = rng.random((40, 4, 9, 11), dtype=np.float32)
+    else:
+        attrs, w, shape = dict(pads=[1, 1, 1, 1], strides=[2, 2]), (5, 3, 3, 3), [None, 3, 11, 11]
+        x = rng.random((40, 3, 11, 11), dtype=np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="L", **attrs)
+    graph = ShadowGraph.from_onnx(make_model([node], [value_info("x", shape)],
+                                             [value_info("y", None)],
+                                             {"w": rng.standard_normal(w).astype(np.float32)}))
+    layers = graph.editable_layers
+    exact = collect_moments(graph, layers, iterate_batches(x, 16), mode="exact")["L"]
+    moments = collect_moments(graph, layers, iterate_batches(x, 16), mode="kronecker")
+    factored = moments["L"]
+    kk = int(np.prod(w[2:]))
+    ca = w[1]
+    c = exact.second_moment.reshape(ca, kk, ca, kk)
+    averaged = torch.einsum("aobo->ab", c) / kk
+    torch.testing.assert_close(factored.channels.second_moment, averaged, rtol=1e-5, atol=1e-7)
+    assert factored.channels.count == exact.count * kk
+    correct_spectra(graph, layers, moments, iterate_batches(x, 16))
+    _, ua, _, ub = factored.basis()
+    q = torch.kron(ua, ub)
+    torch.testing.assert_close(factored.spectrum().reshape(-1),
+                               torch.diagonal(q.T @ exact.second_moment @ q), rtol=1e-4, atol=1e-7)
