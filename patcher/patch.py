@@ -136,6 +136,9 @@ class Verification:
     patched_pair_gap: float
     parity: dict
     rounding_errors: dict[str, float] = field(default_factory=dict)
+    #: no edit was kept: the output's weights are the input's, so one onnxruntime pass
+    #: (of the written file) gives both the base and the patched figures
+    same_weights: bool = False
 
     @property
     def accuracy_drop(self) -> float:
@@ -192,18 +195,24 @@ def _gap(session, pairs: Pairs) -> float:
 
 
 def verify_written(base: LoadedModel, out: Path, inputs: Inputs, provider: str,
-                   rounding: dict[str, float]) -> Verification:
+                   rounding: dict[str, float], same_weights: bool = False) -> Verification:
+    """The written file, reloaded from disk, under onnxruntime: accuracy and pair gap of it
+    and of the input model, and parity with its shadow graph. With ``same_weights`` (no
+    edit kept) the written file's figures stand for the input's too (one pass, not two)."""
     reloaded = load_model(out, warn=False)  # the input's warnings were given already
     patched = open_session(out, provider)
-    original = open_session(base.path if base.path else base.proto.SerializeToString(), provider)
     ev = inputs.eval_set
     acc = lambda s: float(np.mean(predict(s, ev.x, label="verifying").argmax(1) == ev.y))  # noqa: E731
     shadow = ShadowGraph(reloaded)
     sample = ev.x[: min(16, len(ev.x))]
     parity: ParityResult = compare(shadow, out, [sample], provider=provider)
-    return Verification(patched.provider, acc(original), acc(patched),
-                        _gap(original, inputs.pairs), _gap(patched, inputs.pairs),
-                        parity.as_dict(), rounding)
+    patched_acc, patched_gap = acc(patched), _gap(patched, inputs.pairs)
+    if same_weights:
+        return Verification(patched.provider, patched_acc, patched_acc, patched_gap, patched_gap,
+                            parity.as_dict(), rounding, same_weights=True)
+    original = open_session(base.path if base.path else base.proto.SerializeToString(), provider)
+    return Verification(patched.provider, acc(original), patched_acc,
+                        _gap(original, inputs.pairs), patched_gap, parity.as_dict(), rounding)
 
 
 def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Path | None,
@@ -237,7 +246,8 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
         timings["write"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         verification = verify_written(inputs.loaded, staged.model, inputs, provider,
-                                      {w.name: w.rounding_error for w in written_tensors})
+                                      {w.name: w.rounding_error for w in written_tensors},
+                                      same_weights=not result.deltas)
         timings["verify"] = time.perf_counter() - t2
         after = {str(f): sha256_file(f) for f in inputs.files}
         if after != before:

@@ -55,6 +55,9 @@ TRANSPLANT_MODES = ("paste", "add", "none")
 #: CARE: shares of the found repair tried, largest first, until the accuracy budget holds.
 CARE_SHRINK = (1.0, 0.75, 0.5, 0.25)
 SCORE_MODES = ("whitened", "inverse")
+#: Eval images per forward in accuracy passes (also how often a pass checks whether its
+#: verdict is already certain).
+EVAL_BATCH = 128
 
 
 @dataclass
@@ -380,10 +383,10 @@ class Rectifier:
         correct, total = 0, len(self.eval_x)
         self.last_evaluated = total
         with progress(total, "evaluating", self.config.show_progress) as bar:
-            for i in range(0, total, 256):
-                xb = torch.from_numpy(self.eval_x[i:i + 256]).to(self.device)
+            for i in range(0, total, EVAL_BATCH):
+                xb = torch.from_numpy(self.eval_x[i:i + EVAL_BATCH]).to(self.device)
                 pred = self.graph(xb)[0].reshape(len(xb), -1).argmax(1).cpu().numpy()
-                correct += int((pred == self.eval_y[i:i + 256]).sum())
+                correct += int((pred == self.eval_y[i:i + EVAL_BATCH]).sum())
                 bar.update(len(xb))
                 seen = i + len(xb)
                 if at_least is not None and seen < total and \

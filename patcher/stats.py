@@ -65,9 +65,9 @@ STATISTICS_MODES = ("auto", "exact", "kronecker")
 OFFSET_IMAGES = 8
 #: Kronecker statistics: calibration inputs whose keys measure the eigenvalues (the
 #: second pass of :func:`correct_spectra`).
-CORRECTION_IMAGES = 64
+CORRECTION_IMAGES = 32
 #: ... and at most this many of their keys per layer and batch (a seeded uniform sample).
-SPECTRUM_ROWS = 8192
+SPECTRUM_ROWS = 2048
 
 
 def kernel_offsets(layer: EditableLayer) -> int:

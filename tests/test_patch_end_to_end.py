@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -223,3 +224,31 @@ def test_an_unknown_layer_is_refused_before_any_work(trojaned, tmp_path):
     result = patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "x.onnx", "--layer", "nope")
     assert result.exit_code == 2 and "--layer 'nope' is not an editable layer" in result.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_patch_that_keeps_no_edit_verifies_the_written_file_once(trojaned, tmp_path,
+                                                                     monkeypatch):
+    import patcher.patch
+
+    opened = []
+    real = patcher.patch.open_session
+
+    def counting(model, provider):
+        opened.append(model)
+        return real(model, provider)
+    monkeypatch.setattr(patcher.patch, "open_session", counting)
+    out = tmp_path / "p.onnx"
+    result = patch_cli(trojaned / "model.onnx", trojaned, out, "--max-rounds", "0",
+                       "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 1, result.output  # the gap target was not met
+    ver = json.loads((tmp_path / "r.json").read_text())["verification"]
+    assert ver["same_weights"] is True
+    assert ver["base_accuracy"] == ver["patched_accuracy"] == pytest.approx(
+        metrics.accuracy(out, *(np.load(trojaned / "eval.npz")[k] for k in ("x", "y")),
+                         provider="cpu"))
+    # only the written file (verified in its staging folder before the rename), not the input
+    assert len(opened) == 1 and Path(opened[0]).name == "p.onnx" and Path(opened[0]) != out
+    # with an edit kept, both files are measured
+    opened.clear()
+    patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "q.onnx")
+    assert len(opened) == 2

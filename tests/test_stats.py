@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import helper
 
-from patcher import stats
+from patcher import rectify, stats
 from patcher.keys import LayerTap, layer_keys
 from patcher.shadow import ShadowGraph
 from patcher.stats import KeyMoments, collect_moments, iterate_batches
@@ -210,16 +210,18 @@ def test_an_accuracy_pass_stops_once_it_cannot_reach_its_threshold(tmp_path):
     assert r.last_evaluated == 600
     assert r.accuracy(at_least=0.0) == full and r.last_evaluated == 600
     bound = r.accuracy(at_least=1.01)  # unreachable: decided after the first batch
-    assert r.last_evaluated == 256
+    batch = rectify.EVAL_BATCH
+    assert r.last_evaluated == batch
     assert full <= bound < 1.01
     with torch.no_grad():
-        first = int((r.graph(torch.from_numpy(x[:256]))[0].argmax(1).numpy() == y[:256]).sum())
-    assert bound == pytest.approx((first + 344) / 600)
+        first = int((r.graph(torch.from_numpy(x[:batch]))[0].argmax(1).numpy() == y[:batch]).sum())
+    assert bound == pytest.approx((first + 600 - batch) / 600)
 
 
-def test_eigenvalue_correction_measures_c_along_the_factored_basis():
+def test_eigenvalue_correction_measures_c_along_the_factored_basis(monkeypatch):
     from patcher.stats import correct_spectra
 
+    monkeypatch.setattr(stats, "SPECTRUM_ROWS", 10 ** 6)  # every key, for an exact comparison
     rng = np.random.default_rng(4)
     x = rng.standard_normal((200, 3, 10, 10)).astype(np.float32)
     x[:, 0] = x[:, 0, :1, :1]  # no Kronecker form (see the control above)
@@ -232,8 +234,7 @@ def test_eigenvalue_correction_measures_c_along_the_factored_basis():
     corrected = moments["L"]
     _, ua, _, ub = corrected.basis()
     q = torch.kron(ua, ub)
-    # all keys were measured (50 inputs x 64 positions < SPECTRUM_ROWS per batch)
-    assert corrected.spectrum_count == 200 * 64
+    assert corrected.spectrum_count == 200 * 64  # all keys were measured
     torch.testing.assert_close(corrected.spectrum().reshape(-1), torch.diagonal(q.T @ exact @ q),
                                rtol=1e-4, atol=1e-6)
     # the best diagonal in that basis: closer to C than the plain Kronecker product
@@ -255,7 +256,7 @@ def test_factored_statistics_are_cached_with_their_correction(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["padded-strided", "grouped-dilated", "conv1d"])
-def test_factored_channel_moment_is_the_exact_moment_averaged_over_offsets(case):
+def test_factored_channel_moment_is_the_exact_moment_averaged_over_offsets(case, monkeypatch):
     """A is read off coverage-weighted pixels; it must equal the exact C's channel blocks
     averaged over kernel offsets, whatever the padding, stride, dilation and groups."""
     from patcher.stats import correct_spectra
@@ -285,8 +286,26 @@ def test_factored_channel_moment_is_the_exact_moment_averaged_over_offsets(case)
     averaged = torch.einsum("aobo->ab", c) / kk
     torch.testing.assert_close(factored.channels.second_moment, averaged, rtol=1e-5, atol=1e-7)
     assert factored.channels.count == exact.count * kk
+    monkeypatch.setattr(stats, "SPECTRUM_ROWS", 10 ** 6)
     correct_spectra(graph, layers, moments, iterate_batches(x, 16))
     _, ua, _, ub = factored.basis()
     q = torch.kron(ua, ub)
     torch.testing.assert_close(factored.spectrum().reshape(-1),
                                torch.diagonal(q.T @ exact.second_moment @ q), rtol=1e-4, atol=1e-7)
+
+
+def test_eigenvalue_correction_samples_at_most_spectrum_rows_keys_per_batch(monkeypatch):
+    from patcher.stats import correct_spectra
+
+    monkeypatch.setattr(stats, "SPECTRUM_ROWS", 100)
+    x = np.random.default_rng(7).random((30, 3, 10, 10), dtype=np.float32)
+    graph = _unpadded_conv(3)
+    layers = graph.editable_layers
+
+    def corrected():
+        moments = collect_moments(graph, layers, iterate_batches(x, 10), mode="kronecker")
+        correct_spectra(graph, layers, moments, iterate_batches(x, 10))
+        return moments["L"]
+    once, again = corrected(), corrected()
+    assert once.spectrum_count == 3 * 100  # 3 batches of 640 keys, 100 kept from each
+    assert torch.equal(once.spectrum_sum, again.spectrum_sum)  # seeded
