@@ -135,6 +135,8 @@ class RectifyResult:
     timings: dict[str, float] = field(default_factory=dict)
     conditioning: dict[str, dict] = field(default_factory=dict)
     gap_measured_on: str = "pairs"
+    #: layers ranked with factored statistics whose exact C was computed for an edit
+    exact_statistics_for_edits: list[str] = field(default_factory=list)
 
 
 #: "paste" treats a pair's corruption as a blend when it covers more than this share of the
@@ -623,6 +625,7 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
     result.rounds, result.scores, result.edits = rounds, scores, edits
     result.deltas = {k: v.numpy() for k, v in deltas.items()}
     result.timings = dict(r.timings)
+    result.exact_statistics_for_edits = sorted(r.exact_stats)
     result.conditioning = {k: {"condition_number": s.condition_number, "ridge": s.ridge_value,
                                "kind": s.kind} for k, s in r.stats.items()}
     return result

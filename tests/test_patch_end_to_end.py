@@ -252,3 +252,30 @@ def test_a_patch_that_keeps_no_edit_verifies_the_written_file_once(trojaned, tmp
     opened.clear()
     patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "q.onnx")
     assert len(opened) == 2
+
+
+def test_rounds_decided_early_keep_the_same_decisions_and_edits(trojaned, tmp_path, monkeypatch):
+    """An accuracy pass that stops once its round is certainly rejected changes no decision:
+    the same run with every pass complete keeps the same rounds and writes the same file."""
+    from patcher.rectify import Rectifier
+
+    stored = Rectifier.stored  # edits made 30x too strong, so that rounds cost accuracy
+    monkeypatch.setattr(Rectifier, "stored", lambda self, *a: 30 * stored(self, *a))
+    args = ("--budget", "0.02", "--max-rounds", "4", "--gap", "0.0001")
+    early = tmp_path / "early.onnx"
+    patch_cli(trojaned / "model.onnx", trojaned, early, *args, "--report", str(tmp_path / "e.json"))
+    full_pass = Rectifier.accuracy
+    monkeypatch.setattr(Rectifier, "accuracy", lambda self, at_least=None: full_pass(self))
+    full = tmp_path / "full.onnx"
+    patch_cli(trojaned / "model.onnx", trojaned, full, *args, "--report", str(tmp_path / "f.json"))
+    e = json.loads((tmp_path / "e.json").read_text())["result"]["rounds"]
+    f = json.loads((tmp_path / "f.json").read_text())["result"]["rounds"]
+    assert [(r["layer"], r["kept"]) for r in e] == [(r["layer"], r["kept"]) for r in f]
+    assert any(r["evaluated"] for r in e), "no round was decided early: the test shows nothing"
+    for a, b in zip(e, f):
+        if a["evaluated"]:  # an upper bound on the accuracy, a lower bound on the drop
+            assert a["accuracy"] >= b["accuracy"] and a["accuracy_drop"] <= b["accuracy_drop"]
+        elif a["evaluated"] is None:
+            assert a["accuracy"] == b["accuracy"]
+    assert [t.raw_data for t in onnx.load(str(early)).graph.initializer] == \
+        [t.raw_data for t in onnx.load(str(full)).graph.initializer]
