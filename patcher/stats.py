@@ -188,7 +188,8 @@ class KroneckerMoments:
         keys = layer_keys(layer, data[:OFFSET_IMAGES], attrs)
         self.offsets.add(keys.reshape(-1, per_group, kernel_offsets(layer))
                          .reshape(-1, kernel_offsets(layer)))
-        self._basis = None
+        # new data moves the basis: a spectrum measured along the old one no longer fits
+        self._basis, self.spectrum_sum, self.spectrum_count = None, None, 0
 
     def basis(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(L_A, U_A, L_B, U_B): eigenvalues and eigenvectors of A and B' = B / mean(diag B)."""
@@ -240,9 +241,12 @@ class KroneckerMoments:
                                 self.offsets.merge(other.offsets))
 
     def to(self, device) -> "KroneckerMoments":
+        """On ``device``, with the basis the spectrum was measured along (an eigenbasis
+        recomputed elsewhere may differ within repeated eigenvalues)."""
         spectrum = self.spectrum_sum.to(device) if self.spectrum_sum is not None else None
+        basis = None if self._basis is None else tuple(t.to(device) for t in self._basis)
         return KroneckerMoments(self.channels.to(device), self.offsets.to(device), spectrum,
-                                self.spectrum_count)
+                                self.spectrum_count, basis)
 
 
 #: Below this key dimension the factorisation runs on one thread (small LAPACK calls thrash
@@ -462,12 +466,16 @@ class MomentCache:
         try:
             with np.load(path, allow_pickle=False) as data:
                 if "channels_sum" in data:
-                    spectrum = torch.from_numpy(data["spectrum_sum"]) \
-                        if "spectrum_sum" in data else None
+                    spectrum, count, basis = None, 0, None
+                    if "spectrum_sum" in data:
+                        spectrum, count = torch.from_numpy(data["spectrum_sum"]), \
+                            int(data["spectrum_count"])
+                        basis = tuple(torch.from_numpy(data[k]) for k in
+                                      ("basis_la", "basis_ua", "basis_lb", "basis_ub"))
                     return KroneckerMoments(
                         KeyMoments(torch.from_numpy(data["channels_sum"]), int(data["channels_count"])),
                         KeyMoments(torch.from_numpy(data["offsets_sum"]), int(data["offsets_count"])),
-                        spectrum, int(data["spectrum_count"]) if spectrum is not None else 0)
+                        spectrum, count, basis)
                 return KeyMoments(torch.from_numpy(data["sum_kk"]), int(data["count"]))
         except (OSError, ValueError, KeyError):
             return None
@@ -480,9 +488,13 @@ class MomentCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         if isinstance(m, KroneckerMoments):
-            extra = {} if m.spectrum_sum is None else {
-                "spectrum_sum": m.spectrum_sum.cpu().numpy(),
-                "spectrum_count": np.int64(m.spectrum_count)}
+            extra = {}
+            if m.spectrum_sum is not None:  # with the basis it was measured along
+                la, ua, lb, ub = m.basis()
+                extra = {"spectrum_sum": m.spectrum_sum.cpu().numpy(),
+                         "spectrum_count": np.int64(m.spectrum_count),
+                         "basis_la": la.cpu().numpy(), "basis_ua": ua.cpu().numpy(),
+                         "basis_lb": lb.cpu().numpy(), "basis_ub": ub.cpu().numpy()}
             np.savez(buf, channels_sum=m.channels.sum_kk.cpu().numpy(),
                      channels_count=np.int64(m.channels.count),
                      offsets_sum=m.offsets.sum_kk.cpu().numpy(),

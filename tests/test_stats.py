@@ -235,10 +235,15 @@ def test_eigenvalue_correction_measures_c_along_the_factored_basis(monkeypatch):
     _, ua, _, ub = corrected.basis()
     q = torch.kron(ua, ub)
     assert corrected.spectrum_count == 200 * 64  # all keys were measured
+    moved = corrected.to("cpu")
+    assert moved.basis()[1] is not None and torch.equal(moved.spectrum(), corrected.spectrum())
     torch.testing.assert_close(corrected.spectrum().reshape(-1), torch.diagonal(q.T @ exact @ q),
                                rtol=1e-4, atol=1e-6)
     # the best diagonal in that basis: closer to C than the plain Kronecker product
     assert (corrected.dense() - exact).norm() < 0.8 * (plain - exact).norm()
+    # more data moves the basis, so the spectrum measured along the old one is dropped
+    corrected.add(layers[0], torch.from_numpy(x[:10]), graph.node_attributes("L"))
+    assert corrected.spectrum_sum is None and corrected.spectrum_count == 0
 
 
 def test_factored_statistics_are_cached_with_their_correction(tmp_path):
@@ -249,6 +254,9 @@ def test_factored_statistics_are_cached_with_their_correction(tmp_path):
     second.compute_statistics()
     assert first.cache_hits == 0 and second.cache_hits == 2
     torch.testing.assert_close(second.stats["conv"].spectrum, first.stats["conv"].spectrum)
+    # the spectrum comes back with the basis it was measured along, not a recomputed one
+    assert torch.equal(second.stats["conv"].channel_vectors, first.stats["conv"].channel_vectors)
+    assert torch.equal(second.stats["conv"].offset_vectors, first.stats["conv"].offset_vectors)
     # exact statistics of the same layer are a different cache entry
     third = _rectifier(path, x, y, statistics="exact", cache_dir=str(tmp_path / "cache"))
     third.compute_statistics()
