@@ -469,11 +469,12 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
         body = [[f'<code class="id">{_esc(s.get("layer"))}</code>', _esc(_num(s.get("score"), ".4g")),
                  _esc(_num(s.get("completeness_error"), ".3g")),
                  _esc(_num((cond.get(s.get("layer")) or {}).get("condition_number"), ".3g")),
-                 _esc(_num((cond.get(s.get("layer")) or {}).get("ridge"), ".3g"))]
+                 _esc(_num((cond.get(s.get("layer")) or {}).get("ridge"), ".3g")),
+                 _esc((cond.get(s.get("layer")) or {}).get("kind", "exact"))]
                 for s in scores]
         h.append("<details><summary>score table</summary>" + _table(
-            ["layer", "score", "completeness error", "condition number", "ridge"], body,
-            {1, 2, 3, 4}) + "</details>")
+            ["layer", "score", "completeness error", "condition number", "ridge",
+             "key statistics"], body, {1, 2, 3, 4}) + "</details>")
     else:
         h.append('<p class="note">No layer scores in this report (a forced --layer or the '
                  'fine-tune strategy skips scoring).</p>')
