@@ -396,15 +396,32 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
                 keys = flat[pick.to(flat.device)]
         moments[layer.name].add(keys)
 
+    # Without on_output, a batch's forward stops after the last tapped layer: nothing
+    # downstream of it feeds the sums (an edit's exact statistics of one layer).
+    order = {info.name: i for i, info in enumerate(graph.nodes)}
+    last = max((l.name for l in layers), key=order.__getitem__) if on_output is None else None
+
+    def tap(layer, data, out):
+        accumulate(layer, data, out)
+        if layer.name == last:
+            raise _LastLayerDone
+
     with progress(total or 0, label, show_progress) as bar, \
-            LayerTap(graph, layers, on_capture=accumulate), torch.no_grad():
+            LayerTap(graph, layers, on_capture=tap), torch.no_grad():
         for batch in batches:
             current["batch"] = len(batch)
-            outputs = graph(batch.to(device))
+            try:
+                outputs = graph(batch.to(device))
+            except _LastLayerDone:
+                outputs = None
             if on_output is not None:
                 on_output(batch, outputs)
             bar.update(len(batch))
     return moments
+
+
+class _LastLayerDone(Exception):
+    """Raised by a statistics tap to end a forward pass early (caught in this module)."""
 
 
 def correct_spectra(graph: ShadowGraph, layers: list[EditableLayer], moments: dict, batches,

@@ -317,3 +317,20 @@ def test_eigenvalue_correction_samples_at_most_spectrum_rows_keys_per_batch(monk
     once, again = corrected(), corrected()
     assert once.spectrum_count == 3 * 100  # 3 batches of 640 keys, 100 kept from each
     assert torch.equal(once.spectrum_sum, again.spectrum_sum)  # seeded
+
+
+def test_statistics_of_one_layer_stop_the_forward_after_it(tmp_path):
+    path, x, y = _conv_classifier(tmp_path)
+    graph = ShadowGraph.from_onnx(path)
+    conv = [l for l in graph.editable_layers if l.name == "conv"]
+    seen = []
+    handle = graph.register_hook(lambda node, ins, outs: seen.append(node.name), nodes=["fc"])
+    try:
+        early = collect_moments(graph, conv, iterate_batches(x, 100))["conv"]
+        assert seen == []  # the forward ended at the conv: the head never ran
+        full = collect_moments(graph, conv, iterate_batches(x, 100),
+                               on_output=lambda batch, outputs: None)["conv"]
+        assert len(seen) == 6  # with on_output the whole graph runs, 6 batches
+    finally:
+        handle.remove()
+    assert early.count == full.count and torch.equal(early.sum_kk, full.sum_kk)
