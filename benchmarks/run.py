@@ -56,7 +56,6 @@ import torch.nn as nn  # noqa: E402
 from exporters.pytorch import export_pytorch, fold_batchnorm  # noqa: E402
 from models import ResNet18, randomize_bn  # noqa: E402
 from patcher.attribution import layer_integrated_gradients  # noqa: E402
-from patcher.modelio import load_model  # noqa: E402
 from patcher.rectify import RectifyConfig  # noqa: E402
 from patcher.runtime import open_session  # noqa: E402
 from patcher.shadow import ShadowGraph  # noqa: E402

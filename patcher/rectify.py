@@ -38,9 +38,9 @@ from .errors import BadSamplesError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
 from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
-from .stats import (CORRECTION_IMAGES, STATISTICS_MODES, LayerStatistics, MomentCache,
-                    collect_moments, correct_spectra, data_hash, iterate_batches,
-                    statistics_from_moments, statistics_kind)
+from .stats import (CORRECTION_IMAGES, STATISTICS_MODES, KroneckerStatistics,
+                    LayerStatistics, MomentCache, collect_moments, correct_spectra, data_hash,
+                    iterate_batches, statistics_from_moments, statistics_kind)
 
 STRATEGIES = ("dynamic", "static", "finetune", "care")
 #: An edit is kept only if it shrinks the gap by at least this share (no rounds spent on
@@ -216,7 +216,8 @@ class Rectifier:
         self.calibrates_on_eval = calib_x is None and len(self.calib_x) == len(self.eval_x)
         self.layers = self._candidate_layers()
         self._build_fit_and_gap_sets(pairs)
-        self.stats: dict[str, LayerStatistics] = {}
+        #: per layer: exact, or factored (ranking only) under --statistics auto/kronecker
+        self.stats: dict[str, LayerStatistics | KroneckerStatistics] = {}
         self.exact_stats: dict[str, LayerStatistics] = {}  # for edits of factored layers
         self._calib_accuracy: float | None = None
 
@@ -272,7 +273,7 @@ class Rectifier:
                                       count_accuracy=self.calibrates_on_eval)
 
     def _statistics(self, layers: list[EditableLayer], mode: str, count_accuracy: bool = False
-                    ) -> dict[str, LayerStatistics]:
+                    ) -> dict[str, LayerStatistics | KroneckerStatistics]:
         start = time.perf_counter()
         data = self.calib_x
         cache = MomentCache(Path(self.config.cache_dir)) if self.config.cache_dir else None
