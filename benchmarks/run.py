@@ -667,7 +667,8 @@ def markdown(r: dict) -> str:
            "benchmarks/run_results.json --markdown benchmarks/BENCHMARKS.md`.", "",
            f"**{'Quick' if r['quick'] else 'Full'} run**, {m['cpu_model']}, "
            f"{m['cores_available']} cores, GPU: {m['gpu']}, torch {m['torch']}, onnxruntime "
-           f"{m.get('onnxruntime')}; load average at start {m['load_average_at_start']}; wall "
+           f"{m.get('onnxruntime')}; load average at start "
+           f"{', '.join(f'{v:.2f}' for v in m['load_average_at_start'] or [])}; wall "
            f"time {r['wall_time_s']:.0f} s.", "",
            "| figure | value | goal | met |", "|---|---|---|---|"]
     for k, g in r["goals"].items():
