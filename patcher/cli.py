@@ -285,9 +285,11 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
         return
     ranking = run_locate(inputs, config, device)
     width = max(len(s.layer) for s in ranking)
-    click.echo(f"{'rank':>4}  {'layer':<{width}}  {'score':>12}  {'IG completeness error':>21}")
+    click.echo(f"{'rank':>4}  {'layer':<{width}}  {'score':>12}  {'IG completeness error':>21}"
+               f"  key statistics")
     for i, s in enumerate(ranking, 1):
-        click.echo(f"{i:>4}  {s.layer:<{width}}  {s.score:>12.5g}  {s.completeness_error:>21.3g}")
+        click.echo(f"{i:>4}  {s.layer:<{width}}  {s.score:>12.5g}  {s.completeness_error:>21.3g}"
+                   f"  {s.statistics}")
     worst = max(ranking, key=lambda s: s.completeness_error)
     if worst.completeness_error > COMPLETENESS_LIMIT:
         click.echo(f"warning: Integrated-Gradients completeness error {worst.completeness_error:.3g} "
@@ -295,7 +297,8 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
                    "--attribution path for more faithful scores", err=True)
     if json_path:
         _write_json(json_path, [{"rank": i, "layer": s.layer, "score": s.score,
-                                 "completeness_error": s.completeness_error}
+                                 "completeness_error": s.completeness_error,
+                                 "statistics": s.statistics}
                                 for i, s in enumerate(ranking, 1)])
 
 

@@ -100,6 +100,7 @@ class LayerScore:
     layer: str
     score: float
     completeness_error: float
+    statistics: str = "exact"  # the key statistics the score used: exact or kronecker
 
 
 @dataclass
@@ -435,7 +436,8 @@ class Rectifier:
                     m_star = st.solve_rows(b)
                 per_pair = m_star.flatten(1).norm(dim=1)
                 scores.append(LayerScore(layer.name, float(per_pair.mean()),
-                                         float(attr.layers[layer.name].completeness_error.max())))
+                                         float(attr.layers[layer.name].completeness_error.max()),
+                                         st.kind))
         self.timings["localization"] = self.timings.get("localization", 0) + time.perf_counter() - start
         return sorted(scores, key=lambda s: -s.score)
 

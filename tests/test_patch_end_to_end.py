@@ -97,6 +97,14 @@ def test_locate_ranks_every_editable_layer(trojaned, tmp_path):
     assert len(ranking) == 4 and ranking[0]["rank"] == 1
     assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
     assert {"layer", "score"} <= set(ranking[0])
+    # only the 8->16 3x3 conv is factored (72-wide keys, 16 outputs); the first conv has
+    # one input channel, nothing to factor
+    assert {r["layer"]: r["statistics"] for r in ranking} == {
+        "/0/Conv": "exact", "/3/Conv": "kronecker", "/6/Gemm": "exact", "/8/Gemm": "exact"}
+    result = CliRunner().invoke(main, ["locate", str(trojaned / "model.onnx"), "--pairs",
+                                       str(trojaned / "pairs.npz"), "--eval",
+                                       str(trojaned / "eval.npz"), "--statistics", "exact"])
+    assert result.exit_code == 0 and "kronecker" not in result.output
 
 
 def test_patch_with_one_pair_removes_the_backdoor(trojaned, tmp_path):
