@@ -334,3 +334,41 @@ def test_statistics_of_one_layer_stop_the_forward_after_it(tmp_path):
     finally:
         handle.remove()
     assert early.count == full.count and torch.equal(early.sum_kk, full.sum_kk)
+
+
+def test_corruption_is_not_transplanted_onto_the_class_it_flips_to(tmp_path):
+    """Images of the class a corrupted pair is flipped to gain nothing from the corruption
+    (zero residual, zero gap); transplant draws from the other classes."""
+    from patcher.rectify import RectifyConfig, Rectifier
+    from patcher.samples import LabelledSet, Pairs
+
+    path, x, y = _conv_classifier(tmp_path)
+    graph = ShadowGraph.from_onnx(path)
+    with torch.no_grad():
+        predicted = graph(torch.from_numpy(x))[0].argmax(1).numpy()
+    flipped = int(np.flatnonzero(predicted != y)[0])  # predicted one class, labelled another
+    pairs = Pairs(x[flipped:flipped + 1], x[flipped:flipped + 1] * 0.5, y[flipped:flipped + 1])
+    cfg = RectifyConfig(transplant="add", transplant_count=60, show_progress=False)
+    r = Rectifier(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None, cfg)
+    target = int(predicted[flipped])
+    assert r._flipped_to(pairs) == {target}
+    fit_labels = r.fit[2][1:].numpy()  # the transplanted pairs after the given one
+    gap_labels = r.gap_sets[2].numpy()
+    assert len(fit_labels) == 30 and len(gap_labels) == 30
+    assert target not in set(fit_labels) | set(gap_labels)
+    assert (y == target).sum() > 50  # the class was there to draw from
+    # a pair the model still gets right restricts nothing
+    right = int(np.flatnonzero(predicted == y)[0])
+    kept = Pairs(x[right:right + 1], x[right:right + 1] * 0.5, y[right:right + 1])
+    r2 = Rectifier(ShadowGraph.from_onnx(path), kept, LabelledSet(x, y), None, cfg)
+    assert r2._flipped_to(kept) == set()
+    # one flip among three pairs is no target (scattered misclassification); two are
+    three = np.array([flipped, right, np.flatnonzero(predicted == y)[1]])
+    scattered = Pairs(x[three], x[three] * 0.5, y[three])
+    assert Rectifier(ShadowGraph.from_onnx(path), scattered, LabelledSet(x, y), None,
+                     cfg)._flipped_to(scattered) == set()
+    other = np.flatnonzero((predicted != y) & (predicted == target))[1]
+    two = np.array([flipped, other, right])
+    agreeing = Pairs(x[two], x[two] * 0.5, y[two])
+    assert Rectifier(ShadowGraph.from_onnx(path), agreeing, LabelledSet(x, y), None,
+                     cfg)._flipped_to(agreeing) == {target}
