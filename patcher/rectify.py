@@ -289,9 +289,13 @@ class Rectifier:
         corrupted inputs added (benchmarks/rectify_eval.py measures the whole loop).
 
         When the calibration inputs are the eval set, the same pass also gives the
-        base accuracy (:meth:`base_accuracy`)."""
-        self.stats = self._statistics(self.layers, self.config.statistics,
-                                      count_accuracy=self.calibrates_on_eval)
+        base accuracy (:meth:`base_accuracy`). A run that edits one known layer (``static``,
+        or ``--layer``) ranks nothing: it computes that layer's exact C alone."""
+        layers, mode = self.layers, self.config.statistics
+        if self.config.layer or self.config.strategy == "static":
+            name = self.config.layer or self.layers[-1].name
+            layers, mode = [l for l in self.layers if l.name == name] or self.layers, "exact"
+        self.stats = self._statistics(layers, mode, count_accuracy=self.calibrates_on_eval)
 
     def _statistics(self, layers: list[EditableLayer], mode: str, count_accuracy: bool = False
                     ) -> dict[str, LayerStatistics | KroneckerStatistics]:
@@ -427,6 +431,9 @@ class Rectifier:
         (``whitened``) or C^-1 (``inverse``, the paper's literal form), best first."""
         if not self.stats:
             self.compute_statistics()
+        missing = [l for l in self.layers if l.name not in self.stats]
+        if missing:  # statistics computed for one forced layer only
+            self.stats.update(self._statistics(missing, self.config.statistics))
         layers = [l for l in self.layers if l.name not in exclude]
         if not layers:
             return []

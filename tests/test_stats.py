@@ -372,3 +372,14 @@ def test_corruption_is_not_transplanted_onto_the_class_it_flips_to(tmp_path):
     agreeing = Pairs(x[two], x[two] * 0.5, y[two])
     assert Rectifier(ShadowGraph.from_onnx(path), agreeing, LabelledSet(x, y), None,
                      cfg)._flipped_to(agreeing) == {target}
+
+
+def test_a_static_run_computes_the_statistics_of_its_layer_only(tmp_path):
+    path, x, y = _conv_classifier(tmp_path)
+    static = _rectifier(path, x, y, strategy="static")
+    assert static.base_accuracy() == pytest.approx(_rectifier(path, x, y).base_accuracy())
+    assert set(static.stats) == {"fc"} and static.stats["fc"].kind == "exact"
+    forced = _rectifier(path, x, y, layer="conv")
+    forced.compute_statistics()
+    assert set(forced.stats) == {"conv"} and forced.stats["conv"].kind == "exact"
+    assert len(forced.locate()) == 2  # ranking anyway fills in the other layers
