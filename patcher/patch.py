@@ -98,6 +98,8 @@ def warn_completeness(scores: list[LayerScore]) -> None:
 
 #: Key covariances with a condition number above this are called singular (ill-conditioned).
 ILL_CONDITIONED = 1e6  # the statistics' float32 products resolve eigenvalue ratios to ~1e-6
+#: ... and above this they are printed as such: the ratio only says an eigenvalue is ~0.
+SINGULAR_ABOVE = 1e16
 
 
 def warn_conditioning(conditioning: dict[str, dict]) -> None:
@@ -107,9 +109,13 @@ def warn_conditioning(conditioning: dict[str, dict]) -> None:
            if not v["condition_number"] <= ILL_CONDITIONED}  # NaN and Inf count as bad
     if bad:
         worst = max(bad, key=lambda k: np.nan_to_num(bad[k]["condition_number"], nan=np.inf))
+        cond = bad[worst]["condition_number"]
+        # beyond float64's ~1e16 an eigenvalue ratio only says "an eigenvalue is zero"
+        shown = ("undefined (NaN)" if cond != cond else f"up to {cond:.3g}"
+                 if cond <= SINGULAR_ABOVE else f"above {SINGULAR_ABOVE:.0e}")
         LOG.warning(f"the key covariance of {len(bad)} layer(s) ({', '.join(list(bad)[:5])}) is "
-                    f"singular or ill-conditioned (condition number up to "
-                    f"{bad[worst]['condition_number']:.3g} at {worst}: some key directions never "
+                    f"singular or ill-conditioned (condition number "
+                    f"{shown} at {worst}: some key directions never "
                     "vary in the calibration inputs, e.g. units that are always zero); it is "
                     f"regularised as C + lambda I (lambda {bad[worst]['ridge']:.3g} there), so "
                     "edits stay defined; more varied calibration inputs (--calib) determine it "

@@ -383,3 +383,14 @@ def test_a_static_run_computes_the_statistics_of_its_layer_only(tmp_path):
     forced.compute_statistics()
     assert set(forced.stats) == {"conv"} and forced.stats["conv"].kind == "exact"
     assert len(forced.locate()) == 2  # ranking anyway fills in the other layers
+
+
+@pytest.mark.parametrize("cond, shown", [(5e7, "up to 5e+07"), (9.8e301, "above 1e+16"),
+                                          (float("inf"), "above 1e+16"),
+                                          (float("nan"), "undefined (NaN)")])
+def test_the_conditioning_warning_prints_meaningful_numbers(cond, shown, caplog):
+    from patcher.patch import warn_conditioning
+
+    with caplog.at_level("WARNING", logger="onnx_rectify"):
+        warn_conditioning({"L": {"condition_number": cond, "ridge": 1e-3}})
+    assert len(caplog.records) == 1 and f"condition number {shown} at L" in caplog.text
