@@ -388,9 +388,18 @@ def test_a_static_run_computes_the_statistics_of_its_layer_only(tmp_path):
 @pytest.mark.parametrize("cond, shown", [(5e7, "up to 5e+07"), (9.8e301, "above 1e+16"),
                                           (float("inf"), "above 1e+16"),
                                           (float("nan"), "undefined (NaN)")])
-def test_the_conditioning_warning_prints_meaningful_numbers(cond, shown, caplog):
+def test_the_conditioning_warning_prints_meaningful_numbers(cond, shown):
+    import logging
+
+    from patcher.modelio import LOG
     from patcher.patch import warn_conditioning
 
-    with caplog.at_level("WARNING", logger="onnx_rectify"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # the CLI's logging setup may stop propagation: listen here
+    LOG.addHandler(handler)
+    try:
         warn_conditioning({"L": {"condition_number": cond, "ridge": 1e-3}})
-    assert len(caplog.records) == 1 and f"condition number {shown} at L" in caplog.text
+    finally:
+        LOG.removeHandler(handler)
+    assert len(records) == 1 and f"condition number {shown} at L" in records[0].getMessage()
