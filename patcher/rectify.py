@@ -185,6 +185,12 @@ def transplant(pair_corrupted: np.ndarray, pair_clean: np.ndarray, images: np.nd
     return np.where(changed[None], pair_corrupted[None], images).astype(images.dtype)
 
 
+def _hits(logits: torch.Tensor, labels: np.ndarray) -> int:
+    """How many rows of ``logits`` have their argmax at ``labels``."""
+    pred = logits.reshape(len(labels), -1).argmax(1).cpu().numpy()
+    return int((pred == labels).sum())
+
+
 class Rectifier:
     """Holds the shadow graph, the data as tensors, and the statistics, for one run."""
 
@@ -314,14 +320,12 @@ class Rectifier:
                 if hit is not None:
                     moments[layer.name] = hit
         missing = [l for l in layers if l.name not in moments]
-        correct = [0]
+        seen = correct = 0
 
-        def count(batch, outputs):
-            pred = outputs[0].reshape(len(batch), -1).argmax(1).cpu().numpy()
-            done = count.seen
-            correct[0] += int((pred == self.eval_y[done:done + len(batch)]).sum())
-            count.seen += len(batch)
-        count.seen = 0
+        def count(batch, outputs):  # the calibration inputs are the eval set, in order
+            nonlocal seen, correct
+            correct += _hits(outputs[0], self.eval_y[seen:seen + len(batch)])
+            seen += len(batch)
 
         if missing:
             fresh = collect_moments(self.graph, missing, iterate_batches(data, 128),
@@ -334,7 +338,7 @@ class Rectifier:
                             show_progress=self.config.show_progress)
             moments.update(fresh)
             if count_accuracy:
-                self._calib_accuracy = correct[0] / max(len(data), 1)
+                self._calib_accuracy = correct / max(len(data), 1)
             if cache is not None:
                 for layer in missing:
                     cache.put(model_key, layer, keys[layer.name], fresh[layer.name])
@@ -413,8 +417,7 @@ class Rectifier:
         with progress(total, "evaluating", self.config.show_progress) as bar:
             for i in range(0, total, EVAL_BATCH):
                 xb = torch.from_numpy(self.eval_x[i:i + EVAL_BATCH]).to(self.device)
-                pred = self.graph(xb)[0].reshape(len(xb), -1).argmax(1).cpu().numpy()
-                correct += int((pred == self.eval_y[i:i + EVAL_BATCH]).sum())
+                correct += _hits(self.graph(xb)[0], self.eval_y[i:i + EVAL_BATCH])
                 bar.update(len(xb))
                 seen = i + len(xb)
                 if at_least is not None and seen < total and \
