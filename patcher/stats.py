@@ -396,20 +396,34 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
                 keys = flat[pick.to(flat.device)]
         moments[layer.name].add(keys)
 
-    # Without on_output, a batch's forward stops after the last tapped layer: nothing
-    # downstream of it feeds the sums (an edit's exact statistics of one layer).
+    def before(batch):
+        current["batch"] = len(batch)
+
+    _tapped_passes(graph, layers, batches, accumulate, label, total, show_progress,
+                   on_output=on_output, on_batch=before)
+    return moments
+
+
+def _tapped_passes(graph: ShadowGraph, layers: list[EditableLayer], batches, on_capture,
+                   label: str, total: int | None, show_progress: bool | None,
+                   on_output=None, on_batch=None) -> None:
+    """Forward every batch with ``on_capture(layer, data, out)`` tapping ``layers``, under a
+    progress bar. Without ``on_output`` each forward stops after the last tapped layer:
+    nothing downstream of it feeds the sums (an edit's exact statistics of one layer)."""
+    device = next((p.device for p in graph.parameters()), torch.device("cpu"))
     order = {info.name: i for i, info in enumerate(graph.nodes)}
     last = max((l.name for l in layers), key=order.__getitem__) if on_output is None else None
 
     def tap(layer, data, out):
-        accumulate(layer, data, out)
+        on_capture(layer, data, out)
         if layer.name == last:
             raise _LastLayerDone
 
     with progress(total or 0, label, show_progress) as bar, \
             LayerTap(graph, layers, on_capture=tap), torch.no_grad():
         for batch in batches:
-            current["batch"] = len(batch)
+            if on_batch is not None:
+                on_batch(batch)
             try:
                 outputs = graph(batch.to(device))
             except _LastLayerDone:
@@ -417,7 +431,6 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
             if on_output is not None:
                 on_output(batch, outputs)
             bar.update(len(batch))
-    return moments
 
 
 class _LastLayerDone(Exception):
@@ -431,17 +444,13 @@ def correct_spectra(graph: ShadowGraph, layers: list[EditableLayer], moments: di
     factored = [l for l in layers if isinstance(moments.get(l.name), KroneckerMoments)]
     if not factored:
         return
-    device = next((p.device for p in graph.parameters()), torch.device("cpu"))
     attrs = {l.name: graph.node_attributes(l.name) for l in factored}
 
     def accumulate(layer, data, _out):
         moments[layer.name].add_spectrum(layer, data, attrs[layer.name])
 
-    with progress(total or 0, "key statistics (eigenvalue correction)", show_progress) as bar, \
-            LayerTap(graph, factored, on_capture=accumulate), torch.no_grad():
-        for batch in batches:
-            graph(batch.to(device))
-            bar.update(len(batch))
+    _tapped_passes(graph, factored, batches, accumulate,
+                   "key statistics (eigenvalue correction)", total, show_progress)
 
 
 def statistics_from_moments(name: str, moments: "KeyMoments | KroneckerMoments",
