@@ -1,7 +1,7 @@
 """Rectification on trojaned models this repository does not contain.
 
     python benchmarks/generalisation.py [--quick] [--cases a,b] [--no-diagnose]
-                                        [--json FILE] [--markdown FILE]
+                                        [--no-twin] [--json FILE] [--markdown FILE]
 
 The committed samples use one trigger (an 8x8 logo blended at phi 0.5 in the
 bottom-right corner, target 0), two architectures (a BatchNorm CNN, a ResNet-18)
@@ -20,10 +20,18 @@ For a case that misses them, ``--diagnose`` (on unless ``--no-diagnose`` or ``--
 forces one edit at every editable layer (n = 1, defaults otherwise, i.e. ``--layer``)
 and measures each written file the same way, to show whether ``locate`` picked a
 layer where an edit could have worked.
+
+Clean twin (on unless ``--no-twin`` or ``--quick``): the same architecture, data, seed and
+epochs trained without any poisoned image, measured on the same triggered test images.
+How often it predicts the target is the rate a model that never learned the backdoor
+shows, because the trigger hides or changes what the image shows: a floor that
+rectification cannot be expected to go below. It is reported beside the verdicts and
+does not change them.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -360,6 +368,16 @@ def verdicts(before: dict, rows: list[dict]) -> dict:
     return out
 
 
+def clean_twin(case: Case, folder: Path, quick: bool) -> dict:
+    """Train ``case`` without poisoned images into ``folder/clean_twin`` and measure it on
+    the trojaned case's test and attack files (OA, and the share of triggered test images
+    it sends to the target anyway)."""
+    out = folder / "clean_twin"
+    out.mkdir(exist_ok=True)
+    build = build_case(dataclasses.replace(case, poison_rate=0.0), out, quick)
+    return {**measure(out / "model.onnx", folder), "train_seconds": build["train_seconds"]}
+
+
 def diagnose(folder: Path, ranking: list[str]) -> list[dict]:
     """One forced edit (defaults otherwise) at every editable layer, n = 1."""
     from patcher.modelio import load_model
@@ -413,6 +431,10 @@ def markdown(results: dict) -> str:
             if k in v:
                 parts.append(f"{k}: {'PASS' if v[k]['ok'] else 'FAIL'} (ASR {pct(v[k]['asr'])}, "
                              f"drop {100 * v[k]['drop']:+.2f} pt)")
+        twin = c.get("clean_twin")
+        if twin:
+            parts.append(f"clean twin (never poisoned): {pct(twin['asr'])} of the triggered "
+                         f"images go to the target, OA {pct(twin['oa'])}")
         lines.append(f"- {c['name']}: " + "; ".join(parts))
         if c.get("diagnosis"):
             diag = ", ".join(f"`{d['layer']}` (rank {d['locate_rank']}) ASR {pct(d['asr'])} "
@@ -430,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"only {', '.join(QUICK_CASES)}, fewer epochs, no diagnosis")
     ap.add_argument("--cases", default=None, help="comma-separated case names")
     ap.add_argument("--no-diagnose", action="store_true")
+    ap.add_argument("--no-twin", action="store_true",
+                    help="skip training each case's clean (never poisoned) twin")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--keep", type=Path, default=None,
@@ -477,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"layers {row['layers']} rounds {row['rounds']} {row['seconds']} s"
                       + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
             rec["verdict"] = verdicts(before, rec["rows"])
+            if not (args.quick or args.no_twin):
+                rec["clean_twin"] = twin = clean_twin(case, folder, args.quick)
+                print(f"  clean twin: OA {pct(twin['oa'])}, triggered images to the target "
+                      f"{pct(twin['asr'])}", flush=True)
             failed = any(not v["ok"] for v in rec["verdict"].values())
             if failed and not (args.quick or args.no_diagnose):
                 dyn = next(r for r in rec["rows"] if r["strategy"] == "dynamic" and r["n"] == 1)
