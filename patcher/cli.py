@@ -226,6 +226,9 @@ def _rectify_options(fn):
         click.option("--transplant", type=click.Choice(["paste", "add", "none"]), default="paste",
                      show_default=True, help="Carry the pairs' corruption onto calibration "
                      "images (more keys from few pairs; a held-out gap for the loop)."),
+        click.option("--transplant-count", type=click.IntRange(min=2), default=80,
+                     show_default=True, help="Calibration images that receive the corruption: "
+                     "half join the fit, half measure the gap the loop steers by."),
         click.option("--attribution", type=click.Choice(["ig", "path"]), default="ig",
                      show_default=True, help="Layer attribution: Integrated Gradients (paper "
                      "Eq. 3) or its path-derivative form (complete for internal layers)."),
@@ -233,7 +236,8 @@ def _rectify_options(fn):
                      "nodes share (the edit then applies to all of them)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the shadow graph runs."),
-        click.option("--seed", default=0, show_default=True),
+        click.option("--seed", default=0, show_default=True,
+                     help="Seed of the transplant's choice of images (and of --stat-rows)."),
         click.option("--statistics", "statistics", type=click.Choice(["auto", "exact", "kronecker"]),
                      default="auto", show_default=True,
                      help="How the key statistics C are computed for ranking layers: exact, "
@@ -266,7 +270,7 @@ def _rectify_options(fn):
               help="--method causal: share of a layer's neurons that are swapped.")
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
-           transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
+           transplant: str, transplant_count: int, attribution: str, allow_shared: bool, device: str, seed: int,
            statistics: str, stat_rows: int | None, cache_dir: str | None,
            eval_path: Path | None, json_path: str | None,
            method: str, top_fraction: float) -> None:
@@ -277,6 +281,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
 
     inputs = load_inputs(model, pairs_path, eval_path, calib_path)
     config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
+                           transplant_count=transplant_count,
                            attribution_form=attribution, allow_shared=allow_shared,
                            cache_dir=cache_dir, causal_top_fraction=top_fraction,
                            stat_rows=stat_rows, statistics=statistics)
@@ -358,7 +363,7 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
-          transplant: str, attribution: str, allow_shared: bool, device: str, seed: int,
+          transplant: str, transplant_count: int, attribution: str, allow_shared: bool, device: str, seed: int,
           statistics: str, stat_rows: int | None, cache_dir: str | None, eval_path: Path,
           output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
@@ -373,7 +378,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
 
     config = RectifyConfig(strategy=strategy, budget=budget, gap=gap_target,
                            max_rounds=max_rounds, layer=layer, steps=steps, score=score,
-                           transplant=transplant, seed=seed, attribution_form=attribution,
+                           transplant=transplant, transplant_count=transplant_count,
+                           seed=seed, attribution_form=attribution,
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
                            stat_rows=stat_rows, statistics=statistics,
                            care_neurons=care_neurons)

@@ -165,6 +165,8 @@ class PatchReport:
     device: str
     timings: dict[str, float]
     passed: bool
+    #: the RectifyConfig the run used (every option, defaults included)
+    config: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -271,4 +273,4 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
               and verification.parity.get("within_tolerance", False))
     return PatchReport(str(model), str(out), str(pairs), str(eval_path),
                        [str(w) for w in written], result, verification,
-                       before, after, str(dev), timings, passed)
+                       before, after, str(dev), timings, passed, asdict(config))

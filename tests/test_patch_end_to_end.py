@@ -287,3 +287,19 @@ def test_rounds_decided_early_keep_the_same_decisions_and_edits(trojaned, tmp_pa
             assert a["accuracy"] == b["accuracy"]
     assert [t.raw_data for t in onnx.load(str(early)).graph.initializer] == \
         [t.raw_data for t in onnx.load(str(full)).graph.initializer]
+
+
+def test_transplant_count_and_seed_reach_the_run_and_the_report(trojaned, tmp_path):
+    """--transplant-count sets how many images receive the corruption (half measure the
+    loop's gap); the report records the configuration the run used."""
+    out, report_path = tmp_path / "ten.onnx", tmp_path / "ten.json"
+    result = patch_cli(trojaned / "model.onnx", trojaned, out, "--transplant-count", "10",
+                       "--seed", "3", "--max-rounds", "1", "--report", str(report_path))
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads(report_path.read_text())
+    assert report["config"]["transplant_count"] == 10 and report["config"]["seed"] == 3
+    assert report["result"]["gap_measured_on"] == "5 transplanted pairs not used for fitting"
+    assert "5 transplanted pairs" in result.output
+    refused = patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "one.onnx",
+                        "--transplant-count", "1")
+    assert refused.exit_code == 2 and "--transplant-count" in refused.output
