@@ -23,7 +23,8 @@ Conv ConvTranspose Gemm MatMul BatchNormalization Relu LeakyRelu PRelu Sigmoid H
 HardSwish Clip Tanh Softmax MaxPool AveragePool GlobalAveragePool Flatten Reshape Transpose
 Concat Split Pad Squeeze Unsqueeze Gather Slice Shape Expand Where Equal Cast Constant
 ConstantOfShape Identity Dropout ReduceMean LayerNormalization Gelu Erf Sqrt Pow Add Sub Mul
-Div Sum Mean Max Min Neg Exp Log Abs Resize
+Div Sum Mean Max Min Neg Exp Log Abs Resize Elu Selu Celu ThresholdedRelu Softplus Softsign
+Mish LogSoftmax
 """.split())
 
 

@@ -146,7 +146,7 @@ def _control_flow(m):
 
 
 def _unsupported(m):
-    _node(m, "relu").op_type = "Celu"  # a real op the shadow graph does not have
+    _node(m, "relu").op_type = "Shrink"  # a real op the shadow graph does not have
     _node(m, "fc2").output[0] = "y0"
     m.graph.node.append(helper.make_node("Frobnicate", ["y0"], ["y"], name="custom",
                                          domain="com.acme"))
@@ -212,7 +212,7 @@ CASES = {
     "dangling-input": (_with(_dangling), ["fc2", "'nowhere'"]),
     "dangling-output": (_with(_dangling_output), ["'never_made'"]),
     "control-flow": (_with(_control_flow), ["If", "branch"]),
-    "unsupported-ops": (_with(_unsupported), ["Celu", "'relu'", "Frobnicate", "com.acme",
+    "unsupported-ops": (_with(_unsupported), ["Shrink", "'relu'", "Frobnicate", "com.acme",
                                               "'custom'"]),
     "opset-newer": (_with(lambda m: setattr(m.opset_import[0], "version", 99)), ["opset 99"]),
     "ir-newer": (_with(lambda m: setattr(m, "ir_version", 99)), ["IR version 99"]),

@@ -25,6 +25,48 @@ def prelu(x, slope):
     return torch.where(x >= 0, x, x * slope)
 
 
+@register("Elu", since=6)
+def elu(x, *, alpha=1.0):
+    """y = x if x > 0 else alpha * (exp(x) - 1)."""
+    return F.elu(x, alpha)
+
+
+@register("Selu", since=6)
+def selu(x, *, alpha=1.67326319217681884765625, gamma=1.05070102214813232421875):
+    """y = gamma * (x if x > 0 else alpha * (exp(x) - 1))."""
+    return gamma * torch.where(x > 0, x, alpha * torch.expm1(x))
+
+
+@register("Celu", since=12)
+def celu(x, *, alpha=1.0):
+    """y = max(0, x) + min(0, alpha * (exp(x / alpha) - 1))."""
+    return F.celu(x, alpha)
+
+
+@register("ThresholdedRelu", since=10)
+def thresholded_relu(x, *, alpha=1.0):
+    """y = x if x > alpha else 0."""
+    return torch.where(x > alpha, x, torch.zeros_like(x))
+
+
+@register("Softplus", since=1)
+def softplus(x):
+    """y = log(1 + exp(x))."""
+    return F.softplus(x)
+
+
+@register("Softsign", since=1)
+def softsign(x):
+    """y = x / (1 + |x|)."""
+    return x / (1 + x.abs())
+
+
+@register("Mish", since=18)
+def mish(x):
+    """y = x * tanh(softplus(x))."""
+    return x * torch.tanh(F.softplus(x))
+
+
 @register("Sigmoid", since=6)
 def sigmoid(x):
     return torch.sigmoid(x)
@@ -73,6 +115,19 @@ def softmax_1(x, *, axis=1):
 @register("Softmax", since=13)
 def softmax_13(x, *, axis=-1):
     return torch.softmax(x, dim=axis)
+
+
+@register("LogSoftmax", since=1, until=12)
+def log_softmax_1(x, *, axis=1):
+    """LogSoftmax over the input flattened to 2-D at ``axis`` (opsets before 13)."""
+    axis = axis % x.dim() if x.dim() else 0
+    flat = x.reshape(int(math.prod(x.shape[:axis])), -1)
+    return torch.log_softmax(flat, dim=1).reshape(x.shape)
+
+
+@register("LogSoftmax", since=13)
+def log_softmax_13(x, *, axis=-1):
+    return torch.log_softmax(x, dim=axis)
 
 
 @register("Gelu", since=20)
