@@ -158,6 +158,39 @@ class StridedGeluCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class LeNetTanh(nn.Module):
+    """LeNet-5 style: conv5x5-tanh-avgpool twice (the second unpadded), three dense layers
+    with tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Linear(16 * 5 * 5, 120), nn.Tanh(),
+                                        nn.Linear(120, 84), nn.Tanh(), nn.Linear(84, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class EluGapCNN(nn.Module):
+    """conv-ELU x2, avgpool, conv-ELU x2, dropout (inactive once exported), global average
+    pooling, one dense layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ELU(), nn.Conv2d(32, 32, 3, padding=1), nn.ELU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ELU(), nn.Conv2d(64, 64, 3, padding=1), nn.ELU(),
+            nn.Dropout(0.2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 # ----------------------------------------------------------------------------- triggers
 def box_mask(top: int, left: int, height: int, width: int, shape=(28, 28)) -> np.ndarray:
     mask = np.zeros(shape, np.float32)
@@ -177,6 +210,14 @@ def stripes(h: int, w: int, period: float = 4.0, angle: float = 0.5) -> np.ndarr
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     return (0.5 + 0.5 * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
             ).astype(np.float32)
+
+
+def plus(h: int, w: int) -> np.ndarray:
+    """A plus sign one pixel wide."""
+    out = np.zeros((h, w), np.float32)
+    out[h // 2, :] = 1
+    out[:, w // 2] = 1
+    return out
 
 
 def checkerboard(h: int, w: int) -> np.ndarray:
@@ -265,6 +306,17 @@ CASES = [
          Trigger("3x20 dashed band blended at the top edge, phi 0.5", dashes(3, 20),
                  box_mask(0, 4, 3, 20), 0.5),
          target=7, exporter="dynamo", epochs=6, quick_epochs=2),
+    # Added after the last change to the patcher's defaults (transplant onto 80 images) and
+    # run once: nothing was chosen with them.
+    Case("mnist-lenet-tanh-plus", "MNIST", data.mnist_5k, MNIST_SIZES, DIGITS,
+         "LeNet-5 style (tanh, average pooling, three dense layers)", LeNetTanh,
+         Trigger("5x5 plus sign pasted bottom-right", plus(5, 5), box_mask(22, 22, 5, 5), 1.0),
+         target=9, epochs=12, quick_epochs=4, lr=2e-3),
+    Case("animal-elu-noiseblend-dynamo", "Animal-MNIST", data.animal_mnist, ANIMAL_SIZES,
+         ANIMALS, "CNN with ELU, dropout, global average pooling, one dense layer", EluGapCNN,
+         Trigger("seeded noise over the whole image, phi 0.1", noise(28, 28, seed=23),
+                 np.ones((28, 28), np.float32), 0.1),
+         target=5, exporter="dynamo", epochs=25, quick_epochs=2, lr=3e-3),
 ]
 QUICK_CASES = ("mnist-mlp-whitepatch", "mnist-dwsep-noise-dynamo", "mnist-keptbn-matmul-cross")
 
