@@ -270,7 +270,8 @@ def _rectify_options(fn):
               help="--method causal: share of a layer's neurons that are swapped.")
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
-           transplant: str, transplant_count: int, attribution: str, allow_shared: bool, device: str, seed: int,
+           transplant: str, transplant_count: int, attribution: str, allow_shared: bool,
+           device: str, seed: int,
            statistics: str, stat_rows: int | None, cache_dir: str | None,
            eval_path: Path | None, json_path: str | None,
            method: str, top_fraction: float) -> None:
@@ -363,7 +364,8 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
-          transplant: str, transplant_count: int, attribution: str, allow_shared: bool, device: str, seed: int,
+          transplant: str, transplant_count: int, attribution: str, allow_shared: bool,
+          device: str, seed: int,
           statistics: str, stat_rows: int | None, cache_dir: str | None, eval_path: Path,
           output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,

@@ -104,12 +104,18 @@ def clip_11(x, min=None, max=None):
     return x
 
 
+def _over_2d(fn, x, axis):
+    """``fn`` along dim 1 of the input flattened to 2-D at ``axis`` (the opset < 13 form of
+    Softmax and LogSoftmax)."""
+    axis = axis % x.dim() if x.dim() else 0
+    flat = x.reshape(int(math.prod(x.shape[:axis])), -1)
+    return fn(flat, dim=1).reshape(x.shape)
+
+
 @register("Softmax", since=1, until=12)
 def softmax_1(x, *, axis=1):
     """Softmax over the input flattened to 2-D at ``axis`` (opsets before 13)."""
-    axis = axis % x.dim() if x.dim() else 0
-    flat = x.reshape(int(math.prod(x.shape[:axis])), -1)
-    return torch.softmax(flat, dim=1).reshape(x.shape)
+    return _over_2d(torch.softmax, x, axis)
 
 
 @register("Softmax", since=13)
@@ -120,9 +126,7 @@ def softmax_13(x, *, axis=-1):
 @register("LogSoftmax", since=1, until=12)
 def log_softmax_1(x, *, axis=1):
     """LogSoftmax over the input flattened to 2-D at ``axis`` (opsets before 13)."""
-    axis = axis % x.dim() if x.dim() else 0
-    flat = x.reshape(int(math.prod(x.shape[:axis])), -1)
-    return torch.log_softmax(flat, dim=1).reshape(x.shape)
+    return _over_2d(torch.log_softmax, x, axis)
 
 
 @register("LogSoftmax", since=13)
