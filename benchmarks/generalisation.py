@@ -394,7 +394,8 @@ def run_patch(folder: Path, n: int, config: RectifyConfig, tag: str) -> dict:
     row.update(layers=list(dict.fromkeys(e["layer"] for e in res.edits)),
                rounds=len(res.rounds), kept_rounds=sum(r.kept for r in res.rounds),
                round_log=[{"layer": r.layer, "kept": r.kept, "reason": r.reason,
-                           "gap_after": r.gap_after, "accuracy_drop": r.accuracy_drop}
+                           "gap_after": r.gap_after, "target_gap_after": r.target_gap_after,
+                           "accuracy_drop": r.accuracy_drop}
                           for r in res.rounds],
                ranking=[s.layer for s in res.scores],
                met_target=res.met_target, passed=report.passed,

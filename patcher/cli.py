@@ -226,9 +226,12 @@ def _rectify_options(fn):
         click.option("--transplant", type=click.Choice(["paste", "add", "none"]), default="paste",
                      show_default=True, help="Carry the pairs' corruption onto calibration "
                      "images (more keys from few pairs; a held-out gap for the loop)."),
-        click.option("--transplant-count", type=click.IntRange(min=2), default=80,
-                     show_default=True, help="Calibration images that receive the corruption: "
-                     "half join the fit, half measure the gap the loop steers by."),
+        click.option("--transplant-count", type=click.IntRange(min=1), default=40,
+                     show_default=True, help="Calibration images that receive the corruption "
+                     "and join the fit."),
+        click.option("--heldout-count", type=click.IntRange(min=1), default=200,
+                     show_default=True, help="Further calibration images that receive it "
+                     "only to measure the gaps the loop steers by (never fitted)."),
         click.option("--attribution", type=click.Choice(["ig", "path"]), default="ig",
                      show_default=True, help="Layer attribution: Integrated Gradients (paper "
                      "Eq. 3) or its path-derivative form (complete for internal layers)."),
@@ -270,7 +273,8 @@ def _rectify_options(fn):
               help="--method causal: share of a layer's neurons that are swapped.")
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
-           transplant: str, transplant_count: int, attribution: str, allow_shared: bool,
+           transplant: str, transplant_count: int, heldout_count: int, attribution: str,
+           allow_shared: bool,
            device: str, seed: int,
            statistics: str, stat_rows: int | None, cache_dir: str | None,
            eval_path: Path | None, json_path: str | None,
@@ -282,7 +286,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
 
     inputs = load_inputs(model, pairs_path, eval_path, calib_path)
     config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
-                           transplant_count=transplant_count,
+                           transplant_count=transplant_count, heldout_count=heldout_count,
                            attribution_form=attribution, allow_shared=allow_shared,
                            cache_dir=cache_dir, causal_top_fraction=top_fraction,
                            stat_rows=stat_rows, statistics=statistics)
@@ -364,7 +368,8 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
-          transplant: str, transplant_count: int, attribution: str, allow_shared: bool,
+          transplant: str, transplant_count: int, heldout_count: int, attribution: str,
+          allow_shared: bool,
           device: str, seed: int,
           statistics: str, stat_rows: int | None, cache_dir: str | None, eval_path: Path,
           output: Path | None,
@@ -381,7 +386,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     config = RectifyConfig(strategy=strategy, budget=budget, gap=gap_target,
                            max_rounds=max_rounds, layer=layer, steps=steps, score=score,
                            transplant=transplant, transplant_count=transplant_count,
-                           seed=seed, attribution_form=attribution,
+                           heldout_count=heldout_count, seed=seed, attribution_form=attribution,
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
                            stat_rows=stat_rows, statistics=statistics,
                            care_neurons=care_neurons)
@@ -391,12 +396,13 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
 
     r, v = report.result, report.verification
     click.echo(f"{'round':>5}  {'layer':<28} {'score':>10} {'gap before':>10} {'gap after':>10} "
-               f"{'accuracy':>9}  decision")
+               f"{'target gap':>10} {'accuracy':>9}  decision")
     for rd in r.rounds:
         score_text = f"{rd.score:.4g}" if rd.score is not None else "-"
+        tau = f"{rd.target_gap_after:.4f}" if rd.target_gap_after is not None else "-"
         click.echo(f"{rd.index:>5}  {rd.layer:<28} {score_text:>10} {rd.gap_before:>10.4f} "
-                   f"{rd.gap_after:>10.4f} {format_accuracy(rd.accuracy, rd.evaluated):>9}  "
-                   f"{rd.reason}")
+                   f"{rd.gap_after:>10.4f} {tau:>10} "
+                   f"{format_accuracy(rd.accuracy, rd.evaluated):>9}  {rd.reason}")
     click.echo(f"wrote {', '.join(report.written)}")
     click.echo(f"onnxruntime ({v.provider}), reloaded from disk: accuracy {v.base_accuracy:.2%} -> "
                f"{v.patched_accuracy:.2%}, pair gap {v.base_pair_gap:.4f} -> "

@@ -289,17 +289,75 @@ def test_rounds_decided_early_keep_the_same_decisions_and_edits(trojaned, tmp_pa
         [t.raw_data for t in onnx.load(str(full)).graph.initializer]
 
 
-def test_transplant_count_and_seed_reach_the_run_and_the_report(trojaned, tmp_path):
-    """--transplant-count sets how many images receive the corruption (half measure the
-    loop's gap); the report records the configuration the run used."""
-    out, report_path = tmp_path / "ten.onnx", tmp_path / "ten.json"
-    result = patch_cli(trojaned / "model.onnx", trojaned, out, "--transplant-count", "10",
-                       "--seed", "3", "--max-rounds", "1", "--report", str(report_path))
+def test_transplant_counts_and_seed_reach_the_run_and_the_report(trojaned, tmp_path):
+    """--transplant-count and --heldout-count set how many images receive the corruption
+    for the fit and for the loop's gap; the report records the configuration the run used."""
+    out, report_path = tmp_path / "four.onnx", tmp_path / "four.json"
+    result = patch_cli(trojaned / "model.onnx", trojaned, out, "--transplant-count", "4",
+                       "--heldout-count", "7", "--seed", "3", "--max-rounds", "1",
+                       "--report", str(report_path))
     assert result.exit_code in (0, 1), result.output
     report = json.loads(report_path.read_text())
-    assert report["config"]["transplant_count"] == 10 and report["config"]["seed"] == 3
-    assert report["result"]["gap_measured_on"] == "5 transplanted pairs not used for fitting"
-    assert "5 transplanted pairs" in result.output
-    refused = patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "one.onnx",
-                        "--transplant-count", "1")
-    assert refused.exit_code == 2 and "--transplant-count" in refused.output
+    assert report["config"]["transplant_count"] == 4 and report["config"]["seed"] == 3
+    assert report["config"]["heldout_count"] == 7
+    assert report["result"]["gap_measured_on"] == "7 transplanted pairs not used for fitting"
+    assert "7 transplanted pairs" in result.output
+    for option in ("--transplant-count", "--heldout-count"):
+        refused = patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "zero.onnx",
+                            option, "0")
+        assert refused.exit_code == 2 and option in refused.output
+
+
+def test_affordable_cost_is_the_target_class_gap_removed_when_there_is_a_target():
+    from patcher.rectify import ACCURACY_PER_GAP, affordable_cost
+
+    # a backdoor whose target no longer pulls: the gap shrinking buys no accuracy
+    assert affordable_cost(0.30, 0.10, 0.006, 0.006) == 0.0
+    assert affordable_cost(0.30, 0.10, 0.50, 0.20) == pytest.approx(0.30 * ACCURACY_PER_GAP)
+    assert affordable_cost(0.30, 0.10, 0.20, 0.25) < 0  # the edit pulled harder to the target
+    # pushing corrupted inputs away from the target beyond their clean twins is no gain
+    assert affordable_cost(0.30, 0.10, 0.20, -0.10) == pytest.approx(0.20 * ACCURACY_PER_GAP)
+    # no target class (scattered misclassification): the gap itself
+    assert affordable_cost(0.30, 0.10, None, None) == pytest.approx(0.20 * ACCURACY_PER_GAP)
+
+
+def test_rounds_record_the_target_class_gap_and_spend_accuracy_only_for_it(trojaned, tmp_path,
+                                                                          monkeypatch):
+    """On a backdoor the loop steers its accuracy spending by tau = mean p_t(x~) - p_t(x) on
+    held-out transplanted pairs, not by the gap: once tau stops falling (held here where it
+    first drops below 0.5), rounds that shrink the gap but cost accuracy are rejected.
+    Every kept round cost at most the tau it removed; the report records tau per round."""
+    from patcher.rectify import Rectifier
+
+    stored = Rectifier.stored  # edits made 5x too strong, so that rounds cost accuracy
+    monkeypatch.setattr(Rectifier, "stored", lambda self, *a: 5 * stored(self, *a))
+    real_gap = Rectifier.gap
+
+    def gap_with_tau_held(self):
+        value = real_gap(self)
+        if self.last_target_gap < 0.5:  # the backdoor is gone: tau held there from now on
+            self.held_tau = getattr(self, "held_tau", self.last_target_gap)
+            self.last_target_gap = self.held_tau
+        return value
+
+    monkeypatch.setattr(Rectifier, "gap", gap_with_tau_held)
+    report_path = tmp_path / "r.json"
+    patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "p.onnx", "--budget", "0.5",
+              "--max-rounds", "6", "--gap", "0.0001", "--report", str(report_path))
+    result = json.loads(report_path.read_text())["result"]
+    rounds, accuracy = result["rounds"], result["base_accuracy"]
+    assert rounds and rounds[0]["target_gap_before"] > 0.5  # the trigger pulls to class 0
+    judged = {"kept": 0, "cost": 0}
+    for r in rounds:
+        assert r["target_gap_after"] is not None
+        if r["accuracy"] is None:  # rejected on the gap alone
+            continue
+        cost, removed = accuracy - r["accuracy"], r["target_gap_before"] - r["target_gap_after"]
+        if r["kept"]:
+            assert cost <= removed + 1e-9
+            judged["kept"] += 1
+            accuracy = r["accuracy"]
+        elif r["reason"].startswith("cost"):
+            assert "target-class gap" in r["reason"] and cost > removed
+            judged["cost"] += 1
+    assert judged["kept"] and judged["cost"], f"both kinds of decision needed: {judged}"

@@ -348,7 +348,8 @@ def test_corruption_is_not_transplanted_onto_the_class_it_flips_to(tmp_path):
         predicted = graph(torch.from_numpy(x))[0].argmax(1).numpy()
     flipped = int(np.flatnonzero(predicted != y)[0])  # predicted one class, labelled another
     pairs = Pairs(x[flipped:flipped + 1], x[flipped:flipped + 1] * 0.5, y[flipped:flipped + 1])
-    cfg = RectifyConfig(transplant="add", transplant_count=60, show_progress=False)
+    cfg = RectifyConfig(transplant="add", transplant_count=30, heldout_count=30,
+                        show_progress=False)
     r = Rectifier(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None, cfg)
     target = int(predicted[flipped])
     assert r._flipped_to(pairs) == {target}
