@@ -450,13 +450,12 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
                  _esc(("≥ " if r.get("evaluated") else "") + _pct(r.get("accuracy_drop"))), _esc(_num(r.get("delta_norm"), ".4g")),
                  _esc(_num(r.get("fit_residual_ratio"), ".3g")), _esc(r.get("reason"))]
                 for r in rounds]
-        h.append(_table(["round", "layer", "score", "gap before", "gap after",
-                         "target-class gap after", "accuracy", "accuracy drop", "‖Δ‖",
-                         "fit residual", "decision"], body,
+        h.append(_table(["round", "layer", "score", "gap before", "gap after", "τ after",
+                         "accuracy", "accuracy drop", "‖Δ‖", "fit residual", "decision"], body,
                         {0, 2, 3, 4, 5, 6, 7, 8, 9},
                         lambda i: "kept" if rounds[i].get("kept") else ""))
         h.append(f'<p class="note">Gap: mean p(label | clean) − p(label | corrupted); target-class '
-                 f'gap, when the corruption has a target class t: mean p(t | corrupted) − '
+                 f'gap τ, when the corruption has a target class t: mean p(t | corrupted) − '
                  f'p(t | clean); both measured on '
                  f'{_esc(res.get("gap_measured_on", "the pairs"))}; accuracy on the eval set, '
                  f'in the shadow graph. Base: accuracy {_esc(_pct(res.get("base_accuracy")))}, '
