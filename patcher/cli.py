@@ -274,8 +274,7 @@ def _rectify_options(fn):
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
            transplant: str, transplant_count: int, heldout_count: int, attribution: str,
-           allow_shared: bool,
-           device: str, seed: int,
+           allow_shared: bool, device: str, seed: int,
            statistics: str, stat_rows: int | None, cache_dir: str | None,
            eval_path: Path | None, json_path: str | None,
            method: str, top_fraction: float) -> None:
@@ -369,8 +368,7 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
           transplant: str, transplant_count: int, heldout_count: int, attribution: str,
-          allow_shared: bool,
-          device: str, seed: int,
+          allow_shared: bool, device: str, seed: int,
           statistics: str, stat_rows: int | None, cache_dir: str | None, eval_path: Path,
           output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,

@@ -649,17 +649,17 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
             edit = r.fit_edit(layer)
             delta = r.stored(layer, edit)
             r.apply(layer, delta)
-            # The gap first (a few pairs): the accuracy pass then stops as soon as the
-            # round is certainly rejected, and is skipped when the gap alone rejects it.
+            # The gaps first (the held-out pairs): the accuracy pass then stops as soon as
+            # the round is certainly rejected, and is skipped when the gap alone rejects it.
             new_gap, new_tau = r.gap(), r.last_target_gap
-            removed = affordable_cost(gap, new_gap, tau, new_tau)
+            affordable = affordable_cost(gap, new_gap, tau, new_tau)
             ratio = edit.fit_residual_after / max(edit.fit_residual_before, 1e-300)
             evaluated = None
             if new_gap > gap - MIN_GAP_GAIN * max(gap, 0.0) - 1e-6:
                 kept, reason = False, f"gap shrank by less than {MIN_GAP_GAIN:.0%}"
                 new_acc, drop, evaluated = None, None, 0
             else:
-                need = max(base_acc - cfg.budget, acc - removed)
+                need = max(base_acc - cfg.budget, acc - affordable)
                 new_acc = r.accuracy(at_least=need)
                 drop = base_acc - new_acc
                 if r.last_evaluated < len(r.eval_x):
@@ -668,10 +668,10 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                 if drop > cfg.budget:
                     kept, reason = False, (f"accuracy drop {bound}{drop:.2%} over budget "
                                            f"{cfg.budget:.2%}")
-                elif acc - new_acc > removed + 1e-9:
+                elif acc - new_acc > affordable + 1e-9:
                     what = "target-class gap" if tau is not None else "gap"
                     kept, reason = False, (f"cost {bound}{acc - new_acc:.2%} accuracy for "
-                                           f"{removed / ACCURACY_PER_GAP:.4f} of {what}")
+                                           f"{affordable / ACCURACY_PER_GAP:.4f} of {what}")
                 else:
                     kept, reason = True, "kept"
                 if evaluated is not None:
