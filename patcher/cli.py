@@ -349,6 +349,11 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               default="dynamic", show_default=True, help="dynamic: the paper's loop; static: "
               "one edit at the last layer; finetune: fine-tune the last layer; care: CARE's "
               "causal neuron repair (particle swarm).")
+@click.option("--objective", type=click.Choice(["prediction", "attribution"]),
+              default="prediction", show_default=True, help="prediction: remove the "
+              "corruption's effect on the output (backdoor, spurious pattern); attribution: "
+              "lower the share of input attribution on the corrupted region (feature "
+              "leakage) with silencing edits (--strategy dynamic).")
 @click.option("--care-neurons", type=click.IntRange(min=1), default=None,
               help="--strategy care: neurons to repair (default: 10% of the layer's).")
 @click.option("--layer", default=None, help="Force one edit at this layer (node name).")
@@ -371,17 +376,18 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
           allow_shared: bool, device: str, seed: int,
           statistics: str, stat_rows: int | None, cache_dir: str | None, eval_path: Path,
           output: Path | None,
-          budget: float, gap_target: float, max_rounds: int, strategy: str, layer: str | None,
-          care_neurons: int | None, solver: str, provider: str, report_path: str | None,
+          budget: float, gap_target: float, max_rounds: int, strategy: str, objective: str,
+          layer: str | None, care_neurons: int | None, solver: str, provider: str, report_path: str | None,
           report_dir: Path | None, attack_path: Path | None, force: bool) -> None:
     """Patch MODEL's weights (rank-one edits; CARE's neuron rows with --strategy care) and
-    write the result (same graph, new weight values), verified under onnxruntime from disk. Exit 0 when the pairs' gap meets --gap
-    within --budget on the written file, 1 when not (the best model found is still
-    written), 2 for bad input."""
+    write the result (same graph, new weight values), verified under onnxruntime from
+    disk. Exit 0 when the pairs' gap meets --gap within --budget on the written file
+    (with --objective attribution: when an edit lowered the attribution share within
+    --budget), 1 when not (the best model found is still written), 2 for bad input."""
     from .patch import patch as run_patch
     from .rectify import RectifyConfig
 
-    config = RectifyConfig(strategy=strategy, budget=budget, gap=gap_target,
+    config = RectifyConfig(strategy=strategy, objective=objective, budget=budget, gap=gap_target,
                            max_rounds=max_rounds, layer=layer, steps=steps, score=score,
                            transplant=transplant, transplant_count=transplant_count,
                            heldout_count=heldout_count, seed=seed, attribution_form=attribution,
@@ -393,13 +399,14 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     from .rectify import format_accuracy
 
     r, v = report.result, report.verification
-    click.echo(f"{'round':>5}  {'layer':<28} {'score':>10} {'gap before':>10} {'gap after':>10} "
-               f"{'target gap':>10} {'accuracy':>9}  decision")
+    what = "share" if r.objective == "attribution" else "gap"
+    click.echo(f"{'round':>5}  {'layer':<28} {'score':>10} {what + ' before':>12} "
+               f"{what + ' after':>11} {'target gap':>10} {'accuracy':>9}  decision")
     for rd in r.rounds:
         score_text = f"{rd.score:.4g}" if rd.score is not None else "-"
         tau = f"{rd.target_gap_after:.4f}" if rd.target_gap_after is not None else "-"
-        click.echo(f"{rd.index:>5}  {rd.layer:<28} {score_text:>10} {rd.gap_before:>10.4f} "
-                   f"{rd.gap_after:>10.4f} {tau:>10} "
+        click.echo(f"{rd.index:>5}  {rd.layer:<28} {score_text:>10} {rd.gap_before:>12.4f} "
+                   f"{rd.gap_after:>11.4f} {tau:>10} "
                    f"{format_accuracy(rd.accuracy, rd.evaluated):>9}  {rd.reason}")
     click.echo(f"wrote {', '.join(report.written)}")
     click.echo(f"onnxruntime ({v.provider}), reloaded from disk: accuracy {v.base_accuracy:.2%} -> "
@@ -415,9 +422,16 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
         page = write_report(report.as_dict(), report_dir, attack_path=attack_path,
                             device=report.device, provider=provider)
         click.echo(f"report: {page}")
+    if r.objective == "attribution":
+        click.echo(f"attribution share on the corrupted region (shadow graph, on "
+                   f"{r.gap_measured_on}): {r.base_gap:.4f} -> {r.final_gap:.4f}")
     if not report.passed:
-        click.echo("onnx-rectify: the pairs' gap did not meet --gap within --budget on the "
-                   "written file; the best model found was written", err=True)
+        if r.objective == "attribution":
+            click.echo("onnx-rectify: no edit lowered the attribution share within --budget "
+                       "on the written file; the best model found was written", err=True)
+        else:
+            click.echo("onnx-rectify: the pairs' gap did not meet --gap within --budget on "
+                       "the written file; the best model found was written", err=True)
         sys.exit(1)
 
 

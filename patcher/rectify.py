@@ -40,11 +40,23 @@ from .errors import BadSamplesError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
 from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
+from .silence import (SILENCE_SCALES, attribution_share, corruption_key, corruption_masks,
+                      showing_corruption, silencing_edit)
 from .stats import (CORRECTION_IMAGES, STATISTICS_MODES, KroneckerStatistics,
                     LayerStatistics, MomentCache, collect_moments, correct_spectra, data_hash,
                     iterate_batches, statistics_from_moments, statistics_kind)
 
 STRATEGIES = ("dynamic", "static", "finetune", "care")
+#: What the loop removes: ``prediction``, the corruption's effect on the output (the gap
+#: delta*, or the target-class gap tau); ``attribution``, the share of input attribution
+#: on the corrupted region (feature leakage; silencing edits, :mod:`patcher.silence`).
+OBJECTIVES = ("prediction", "attribution")
+#: attribution objective: a round may cost at most this much accuracy per unit of
+#: attribution share it removes (a point of accuracy for 0.4 of share). The share is not a
+#: probability like delta*, so it gets its own, stricter rate.
+ACCURACY_PER_SHARE = 0.025
+#: attribution objective: held-out images on which the share is measured (at most).
+SHARE_IMAGES = 100
 #: An edit is kept only if it shrinks the gap by at least this share (no rounds spent on
 #: edits that barely move it).
 MIN_GAP_GAIN = 0.05
@@ -69,6 +81,7 @@ EVAL_BATCH = 128
 @dataclass
 class RectifyConfig:
     strategy: str = "dynamic"
+    objective: str = "prediction"  # or "attribution" (OBJECTIVES)
     budget: float = 0.03          # max accuracy drop eps
     gap: float = 0.001            # target pair gap delta
     max_rounds: int = 10
@@ -134,6 +147,8 @@ class Round:
     #: tau before and after, when the corruption has a target class
     target_gap_before: float | None = None
     target_gap_after: float | None = None
+    #: attribution objective: the silencing scale beta of this round's edit
+    scale: float | None = None
 
 
 @dataclass
@@ -151,6 +166,8 @@ class RectifyResult:
     timings: dict[str, float] = field(default_factory=dict)
     conditioning: dict[str, dict] = field(default_factory=dict)
     gap_measured_on: str = "pairs"
+    #: "prediction": the gaps are delta*; "attribution": they are attribution shares
+    objective: str = "prediction"
     #: layers ranked with factored statistics whose exact C was computed for an edit
     exact_statistics_for_edits: list[str] = field(default_factory=list)
 
@@ -219,6 +236,12 @@ class Rectifier:
             raise RectifyError(f"unknown solver '{config.solver}' (closed or iterative)")
         if config.score not in SCORE_MODES:
             raise RectifyError(f"unknown score mode '{config.score}'")
+        if config.objective not in OBJECTIVES:
+            raise RectifyError(f"unknown objective '{config.objective}' "
+                               f"(choose from {', '.join(OBJECTIVES)})")
+        if config.objective == "attribution" and config.strategy != "dynamic":
+            raise RectifyError(f"--objective attribution needs --strategy dynamic (silencing "
+                               f"edits), not '{config.strategy}'")
         if config.statistics not in STATISTICS_MODES:
             raise RectifyError(f"unknown statistics mode '{config.statistics}' "
                                f"({', '.join(STATISTICS_MODES)})")
@@ -420,6 +443,51 @@ class Rectifier:
             self.last_target_gap = float((p_corrupted[:, t] - p_clean[:, t]).mean())
         return float((p_clean[rows, labels] - p_corrupted[rows, labels]).mean())
 
+    # -------------------------------------------------------------- attribution objective
+    def build_share_set(self, pairs) -> None:
+        """The inputs the attribution share is measured on: up to SHARE_IMAGES eval images
+        that already show a pair's corruption (:func:`patcher.silence.showing_corruption`),
+        seeded, plus the pairs' corrupted inputs; each with its pair's corrupted region."""
+        masks = corruption_masks(pairs.corrupted, pairs.clean)
+        owner = showing_corruption(pairs.corrupted, masks, self.eval_x)
+        found = np.flatnonzero(owner >= 0)
+        rng = np.random.default_rng(self.config.seed)
+        if len(found) > SHARE_IMAGES:
+            found = np.sort(rng.choice(found, size=SHARE_IMAGES, replace=False))
+        x = np.concatenate([pairs.corrupted, self.eval_x[found]])
+        y = np.concatenate([pairs.label, self.eval_y[found]])
+        m = np.concatenate([masks, masks[owner[found]]])
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        self.share_set = (t(x), t(y), t(m))
+        self.gap_source = (f"the {len(pairs)} pairs and {len(found)} eval images that already "
+                           f"show their corruption")
+
+    def share(self) -> float:
+        """Mean share of input IG mass on the corrupted region over the share set."""
+        start = time.perf_counter()
+        x, y, m = self.share_set
+        value = attribution_share(self.graph, x, y, m, steps=self.config.steps)
+        self.timings["attribution"] = self.timings.get("attribution", 0) + time.perf_counter() - start
+        return value
+
+    @torch.no_grad()
+    def silencing_parts(self, layer: EditableLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(k*, C^-1, sigma) for a silencing edit at ``layer``: k* from the given pairs' keys
+        (:func:`patcher.silence.corruption_key`), sigma the RMS over output units of their
+        standard deviation on up to 256 calibration images."""
+        attrs = self.graph.node_attributes(layer.name)
+        with LayerTap(self.graph, [layer]) as tap:
+            self.graph(torch.cat([self.pair_corrupted, self.pair_clean]))
+        n = len(self.pair_clean)
+        keys = layer_keys(layer, tap.inputs[layer.name], attrs)
+        k_star = corruption_key(keys[:n], keys[n:])
+        with LayerTap(self.graph, [layer], keep_inputs=False) as tap:
+            self.graph(torch.from_numpy(self.calib_x[:256]).to(self.device))
+        values = layer_values(layer, tap.outputs[layer.name], attrs).to(torch.float64)
+        values = values.reshape(-1, values.shape[-1])
+        sigma = float(values.std(0).pow(2).mean().sqrt())
+        return k_star, self.edit_statistics(layer).inverse.to(self.device), sigma
+
     def base_accuracy(self) -> float:
         """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
         the strategy needs key statistics, the statistics pass measures it on the way."""
@@ -596,8 +664,14 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                 f"{', '.join(shared.shared_with)}; pass --allow-shared to edit it for all")
         raise RectifyError(f"--layer '{cfg.layer}' is not an editable layer of this model "
                            f"(editable: {', '.join(by_name)})")
-    base_acc, base_gap = r.base_accuracy(), r.gap()
-    log(f"base: accuracy {base_acc:.2%}, gap {base_gap:.4f} (on {r.gap_source})")
+    if cfg.objective == "attribution":
+        r.build_share_set(pairs)
+        base_acc, base_gap = r.base_accuracy(), r.share()
+        log(f"base: accuracy {base_acc:.2%}, attribution share {base_gap:.4f} "
+            f"(on {r.gap_source})")
+    else:
+        base_acc, base_gap = r.base_accuracy(), r.gap()
+        log(f"base: accuracy {base_acc:.2%}, gap {base_gap:.4f} (on {r.gap_source})")
     deltas: dict[str, torch.Tensor] = {}
     edits: list[dict] = []
     rounds: list[Round] = []
@@ -610,7 +684,10 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                       "rank": 1 if edit is not None else int(torch.linalg.matrix_rank(
                           delta.reshape(delta.shape[0], -1).to(torch.float64)))})
 
-    if cfg.strategy == "care":
+    if cfg.objective == "attribution":
+        acc, gap = _silence(r, [by_name[cfg.layer]] if cfg.layer else r.hidden_layers(), cfg,
+                            base_acc, base_gap, rounds, record, log)
+    elif cfg.strategy == "care":
         acc, gap = _care(r, by_name, cfg, base_acc, base_gap, rounds, edits, deltas, log)
     elif cfg.strategy == "finetune":
         layer = by_name[cfg.layer] if cfg.layer else r.layers[-1]
@@ -695,6 +772,9 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
     result = _result(cfg.strategy if not cfg.layer or cfg.strategy in ("finetune", "care")
                      else "forced",
                      base_acc, base_gap, final_acc, final_gap, cfg, r)
+    if cfg.objective == "attribution":  # the share has no absolute target: it must fall
+        result.met_target = bool(edits) and (base_acc - final_acc) <= cfg.budget
+    result.objective = cfg.objective
     result.rounds, result.scores, result.edits = rounds, scores, edits
     result.deltas = {k: v.numpy() for k, v in deltas.items()}
     result.timings = dict(r.timings)
@@ -702,6 +782,63 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
     result.conditioning = {k: {"condition_number": s.condition_number, "ridge": s.ridge_value,
                                "kind": s.kind} for k, s in r.stats.items()}
     return result
+
+
+def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base_acc: float,
+             base_share: float, rounds: list, record, log) -> tuple[float, float]:
+    """The attribution objective's loop: per round, every layer not yet edited is tried
+    with silencing edits of growing beta (:mod:`patcher.silence`); an edit qualifies when
+    it lowers the held-out attribution share by at least MIN_GAP_GAIN of it, stays within
+    the budget, and costs at most ACCURACY_PER_SHARE times the share it removes; larger
+    betas are tried until one fails. The qualifying edit that removes the most share is
+    kept. Stops when none qualifies (or at the round limit)."""
+    acc, share = base_acc, base_share
+    edited: set[str] = set()
+    for index in range(1, cfg.max_rounds + 1):
+        best = None  # (gain, layer, edit, delta, share, accuracy)
+        for layer in layers:
+            if layer.name in edited:
+                continue
+            k_star, c_inv, sigma = r.silencing_parts(layer)
+            tried = None
+            for beta in SILENCE_SCALES:
+                edit = silencing_edit(layer.name, layer.weight, k_star, c_inv,
+                                      layer.value_dim, beta * sigma)
+                delta = r.stored(layer, edit)
+                r.apply(layer, delta)
+                try:
+                    new_share = r.share()
+                    gain = share - new_share
+                    if gain < MIN_GAP_GAIN * share:
+                        tried = (beta, f"share {new_share:.4f}: shrank by less than "
+                                       f"{MIN_GAP_GAIN:.0%}", None)
+                        continue
+                    affordable = ACCURACY_PER_SHARE * gain
+                    new_acc = r.accuracy(at_least=max(base_acc - cfg.budget, acc - affordable))
+                finally:
+                    r.apply(layer, delta, sign=-1.0)
+                if base_acc - new_acc > cfg.budget or acc - new_acc > affordable + 1e-9:
+                    tried = (beta, f"share {new_share:.4f} cost {acc - new_acc:.2%} accuracy "
+                                   f"(affordable {affordable:.2%})", new_acc)
+                    break
+                tried = (beta, f"share {new_share:.4f}", new_acc)
+                if best is None or gain > best[0]:
+                    best = (gain, layer, edit, delta, new_share, new_acc, beta)
+            if tried is not None:
+                log(f"round {index}: {layer.name}: up to beta {tried[0]:g}: {tried[1]}")
+        if best is None:
+            log("no silencing edit lowers the attribution share affordably; stopping")
+            break
+        gain, layer, edit, delta, new_share, new_acc, beta = best
+        r.apply(layer, delta)
+        record(layer, delta, "rank-one", edit)
+        edited.add(layer.name)
+        rounds.append(Round(index, layer.name, None, True, f"silenced (beta {beta:g})", share,
+                            new_share, new_acc, base_acc - new_acc, edit.norm, None, scale=beta))
+        log(f"round {index}: kept {layer.name} beta {beta:g}: share {share:.4f} -> "
+            f"{new_share:.4f}, accuracy {new_acc:.2%}")
+        acc, share = new_acc, new_share
+    return acc, share
 
 
 def _finetune(r: Rectifier, layer: EditableLayer) -> torch.Tensor:
