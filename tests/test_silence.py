@@ -1,0 +1,118 @@
+"""The attribution objective: silencing edits (patcher.silence) and the loop that keeps them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from patcher import metrics
+from patcher.cli import main
+from patcher.silence import (attribution_share, corruption_key, corruption_masks,
+                             showing_corruption, silencing_edit)
+from patcher.writeback import read_provenance
+
+LEAKAGE = Path(__file__).resolve().parents[1] / "samples" / "leakage"
+
+
+def test_silencing_edit_lowers_every_unit_by_the_scale_on_the_corruption_key():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    c = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    k_star = torch.randn(6, generator=gen, dtype=torch.float64)
+    edit = silencing_edit("layer", "w", k_star, torch.linalg.inv(c), value_dim=4, scale=0.7)
+    delta = edit.delta
+    assert delta.shape == (4, 6)
+    assert torch.allclose(delta @ k_star, torch.full((4,), -0.7, dtype=torch.float64))
+    assert int(torch.linalg.matrix_rank(delta)) == 1
+    # the direction is the paper's C^-1 k*, only rescaled
+    direction = torch.linalg.solve(c, k_star)
+    cosine = float(edit.direction @ direction / (edit.direction.norm() * direction.norm()))
+    assert cosine == pytest.approx(1.0, abs=1e-9)
+    # a key C^-1-orthogonal to k* (d^T k = 0) is not moved
+    other = torch.randn(6, generator=gen, dtype=torch.float64)
+    other = other - (edit.direction @ other) / (edit.direction @ k_star) * k_star
+    assert torch.allclose(delta @ other, torch.zeros(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_corruption_key_is_the_mean_corrupted_key_weighted_by_change():
+    clean = torch.zeros(1, 3, 1, 2, dtype=torch.float64)
+    corrupted = clean.clone()
+    corrupted[0, 1, 0] = torch.tensor([3.0, 0.0])   # changed by 3
+    corrupted[0, 2, 0] = torch.tensor([0.0, 1.0])   # changed by 1
+    k = corruption_key(corrupted, clean)
+    assert torch.allclose(k, torch.tensor([9.0, 1.0], dtype=torch.float64) / 4)
+    with pytest.raises(Exception, match="identical"):
+        corruption_key(clean, clean)
+
+
+def test_images_that_already_show_a_pairs_corruption_are_found():
+    corrupted = np.zeros((2, 1, 4, 4), np.float32)
+    clean = corrupted.copy()
+    corrupted[0, 0, 0, 0] = 1.0          # pair 0: a dot top-left
+    corrupted[1, 0, 3, 3] = 0.5          # pair 1: a dimmer dot bottom-right
+    masks = corruption_masks(corrupted, clean)
+    assert masks.sum() == 2
+    images = np.zeros((4, 1, 4, 4), np.float32)
+    images[0, 0, 0, 0] = 1.0             # shows pair 0
+    images[1, 0, 3, 3] = 0.52            # shows pair 1, within tolerance
+    images[2, 0, 3, 3] = 0.9             # a different value there: no
+    images[3, 0, 1, 1] = 1.0             # elsewhere: no
+    assert showing_corruption(corrupted, masks, images).tolist() == [0, 1, -1, -1]
+
+
+def test_attribution_share_is_the_leakage_measure():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 5), torch.nn.ReLU(),
+                                torch.nn.Linear(5, 3))
+    x = torch.rand(4, 1, 2, 4)
+    y = torch.tensor([0, 1, 2, 0])
+    mask = np.zeros((4, 1, 2, 4), np.float32)
+    mask[:, :, 0] = 1
+    share = attribution_share(model, x, y, torch.from_numpy(mask), steps=8, batch=3)
+    expected = metrics.leakage(model, x.numpy(), y.numpy(), mask, steps=8)
+    assert share == pytest.approx(expected, rel=1e-5)
+    assert 0 < share < 1
+
+
+def test_static_strategy_with_the_attribution_objective_is_refused(tmp_path):
+    result = CliRunner().invoke(main, [
+        "patch", str(LEAKAGE / "model.onnx"), "--pairs", str(LEAKAGE / "pairs_n1.npz"),
+        "--eval", str(LEAKAGE / "eval.npz"), "--objective", "attribution",
+        "--strategy", "static", "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 2
+    assert "--objective attribution needs --strategy dynamic" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_leakage_sample_patched_for_attribution_puts_less_attribution_on_the_null_block(
+        tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    result = CliRunner().invoke(main, [
+        "patch", str(LEAKAGE / "model.onnx"), "--pairs", str(LEAKAGE / "pairs_n1.npz"),
+        "--eval", str(LEAKAGE / "eval.npz"), "--objective", "attribution", "--steps", "8",
+        "--max-rounds", "1", "-o", str(out), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "share before" in result.output and "silenced (beta" in result.output
+    data = json.loads(report.read_text())
+    rounds = data["result"]["rounds"]
+    assert len(rounds) == 1 and rounds[0]["kept"] and rounds[0]["scale"] > 0
+    assert rounds[0]["gap_after"] < rounds[0]["gap_before"]
+    assert data["result"]["objective"] == "attribution"
+    edits = read_provenance(onnx.load(str(out)))["edits"]
+    assert [e["rank"] for e in edits] == [1]
+    # measured on held-out images the loop never saw: the test split's leakage set
+    held_out = np.load(LEAKAGE / "leakage_test.npz")
+    x, y, mask = (held_out[k][:50] for k in ("x", "y", "null_mask"))
+    before = metrics.leakage(str(LEAKAGE / "model.onnx"), x, y, mask, steps=8)
+    after = metrics.leakage(str(out), x, y, mask, steps=8)
+    assert after < 0.85 * before
+    test = np.load(LEAKAGE / "test.npz")
+    drop = (metrics.accuracy(str(LEAKAGE / "model.onnx"), test["x"], test["y"])
+            - metrics.accuracy(str(out), test["x"], test["y"]))
+    assert drop <= 0.01
