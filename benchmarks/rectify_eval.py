@@ -43,6 +43,8 @@ STRATEGIES = {
     "static-plain": dict(strategy="static", transplant="none"),
     "finetune": dict(strategy="finetune", transplant="none"),
     "care": dict(strategy="care", transplant="paste"),
+    # the attribution objective (silencing edits): for feature leakage
+    "dynamic-attribution": dict(strategy="dynamic", objective="attribution"),
 }
 
 
@@ -149,7 +151,8 @@ def markdown(results: dict) -> str:
     names = {"trained": "trained model", "finetune": "fine-tune last layer",
              "care": "CARE (causal neurons, particle swarm)",
              "static": "static (last layer, transplant)", "static-plain": "static (last layer, plain)",
-             "dynamic": "dynamic (transplant, default)", "dynamic-plain": "dynamic (plain)"}
+             "dynamic": "dynamic (transplant, default)", "dynamic-plain": "dynamic (plain)",
+             "dynamic-attribution": "dynamic, `--objective attribution` (silencing)"}
     out = []
     for scenario in dict.fromkeys(r["scenario"] for r in results["rows"]):
         rows = [r for r in results["rows"] if r["scenario"] == scenario]
