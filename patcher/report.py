@@ -422,15 +422,18 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
     h.append(f"<h1>onnx-rectify patch report {_badge(rep.get('passed'))}</h1>")
     h.append(f'<p class="sub"><code>{_esc(rep.get("model"))}</code> → '
              f'<code>{_esc(rep.get("output"))}</code></p>')
+    share = res.get("objective") == "attribution"  # the loop's "gap" is an attribution share
+    measure = "attribution share" if share else "gap"
     cards = [
-        ("strategy", _esc(res.get("strategy", "-"))),
-        ("patch gate (gap target within budget)", _badge(rep.get("passed"))),
+        ("strategy", _esc(res.get("strategy", "-") + (" (attribution objective)" if share else ""))),
+        (f"patch gate ({'share lowered' if share else 'gap target'} within budget)",
+         _badge(rep.get("passed"))),
         ("verify", _badge(verdict)),
         ("eval accuracy (onnxruntime)",
          f"{_pct(ver.get('base_accuracy'))} → {_pct(ver.get('patched_accuracy'))}"),
         ("pair gap (onnxruntime)",
          f"{_num(ver.get('base_pair_gap'))} → {_num(ver.get('patched_pair_gap'))}"),
-        (f"rectifier gap ({res.get('gap_measured_on', 'pairs')})",
+        (f"rectifier {measure} ({res.get('gap_measured_on', 'pairs')})",
          f"{_num(res.get('base_gap'))} → {_num(res.get('final_gap'))}"),
     ]
     if asr:
@@ -450,16 +453,19 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
                  _esc(("≥ " if r.get("evaluated") else "") + _pct(r.get("accuracy_drop"))), _esc(_num(r.get("delta_norm"), ".4g")),
                  _esc(_num(r.get("fit_residual_ratio"), ".3g")), _esc(r.get("reason"))]
                 for r in rounds]
-        h.append(_table(["round", "layer", "score", "gap before", "gap after", "τ after",
+        h.append(_table(["round", "layer", "score", f"{measure} before", f"{measure} after", "τ after",
                          "accuracy", "accuracy drop", "‖Δ‖", "fit residual", "decision"], body,
                         {0, 2, 3, 4, 5, 6, 7, 8, 9},
                         lambda i: "kept" if rounds[i].get("kept") else ""))
-        h.append(f'<p class="note">Gap: mean p(label | clean) − p(label | corrupted); target-class '
-                 f'gap τ, when the corruption has a target class t: mean p(t | corrupted) − '
-                 f'p(t | clean); both measured on '
+        what = ('Attribution share: mean over inputs of the input Integrated-Gradients mass on '
+                'the corrupted region over the total; measured on ' if share else
+                'Gap: mean p(label | clean) − p(label | corrupted); target-class gap τ, when '
+                'the corruption has a target class t: mean p(t | corrupted) − p(t | clean); '
+                'both measured on ')
+        h.append(f'<p class="note">{what}'
                  f'{_esc(res.get("gap_measured_on", "the pairs"))}; accuracy on the eval set, '
                  f'in the shadow graph. Base: accuracy {_esc(_pct(res.get("base_accuracy")))}, '
-                 f'gap {_esc(_num(res.get("base_gap")))}.</p>')
+                 f'{measure} {_esc(_num(res.get("base_gap")))}.</p>')
     else:
         h.append('<p class="note">No rounds were run.</p>')
 
