@@ -353,7 +353,7 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               default="prediction", show_default=True, help="prediction: remove the "
               "corruption's effect on the output (backdoor, spurious pattern); attribution: "
               "lower the share of input attribution on the corrupted region (feature "
-              "leakage) with silencing edits (--strategy dynamic).")
+              "leakage) with silencing edits (--strategy dynamic; --gap is not used).")
 @click.option("--care-neurons", type=click.IntRange(min=1), default=None,
               help="--strategy care: neurons to repair (default: 10% of the layer's).")
 @click.option("--layer", default=None, help="Force one edit at this layer (node name).")
