@@ -446,21 +446,22 @@ class Rectifier:
     # -------------------------------------------------------------- attribution objective
     def build_share_set(self, pairs) -> None:
         """The inputs the attribution share is measured on: up to SHARE_IMAGES eval images
-        that already show a pair's corruption (:func:`patcher.silence.showing_corruption`),
-        seeded, plus the pairs' corrupted inputs; each with its pair's corrupted region."""
+        that already show a pair's corruption, at its place or moved
+        (:func:`patcher.silence.showing_corruption`), seeded, plus the pairs' corrupted
+        inputs; each with the region where the corruption is."""
         masks = corruption_masks(pairs.corrupted, pairs.clean)
-        owner = showing_corruption(pairs.corrupted, masks, self.eval_x)
+        owner, regions = showing_corruption(pairs.corrupted, masks, self.eval_x)
         found = np.flatnonzero(owner >= 0)
         rng = np.random.default_rng(self.config.seed)
         if len(found) > SHARE_IMAGES:
             found = np.sort(rng.choice(found, size=SHARE_IMAGES, replace=False))
         x = np.concatenate([pairs.corrupted, self.eval_x[found]])
         y = np.concatenate([pairs.label, self.eval_y[found]])
-        m = np.concatenate([masks, masks[owner[found]]])
+        m = np.concatenate([masks, regions[found]])
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         self.share_set = (t(x), t(y), t(m))
         self.gap_source = (f"the {len(pairs)} pairs and {len(found)} eval images that already "
-                           f"show their corruption")
+                           f"show their corruption, anywhere")
 
     def share(self) -> float:
         """Mean share of input IG mass on the corrupted region over the share set."""

@@ -75,23 +75,61 @@ def corruption_masks(corrupted: np.ndarray, clean: np.ndarray) -> np.ndarray:
     return changed.astype(np.float32)
 
 
+#: Translations searched for a pair's corruption in other images, at most (beyond this,
+#: only its own position is checked).
+MAX_SHIFTS = 4096
+
+
+def _shifts(top: int, bottom: int, left: int, right: int, height: int, width: int):
+    """Every (dy, dx) that keeps the box [top:bottom, left:right] inside the image, nearest
+    first (its own position first); only (0, 0) when there are more than MAX_SHIFTS."""
+    dys, dxs = range(-top, height - bottom + 1), range(-left, width - right + 1)
+    if len(dys) * len(dxs) > MAX_SHIFTS:
+        return [(0, 0)]
+    return sorted(((dy, dx) for dy in dys for dx in dxs), key=lambda s: (abs(s[0]) + abs(s[1]), s))
+
+
 def showing_corruption(corrupted: np.ndarray, masks: np.ndarray, images: np.ndarray,
-                       tolerance: float = MATCH_TOLERANCE) -> np.ndarray:
-    """For each image, the index of the first pair whose corruption it already shows (equal
-    to x~ on that pair's corrupted region, to within ``tolerance``), or -1.
+                       tolerance: float = MATCH_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
+    """Images that already show a pair's corruption: equal to x~ on the pair's corrupted
+    region, to within ``tolerance``, at the pair's position or (for image inputs, NCHW)
+    moved by any whole-pixel translation. Returns, per image, the index of the first pair
+    found (-1: none) and the region where it was found (zeros for none).
 
     Feature leakage is a pattern the data carries (BlockMNIST's null block is in every
-    image): such images measure the attribution share on held-out inputs without pasting
-    anything (pasting the block onto images whose digit sits there made a proxy that moved
-    against the true leakage, samples/leakage)."""
+    image, above or below the digit): such images measure the attribution share on
+    held-out inputs without pasting anything (pasting the block onto images whose digit
+    sits there made a share that moved against the true leakage, samples/leakage). The
+    translations matter for a model without weight sharing: an MLP silenced where one
+    pair shows the pattern moved the attribution to where the pattern also occurs
+    (benchmarks/LEAKAGE_GENERALISATION.md, ring-side-mlp)."""
     owner = np.full(len(images), -1, dtype=np.int64)
-    for p in range(len(corrupted) - 1, -1, -1):
+    found = np.zeros(images.shape, dtype=np.float32)
+    for p in range(len(corrupted)):
         region = masks[p] > 0
         if not region.any():
             continue
-        diff = np.abs(images[:, region] - corrupted[p][region][None]).max(axis=1)
-        owner[diff <= tolerance] = p
-    return owner
+        if images.ndim != 4:  # no translations: the pair's own position only
+            free = owner < 0
+            diff = np.abs(images[:, region] - corrupted[p][region][None]).max(axis=1)
+            hit = np.flatnonzero(free & (diff <= tolerance))
+            owner[hit], found[hit] = p, region
+            continue
+        rows = np.flatnonzero(region.any(axis=(0, 2)))
+        cols = np.flatnonzero(region.any(axis=(0, 1)))
+        top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        box = region[:, top:bottom, left:right]
+        template = corrupted[p][:, top:bottom, left:right][box]
+        for dy, dx in _shifts(top, bottom, left, right, *images.shape[2:]):
+            free = owner < 0
+            if not free.any():
+                break
+            window = images[:, :, top + dy:bottom + dy, left + dx:right + dx][:, box]
+            hit = np.flatnonzero(free & (np.abs(window - template[None]).max(axis=1) <= tolerance))
+            if len(hit):
+                owner[hit] = p
+                found[hit, :, top + dy:bottom + dy, left + dx:right + dx] = box
+    return owner, found
 
 
 def attribution_share(graph: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,

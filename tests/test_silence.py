@@ -50,19 +50,25 @@ def test_corruption_key_is_the_mean_corrupted_key_weighted_by_change():
         corruption_key(clean, clean)
 
 
-def test_images_that_already_show_a_pairs_corruption_are_found():
-    corrupted = np.zeros((2, 1, 4, 4), np.float32)
+def test_images_that_already_show_a_pairs_corruption_are_found_where_they_show_it():
+    corrupted = np.zeros((2, 1, 6, 6), np.float32)
     clean = corrupted.copy()
-    corrupted[0, 0, 0, 0] = 1.0          # pair 0: a dot top-left
-    corrupted[1, 0, 3, 3] = 0.5          # pair 1: a dimmer dot bottom-right
+    corrupted[0, 0, 0, 0:2] = [1.0, 0.8]  # pair 0: a two-pixel bar top-left
+    corrupted[1, 0, 5, 5] = 0.5           # pair 1: a dimmer dot bottom-right
     masks = corruption_masks(corrupted, clean)
-    assert masks.sum() == 2
-    images = np.zeros((4, 1, 4, 4), np.float32)
-    images[0, 0, 0, 0] = 1.0             # shows pair 0
-    images[1, 0, 3, 3] = 0.52            # shows pair 1, within tolerance
-    images[2, 0, 3, 3] = 0.9             # a different value there: no
-    images[3, 0, 1, 1] = 1.0             # elsewhere: no
-    assert showing_corruption(corrupted, masks, images).tolist() == [0, 1, -1, -1]
+    assert masks.sum() == 3
+    images = np.zeros((5, 1, 6, 6), np.float32)
+    images[0, 0, 0, 0:2] = [1.0, 0.8]     # pair 0's bar, in place
+    images[1, 0, 3, 2:4] = [1.0, 0.82]    # pair 0's bar moved (3, 2), within tolerance
+    images[2, 0, 5, 5] = 0.52             # pair 1's dot, in place
+    images[3, 0, 2, 2:4] = [0.8, 1.0]     # the bar's values reversed: no
+    images[4, 0, 1, 1] = 0.9              # another value: no
+    owner, found = showing_corruption(corrupted, masks, images)
+    assert owner.tolist() == [0, 0, 1, -1, -1]
+    assert found[0, 0, 0, 0:2].tolist() == [1, 1] and found[0].sum() == 2
+    assert found[1, 0, 3, 2:4].tolist() == [1, 1] and found[1].sum() == 2
+    assert found[2, 0, 5, 5] == 1 and found[2].sum() == 1
+    assert found[3].sum() == 0 and found[4].sum() == 0
 
 
 def test_attribution_share_is_the_leakage_measure():
