@@ -36,7 +36,7 @@ from .attribution import layer_integrated_gradients
 from .care import apply_care, care_repair, shrink
 from .causal import layer_causal_effects, neuron_causal_effects
 from .edit import RankOneEdit, solve_rank_one, solve_rank_one_iterative
-from .errors import BadSamplesError, RectifyError
+from .errors import BadSamplesError, NumericalError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
 from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
@@ -450,6 +450,10 @@ class Rectifier:
         (:func:`patcher.silence.showing_corruption`), seeded, plus the pairs' corrupted
         inputs; each with the region where the corruption is."""
         masks = corruption_masks(pairs.corrupted, pairs.clean)
+        if not masks.any():
+            raise BadSamplesError("--objective attribution: every pair's corrupted and clean "
+                                  "inputs are identical, so there is no region to measure "
+                                  "attribution on")
         owner, regions = showing_corruption(pairs.corrupted, masks, self.eval_x)
         found = np.flatnonzero(owner >= 0)
         rng = np.random.default_rng(self.config.seed)
@@ -800,7 +804,12 @@ def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base
         for layer in layers:
             if layer.name in edited:
                 continue
-            k_star, c_inv, sigma = r.silencing_parts(layer)
+            try:
+                k_star, c_inv, sigma = r.silencing_parts(layer)
+                silencing_edit(layer.name, layer.weight, k_star, c_inv, layer.value_dim, sigma)
+            except NumericalError as err:  # the corruption leaves this layer's keys alone
+                log(f"round {index}: {layer.name}: skipped ({err})")
+                continue
             tried = None
             for beta in SILENCE_SCALES:
                 edit = silencing_edit(layer.name, layer.weight, k_star, c_inv,
@@ -810,7 +819,7 @@ def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base
                 try:
                     new_share = r.share()
                     gain = share - new_share
-                    if gain < MIN_GAP_GAIN * share:
+                    if gain <= 0 or gain < MIN_GAP_GAIN * share:
                         tried = (beta, f"share {new_share:.4f}: shrank by less than "
                                        f"{MIN_GAP_GAIN:.0%}", None)
                         continue

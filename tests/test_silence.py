@@ -122,3 +122,16 @@ def test_leakage_sample_patched_for_attribution_puts_less_attribution_on_the_nul
     drop = (metrics.accuracy(str(LEAKAGE / "model.onnx"), test["x"], test["y"])
             - metrics.accuracy(str(out), test["x"], test["y"]))
     assert drop <= 0.01
+
+
+def test_identical_pairs_are_refused_for_the_attribution_objective(tmp_path):
+    pairs = np.load(LEAKAGE / "pairs_n1.npz")
+    same = tmp_path / "same.npz"
+    np.savez(same, corrupted=pairs["clean"], clean=pairs["clean"], label=pairs["label"])
+    result = CliRunner().invoke(main, [
+        "patch", str(LEAKAGE / "model.onnx"), "--pairs", str(same),
+        "--eval", str(LEAKAGE / "eval.npz"), "--objective", "attribution",
+        "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 2
+    assert "equals its clean one" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out.onnx").exists()
