@@ -41,7 +41,7 @@ from .keys import LayerTap, layer_keys, layer_values, stored_delta
 from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
 from .silence import (SILENCE_SCALES, attribution_share, corruption_key, corruption_masks,
-                      showing_corruption, silencing_edit)
+                      output_signs, showing_corruption, silencing_edit)
 from .stats import (CORRECTION_IMAGES, STATISTICS_MODES, KroneckerStatistics,
                     LayerStatistics, MomentCache, collect_moments, correct_spectra, data_hash,
                     iterate_batches, statistics_from_moments, statistics_kind)
@@ -476,10 +476,12 @@ class Rectifier:
         return value
 
     @torch.no_grad()
-    def silencing_parts(self, layer: EditableLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(k*, C^-1, sigma) for a silencing edit at ``layer``: k* from the given pairs' keys
-        (:func:`patcher.silence.corruption_key`), sigma the RMS over output units of their
-        standard deviation on up to 256 calibration images."""
+    def silencing_parts(self, layer: EditableLayer
+                        ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+        """(k*, C^-1, sigma, signs) for a silencing edit at ``layer``: k* from the given
+        pairs' keys (:func:`patcher.silence.corruption_key`), sigma the RMS over output
+        units of their standard deviation on up to 256 calibration images, signs from
+        :func:`patcher.silence.output_signs`."""
         attrs = self.graph.node_attributes(layer.name)
         with LayerTap(self.graph, [layer]) as tap:
             self.graph(torch.cat([self.pair_corrupted, self.pair_clean]))
@@ -491,7 +493,8 @@ class Rectifier:
         values = layer_values(layer, tap.outputs[layer.name], attrs).to(torch.float64)
         values = values.reshape(-1, values.shape[-1])
         sigma = float(values.std(0).pow(2).mean().sqrt())
-        return k_star, self.edit_statistics(layer).inverse.to(self.device), sigma
+        return (k_star, self.edit_statistics(layer).inverse.to(self.device), sigma,
+                output_signs(self.graph, layer))
 
     def base_accuracy(self) -> float:
         """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
@@ -805,7 +808,7 @@ def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base
             if layer.name in edited:
                 continue
             try:
-                k_star, c_inv, sigma = r.silencing_parts(layer)
+                k_star, c_inv, sigma, signs = r.silencing_parts(layer)
                 silencing_edit(layer.name, layer.weight, k_star, c_inv, layer.value_dim, sigma)
             except NumericalError as err:  # the corruption leaves this layer's keys alone
                 log(f"round {index}: {layer.name}: skipped ({err})")
@@ -813,7 +816,7 @@ def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base
             tried = None
             for beta in SILENCE_SCALES:
                 edit = silencing_edit(layer.name, layer.weight, k_star, c_inv,
-                                      layer.value_dim, beta * sigma)
+                                      layer.value_dim, beta * sigma, signs)
                 delta = r.stored(layer, edit)
                 r.apply(layer, delta)
                 try:

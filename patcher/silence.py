@@ -14,8 +14,9 @@ layer on the corruption's keys, so that the units the corruption drives fall sil
     k* = sum_q w_q k~_q / sum_q w_q,  w_q = ||k~_q - k_q||  (the corruption's mean key,
                                        weighted towards positions the corruption changes)
     d  = C^-1 k* / (k*^T C^-1 k*)      (the paper's edit direction, scaled to d^T k* = 1)
-    dW = -beta sigma 1 d^T             (1: every output unit; sigma: the RMS over units of
-                                       the standard deviation of the layer's outputs)
+    dW = -beta sigma s d^T             (s: +1 for every output unit, -1 where a BatchNorm
+                                       with a negative scale follows; sigma: the RMS over
+                                       units of the standard deviation of the layer's outputs)
 
 so dW k* = -beta sigma: each unit's response to the corruption's mean key drops by beta
 standard deviations, while on keys that C^-1 tells apart from k* (d^T k ~ 0) little
@@ -52,10 +53,26 @@ def corruption_key(keys_corrupted: torch.Tensor, keys_clean: torch.Tensor) -> to
     return (weights[:, None] * flat_c).sum(0) / weights.sum()
 
 
+def output_signs(graph, layer) -> torch.Tensor:
+    """+1 per output unit of ``layer``; -1 where a BatchNormalization that reads the
+    layer's output has a negative scale (lowering the layer's output raises the
+    normalised one there, so silencing must raise it instead)."""
+    signs = torch.ones(layer.value_dim, dtype=torch.float64)
+    output = graph.node_by_name[layer.name].outputs[0]
+    for info in graph.nodes:
+        if info.op_type == "BatchNormalization" and info.inputs and info.inputs[0] == output:
+            gamma = graph.constant(info.inputs[1]).detach().to(torch.float64).cpu().reshape(-1)
+            if gamma.numel() == layer.value_dim:
+                signs = torch.where(gamma < 0, -1.0, 1.0).to(torch.float64)
+    return signs
+
+
 def silencing_edit(layer: str, weight: str, k_star: torch.Tensor, c_inv: torch.Tensor,
-                   value_dim: int, scale: float) -> RankOneEdit:
-    """dW = -scale 1 d^T with d = C^-1 k* / (k*^T C^-1 k*): lowers every one of the
-    ``value_dim`` outputs by ``scale`` on k* (``scale`` = beta sigma)."""
+                   value_dim: int, scale: float, signs: torch.Tensor | None = None
+                   ) -> RankOneEdit:
+    """dW = -scale s d^T with d = C^-1 k* / (k*^T C^-1 k*) and s the ``signs`` (all +1 by
+    default, :func:`output_signs`): moves every one of the ``value_dim`` outputs by
+    ``scale`` on k* (``scale`` = beta sigma) towards silence."""
     k_star = k_star.to(torch.float64)
     direction = c_inv.to(torch.float64) @ k_star
     norm = float(k_star @ direction)
@@ -64,6 +81,8 @@ def silencing_edit(layer: str, weight: str, k_star: torch.Tensor, c_inv: torch.T
     direction = direction / norm
     magnitude = torch.full((value_dim,), -float(scale), dtype=torch.float64,
                            device=direction.device)
+    if signs is not None:
+        magnitude = magnitude * signs.to(device=direction.device, dtype=torch.float64)
     return RankOneEdit(layer, weight, direction, magnitude, float("nan"), float("nan"))
 
 

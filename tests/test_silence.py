@@ -135,3 +135,47 @@ def test_identical_pairs_are_refused_for_the_attribution_objective(tmp_path):
     assert result.exit_code == 2
     assert "equals its clean one" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _conv_bn_relu(gamma):
+    """Conv (2 output channels, 1x1 over 2 input channels) -> BatchNormalization -> Relu."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array([[[[1.0]], [[0.5]]], [[[-0.5]], [[1.0]]]],
+                                              np.float32), "w"),
+             numpy_helper.from_array(np.array(gamma, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "beta"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "mean"),
+             numpy_helper.from_array(np.ones(2, np.float32), "var")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"],
+                              ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 2, 1, 1])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 2, 1, 1])], inits)
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_silencing_lowers_the_normalised_output_also_behind_a_negative_batchnorm_scale():
+    from patcher.keys import stored_delta
+    from patcher.shadow import ShadowGraph
+    from patcher.silence import output_signs
+
+    graph = ShadowGraph.from_onnx(_conv_bn_relu([2.0, -3.0]))
+    layer = graph.layer("conv")
+    signs = output_signs(graph, layer)
+    assert signs.tolist() == [1.0, -1.0]
+    k_star = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    edit = silencing_edit("conv", "w", k_star, torch.eye(2, dtype=torch.float64), 2, 0.5, signs)
+    x = torch.ones(1, 2, 1, 1)
+    with torch.no_grad():
+        before = graph.run_until("bn", x)["b"].flatten()
+        graph.weight("w").add_(stored_delta(layer, edit.delta, graph.node_attributes("conv"))
+                               .to(torch.float32))
+        after = graph.run_until("bn", x)["b"].flatten()
+    # each unit's pre-activation (after the BatchNorm) drops: by 0.5 x |gamma| on k*
+    assert torch.allclose(after - before, torch.tensor([-1.0, -1.5]), atol=1e-6)
+    # without a BatchNorm after it, every sign is +1
+    plain = ShadowGraph.from_onnx(_conv_bn_relu([2.0, 3.0]))
+    assert output_signs(plain, plain.layer("conv")).tolist() == [1.0, 1.0]
