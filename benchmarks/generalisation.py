@@ -144,15 +144,18 @@ class KeptBNMatMulCNN(nn.Module):
 
 
 class StridedGeluCNN(nn.Module):
-    """Strided convolutions (no pooling) with GELU, flatten, two dense layers."""
+    """Strided convolutions (no pooling) with GELU, flatten, two dense layers. ``widths``:
+    the three convolutions' output channels; ``flat``: the positions left after them
+    (7 x 7 for a 28x28 input)."""
 
-    def __init__(self) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (24, 32, 48), flat: int = 7 * 7) -> None:
         super().__init__()
+        c1, c2, c3 = widths
         self.features = nn.Sequential(
-            nn.Conv2d(1, 24, 3, padding=1), nn.GELU(),
-            nn.Conv2d(24, 32, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(32, 48, 3, stride=2, padding=1), nn.GELU(), nn.Flatten())
-        self.classifier = nn.Sequential(nn.Linear(48 * 7 * 7, 96), nn.GELU(), nn.Linear(96, 10))
+            nn.Conv2d(1, c1, 3, padding=1), nn.GELU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.GELU(), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Linear(c3 * flat, 96), nn.GELU(), nn.Linear(96, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -74,7 +75,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporters.pytorch import export_pytorch  # noqa: E402
+from generalisation import StridedGeluCNN  # noqa: E402  (benchmarks/, the script's folder)
 from onnx_rectify_samples import common, data  # noqa: E402
+from onnx_rectify_samples.models import BasicBlock  # noqa: E402
 from patcher import metrics  # noqa: E402
 from patcher.runtime import open_session  # noqa: E402
 
@@ -182,21 +185,6 @@ class VGGNoBN(nn.Module):
         return self.classifier(self.features(x))
 
 
-class StridedGeluCNN(nn.Module):
-    """conv-GELU, then two stride-2 conv-GELU (no pooling), dense-GELU-dense. 1x56x28."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.GELU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.GELU(), nn.Flatten())
-        self.classifier = nn.Sequential(nn.Linear(32 * 14 * 7, 96), nn.GELU(), nn.Linear(96, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
 class MLP(nn.Module):
     """flatten -> 512 -> 256 -> 10, ReLU. 1x28x56 input."""
 
@@ -209,24 +197,6 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class ResBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus the identity (or a 1x1 stride-s conv-BN), then ReLU."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU()
-        self.down = (None if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.down is None else self.down(x)
-        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + identity)
-
-
 class SmallResNetBN(nn.Module):
     """stem conv 16-BN-ReLU, residual block 16->16, residual block 16->32 (stride 2, 1x1
     projection), global average pooling, one dense layer. 1x56x28 input."""
@@ -235,8 +205,8 @@ class SmallResNetBN(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(16), nn.ReLU())
-        self.layer1 = ResBlock(16, 16)
-        self.layer2 = ResBlock(16, 32, stride=2)
+        self.layer1 = BasicBlock(16, 16)
+        self.layer2 = BasicBlock(16, 32, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(32, 10)
 
@@ -282,7 +252,8 @@ CASES = [
          VGGNoBN, "2-px X, 16x16, centred; null block above/below (1x56x28)", x_pattern,
          "rows", "dynamo", 18, epochs=6),
     Case("noise-gelu", "CNN, GELU, stride-2 convs instead of pooling, 2 dense",
-         StridedGeluCNN, "seeded uniform noise in [0.3, 1], 12x12, centred; above/below "
+         partial(StridedGeluCNN, widths=(16, 32, 32), flat=14 * 7),
+         "seeded uniform noise in [0.3, 1], 12x12, centred; above/below "
          "(1x56x28)", noise_pattern, "rows", "torchscript", 17, epochs=7),
     Case("ring-side-mlp", "MLP 1568-512-256-10, ReLU", MLP,
          "ring, radii 6-9, centred; null block LEFT/RIGHT (1x28x56)", ring_pattern, "cols",
