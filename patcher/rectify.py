@@ -644,6 +644,16 @@ def affordable_cost(gap: float, new_gap: float, tau: float | None,
     return ACCURACY_PER_GAP * (gap - new_gap)
 
 
+def shrank_enough(gap: float, new_gap: float, tau: float | None,
+                  new_tau: float | None) -> bool:
+    """Whether a round removed at least MIN_GAP_GAIN of the corruption's effect on the
+    held-out pairs: of the target-class gap max(tau, 0) when the corruption has a target
+    class (the measure :func:`affordable_cost` pays for), else of the gap delta*."""
+    if tau is not None and new_tau is not None:
+        return max(new_tau, 0.0) < max(tau, 0.0) * (1 - MIN_GAP_GAIN) - 1e-9
+    return new_gap <= gap - MIN_GAP_GAIN * max(gap, 0.0) - 1e-6
+
+
 def format_accuracy(accuracy: float | None, evaluated: int | None) -> str:
     """A round's accuracy as text: "-" when not measured, "<=x%" when decided early."""
     if accuracy is None:
@@ -724,8 +734,8 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
         gap, acc, tau = base_gap, base_acc, r.last_target_gap
         excluded: set[str] = set()
         for index in range(1, cfg.max_rounds + 1):
-            if gap <= cfg.gap:
-                break
+            if gap <= cfg.gap or (tau is not None and tau <= cfg.gap):
+                break  # with a target class, tau is what the rounds remove
             ranked = r.locate(excluded)
             if index == 1:
                 scores = ranked
@@ -743,8 +753,9 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
             affordable = affordable_cost(gap, new_gap, tau, new_tau)
             ratio = edit.fit_residual_after / max(edit.fit_residual_before, 1e-300)
             evaluated = None
-            if new_gap > gap - MIN_GAP_GAIN * max(gap, 0.0) - 1e-6:
-                kept, reason = False, f"gap shrank by less than {MIN_GAP_GAIN:.0%}"
+            if not shrank_enough(gap, new_gap, tau, new_tau):
+                what = "target-class gap" if tau is not None else "gap"
+                kept, reason = False, f"{what} shrank by less than {MIN_GAP_GAIN:.0%}"
                 new_acc, drop, evaluated = None, None, 0
             else:
                 need = max(base_acc - cfg.budget, acc - affordable)

@@ -321,26 +321,39 @@ def test_affordable_cost_is_the_target_class_gap_removed_when_there_is_a_target(
     assert affordable_cost(0.30, 0.10, None, None) == pytest.approx(0.20 * ACCURACY_PER_GAP)
 
 
+def test_a_round_must_remove_five_percent_of_the_target_class_gap_when_there_is_one():
+    from patcher.rectify import shrank_enough
+
+    # tau is the measure with a target class, whatever the gap does
+    assert shrank_enough(0.30, 0.30, 0.0040, 0.0003)       # tau -92%: enough
+    assert not shrank_enough(0.30, 0.10, 0.0040, 0.0039)   # gap -67% but tau -2.5%
+    assert not shrank_enough(0.30, 0.10, 0.0, -0.2)        # nothing left to remove
+    # without a target class: the gap
+    assert shrank_enough(0.30, 0.28, None, None)
+    assert not shrank_enough(0.30, 0.29, None, None)
+
+
 def test_rounds_record_the_target_class_gap_and_spend_accuracy_only_for_it(trojaned, tmp_path,
                                                                           monkeypatch):
     """On a backdoor the loop steers its accuracy spending by tau = mean p_t(x~) - p_t(x) on
-    held-out transplanted pairs, not by the gap: once tau stops falling (held here where it
-    first drops below 0.5), rounds that shrink the gap but cost accuracy are rejected.
-    Every kept round cost at most the tau it removed; the report records tau per round."""
+    held-out transplanted pairs, not by the gap: once the backdoor is gone (tau below 0.5
+    here), tau only fades (made to fall 10% per measurement from 0.01), and rounds that
+    shrink it that little but cost accuracy are rejected. Every kept round cost at most the
+    tau it removed; the report records tau per round."""
     from patcher.rectify import Rectifier
 
     stored = Rectifier.stored  # edits made 5x too strong, so that rounds cost accuracy
     monkeypatch.setattr(Rectifier, "stored", lambda self, *a: 5 * stored(self, *a))
     real_gap = Rectifier.gap
 
-    def gap_with_tau_held(self):
+    def gap_with_tau_fading(self):
         value = real_gap(self)
-        if self.last_target_gap < 0.5:  # the backdoor is gone: tau held there from now on
-            self.held_tau = getattr(self, "held_tau", self.last_target_gap)
-            self.last_target_gap = self.held_tau
+        if self.last_target_gap < 0.5:  # the backdoor is gone: from now on tau only fades
+            self.fades = getattr(self, "fades", 0) + 1
+            self.last_target_gap = 0.01 * 0.9 ** self.fades
         return value
 
-    monkeypatch.setattr(Rectifier, "gap", gap_with_tau_held)
+    monkeypatch.setattr(Rectifier, "gap", gap_with_tau_fading)
     report_path = tmp_path / "r.json"
     patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "p.onnx", "--budget", "0.5",
               "--max-rounds", "6", "--gap", "0.0001", "--report", str(report_path))
