@@ -694,6 +694,7 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
         base_acc, base_gap = r.base_accuracy(), r.gap()
         log(f"base: accuracy {base_acc:.2%}, gap {base_gap:.4f} (on {r.gap_source})")
     deltas: dict[str, torch.Tensor] = {}
+    tau = None  # the dynamic loop's target-class gap, when the corruption has a target class
     edits: list[dict] = []
     rounds: list[Round] = []
     scores: list[LayerScore] = []
@@ -796,6 +797,8 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                      base_acc, base_gap, final_acc, final_gap, cfg, r)
     if cfg.objective == "attribution":  # the share has no absolute target: it must fall
         result.met_target = bool(edits) and (base_acc - final_acc) <= cfg.budget
+    elif tau is not None:  # with a target class, tau is what the loop removes
+        result.met_target = tau <= cfg.gap and (base_acc - final_acc) <= cfg.budget
     result.objective = cfg.objective
     result.rounds, result.scores, result.edits = rounds, scores, edits
     result.deltas = {k: v.numpy() for k, v in deltas.items()}

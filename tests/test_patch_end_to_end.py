@@ -374,3 +374,33 @@ def test_rounds_record_the_target_class_gap_and_spend_accuracy_only_for_it(troja
             assert "target-class gap" in r["reason"] and cost > removed
             judged["cost"] += 1
     assert judged["kept"] and judged["cost"], f"both kinds of decision needed: {judged}"
+    # the target is judged on tau too: met only once tau is at most --gap (never, here)
+    kept = [r for r in rounds if r["kept"]]
+    final_tau = kept[-1]["target_gap_after"] if kept else rounds[0]["target_gap_before"]
+    assert final_tau > 0.0001 and result["met_target"] is False
+
+
+def test_with_a_target_class_the_loop_stops_and_meets_its_target_on_tau(trojaned, tmp_path,
+                                                                       monkeypatch):
+    """Once tau <= --gap the loop stops, and the target counts as met, whatever is left of
+    delta* (a corruption lowers p_y in any model; that rest is not the backdoor)."""
+    from patcher.rectify import Rectifier
+
+    real_gap = Rectifier.gap
+
+    def gap_with_tau_gone(self):
+        value = real_gap(self)
+        if self.last_target_gap < 0.5:
+            self.last_target_gap = 0.00005
+        return value
+
+    monkeypatch.setattr(Rectifier, "gap", gap_with_tau_gone)
+    report_path = tmp_path / "r.json"
+    patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "p.onnx", "--gap", "0.0001",
+              "--max-rounds", "6", "--report", str(report_path))
+    result = json.loads(report_path.read_text())["result"]
+    kept = [r for r in result["rounds"] if r["kept"]]
+    assert kept and kept[-1]["target_gap_after"] == 0.00005
+    assert result["rounds"][-1]["kept"]  # the loop stopped right after the round that met it
+    assert result["final_gap"] > 0.0001  # delta* is not what is judged here
+    assert result["met_target"] is True
