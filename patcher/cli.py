@@ -377,8 +377,9 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
           statistics: str, stat_rows: int | None, cache_dir: str | None, eval_path: Path,
           output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, objective: str,
-          layer: str | None, care_neurons: int | None, solver: str, provider: str, report_path: str | None,
-          report_dir: Path | None, attack_path: Path | None, force: bool) -> None:
+          layer: str | None, care_neurons: int | None, solver: str, provider: str,
+          report_path: str | None, report_dir: Path | None, attack_path: Path | None,
+          force: bool) -> None:
     """Patch MODEL's weights (rank-one edits; CARE's neuron rows with --strategy care) and
     write the result (same graph, new weight values), verified under onnxruntime from
     disk. Exit 0 when the pairs' gap meets --gap within --budget on the written file
@@ -387,8 +388,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     from .patch import patch as run_patch
     from .rectify import RectifyConfig
 
-    config = RectifyConfig(strategy=strategy, objective=objective, budget=budget, gap=gap_target,
-                           max_rounds=max_rounds, layer=layer, steps=steps, score=score,
+    config = RectifyConfig(strategy=strategy, objective=objective, budget=budget,
+                           gap=gap_target, max_rounds=max_rounds, layer=layer, steps=steps, score=score,
                            transplant=transplant, transplant_count=transplant_count,
                            heldout_count=heldout_count, seed=seed, attribution_form=attribution,
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,

@@ -475,7 +475,8 @@ class Rectifier:
         start = time.perf_counter()
         x, y, m = self.share_set
         value = attribution_share(self.graph, x, y, m, steps=self.config.steps)
-        self.timings["attribution"] = self.timings.get("attribution", 0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.timings["attribution"] = self.timings.get("attribution", 0) + elapsed
         return value
 
     @torch.no_grad()

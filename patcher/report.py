@@ -425,7 +425,8 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
     share = res.get("objective") == "attribution"  # the loop's "gap" is an attribution share
     measure = "attribution share" if share else "gap"
     cards = [
-        ("strategy", _esc(res.get("strategy", "-") + (" (attribution objective)" if share else ""))),
+        ("strategy", _esc(res.get("strategy", "-")
+                          + (" (attribution objective)" if share else ""))),
         (f"patch gate ({'share lowered' if share else 'gap target'} within budget)",
          _badge(rep.get("passed"))),
         ("verify", _badge(verdict)),
@@ -453,8 +454,8 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
                  _esc(("≥ " if r.get("evaluated") else "") + _pct(r.get("accuracy_drop"))), _esc(_num(r.get("delta_norm"), ".4g")),
                  _esc(_num(r.get("fit_residual_ratio"), ".3g")), _esc(r.get("reason"))]
                 for r in rounds]
-        h.append(_table(["round", "layer", "score", f"{measure} before", f"{measure} after", "τ after",
-                         "accuracy", "accuracy drop", "‖Δ‖", "fit residual", "decision"], body,
+        h.append(_table(["round", "layer", "score", f"{measure} before", f"{measure} after",
+                         "τ after", "accuracy", "accuracy drop", "‖Δ‖", "fit residual", "decision"], body,
                         {0, 2, 3, 4, 5, 6, 7, 8, 9},
                         lambda i: "kept" if rounds[i].get("kept") else ""))
         what = ('Attribution share: mean over inputs of the input Integrated-Gradients mass on '
