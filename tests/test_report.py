@@ -152,3 +152,25 @@ def test_patch_report_dir_and_report_verb(tmp_path):
                                  "--attack", str(sample / "attack.npz"), "--device", "cpu"])
     assert again.exit_code == 0, again.output
     assert "attack" in (tmp_path / "html2" / "index.html").read_text().lower()
+
+
+def test_an_attribution_objective_report_names_the_share(tmp_path):
+    pytest.importorskip("matplotlib", reason="the HTML report needs onnx-rectify[report]")
+    report = {"model": str(tmp_path / "gone.onnx"), "output": "out.onnx", "pairs": "gone.npz",
+              "eval": "None", "written": [], "passed": True, "device": "cpu",
+              "timings": {"total": 1.0},
+              "result": {"strategy": "dynamic", "objective": "attribution",
+                         "base_accuracy": 0.97, "base_gap": 0.44, "final_accuracy": 0.97,
+                         "final_gap": 0.29, "met_target": True,
+                         "gap_measured_on": "the 1 pairs and 100 eval images",
+                         "rounds": [{"index": 1, "layer": "conv", "score": None, "kept": True,
+                                     "reason": "silenced (beta 1)", "gap_before": 0.44,
+                                     "gap_after": 0.29, "accuracy": 0.97,
+                                     "accuracy_drop": 0.0, "delta_norm": 1.0,
+                                     "fit_residual_ratio": None, "scale": 1.0}],
+                         "scores": [], "edits": [], "timings": {}},
+              "verification": {}}
+    text = write_report(report, tmp_path / "out").read_text(encoding="utf-8")
+    assert "attribution share before" in text and "attribution share after" in text
+    assert "Integrated-Gradients mass on the corrupted region" in text
+    assert "gap before" not in text
