@@ -61,9 +61,9 @@ def main() -> None:
     print(f"{'layer':<24} {'beta':>5} {'share':>8} {'eval OA':>8} {'test OA':>8} "
           f"{'leakage':>8} {'rate':>7}")
     for layer in r.hidden_layers():
-        k_star, c_inv, sigma, signs = r.silencing_parts(layer)
+        direction, sigma, signs = r.silencing_parts(layer)
         for beta in (float(b) for b in args.betas.split(",")):
-            edit = silencing_edit(layer.name, layer.weight, k_star, c_inv, layer.value_dim,
+            edit = silencing_edit(layer.name, layer.weight, direction, layer.value_dim,
                                   beta * sigma, signs)
             delta = r.stored(layer, edit)
             r.apply(layer, delta)

@@ -114,23 +114,29 @@ def input_integrated_gradients(graph: torch.nn.Module, x: torch.Tensor, labels: 
     return attributions.detach(), error
 
 
+def attribution_share(graph: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                      masks: torch.Tensor, steps: int = 32, batch: int = 64) -> float:
+    """Mean over inputs of sum |IG| on the mask / sum |IG| (zero baseline, IG of p_y, the
+    midpoint rule); ``masks`` [n, ...] is 1 on the region."""
+    shares = []
+    for i in range(0, len(x), batch):
+        attr, _ = input_integrated_gradients(graph, x[i:i + batch], labels[i:i + batch],
+                                             steps=steps)
+        mass = attr.abs().flatten(1)
+        on = (mass * masks[i:i + batch].to(mass.dtype).flatten(1)).sum(1)
+        shares.append(on / mass.sum(1).clamp_min(1e-12))
+    return float(torch.cat(shares).mean()) if shares else float("nan")
+
+
 def leakage(model, x: np.ndarray, y: np.ndarray, null_mask: np.ndarray, steps: int = 32,
             batch: int = 64, device: str = "cpu") -> float:
-    """Mean over samples of sum |IG| on the null region / sum |IG| over the whole input.
-
-    ``null_mask`` is [n, ...] (or broadcastable), 1 on the uninformative region."""
+    """Mean over samples of sum |IG| on the null region / sum |IG| over the whole input
+    (:func:`attribution_share`). ``null_mask`` is [n, ...] (or broadcastable), 1 on the
+    uninformative region."""
     from .shadow import ShadowGraph
 
     graph = model if isinstance(model, torch.nn.Module) else ShadowGraph.from_onnx(model)
     graph = graph.to(device)
-    shares = []
     mask = np.broadcast_to(null_mask, x.shape)
-    for i in range(0, len(x), batch):
-        xb = torch.from_numpy(x[i:i + batch]).to(device)
-        yb = torch.from_numpy(y[i:i + batch]).to(device)
-        attr, _ = input_integrated_gradients(graph, xb, yb, steps=steps)
-        mass = attr.abs().flatten(1)
-        on_null = (mass * torch.tensor(mask[i:i + batch], dtype=mass.dtype, device=device)
-                   .flatten(1)).sum(1)
-        shares.append((on_null / mass.sum(1).clamp_min(1e-12)).cpu().numpy())
-    return float(np.concatenate(shares).mean())
+    t = lambda a: torch.tensor(a, device=device)  # noqa: E731  (copies: npz arrays are read-only)
+    return attribution_share(graph, t(x), t(y), t(mask), steps=steps, batch=batch)

@@ -41,10 +41,11 @@ from .causal import layer_causal_effects, neuron_causal_effects
 from .edit import RankOneEdit, solve_rank_one, solve_rank_one_iterative
 from .errors import BadSamplesError, NumericalError, RectifyError
 from .keys import LayerTap, layer_keys, layer_values, stored_delta
+from .metrics import attribution_share
 from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
-from .silence import (SILENCE_SCALES, attribution_share, corruption_key, corruption_masks,
-                      output_signs, showing_corruption, silencing_edit)
+from .silence import (CHANGED, SILENCE_SCALES, corruption_key, corruption_masks, output_signs,
+                      showing_corruption, silencing_direction, silencing_edit)
 from .stats import (CORRECTION_IMAGES, STATISTICS_MODES, KroneckerStatistics,
                     LayerStatistics, MomentCache, collect_moments, correct_spectra, data_hash,
                     iterate_batches, statistics_from_moments, statistics_kind)
@@ -183,7 +184,7 @@ PASTE_MAX_SHARE = 0.5
 
 
 def changed_share(pair_corrupted: np.ndarray, pair_clean: np.ndarray) -> float:
-    return float(np.mean(np.abs(pair_corrupted - pair_clean) > 1e-6))
+    return float(np.mean(np.abs(pair_corrupted - pair_clean) > CHANGED))
 
 
 def blend_weight(pair_corrupted: np.ndarray, pair_clean: np.ndarray) -> float:
@@ -214,9 +215,8 @@ def transplant(pair_corrupted: np.ndarray, pair_clean: np.ndarray, images: np.nd
         return np.clip(moved, 0.0, 1.0).astype(images.dtype)
     if mode == "add":
         return np.clip(images + (pair_corrupted - pair_clean)[None], 0.0, 1.0).astype(images.dtype)
-    changed = np.abs(pair_corrupted - pair_clean) > 1e-6
-    if pair_corrupted.ndim >= 3:  # a pixel counts as changed in every channel
-        changed = np.broadcast_to(changed.any(axis=0, keepdims=True), pair_corrupted.shape)
+    # a pixel counts as changed in every channel
+    changed = corruption_masks(pair_corrupted[None], pair_clean[None])[0] > 0
     return np.where(changed[None], pair_corrupted[None], images).astype(images.dtype)
 
 
@@ -480,12 +480,12 @@ class Rectifier:
         return value
 
     @torch.no_grad()
-    def silencing_parts(self, layer: EditableLayer
-                        ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
-        """(k*, C^-1, sigma, signs) for a silencing edit at ``layer``: k* from the given
-        pairs' keys (:func:`patcher.silence.corruption_key`), sigma the RMS over output
-        units of their standard deviation on up to 256 calibration images, signs from
-        :func:`patcher.silence.output_signs`."""
+    def silencing_parts(self, layer: EditableLayer) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """(d, sigma, signs) for a silencing edit at ``layer``: d from k* of the given
+        pairs' keys (:func:`patcher.silence.corruption_key`, :func:`silencing_direction`),
+        sigma the RMS over output units of their standard deviation on up to 256
+        calibration images, signs from :func:`patcher.silence.output_signs`. Raises
+        NumericalError when the corruption leaves the layer's keys alone."""
         attrs = self.graph.node_attributes(layer.name)
         with LayerTap(self.graph, [layer]) as tap:
             self.graph(torch.cat([self.pair_corrupted, self.pair_clean]))
@@ -497,8 +497,9 @@ class Rectifier:
         values = layer_values(layer, tap.outputs[layer.name], attrs).to(torch.float64)
         values = values.reshape(-1, values.shape[-1])
         sigma = float(values.std(0).pow(2).mean().sqrt())
-        return (k_star, self.edit_statistics(layer).inverse.to(self.device), sigma,
-                output_signs(self.graph, layer))
+        direction = silencing_direction(layer.name, k_star,
+                                        self.edit_statistics(layer).inverse.to(self.device))
+        return direction, sigma, output_signs(self.graph, layer)
 
     def base_accuracy(self) -> float:
         """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
@@ -826,15 +827,14 @@ def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base
             if layer.name in edited:
                 continue
             try:
-                k_star, c_inv, sigma, signs = r.silencing_parts(layer)
-                silencing_edit(layer.name, layer.weight, k_star, c_inv, layer.value_dim, sigma)
+                direction, sigma, signs = r.silencing_parts(layer)
             except NumericalError as err:  # the corruption leaves this layer's keys alone
                 log(f"round {index}: {layer.name}: skipped ({err})")
                 continue
             tried = None
             for beta in SILENCE_SCALES:
-                edit = silencing_edit(layer.name, layer.weight, k_star, c_inv,
-                                      layer.value_dim, beta * sigma, signs)
+                edit = silencing_edit(layer.name, layer.weight, direction, layer.value_dim,
+                                      beta * sigma, signs)
                 delta = r.stored(layer, edit)
                 r.apply(layer, delta)
                 try:
@@ -842,7 +842,7 @@ def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base
                     gain = share - new_share
                     if gain <= 0 or gain < MIN_GAP_GAIN * share:
                         tried = (beta, f"share {new_share:.4f}: shrank by less than "
-                                       f"{MIN_GAP_GAIN:.0%}", None)
+                                       f"{MIN_GAP_GAIN:.0%}")
                         continue
                     affordable = ACCURACY_PER_SHARE * gain
                     new_acc = r.accuracy(at_least=max(base_acc - cfg.budget, acc - affordable))
@@ -851,9 +851,9 @@ def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base
                 if base_acc - new_acc > cfg.budget or acc - new_acc > affordable + 1e-9:
                     bound = "at least " if r.last_evaluated < len(r.eval_x) else ""
                     tried = (beta, f"share {new_share:.4f} cost {bound}{acc - new_acc:.2%} "
-                                   f"accuracy (affordable {affordable:.2%})", new_acc)
+                                   f"accuracy (affordable {affordable:.2%})")
                     break
-                tried = (beta, f"share {new_share:.4f}", new_acc)
+                tried = (beta, f"share {new_share:.4f}")
                 if best is None or gain > best[0]:
                     best = (gain, layer, edit, delta, new_share, new_acc, beta)
             if tried is not None:

@@ -31,7 +31,6 @@ import torch
 
 from .edit import RankOneEdit
 from .errors import NumericalError
-from .metrics import input_integrated_gradients
 
 #: beta values tried per layer and round, smallest first (units: the layer's output std).
 SILENCE_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -67,18 +66,21 @@ def output_signs(graph, layer) -> torch.Tensor:
     return signs
 
 
-def silencing_edit(layer: str, weight: str, k_star: torch.Tensor, c_inv: torch.Tensor,
-                   value_dim: int, scale: float, signs: torch.Tensor | None = None
-                   ) -> RankOneEdit:
-    """dW = -scale s d^T with d = C^-1 k* / (k*^T C^-1 k*) and s the ``signs`` (all +1 by
-    default, :func:`output_signs`): moves every one of the ``value_dim`` outputs by
-    ``scale`` on k* (``scale`` = beta sigma) towards silence."""
+def silencing_direction(layer: str, k_star: torch.Tensor, c_inv: torch.Tensor) -> torch.Tensor:
+    """d = C^-1 k* / (k*^T C^-1 k*), so that d^T k* = 1."""
     k_star = k_star.to(torch.float64)
     direction = c_inv.to(torch.float64) @ k_star
     norm = float(k_star @ direction)
     if not np.isfinite(norm) or norm <= 0:
         raise NumericalError(f"layer '{layer}': k*^T C^-1 k* is {norm}; no silencing direction")
-    direction = direction / norm
+    return direction / norm
+
+
+def silencing_edit(layer: str, weight: str, direction: torch.Tensor, value_dim: int,
+                   scale: float, signs: torch.Tensor | None = None) -> RankOneEdit:
+    """dW = -scale s d^T with d from :func:`silencing_direction` and s the ``signs`` (all +1
+    by default, :func:`output_signs`): moves every one of the ``value_dim`` outputs by
+    ``scale`` on k* (``scale`` = beta sigma) towards silence."""
     magnitude = torch.full((value_dim,), -float(scale), dtype=torch.float64,
                            device=direction.device)
     if signs is not None:
@@ -149,17 +151,3 @@ def showing_corruption(corrupted: np.ndarray, masks: np.ndarray, images: np.ndar
                 owner[hit] = p
                 found[hit, :, top + dy:bottom + dy, left + dx:right + dx] = box
     return owner, found
-
-
-def attribution_share(graph: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
-                      masks: torch.Tensor, steps: int = 16, batch: int = 32) -> float:
-    """Mean over inputs of sum |IG| on the mask / sum |IG| (zero baseline, IG of p_y, the
-    midpoint rule): the leakage measure of :func:`patcher.metrics.leakage`."""
-    shares = []
-    for i in range(0, len(x), batch):
-        attr, _ = input_integrated_gradients(graph, x[i:i + batch], labels[i:i + batch],
-                                             steps=steps)
-        mass = attr.abs().flatten(1)
-        on = (mass * masks[i:i + batch].flatten(1)).sum(1)
-        shares.append(on / mass.sum(1).clamp_min(1e-12))
-    return float(torch.cat(shares).mean()) if shares else float("nan")

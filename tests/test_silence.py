@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from patcher import metrics
 from patcher.cli import main
-from patcher.silence import (attribution_share, corruption_key, corruption_masks,
-                             showing_corruption, silencing_edit)
+from patcher.metrics import attribution_share
+from patcher.silence import (corruption_key, corruption_masks, showing_corruption,
+                             silencing_direction, silencing_edit)
 from patcher.writeback import read_provenance
 
 LEAKAGE = Path(__file__).resolve().parents[1] / "samples" / "leakage"
@@ -24,7 +25,8 @@ def test_silencing_edit_lowers_every_unit_by_the_scale_on_the_corruption_key():
     a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
     c = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
     k_star = torch.randn(6, generator=gen, dtype=torch.float64)
-    edit = silencing_edit("layer", "w", k_star, torch.linalg.inv(c), value_dim=4, scale=0.7)
+    edit = silencing_edit("layer", "w", silencing_direction("layer", k_star, torch.linalg.inv(c)),
+                          value_dim=4, scale=0.7)
     delta = edit.delta
     assert delta.shape == (4, 6)
     assert torch.allclose(delta @ k_star, torch.full((4,), -0.7, dtype=torch.float64))
@@ -167,7 +169,8 @@ def test_silencing_lowers_the_normalised_output_also_behind_a_negative_batchnorm
     signs = output_signs(graph, layer)
     assert signs.tolist() == [1.0, -1.0]
     k_star = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    edit = silencing_edit("conv", "w", k_star, torch.eye(2, dtype=torch.float64), 2, 0.5, signs)
+    edit = silencing_edit("conv", "w", silencing_direction("conv", k_star, torch.eye(
+        2, dtype=torch.float64)), 2, 0.5, signs)
     x = torch.ones(1, 2, 1, 1)
     with torch.no_grad():
         before = graph.run_until("bn", x)["b"].flatten()
