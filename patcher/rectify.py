@@ -254,9 +254,9 @@ class Rectifier:
         self.device = torch.device(device)
         self.config = config
         self.timings: dict[str, float] = {}
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        self.pair_corrupted, self.pair_clean = t(pairs.corrupted), t(pairs.clean)
-        self.pair_label = t(pairs.label)
+        self.pair_corrupted = self.tensor(pairs.corrupted)
+        self.pair_clean = self.tensor(pairs.clean)
+        self.pair_label = self.tensor(pairs.label)
         self.eval_x, self.eval_y = eval_set.x, eval_set.y
         calib = calib_x if calib_x is not None else eval_set.x
         self.calib_x = calib[:config.calib_limit]
@@ -268,6 +268,10 @@ class Rectifier:
         self.stats: dict[str, LayerStatistics | KroneckerStatistics] = {}
         self.exact_stats: dict[str, LayerStatistics] = {}  # for edits of factored layers
         self._calib_accuracy: float | None = None
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` as a tensor on the run's device."""
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     # -------------------------------------------------------------- setup
     def _candidate_layers(self) -> list[EditableLayer]:
@@ -290,8 +294,7 @@ class Rectifier:
         self.target_class = self._flipped_to(pairs)
         self.gap_sets = (self.pair_corrupted, self.pair_clean, self.pair_label)
         if cfg.transplant == "none" or cfg.transplant_count < 1 or cfg.heldout_count < 1:
-            self.fit = tuple(torch.from_numpy(np.concatenate(a)).to(self.device)
-                             for a in (fit_c, fit_x, fit_y))
+            self.fit = tuple(self.tensor(np.concatenate(a)) for a in (fit_c, fit_x, fit_y))
             return
         rng = np.random.default_rng(cfg.seed)
         count = min(cfg.transplant_count + cfg.heldout_count, len(self.calib_x))
@@ -309,10 +312,8 @@ class Rectifier:
         # the fit's share, unless too few images are left for both (then half each)
         half = min(cfg.transplant_count, len(idx) // 2)
         fit_c.append(moved[:half]), fit_x.append(images[:half]), fit_y.append(labels[:half])
-        self.fit = tuple(torch.from_numpy(np.concatenate(a)).to(self.device)
-                         for a in (fit_c, fit_x, fit_y))
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        self.gap_sets = (t(moved[half:]), t(images[half:]), t(labels[half:]))
+        self.fit = tuple(self.tensor(np.concatenate(a)) for a in (fit_c, fit_x, fit_y))
+        self.gap_sets = tuple(self.tensor(a) for a in (moved[half:], images[half:], labels[half:]))
         self.gap_source = f"{len(idx) - half} transplanted pairs not used for fitting"
 
     @torch.no_grad()
@@ -465,8 +466,7 @@ class Rectifier:
         x = np.concatenate([pairs.corrupted, self.eval_x[found]])
         y = np.concatenate([pairs.label, self.eval_y[found]])
         m = np.concatenate([masks, regions[found]])
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        self.share_set = (t(x), t(y), t(m))
+        self.share_set = (self.tensor(x), self.tensor(y), self.tensor(m))
         self.gap_source = (f"the {len(pairs)} pairs and {len(found)} eval images that already "
                            f"show their corruption, anywhere")
 
