@@ -44,8 +44,9 @@ from .keys import LayerTap, layer_keys, layer_values, stored_delta
 from .metrics import attribution_share
 from .progress import progress
 from .shadow import EditableLayer, ShadowGraph
-from .silence import (CHANGED, SILENCE_SCALES, corruption_key, corruption_masks, output_signs,
-                      showing_corruption, silencing_direction, silencing_edit)
+from .silence import (CHANGED, SILENCE_SCALES, corruption_key_sums, corruption_masks,
+                      output_signs, showing_corruption, silencing_direction, silencing_edit,
+                      without_corruption)
 from .stats import (CORRECTION_IMAGES, STATISTICS_MODES, KroneckerStatistics,
                     LayerStatistics, MomentCache, collect_moments, correct_spectra, data_hash,
                     iterate_batches, statistics_from_moments, statistics_kind)
@@ -457,23 +458,37 @@ class Rectifier:
         """The inputs the attribution share is measured on: up to SHARE_IMAGES eval images
         that already show a pair's corruption, at its place or moved
         (:func:`patcher.silence.showing_corruption`), seeded, plus the pairs' corrupted
-        inputs; each with the region where the corruption is."""
+        inputs; each with the region where the corruption is. Up to SHARE_IMAGES other
+        such images, with their clean counterparts
+        (:func:`patcher.silence.without_corruption`), go to ``key_examples`` for k*."""
         masks = corruption_masks(pairs.corrupted, pairs.clean)
         if not masks.any():
             raise BadSamplesError("--objective attribution: every pair's corrupted and clean "
                                   "inputs are identical, so there is no region to measure "
                                   "attribution on")
-        owner, regions = showing_corruption(pairs.corrupted, masks, self.eval_x)
+        owner, regions, shifts = showing_corruption(pairs.corrupted, masks, self.eval_x)
         found = np.flatnonzero(owner >= 0)
         rng = np.random.default_rng(self.config.seed)
+        rest = np.zeros(0, dtype=np.int64)
         if len(found) > SHARE_IMAGES:
-            found = np.sort(rng.choice(found, size=SHARE_IMAGES, replace=False))
+            chosen = np.sort(rng.choice(found, size=SHARE_IMAGES, replace=False))
+            rest = np.setdiff1d(found, chosen)
+            if len(rest) > SHARE_IMAGES:
+                rest = np.sort(rng.choice(rest, size=SHARE_IMAGES, replace=False))
+            found = chosen
+        # k* also from eval images the share is not measured on (see patcher.silence)
+        rest_clean = without_corruption(self.eval_x[rest], owner[rest], regions[rest],
+                                        shifts[rest], pairs.clean)
+        self.key_examples = (np.concatenate([pairs.corrupted, self.eval_x[rest]]),
+                             np.concatenate([pairs.clean, rest_clean]))
         x = np.concatenate([pairs.corrupted, self.eval_x[found]])
         y = np.concatenate([pairs.label, self.eval_y[found]])
         m = np.concatenate([masks, regions[found]])
         self.share_set = (self.tensor(x), self.tensor(y), self.tensor(m))
         self.gap_source = (f"the {len(pairs)} pairs and {len(found)} eval images that already "
                            f"show their corruption, anywhere")
+        self.key_source = (f"the {len(pairs)} pairs and {len(rest)} other eval images that "
+                           f"show their corruption")
 
     def share(self) -> float:
         """Mean share of input IG mass on the corrupted region over the share set."""
@@ -485,17 +500,27 @@ class Rectifier:
 
     @torch.no_grad()
     def silencing_parts(self, layer: EditableLayer) -> tuple[torch.Tensor, float, torch.Tensor]:
-        """(d, sigma, signs) for a silencing edit at ``layer``: d from k* of the given
-        pairs' keys (:func:`patcher.silence.corruption_key`, :func:`silencing_direction`),
-        sigma the RMS over output units of their standard deviation on up to 256
-        calibration images, signs from :func:`patcher.silence.output_signs`. Raises
-        NumericalError when the corruption leaves the layer's keys alone."""
+        """(d, sigma, signs) for a silencing edit at ``layer``: d from k* of the keys of
+        ``key_examples`` (the pairs and the eval images set aside by
+        :meth:`build_share_set`; :func:`patcher.silence.corruption_key`,
+        :func:`silencing_direction`), sigma the RMS over output units of their standard
+        deviation on up to 256 calibration images, signs from
+        :func:`patcher.silence.output_signs`. Raises NumericalError when the corruption
+        leaves the layer's keys alone."""
         attrs = self.graph.node_attributes(layer.name)
-        with LayerTap(self.graph, [layer]) as tap:
-            self.graph(torch.cat([self.pair_corrupted, self.pair_clean]))
-        n = len(self.pair_clean)
-        keys = layer_keys(layer, tap.inputs[layer.name], attrs)
-        k_star = corruption_key(keys[:n], keys[n:])
+        corrupted, clean = self.key_examples
+        total, weight = 0.0, 0.0
+        for i in range(0, len(clean), 16):  # keys of wide convs are large: chunked
+            with LayerTap(self.graph, [layer]) as tap:
+                self.graph(self.tensor(np.concatenate([corrupted[i:i + 16], clean[i:i + 16]])))
+            keys = layer_keys(layer, tap.inputs[layer.name], attrs)
+            n = len(clean[i:i + 16])
+            part, part_weight = corruption_key_sums(keys[:n], keys[n:])
+            total, weight = total + part, weight + part_weight
+        if weight == 0:
+            raise NumericalError(f"layer '{layer.name}': the corrupted and clean keys are "
+                                 "identical here")
+        k_star = total / weight
         with LayerTap(self.graph, [layer], keep_inputs=False) as tap:
             self.graph(torch.from_numpy(self.calib_x[:256]).to(self.device))
         values = layer_values(layer, tap.outputs[layer.name], attrs).to(torch.float64)
@@ -707,7 +732,7 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
         r.build_share_set(pairs)
         base_acc, base_gap = r.base_accuracy(), r.share()
         log(f"base: accuracy {base_acc:.2%}, attribution share {base_gap:.4f} "
-            f"(on {r.gap_source})")
+            f"(on {r.gap_source}); silencing keys from {r.key_source}")
     else:
         base_acc, base_gap = r.base_accuracy(), r.gap()
         log(f"base: accuracy {base_acc:.2%}, gap {base_gap:.4f} (on {r.gap_source})")

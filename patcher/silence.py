@@ -12,7 +12,9 @@ where its pre-activation is negative. A silencing edit lowers every unit of a hi
 layer on the corruption's keys, so that the units the corruption drives fall silent:
 
     k* = sum_q w_q k~_q / sum_q w_q,  w_q = ||k~_q - k_q||  (the corruption's mean key,
-                                       weighted towards positions the corruption changes)
+                                       weighted towards positions the corruption changes,
+                                       over the pairs and eval images that already show
+                                       the corruption, see below)
     d  = C^-1 k* / (k*^T C^-1 k*)      (the paper's edit direction, scaled to d^T k* = 1)
     dW = -beta sigma s d^T             (s: +1 for every output unit, -1 where a BatchNorm
                                        with a negative scale follows; sigma: the RMS over
@@ -20,7 +22,13 @@ layer on the corruption's keys, so that the units the corruption drives fall sil
 
 so dW k* = -beta sigma: each unit's response to the corruption's mean key drops by beta
 standard deviations, while on keys that C^-1 tells apart from k* (d^T k ~ 0) little
-changes. The bias is untouched. The loop (:func:`patcher.rectify.rectify`) searches beta
+changes. Besides the pairs, k* takes up to SHARE_IMAGES eval images that already show a
+pair's corruption, possibly moved (:func:`showing_corruption`), each paired with itself
+with the corruption taken out (:func:`without_corruption`); they are disjoint from the
+images the share is measured on. One pair shows the pattern at one place; behind a
+pooling layer its keys depend on where it sits relative to the pooling grid, and the
+eval images show the other places (a bar that moves within its block kept no edit at
+n = 1 from the pair alone: benchmarks/LEAKAGE_GENERALISATION.md). The bias is untouched. The loop (:func:`patcher.rectify.rectify`) searches beta
 over ``SILENCE_SCALES`` per hidden layer and keeps what the attribution share on held-out
 images pays for.
 """
@@ -41,15 +49,24 @@ CHANGED = 1e-6
 MATCH_TOLERANCE = 0.05
 
 
-def corruption_key(keys_corrupted: torch.Tensor, keys_clean: torch.Tensor) -> torch.Tensor:
-    """k* [Kd]: mean of the corrupted keys [n, P, G, Kd], each weighted by how much the
-    corruption changed it, ||k~ - k||."""
+def corruption_key_sums(keys_corrupted: torch.Tensor, keys_clean: torch.Tensor
+                        ) -> tuple[torch.Tensor, float]:
+    """(sum_q w_q k~_q [Kd], sum_q w_q) over corrupted keys [n, P, G, Kd] and their clean
+    counterparts, w_q = ||k~_q - k_q||: the parts of :func:`corruption_key`, which add up
+    over chunks of inputs."""
     flat_c = keys_corrupted.reshape(-1, keys_corrupted.shape[-1]).to(torch.float64)
     flat_x = keys_clean.reshape(-1, keys_clean.shape[-1]).to(torch.float64)
     weights = (flat_c - flat_x).norm(dim=1)
-    if float(weights.sum()) == 0:
+    return (weights[:, None] * flat_c).sum(0), float(weights.sum())
+
+
+def corruption_key(keys_corrupted: torch.Tensor, keys_clean: torch.Tensor) -> torch.Tensor:
+    """k* [Kd]: mean of the corrupted keys [n, P, G, Kd], each weighted by how much the
+    corruption changed it, ||k~ - k||."""
+    total, weight = corruption_key_sums(keys_corrupted, keys_clean)
+    if weight == 0:
         raise NumericalError("the corrupted and clean keys are identical at this layer")
-    return (weights[:, None] * flat_c).sum(0) / weights.sum()
+    return total / weight
 
 
 def output_signs(graph, layer) -> torch.Tensor:
@@ -111,11 +128,13 @@ def _shifts(top: int, bottom: int, left: int, right: int, height: int, width: in
 
 
 def showing_corruption(corrupted: np.ndarray, masks: np.ndarray, images: np.ndarray,
-                       tolerance: float = MATCH_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
+                       tolerance: float = MATCH_TOLERANCE
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images that already show a pair's corruption: equal to x~ on the pair's corrupted
     region, to within ``tolerance``, at the pair's position or (for image inputs, NCHW)
     moved by any whole-pixel translation. Returns, per image, the index of the first pair
-    found (-1: none) and the region where it was found (zeros for none).
+    found (-1: none), the region where it was found (zeros for none) and the translation
+    (dy, dx) from the pair's position to it ([n, 2], zeros for none).
 
     Feature leakage is a pattern the data carries (BlockMNIST's null block is in every
     image, above or below the digit): such images measure the attribution share on
@@ -126,6 +145,7 @@ def showing_corruption(corrupted: np.ndarray, masks: np.ndarray, images: np.ndar
     (benchmarks/LEAKAGE_GENERALISATION.md, ring-side-mlp)."""
     owner = np.full(len(images), -1, dtype=np.int64)
     found = np.zeros(images.shape, dtype=np.float32)
+    shifts = np.zeros((len(images), 2), dtype=np.int64)
     for p in range(len(corrupted)):
         region = masks[p] > 0
         if not region.any():
@@ -148,6 +168,22 @@ def showing_corruption(corrupted: np.ndarray, masks: np.ndarray, images: np.ndar
             window = images[:, :, top + dy:bottom + dy, left + dx:right + dx][:, box]
             hit = np.flatnonzero(free & (np.abs(window - template[None]).max(axis=1) <= tolerance))
             if len(hit):
-                owner[hit] = p
+                owner[hit], shifts[hit] = p, (dy, dx)
                 found[hit, :, top + dy:bottom + dy, left + dx:right + dx] = box
-    return owner, found
+    return owner, found, shifts
+
+
+def without_corruption(images: np.ndarray, owner: np.ndarray, regions: np.ndarray,
+                       shifts: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """The clean counterparts of images that show a pair's corruption
+    (:func:`showing_corruption`): each image with its region set to the pixels of its
+    pair's clean input x, moved by the same translation. Together with the images they
+    are more corrupted/clean pairs, drawn from data rather than pasted."""
+    out = np.array(images, dtype=images.dtype, copy=True)
+    for i in np.flatnonzero(owner >= 0):
+        region = regions[i] > 0
+        moved = clean[owner[i]]
+        if images.ndim == 4:  # the clean input moved; the region stays inside the image
+            moved = np.roll(moved, tuple(int(v) for v in shifts[i]), axis=(1, 2))
+        out[i][region] = moved[region]
+    return out

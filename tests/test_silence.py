@@ -14,7 +14,7 @@ from patcher import metrics
 from patcher.cli import main
 from patcher.metrics import attribution_share
 from patcher.silence import (corruption_key, corruption_masks, showing_corruption,
-                             silencing_direction, silencing_edit)
+                             silencing_direction, silencing_edit, without_corruption)
 from patcher.writeback import read_provenance
 
 LEAKAGE = Path(__file__).resolve().parents[1] / "samples" / "leakage"
@@ -65,12 +65,30 @@ def test_images_that_already_show_a_pairs_corruption_are_found_where_they_show_i
     images[2, 0, 5, 5] = 0.52             # pair 1's dot, in place
     images[3, 0, 2, 2:4] = [0.8, 1.0]     # the bar's values reversed: no
     images[4, 0, 1, 1] = 0.9              # another value: no
-    owner, found = showing_corruption(corrupted, masks, images)
+    owner, found, shifts = showing_corruption(corrupted, masks, images)
     assert owner.tolist() == [0, 0, 1, -1, -1]
     assert found[0, 0, 0, 0:2].tolist() == [1, 1] and found[0].sum() == 2
     assert found[1, 0, 3, 2:4].tolist() == [1, 1] and found[1].sum() == 2
     assert found[2, 0, 5, 5] == 1 and found[2].sum() == 1
     assert found[3].sum() == 0 and found[4].sum() == 0
+    assert shifts.tolist() == [[0, 0], [3, 2], [0, 0], [0, 0], [0, 0]]
+
+
+def test_images_that_show_the_corruption_get_the_pairs_clean_pixels_where_they_show_it():
+    corrupted = np.zeros((1, 1, 6, 6), np.float32)
+    clean = corrupted.copy()
+    corrupted[0, 0, 0, 0:2] = [1.0, 0.8]  # a bar over a clean background of 0.1, 0.2
+    clean[0, 0, 0, 0:2] = [0.1, 0.2]
+    masks = corruption_masks(corrupted, clean)
+    images = np.full((2, 1, 6, 6), 0.5, np.float32)
+    images[0, 0, 3, 2:4] = [1.0, 0.8]     # the bar moved by (3, 2)
+    owner, found, shifts = showing_corruption(corrupted, masks, images)
+    assert owner.tolist() == [0, -1]
+    restored = without_corruption(images, owner, found, shifts, clean)
+    expected = np.full((2, 1, 6, 6), 0.5, np.float32)
+    expected[0, 0, 3, 2:4] = [0.1, 0.2]   # the clean pixels, moved with the bar
+    assert np.array_equal(restored, expected)
+    assert images[0, 0, 3, 2] == 1.0      # the input is not modified
 
 
 def test_attribution_share_is_the_leakage_measure():
