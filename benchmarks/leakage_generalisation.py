@@ -561,7 +561,9 @@ def notes(results: dict) -> list[str]:
         "The attribution objective's constants (silencing scales, the 5% minimum share "
         "gain, 0.025 accuracy per unit of share, 100 share images, 16 IG steps) were set "
         "on samples/leakage and were **not** tuned on any of these cases; nothing in this "
-        "script was adjusted after seeing a patch result. "
+        "script was adjusted after seeing a patch result. One change to the method was "
+        "prompted by a case here (bar-leaky-jitter n = 1 kept no edit): the silencing "
+        "key k* also takes eval images that show the corruption (see the Diagnosis). "
         f"{len(passed)} of {len(runs)} runs pass"
         + (f" ({', '.join(passed)})" if passed else "") + ".")
     rose = [f"{c['case']} {k} ({c['before']['leakage']:.4f} -> {r['after']['leakage']:.4f})"
