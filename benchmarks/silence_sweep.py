@@ -61,8 +61,9 @@ def main() -> None:
     print(f"{'layer':<24} {'beta':>5} {'share':>8} {'eval OA':>8} {'test OA':>8} "
           f"{'leakage':>8} {'rate':>7}")
     for layer in r.hidden_layers():
-        direction, sigma, signs = r.silencing_parts(layer)
-        for beta in (float(b) for b in args.betas.split(",")):
+        directions, sigma, signs = r.silencing_parts(layer)
+        for (source, direction), beta in ((d, float(b)) for d in directions
+                                          for b in args.betas.split(",")):
             edit = silencing_edit(layer.name, layer.weight, direction, layer.value_dim,
                                   beta * sigma, signs)
             delta = r.stored(layer, edit)
@@ -73,7 +74,8 @@ def main() -> None:
                 r.apply(layer, delta, sign=-1.0)
             removed = base[0] - f[0]
             rate = f"{(base[1] - f[1]) / removed:7.3f}" if removed > 0 else "      -"
-            print(f"{layer.name:<24} {beta:>5g} {f[0] - base[0]:>+8.4f} "
+            print(f"{layer.name + (' +eval' if 'eval' in source else ''):<24} {beta:>5g} "
+                  f"{f[0] - base[0]:>+8.4f} "
                   f"{100 * (f[1] - base[1]):>+8.2f} {100 * (f[2] - base[2]):>+8.2f} "
                   f"{f[3] - base[3]:>+8.4f} {rate}", flush=True)
 

@@ -499,36 +499,52 @@ class Rectifier:
         return value
 
     @torch.no_grad()
-    def silencing_parts(self, layer: EditableLayer) -> tuple[torch.Tensor, float, torch.Tensor]:
-        """(d, sigma, signs) for a silencing edit at ``layer``: d from k* of the keys of
-        ``key_examples`` (the pairs and the eval images set aside by
-        :meth:`build_share_set`; :func:`patcher.silence.corruption_key`,
-        :func:`silencing_direction`), sigma the RMS over output units of their standard
-        deviation on up to 256 calibration images, signs from
+    def silencing_parts(self, layer: EditableLayer
+                        ) -> tuple[list[tuple[str, torch.Tensor]], float, torch.Tensor]:
+        """([(source, d)], sigma, signs) for silencing edits at ``layer``. Each d is
+        C^-1 k* / (k*^T C^-1 k*) (:func:`patcher.silence.silencing_direction`) for a k*
+        (:func:`patcher.silence.corruption_key`) of one source: the pairs alone, and the
+        pairs with the eval images set aside by :meth:`build_share_set` (when there are
+        any and their direction differs; which one silences better depends on the model,
+        benchmarks/LEAKAGE_GENERALISATION.md). sigma is the RMS over output units of
+        their standard deviation on up to 256 calibration images, signs come from
         :func:`patcher.silence.output_signs`. Raises NumericalError when the corruption
         leaves the layer's keys alone."""
         attrs = self.graph.node_attributes(layer.name)
         corrupted, clean = self.key_examples
-        total, weight = 0.0, 0.0
-        for i in range(0, len(clean), 16):  # keys of wide convs are large: chunked
+        n_pairs = len(self.pair_clean)
+        sums = {"pairs": [0.0, 0.0], "eval": [0.0, 0.0]}
+        # keys of wide convs are large: chunked, the pairs' own chunks first
+        bounds = [(i, min(i + 16, n_pairs)) for i in range(0, n_pairs, 16)] + \
+                 [(i, min(i + 16, len(clean))) for i in range(n_pairs, len(clean), 16)]
+        for lo, hi in bounds:
             with LayerTap(self.graph, [layer]) as tap:
-                self.graph(self.tensor(np.concatenate([corrupted[i:i + 16], clean[i:i + 16]])))
+                self.graph(self.tensor(np.concatenate([corrupted[lo:hi], clean[lo:hi]])))
             keys = layer_keys(layer, tap.inputs[layer.name], attrs)
-            n = len(clean[i:i + 16])
-            part, part_weight = corruption_key_sums(keys[:n], keys[n:])
-            total, weight = total + part, weight + part_weight
+            part, part_weight = corruption_key_sums(keys[:hi - lo], keys[hi - lo:])
+            source = sums["pairs"] if lo < n_pairs else sums["eval"]
+            source[0], source[1] = source[0] + part, source[1] + part_weight
+        inverse = self.edit_statistics(layer).inverse.to(self.device)
+        pair_total, pair_weight = sums["pairs"]
+        total, weight = pair_total + sums["eval"][0], pair_weight + sums["eval"][1]
         if weight == 0:
             raise NumericalError(f"layer '{layer.name}': the corrupted and clean keys are "
                                  "identical here")
-        k_star = total / weight
+        directions = []
+        if pair_weight > 0:
+            directions.append(("the pairs", silencing_direction(
+                layer.name, pair_total / pair_weight, inverse)))
+        if sums["eval"][1] > 0:
+            with_eval = silencing_direction(layer.name, total / weight, inverse)
+            if not directions or float(torch.nn.functional.cosine_similarity(
+                    with_eval, directions[0][1], dim=0)) < 0.999:
+                directions.append(("the pairs and eval images", with_eval))
         with LayerTap(self.graph, [layer], keep_inputs=False) as tap:
             self.graph(torch.from_numpy(self.calib_x[:256]).to(self.device))
         values = layer_values(layer, tap.outputs[layer.name], attrs).to(torch.float64)
         values = values.reshape(-1, values.shape[-1])
         sigma = float(values.std(0).pow(2).mean().sqrt())
-        direction = silencing_direction(layer.name, k_star,
-                                        self.edit_statistics(layer).inverse.to(self.device))
-        return direction, sigma, output_signs(self.graph, layer)
+        return directions, sigma, output_signs(self.graph, layer)
 
     def base_accuracy(self) -> float:
         """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
@@ -866,48 +882,52 @@ def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base
             if layer.name in edited:
                 continue
             try:
-                direction, sigma, signs = r.silencing_parts(layer)
+                directions, sigma, signs = r.silencing_parts(layer)
             except NumericalError as err:  # the corruption leaves this layer's keys alone
                 log(f"round {index}: {layer.name}: skipped ({err})")
                 continue
-            tried = None
-            for beta in SILENCE_SCALES:
-                edit = silencing_edit(layer.name, layer.weight, direction, layer.value_dim,
-                                      beta * sigma, signs)
-                delta = r.stored(layer, edit)
-                r.apply(layer, delta)
-                try:
-                    new_share = r.share()
-                    gain = share - new_share
-                    if gain <= 0 or gain < MIN_GAP_GAIN * share:
-                        tried = (beta, f"share {new_share:.4f}: shrank by less than "
-                                       f"{MIN_GAP_GAIN:.0%}")
-                        continue
-                    affordable = ACCURACY_PER_SHARE * gain
-                    new_acc = r.accuracy(at_least=max(base_acc - cfg.budget, acc - affordable))
-                finally:
-                    r.apply(layer, delta, sign=-1.0)
-                if base_acc - new_acc > cfg.budget or acc - new_acc > affordable + 1e-9:
-                    bound = "at least " if r.last_evaluated < len(r.eval_x) else ""
-                    tried = (beta, f"share {new_share:.4f} cost {bound}{acc - new_acc:.2%} "
-                                   f"accuracy (affordable {affordable:.2%})")
-                    break
-                tried = (beta, f"share {new_share:.4f}")
-                if best is None or gain > best[0]:
-                    best = (gain, layer, edit, delta, new_share, new_acc, beta)
-            if tried is not None:
-                log(f"round {index}: {layer.name}: up to beta {tried[0]:g}: {tried[1]}")
+            for source, direction in directions:
+                tried = None
+                for beta in SILENCE_SCALES:
+                    edit = silencing_edit(layer.name, layer.weight, direction,
+                                          layer.value_dim, beta * sigma, signs)
+                    delta = r.stored(layer, edit)
+                    r.apply(layer, delta)
+                    try:
+                        new_share = r.share()
+                        gain = share - new_share
+                        if gain <= 0 or gain < MIN_GAP_GAIN * share:
+                            tried = (beta, f"share {new_share:.4f}: shrank by less than "
+                                           f"{MIN_GAP_GAIN:.0%}")
+                            continue
+                        affordable = ACCURACY_PER_SHARE * gain
+                        new_acc = r.accuracy(at_least=max(base_acc - cfg.budget,
+                                                          acc - affordable))
+                    finally:
+                        r.apply(layer, delta, sign=-1.0)
+                    if base_acc - new_acc > cfg.budget or acc - new_acc > affordable + 1e-9:
+                        bound = "at least " if r.last_evaluated < len(r.eval_x) else ""
+                        tried = (beta, f"share {new_share:.4f} cost {bound}"
+                                       f"{acc - new_acc:.2%} accuracy (affordable "
+                                       f"{affordable:.2%})")
+                        break
+                    tried = (beta, f"share {new_share:.4f}")
+                    if best is None or gain > best[0]:
+                        best = (gain, layer, edit, delta, new_share, new_acc, beta, source)
+                if tried is not None:
+                    log(f"round {index}: {layer.name} (k* of {source}): up to beta "
+                        f"{tried[0]:g}: {tried[1]}")
         if best is None:
             log("no silencing edit lowers the attribution share affordably; stopping")
             break
-        gain, layer, edit, delta, new_share, new_acc, beta = best
+        gain, layer, edit, delta, new_share, new_acc, beta, source = best
         r.apply(layer, delta)
         record(layer, delta, "rank-one", edit)
         edited.add(layer.name)
         rounds.append(Round(index, layer.name, None, True, f"silenced (beta {beta:g})", share,
                             new_share, new_acc, base_acc - new_acc, edit.norm, None, scale=beta))
-        log(f"round {index}: kept {layer.name} beta {beta:g}: share {share:.4f} -> "
-            f"{new_share:.4f}, accuracy {new_acc:.2%}")
+        log(f"round {index}: kept {layer.name} beta {beta:g} (k* of {source}): share "
+            f"{share:.4f} -> {new_share:.4f}, accuracy {new_acc:.2%}")
         acc, share = new_acc, new_share
     return acc, share
 

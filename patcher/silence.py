@@ -12,9 +12,8 @@ where its pre-activation is negative. A silencing edit lowers every unit of a hi
 layer on the corruption's keys, so that the units the corruption drives fall silent:
 
     k* = sum_q w_q k~_q / sum_q w_q,  w_q = ||k~_q - k_q||  (the corruption's mean key,
-                                       weighted towards positions the corruption changes,
-                                       over the pairs and eval images that already show
-                                       the corruption, see below)
+                                       weighted towards positions the corruption changes;
+                                       two candidates, see below)
     d  = C^-1 k* / (k*^T C^-1 k*)      (the paper's edit direction, scaled to d^T k* = 1)
     dW = -beta sigma s d^T             (s: +1 for every output unit, -1 where a BatchNorm
                                        with a negative scale follows; sigma: the RMS over
@@ -22,13 +21,15 @@ layer on the corruption's keys, so that the units the corruption drives fall sil
 
 so dW k* = -beta sigma: each unit's response to the corruption's mean key drops by beta
 standard deviations, while on keys that C^-1 tells apart from k* (d^T k ~ 0) little
-changes. Besides the pairs, k* takes up to SHARE_IMAGES eval images that already show a
-pair's corruption, possibly moved (:func:`showing_corruption`), each paired with itself
-with the corruption taken out (:func:`without_corruption`); they are disjoint from the
-images the share is measured on. One pair shows the pattern at one place; behind a
-pooling layer its keys depend on where it sits relative to the pooling grid, and the
-eval images show the other places (a bar that moves within its block kept no edit at
-n = 1 from the pair alone: benchmarks/LEAKAGE_GENERALISATION.md). The bias is untouched. The loop (:func:`patcher.rectify.rectify`) searches beta
+changes. k* has two candidates, both tried: over the pairs alone, and over the pairs
+with up to SHARE_IMAGES eval images that already show a pair's corruption, possibly
+moved (:func:`showing_corruption`), each paired with itself with the corruption taken
+out (:func:`without_corruption`), disjoint from the images the share is measured on.
+One pair shows the pattern at one place; behind a pooling layer its keys depend on
+where it sits relative to the pooling grid, and the eval images show the other places
+(a bar that moves within its block kept no edit at n = 1 from the pair alone). The
+pair alone did better on a residual network (-27% leakage against -5%): which one
+silences better depends on the model (benchmarks/LEAKAGE_GENERALISATION.md). The bias is untouched. The loop (:func:`patcher.rectify.rectify`) searches beta
 over ``SILENCE_SCALES`` per hidden layer and keeps what the attribution share on held-out
 images pays for.
 """
