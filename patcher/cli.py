@@ -389,7 +389,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     from .rectify import RectifyConfig
 
     config = RectifyConfig(strategy=strategy, objective=objective, budget=budget,
-                           gap=gap_target, max_rounds=max_rounds, layer=layer, steps=steps, score=score,
+                           gap=gap_target, max_rounds=max_rounds, layer=layer, steps=steps,
+                           score=score,
                            transplant=transplant, transplant_count=transplant_count,
                            heldout_count=heldout_count, seed=seed, attribution_form=attribution,
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,

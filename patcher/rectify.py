@@ -512,30 +512,22 @@ class Rectifier:
         leaves the layer's keys alone."""
         attrs = self.graph.node_attributes(layer.name)
         corrupted, clean = self.key_examples
-        n_pairs = len(self.pair_clean)
-        sums = {"pairs": [0.0, 0.0], "eval": [0.0, 0.0]}
-        # keys of wide convs are large: chunked, the pairs' own chunks first
-        bounds = [(i, min(i + 16, n_pairs)) for i in range(0, n_pairs, 16)] + \
-                 [(i, min(i + 16, len(clean))) for i in range(n_pairs, len(clean), 16)]
-        for lo, hi in bounds:
-            with LayerTap(self.graph, [layer]) as tap:
-                self.graph(self.tensor(np.concatenate([corrupted[lo:hi], clean[lo:hi]])))
-            keys = layer_keys(layer, tap.inputs[layer.name], attrs)
-            part, part_weight = corruption_key_sums(keys[:hi - lo], keys[hi - lo:])
-            source = sums["pairs"] if lo < n_pairs else sums["eval"]
-            source[0], source[1] = source[0] + part, source[1] + part_weight
-        inverse = self.edit_statistics(layer).inverse.to(self.device)
-        pair_total, pair_weight = sums["pairs"]
-        total, weight = pair_total + sums["eval"][0], pair_weight + sums["eval"][1]
-        if weight == 0:
+        n = len(self.pair_clean)  # key_examples: the pairs first, then the eval images
+        pair_total, pair_weight = self._corruption_key_sums(layer, attrs, corrupted[:n],
+                                                            clean[:n])
+        eval_total, eval_weight = self._corruption_key_sums(layer, attrs, corrupted[n:],
+                                                            clean[n:])
+        if pair_weight + eval_weight == 0:
             raise NumericalError(f"layer '{layer.name}': the corrupted and clean keys are "
                                  "identical here")
+        inverse = self.edit_statistics(layer).inverse.to(self.device)
         directions = []
         if pair_weight > 0:
             directions.append(("the pairs", silencing_direction(
                 layer.name, pair_total / pair_weight, inverse)))
-        if sums["eval"][1] > 0:
-            with_eval = silencing_direction(layer.name, total / weight, inverse)
+        if eval_weight > 0:
+            with_eval = silencing_direction(
+                layer.name, (pair_total + eval_total) / (pair_weight + eval_weight), inverse)
             if not directions or float(torch.nn.functional.cosine_similarity(
                     with_eval, directions[0][1], dim=0)) < 0.999:
                 directions.append(("the pairs and eval images", with_eval))
@@ -545,6 +537,22 @@ class Rectifier:
         values = values.reshape(-1, values.shape[-1])
         sigma = float(values.std(0).pow(2).mean().sqrt())
         return directions, sigma, output_signs(self.graph, layer)
+
+    @torch.no_grad()
+    def _corruption_key_sums(self, layer: EditableLayer, attrs: dict, corrupted: np.ndarray,
+                             clean: np.ndarray) -> tuple[torch.Tensor | float, float]:
+        """:func:`patcher.silence.corruption_key_sums` of ``layer``'s keys over the given
+        inputs, in chunks of 16 (keys of wide convs are large); (0.0, 0.0) for none."""
+        total, weight = 0.0, 0.0
+        for i in range(0, len(clean), 16):
+            chunk = np.concatenate([corrupted[i:i + 16], clean[i:i + 16]])
+            with LayerTap(self.graph, [layer]) as tap:
+                self.graph(self.tensor(chunk))
+            keys = layer_keys(layer, tap.inputs[layer.name], attrs)
+            half = len(chunk) // 2
+            part, part_weight = corruption_key_sums(keys[:half], keys[half:])
+            total, weight = total + part, weight + part_weight
+        return total, weight
 
     def base_accuracy(self) -> float:
         """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
@@ -868,8 +876,10 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
 
 def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base_acc: float,
              base_share: float, rounds: list, record, log) -> tuple[float, float]:
-    """The attribution objective's loop: per round, every layer not yet edited is tried
-    with silencing edits of growing beta (:mod:`patcher.silence`); an edit qualifies when
+    """The attribution objective's loop: per round, every layer not yet edited is tried,
+    with each of its silencing directions (:meth:`Rectifier.silencing_parts`: k* of the
+    pairs, and of the pairs with eval images), with silencing edits of growing beta
+    (:mod:`patcher.silence`); an edit qualifies when
     it lowers the held-out attribution share by at least MIN_GAP_GAIN of it, stays within
     the budget, and costs at most ACCURACY_PER_SHARE times the share it removes; larger
     betas are tried until one fails. The qualifying edit that removes the most share is
@@ -877,7 +887,7 @@ def _silence(r: Rectifier, layers: list[EditableLayer], cfg: RectifyConfig, base
     acc, share = base_acc, base_share
     edited: set[str] = set()
     for index in range(1, cfg.max_rounds + 1):
-        best = None  # (gain, layer, edit, delta, share, accuracy, beta)
+        best = None  # (gain, layer, edit, delta, share, accuracy, beta, k* source)
         for layer in layers:
             if layer.name in edited:
                 continue

@@ -455,7 +455,8 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
                  _esc(_num(r.get("fit_residual_ratio"), ".3g")), _esc(r.get("reason"))]
                 for r in rounds]
         h.append(_table(["round", "layer", "score", f"{measure} before", f"{measure} after",
-                         "τ after", "accuracy", "accuracy drop", "‖Δ‖", "fit residual", "decision"], body,
+                         "τ after", "accuracy", "accuracy drop", "‖Δ‖", "fit residual",
+                         "decision"], body,
                         {0, 2, 3, 4, 5, 6, 7, 8, 9},
                         lambda i: "kept" if rounds[i].get("kept") else ""))
         what = ('Attribution share: mean over inputs of the input Integrated-Gradients mass on '

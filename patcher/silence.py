@@ -29,8 +29,9 @@ One pair shows the pattern at one place; behind a pooling layer its keys depend 
 where it sits relative to the pooling grid, and the eval images show the other places
 (a bar that moves within its block kept no edit at n = 1 from the pair alone). The
 pair alone did better on a residual network (-27% leakage against -5%): which one
-silences better depends on the model (benchmarks/LEAKAGE_GENERALISATION.md). The bias is untouched. The loop (:func:`patcher.rectify.rectify`) searches beta
-over ``SILENCE_SCALES`` per hidden layer and keeps what the attribution share on held-out
+silences better depends on the model (benchmarks/LEAKAGE_GENERALISATION.md). The bias
+is untouched. The loop (:func:`patcher.rectify.rectify`) searches beta over
+``SILENCE_SCALES`` per hidden layer and keeps what the attribution share on held-out
 images pays for.
 """
 from __future__ import annotations
