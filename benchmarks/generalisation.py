@@ -50,9 +50,9 @@ sys.path.insert(0, str(ROOT))
 
 from exporters.pytorch import export_pytorch  # noqa: E402
 from onnx_rectify_samples import common, data, models  # noqa: E402
-from patcher import metrics  # noqa: E402
+from patcher.gate import metrics  # noqa: E402
 from patcher.patch import patch  # noqa: E402
-from patcher.rectify import RectifyConfig  # noqa: E402
+from patcher.rectify.loop import RectifyConfig  # noqa: E402
 
 N1_MAX_ASR, N1_MAX_DROP, N5_MAX_ASR = 0.05, 0.01, 0.02
 MIN_OA, MIN_ASR = 0.90, 0.90
@@ -438,8 +438,8 @@ def clean_twin(case: Case, folder: Path, quick: bool) -> dict:
 
 def diagnose(folder: Path, ranking: list[str]) -> list[dict]:
     """One forced edit (defaults otherwise) at every editable layer, n = 1."""
-    from patcher.modelio import load_model
-    from patcher.shadow import ShadowGraph
+    from patcher.model.modelio import load_model
+    from patcher.graph.shadow import ShadowGraph
 
     layers = [l.name for l in ShadowGraph(load_model(folder / "model.onnx")).editable_layers
               if not l.shared_with]

@@ -42,7 +42,7 @@ Each case is patched by the real command line, as a subprocess, with its default
         --objective attribution -o patched_n{n}.onnx --report report_n{n}.json --force
 
 and test accuracy (onnxruntime, test.npz, 700 images) and leakage
-(``patcher.metrics.leakage``, 300 leakage-test images, 32 IG steps, shadow graph) are
+(``patcher.gate.metrics.leakage``, 300 leakage-test images, 32 IG steps, shadow graph) are
 measured on the input and on each written file. Verdict: PASS when leakage fell and the
 test accuracy dropped by at most 1.0 point (at most 7 of 700 test images).
 
@@ -78,8 +78,8 @@ from exporters.pytorch import export_pytorch  # noqa: E402
 from generalisation import StridedGeluCNN  # noqa: E402  (benchmarks/, the script's folder)
 from onnx_rectify_samples import common, data  # noqa: E402
 from onnx_rectify_samples.models import BasicBlock  # noqa: E402
-from patcher import metrics  # noqa: E402
-from patcher.runtime import open_session  # noqa: E402
+from patcher.gate import metrics  # noqa: E402
+from patcher.model.runtime import open_session  # noqa: E402
 
 LEAKAGE_BUILD = common.load_build("leakage")  # samples/leakage/build.py: shift, SHIFT
 SIZES = {"eval": 1000, "test": 700, "pool": 300, "train": 3000}  # order as in build.py
@@ -510,7 +510,7 @@ def markdown(results: dict) -> str:
         "    --objective attribution -o patched_n{n}.onnx --report report_n{n}.json --force",
         "```",
         "",
-        "Test OA: onnxruntime on the 700 test images. Leakage: `patcher.metrics.leakage` "
+        "Test OA: onnxruntime on the 700 test images. Leakage: `patcher.gate.metrics.leakage` "
         "(mean share of |IG| on the null block, zero baseline, p_y, 32 steps, shadow graph) "
         "on the first 300 test images. Reduction: (before - after) / before. Verdict: PASS "
         "when leakage fell and test OA dropped by at most 1.0 point (7 of 700 images). Kept "

@@ -28,12 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from patcher import metrics  # noqa: E402
-from patcher.modelio import load_model  # noqa: E402
-from patcher.rectify import RectifyConfig, Rectifier, rectify  # noqa: E402
+from patcher.gate import metrics  # noqa: E402
+from patcher.model.modelio import load_model  # noqa: E402
+from patcher.rectify.loop import RectifyConfig, Rectifier, rectify  # noqa: E402
 from patcher.samples import InputSpec, load_labelled, load_pairs, num_classes_of  # noqa: E402
-from patcher.shadow import ShadowGraph  # noqa: E402
-from patcher.writeback import apply_deltas, save_model  # noqa: E402
+from patcher.graph.shadow import ShadowGraph  # noqa: E402
+from patcher.model.writeback import apply_deltas, save_model  # noqa: E402
 
 SAMPLES = ROOT / "samples"
 STRATEGIES = {

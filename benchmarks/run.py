@@ -7,7 +7,7 @@ Needs the ``bench`` extra (``pip install -e '.[bench]'``: captum, pyinstrument);
 imported by the tests. Headline figures (JSON keys):
 
 - ``ig_speedup_vs_captum``: Integrated Gradients at every editable layer of a CIFAR
-  ResNet-18 in one pass (``patcher.attribution``, on the shadow graph of the ONNX export)
+  ResNet-18 in one pass (``patcher.analysis.attribution``, on the shadow graph of the ONNX export)
   against captum's ``LayerIntegratedGradients`` looped over the same layers of the same
   network in torch (BN folded exactly as exported), same pair, target, 16 steps and
   midpoint rule (captum ``riemann_middle``); the attributions are compared layer by layer.
@@ -55,11 +55,11 @@ import torch.nn as nn  # noqa: E402
 
 from exporters.pytorch import export_pytorch, fold_batchnorm  # noqa: E402
 from models import ResNet18, randomize_bn  # noqa: E402
-from patcher.attribution import layer_integrated_gradients  # noqa: E402
-from patcher.rectify import RectifyConfig  # noqa: E402
-from patcher.runtime import open_session  # noqa: E402
-from patcher.shadow import ShadowGraph  # noqa: E402
-from patcher.stats import (CORRECTION_IMAGES, collect_moments, correct_spectra,  # noqa: E402
+from patcher.analysis.attribution import layer_integrated_gradients  # noqa: E402
+from patcher.rectify.loop import RectifyConfig  # noqa: E402
+from patcher.model.runtime import open_session  # noqa: E402
+from patcher.graph.shadow import ShadowGraph  # noqa: E402
+from patcher.analysis.stats import (CORRECTION_IMAGES, collect_moments, correct_spectra,  # noqa: E402
                            iterate_batches)
 
 GOALS = {"ig_speedup_vs_captum": (">=", 5.0), "patch_overhead_ratio": ("<=", 2.0),

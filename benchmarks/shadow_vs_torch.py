@@ -53,7 +53,8 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 from models import NETWORKS, fold_bn, randomize_bn  # noqa: E402
-from patcher.shadow import ShadowGraph, op_histogram  # noqa: E402
+from patcher.graph.shadow import ShadowGraph  # noqa: E402
+from patcher.graph.support import op_histogram  # noqa: E402
 
 ATOL = 1e-4
 #: tolerated fraction of input-gradient elements beyond ATOL (max-pool tie flips)

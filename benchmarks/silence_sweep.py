@@ -6,11 +6,11 @@ try at its first round, with what it does to the loop's own share and to held-ou
 FOLDER holds a leakage case in the layout of samples/leakage (model.onnx, eval.npz,
 test.npz, leakage_test.npz with null_mask, pairs_n{n}.npz), e.g. samples/leakage or a
 case kept by ``benchmarks/leakage_generalisation.py --keep DIR``. For each hidden layer
-and beta it applies the silencing edit alone (patcher.silence) and prints the loop's
+and beta it applies the silencing edit alone (patcher.edits.silence) and prints the loop's
 share (on its share set), eval and test accuracy changes, the leakage on the first
 ``--images`` leakage-test images (16 IG steps), and the rate eval-accuracy lost per unit
 of share removed (the loop keeps an edit when that rate is at most
-patcher.rectify.ACCURACY_PER_SHARE). Shadow graph, one torch thread.
+patcher.rectify.loop.ACCURACY_PER_SHARE). Shadow graph, one torch thread.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patcher.metrics import leakage
-from patcher.rectify import ACCURACY_PER_SHARE, Rectifier, RectifyConfig
+from patcher.gate.metrics import leakage
+from patcher.rectify.loop import ACCURACY_PER_SHARE, Rectifier, RectifyConfig
 from patcher.samples import LabelledSet, Pairs
-from patcher.shadow import ShadowGraph
-from patcher.silence import silencing_edit
+from patcher.graph.shadow import ShadowGraph
+from patcher.edits.silence import silencing_edit
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from patcher.runtime import open_session  # noqa: E402
+from patcher.model.runtime import open_session  # noqa: E402
 
 
 def predictions(model: Path, x: np.ndarray, batch: int = 500) -> np.ndarray:

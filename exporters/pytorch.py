@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from patcher.errors import CheckFailedError, OutputError, RectifyError
-from patcher.runtime import open_session
+from patcher.model.runtime import open_session
 
 EXPORTERS = ("torchscript", "dynamo")
 #: Highest IR version onnxruntime 1.18+ reads; exporters may stamp newer ones.
@@ -100,7 +100,7 @@ def save_model(model: onnx.ModelProto, path: Path, external_data: bool) -> Path 
     """Write atomically; with ``external_data`` every tensor of 1 KiB or more goes to
     ``<name>.data`` beside it (small shape constants stay inline: onnxruntime's shape
     inference cannot read them from external data)."""
-    from patcher.modelio import write_bytes_atomic
+    from patcher.model.modelio import write_bytes_atomic
 
     path = Path(path)
     if not external_data:

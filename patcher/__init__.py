@@ -4,8 +4,8 @@ Data flow: ``modelio`` (safe load) -> ``shadow`` (torch graph over ``ops``) ->
 statistics, attributions, edits -> written back into the ONNX tensors ->
 verified under onnxruntime (``runtime``, ``parity``).
 """
-from .errors import RectifyError
-from .shadow import EditableLayer, ShadowGraph
+from patcher.errors import RectifyError
+from patcher.graph.shadow import EditableLayer, ShadowGraph
+from patcher.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["EditableLayer", "RectifyError", "ShadowGraph", "__version__"]

@@ -1,3 +1,3 @@
-from .cli import main
+from patcher.cli import main
 
 main()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .errors import RectifyError
+from patcher.errors import RectifyError
 
 
 def _fail(message: str, code: int) -> None:
@@ -56,7 +56,7 @@ def reports_errors(fn):
 
 
 def _write_json(path: str, payload) -> None:
-    from .modelio import write_text_atomic
+    from patcher.model.modelio import write_text_atomic
 
     write_text_atomic(Path(path), json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -101,10 +101,10 @@ def inspect(model: Path, json_path: str | None, no_parity: bool, seed: int, batc
     the torch shadow graph matches onnxruntime on seeded random input.
 
     Exits 1 when parity fails, 2 when the file is unusable or has unsupported ops."""
-    from .modelio import load_model
-    from .summary import format_summary, summarize
+    from patcher.gate.summary import format_summary, summarize
+    from patcher.graph.support import load_supported_model
 
-    summary = summarize(load_model(model), parity=not no_parity, seed=seed, batch=batch,
+    summary = summarize(load_supported_model(model), parity=not no_parity, seed=seed, batch=batch,
                         provider=provider, shapes=_parse_shapes(input_shapes))
     click.echo(format_summary(summary))
     if json_path:
@@ -200,7 +200,7 @@ def demo(out_dir: Path | None, provider: str, device: str) -> None:
     package."""
     import tempfile
 
-    from .demo import format_demo, run_demo
+    from patcher.demo import format_demo, run_demo
 
     work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="onnx-rectify-demo-"))
     click.echo(format_demo(run_demo(work, provider, device, log=lambda m: click.echo(m, err=True))))
@@ -280,8 +280,8 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
            method: str, top_fraction: float) -> None:
     """Rank MODEL's editable layers by editability (or causal effect) for the given
     corrupted/clean pairs."""
-    from .patch import load_inputs, locate as run_locate, locate_causal
-    from .rectify import RectifyConfig
+    from patcher.patch import load_inputs, locate as run_locate, locate_causal
+    from patcher.rectify.loop import RectifyConfig
 
     inputs = load_inputs(model, pairs_path, eval_path, calib_path)
     config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
@@ -312,7 +312,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
 
 
 def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
-    from .causal import rank_agreement
+    from patcher.analysis.causal import rank_agreement
 
     width = max(len(e.layer) for e in effects)
     click.echo(f"{'rank':>4}  {'layer':<{width}}  {'restored (top neurons)':>22}  "
@@ -385,8 +385,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     disk. Exit 0 when the pairs' gap meets --gap within --budget on the written file
     (with --objective attribution: when an edit lowered the attribution share within
     --budget), 1 when not (the best model found is still written), 2 for bad input."""
-    from .patch import patch as run_patch
-    from .rectify import RectifyConfig
+    from patcher.patch import patch as run_patch
+    from patcher.rectify.loop import RectifyConfig
 
     config = RectifyConfig(strategy=strategy, objective=objective, budget=budget,
                            gap=gap_target, max_rounds=max_rounds, layer=layer, steps=steps,
@@ -398,7 +398,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                            care_neurons=care_neurons)
     report = run_patch(model, pairs_path, eval_path, calib_path, output, config, device,
                        provider, force, log=lambda m: click.echo(m, err=True))
-    from .rectify import format_accuracy
+    from patcher.rectify.loop import format_accuracy
 
     r, v = report.result, report.verification
     what = "share" if r.objective == "attribution" else "gap"
@@ -418,7 +418,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     if report_path:
         _write_json(report_path, report.as_dict())
     if report_dir is not None:
-        from .report import write_report
+        from patcher.gate.report import write_report
 
         report_dir.mkdir(parents=True, exist_ok=True)
         page = write_report(report.as_dict(), report_dir, attack_path=attack_path,
@@ -465,8 +465,9 @@ def verify(patched: Path, base_path: Path, eval_path: Path, attack_path: Path | 
     change is declared in the provenance, and (under onnxruntime) accuracy, flip rate,
     output differences, ASR, pair gap and latency. Exit 0 when every gate passes, 1 when
     one fails, 2 when an input is unusable."""
-    from .modelio import load_model, write_text_atomic
-    from .verify import verify as run_verify
+    from patcher.gate.verify import verify as run_verify
+    from patcher.graph.support import load_supported_model as load_model
+    from patcher.model.modelio import write_text_atomic
 
     report = run_verify(load_model(base_path), load_model(patched), eval_path, attack_path,
                         pairs_path, max_accuracy_drop, max_asr, max_gap, provider)
@@ -497,8 +498,8 @@ def diff(a: Path, b: Path, json_path: str | None) -> None:
     rank, the nodes it feeds) and every structural difference. Exit 0 if identical, 1 if not."""
     from dataclasses import asdict
 
-    from .modelio import load_model
-    from .verify import diff_models
+    from patcher.gate.verify import diff_models
+    from patcher.graph.support import load_supported_model as load_model
 
     result = diff_models(load_model(a).proto, load_model(b).proto)
     for t in result.tensors:
@@ -533,7 +534,7 @@ def diff(a: Path, b: Path, json_path: str | None) -> None:
 def report(report_json: Path, out_dir: Path, attack_path: Path | None,
            verify_json: Path | None, device: str, provider: str) -> None:
     """Write the HTML report of an existing run from the JSON of `patch --report`."""
-    from .report import write_report
+    from patcher.gate.report import write_report
 
     try:
         data = json.loads(report_json.read_text())
@@ -541,7 +542,7 @@ def report(report_json: Path, out_dir: Path, attack_path: Path | None,
     except ValueError as exc:
         raise RectifyError(f"{report_json}: not JSON ({exc})") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    from .patch import resolve_device
+    from patcher.patch import resolve_device
 
     page = write_report(data, out_dir, verify_report=verify_data, attack_path=attack_path,
                         base_dir=report_json.parent, device=str(resolve_device(device)),

@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import RectifyError
-from .metrics import accuracy, attack_success_rate
-from .modelio import load_model
-from .parity import ParityResult
-from .patch import patch
-from .rectify import RectifyConfig
-from .runtime import open_session
-from .samples import InputSpec, load_labelled, load_pairs, num_classes_of
-from .verify import verify
-from .summary import summarize
+from patcher.errors import RectifyError
+from patcher.gate.metrics import accuracy, attack_success_rate
+from patcher.graph.support import load_supported_model as load_model
+from patcher.graph.parity import ParityResult
+from patcher.patch import patch
+from patcher.rectify.loop import RectifyConfig
+from patcher.model.runtime import open_session
+from patcher.samples import InputSpec, load_labelled, load_pairs, num_classes_of
+from patcher.gate.verify import verify
+from patcher.gate.summary import summarize
 
 SAMPLE = "backdoor_cnn"
 

@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import CheckFailedError, OutputError, RectifyError
-from .metrics import pair_gap, predict
-from .modelio import LOG, LoadedModel, load_model, sha256_file
-from .parity import ParityResult, compare
-from .rectify import LayerScore, RectifyConfig, RectifyResult, Rectifier, rectify
-from .runtime import open_session
-from .samples import InputSpec, LabelledSet, Pairs, load_labelled, load_pairs, num_classes_of
-from .shadow import ShadowGraph
-from .writeback import apply_deltas, probe_writable, stage_model
+from patcher.version import __version__
+from patcher.errors import CheckFailedError, OutputError, RectifyError
+from patcher.gate.metrics import pair_gap, predict
+from patcher.graph.support import load_supported_model as load_model
+from patcher.model.modelio import LOG, LoadedModel, sha256_file
+from patcher.graph.parity import ParityResult, compare
+from patcher.rectify.loop import LayerScore, RectifyConfig, RectifyResult, Rectifier, rectify
+from patcher.model.runtime import open_session
+from patcher.samples import InputSpec, LabelledSet, Pairs, load_labelled, load_pairs, num_classes_of
+from patcher.graph.shadow import ShadowGraph
+from patcher.model.writeback import apply_deltas, probe_writable, stage_model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,7 +124,7 @@ def warn_conditioning(conditioning: dict[str, dict]) -> None:
 
 
 def locate_causal(inputs: Inputs, config: RectifyConfig, device: str = "auto"):
-    """Layers ranked by intervention (see :mod:`patcher.causal`), best first, and the
+    """Layers ranked by intervention (see :mod:`patcher.analysis.causal`), best first, and the
     attribution ranking of the same run for comparison."""
     graph = ShadowGraph(inputs.loaded)
     r = Rectifier(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import BadSamplesError
+from patcher.errors import BadSamplesError
 
 #: Refuse sample files whose arrays hold more than this (uncompressed bytes, all the keys
 #: read). Checked from the array headers, before anything is decompressed.

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from onnx_rectify_samples import common
-from patcher import metrics
-from patcher.runtime import open_session
+from patcher.gate import metrics
+from patcher.model.runtime import open_session
 
 #: Figures --check compares, and how far they may drift (absolute, in [0, 1]).
 CHECKED = dict.fromkeys(("clean_accuracy", "attack_success_rate", "eval_accuracy"), 0.01)

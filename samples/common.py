@@ -25,7 +25,7 @@ from torch import nn
 import onnxruntime
 
 from exporters import export_pytorch
-from patcher import metrics
+from patcher.gate import metrics
 
 SAMPLES = Path(__file__).resolve().parent
 #: pairs_n{n}.npz written by every scenario; nested draws (n=1 among n=5 among n=20).

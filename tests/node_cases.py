@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from onnx import TensorProto, numpy_helper
 
-from patcher import dtypes
-from patcher.shadow import ShadowGraph
+from patcher.model import dtypes
+from patcher.graph.shadow import ShadowGraph
 
 LISTED_OPS = frozenset("""
 Conv ConvTranspose Gemm MatMul BatchNormalization Relu LeakyRelu PRelu Sigmoid HardSigmoid

@@ -11,14 +11,14 @@ import torch
 from click.testing import CliRunner
 from onnx import helper
 
-from patcher.care import apply_care, care_repair, shrink
-from patcher.causal import (layer_causal_effects, neuron_causal_effects, rank_agreement,
+from patcher.edits.care import apply_care, care_repair, shrink
+from patcher.analysis.causal import (layer_causal_effects, neuron_causal_effects, rank_agreement,
                             swap_probabilities)
 from patcher.cli import main
 from patcher.errors import RectifyError
-from patcher.shadow import ShadowGraph
-from patcher.swarm import particle_swarm
-from patcher.writeback import read_provenance
+from patcher.graph.shadow import ShadowGraph
+from patcher.edits.swarm import particle_swarm
+from patcher.model.writeback import read_provenance
 from tests.build import make_model, value_info
 from tests.test_patch_end_to_end import _acc, patch_cli, trojaned  # noqa: F401  (fixture)
 

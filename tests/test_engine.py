@@ -8,11 +8,11 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from patcher.edit import principal_direction, solve_rank_one
-from patcher.keys import LayerTap, canonical_weight, layer_keys, layer_values, stored_delta
-from patcher.modelio import load_model
-from patcher.shadow import ShadowGraph
-from patcher.writeback import apply_deltas, read_provenance, save_model
+from patcher.edits.rankone import principal_direction, solve_rank_one
+from patcher.graph.keys import LayerTap, canonical_weight, layer_keys, layer_values, stored_delta
+from patcher.model.modelio import load_model
+from patcher.graph.shadow import ShadowGraph
+from patcher.model.writeback import apply_deltas, read_provenance, save_model
 from tests.build import make_model, value_info
 
 RNG = np.random.default_rng(3)
@@ -195,7 +195,7 @@ def test_external_weights_go_to_a_fresh_data_file(tmp_path):
 
 
 def test_whitening_by_the_cholesky_factor_matches_the_inverse():
-    from patcher.stats import KeyMoments, LayerStatistics
+    from patcher.analysis.stats import KeyMoments, LayerStatistics
 
     keys = torch.randn(200, 6, dtype=torch.float64)
     moments = KeyMoments(torch.zeros(6, 6, dtype=torch.float64))
@@ -219,7 +219,7 @@ def test_downstream_nodes_follow_the_data():
 
 
 def test_key_statistics_are_cached_and_reused(tmp_path):
-    from patcher.rectify import RectifyConfig, Rectifier
+    from patcher.rectify.loop import RectifyConfig, Rectifier
     from patcher.samples import LabelledSet, Pairs
 
     path = tmp_path / "m.onnx"
@@ -240,7 +240,7 @@ def test_key_statistics_are_cached_and_reused(tmp_path):
 
 
 def test_iterative_solver_reaches_a_rank_one_fit_close_to_the_closed_form():
-    from patcher.edit import solve_rank_one_iterative
+    from patcher.edits.rankone import solve_rank_one_iterative
 
     gen = torch.Generator().manual_seed(1)
     keys = torch.randn(4, 5, 1, 6, generator=gen, dtype=torch.float64)
@@ -254,7 +254,7 @@ def test_iterative_solver_reaches_a_rank_one_fit_close_to_the_closed_form():
 
 
 def test_transplant_pastes_local_corruptions_and_adds_global_ones():
-    from patcher.rectify import transplant
+    from patcher.rectify.loop import transplant
 
     clean = np.zeros((1, 4, 4), np.float32)
     local = clean.copy()
@@ -271,7 +271,7 @@ def test_transplant_of_a_global_blend_recovers_the_blend_on_other_images():
     """x~ = (1 - phi) x + phi t over every pixel: phi is fitted from the one pair, and the
     transplanted z~ is (1 - phi) z + phi t, without the pair image's ghost that adding
     x~ - x would leave; an additive corruption gets phi ~ 0."""
-    from patcher.rectify import blend_weight, transplant
+    from patcher.rectify.loop import blend_weight, transplant
 
     rng = np.random.default_rng(4)
     x = rng.random((1, 16, 16)).astype(np.float32)

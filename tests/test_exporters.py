@@ -14,7 +14,7 @@ from torch import nn
 from exporters import export_pytorch
 from patcher.cli import main
 from patcher.errors import RectifyError
-from patcher.shadow import ShadowGraph
+from patcher.graph.shadow import ShadowGraph
 
 
 def small_cnn() -> nn.Module:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from patcher.cli import main
 from patcher.errors import RectifyError
 from patcher.samples import InputSpec, load_pairs
-from patcher.modelio import load_model
+from patcher.model.modelio import load_model
 
 TINY = Path(__file__).resolve().parents[1] / "samples" / "tiny" / "model.onnx"
 MODEL_BYTES = TINY.read_bytes()

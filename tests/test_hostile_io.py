@@ -17,8 +17,8 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import patcher.patch
-import patcher.writeback
-from patcher.modelio import load_model
+import patcher.model.writeback
+from patcher.model.modelio import load_model
 from tests.hostile_cases import (FAST, assert_refused, npz_bytes, run, samples, save,
                                  save_external, snapshot, tiny_model)
 
@@ -267,13 +267,13 @@ def test_ctrl_c_leaves_nothing_and_keeps_an_earlier_output(job, monkeypatch, whe
     elif where == "verify":
         monkeypatch.setattr(patcher.patch, "verify_written", interrupt)
     else:  # after the data file is written, while the model is being written
-        real = patcher.writeback._write_synced
+        real = patcher.model.writeback._write_synced
 
         def write_then_interrupt(path, data):
             real(path, data)
             if path.name == "p.onnx":
                 raise KeyboardInterrupt
-        monkeypatch.setattr(patcher.writeback, "_write_synced", write_then_interrupt)
+        monkeypatch.setattr(patcher.model.writeback, "_write_synced", write_then_interrupt)
     _refused_without_trace(tmp_path, args(out, "--force"), "interrupted")
 
 
@@ -309,8 +309,8 @@ def test_over_the_protobuf_limit_weights_go_to_external_data(tmp_path, monkeypat
     data file beside it, and reloads and verifies from disk."""
     model = save(tiny_model(), tmp_path / "m.onnx")  # all inline, ~1 kB
     files = samples(tmp_path / "samples")
-    monkeypatch.setattr(patcher.writeback, "PROTOBUF_LIMIT", 600)
-    monkeypatch.setattr(patcher.writeback, "EXTERNAL_MIN_BYTES", 64)
+    monkeypatch.setattr(patcher.model.writeback, "PROTOBUF_LIMIT", 600)
+    monkeypatch.setattr(patcher.model.writeback, "EXTERNAL_MIN_BYTES", 64)
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "p.onnx"
     result = run(["patch", str(model), "--pairs", str(files["pairs"]), "--eval",
@@ -322,7 +322,7 @@ def test_over_the_protobuf_limit_weights_go_to_external_data(tmp_path, monkeypat
     assert "w1" in load_model(out).external
     assert "reloaded from disk" in result.stdout
     # the graph alone over the limit: refused, nothing left
-    monkeypatch.setattr(patcher.writeback, "PROTOBUF_LIMIT", 100)
+    monkeypatch.setattr(patcher.model.writeback, "PROTOBUF_LIMIT", 100)
     out.unlink()
     (out.parent / "p.onnx.data").unlink()
     before = snapshot(tmp_path)
@@ -394,7 +394,7 @@ def test_integrated_gradients_completeness_above_its_limit_is_said(tmp_path, mon
 
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.BFLOAT16])
 def test_half_precision_weights_keep_their_dtype_and_report_rounding(dtype):
-    from patcher.writeback import apply_deltas
+    from patcher.model.writeback import apply_deltas
 
     loaded = load_model(tiny_model(dtype=TensorProto.FLOAT), None)
     w1 = next(t for t in loaded.proto.graph.initializer if t.name == "w1")
@@ -411,11 +411,11 @@ def test_half_precision_weights_keep_their_dtype_and_report_rounding(dtype):
 def test_inspect_never_serialises_a_loaded_model_again(tmp_path, monkeypatch):
     """A model over 2 GB (external data) could not be serialised in one protobuf: inspect's
     parity check hands onnxruntime the file, whose external data was checked on loading."""
-    import patcher.summary
+    import patcher.gate.summary
 
     seen = []
-    real = patcher.summary.compare
-    monkeypatch.setattr(patcher.summary, "compare",
+    real = patcher.gate.summary.compare
+    monkeypatch.setattr(patcher.gate.summary, "compare",
                         lambda shadow, source, *a, **k: seen.append(source) or
                         real(shadow, source, *a, **k))
     model = save_external(tiny_model(), tmp_path / "m.onnx")

@@ -6,8 +6,9 @@ import pytest
 import torch
 from onnx import helper
 
-from patcher import metrics
-from patcher.shadow import ShadowGraph
+from patcher.analysis.input_attribution import input_integrated_gradients
+from patcher.gate import metrics
+from patcher.graph.shadow import ShadowGraph
 from tests.build import make_model, value_info
 
 # y = x[:, :3] @ I: the predicted class is the argmax of the first three features.
@@ -41,7 +42,7 @@ def test_spurious_gap_sign():
 def test_input_integrated_gradients_are_complete_and_leakage_counts_the_mask():
     graph = ShadowGraph.from_onnx(MODEL)
     x = torch.tensor([[2.0, 0.5, 0.1, 3.0]])
-    attr, error = metrics.input_integrated_gradients(graph, x, torch.tensor([0]), steps=64)
+    attr, error = input_integrated_gradients(graph, x, torch.tensor([0]), steps=64)
     assert float(error.max()) < 1e-3
     assert float(attr[0, 3]) == 0.0  # the fourth feature never reaches the output
     mask = np.array([[0, 1, 1, 1]], np.float32)  # everything but the true class's feature

@@ -10,8 +10,8 @@ import torch
 from onnx import helper
 
 from patcher.errors import BadModelError, UnsafeModelError
-from patcher.modelio import load_model, write_bytes_atomic
-from patcher.shadow import ShadowGraph
+from patcher.model.modelio import load_model, write_bytes_atomic
+from patcher.graph.shadow import ShadowGraph
 from tests.build import make_model, value_info
 
 W = np.arange(12, dtype=np.float32).reshape(3, 4)

@@ -30,8 +30,8 @@ import pytest
 import torch
 from torch import nn
 
-from patcher.parity import FP16_ATOL, FP16_RTOL, FP32_ATOL, FP32_RTOL, compare, random_inputs
-from patcher.shadow import ShadowGraph
+from patcher.graph.parity import FP16_ATOL, FP16_RTOL, FP32_ATOL, FP32_RTOL, compare, random_inputs
+from patcher.graph.shadow import ShadowGraph
 
 BATCH = 4
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from patcher.modelio import LoadedModel, load_model
-from patcher.parity import FP32_ATOL, FP32_RTOL, compare, random_inputs
-from patcher.shadow import ShadowGraph
+from patcher.model.modelio import LoadedModel, load_model
+from patcher.graph.parity import FP32_ATOL, FP32_RTOL, compare, random_inputs
+from patcher.graph.shadow import ShadowGraph
 
 from tests.thirdparty import INSTALL_HINT, MODELS, ThirdPartyModel, by_id
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from torch import nn
 
 from exporters import export_pytorch
-from patcher import metrics
+from patcher.gate import metrics
 from patcher.cli import main
-from patcher.writeback import read_provenance
+from patcher.model.writeback import read_provenance
 
 
 def _images(labels, rng):
@@ -138,7 +138,7 @@ def test_patch_of_a_dynamo_export_with_external_data(trojaned, tmp_path):
     """Another exporter and storage: weights in an external file, rewritten beside the output."""
     import shutil
 
-    from patcher.shadow import ShadowGraph
+    from patcher.graph.shadow import ShadowGraph
 
     src = tmp_path / "src"
     src.mkdir()
@@ -265,7 +265,7 @@ def test_a_patch_that_keeps_no_edit_verifies_the_written_file_once(trojaned, tmp
 def test_rounds_decided_early_keep_the_same_decisions_and_edits(trojaned, tmp_path, monkeypatch):
     """An accuracy pass that stops once its round is certainly rejected changes no decision:
     the same run with every pass complete keeps the same rounds and writes the same file."""
-    from patcher.rectify import Rectifier
+    from patcher.rectify.loop import Rectifier
 
     stored = Rectifier.stored  # edits made 30x too strong, so that rounds cost accuracy
     monkeypatch.setattr(Rectifier, "stored", lambda self, *a: 30 * stored(self, *a))
@@ -309,7 +309,7 @@ def test_transplant_counts_and_seed_reach_the_run_and_the_report(trojaned, tmp_p
 
 
 def test_affordable_cost_is_the_target_class_gap_removed_when_there_is_a_target():
-    from patcher.rectify import ACCURACY_PER_GAP, affordable_cost
+    from patcher.rectify.loop import ACCURACY_PER_GAP, affordable_cost
 
     # a backdoor whose target no longer pulls: the gap shrinking buys no accuracy
     assert affordable_cost(0.30, 0.10, 0.006, 0.006) == 0.0
@@ -322,7 +322,7 @@ def test_affordable_cost_is_the_target_class_gap_removed_when_there_is_a_target(
 
 
 def test_a_round_must_remove_five_percent_of_the_target_class_gap_when_there_is_one():
-    from patcher.rectify import shrank_enough
+    from patcher.rectify.loop import shrank_enough
 
     # tau is the measure with a target class, whatever the gap does
     assert shrank_enough(0.30, 0.30, 0.0040, 0.0003)       # tau -92%: enough
@@ -340,7 +340,7 @@ def test_rounds_record_the_target_class_gap_and_spend_accuracy_only_for_it(troja
     here), tau only fades (made to fall 10% per measurement from 0.01), and rounds that
     shrink it that little but cost accuracy are rejected. Every kept round cost at most the
     tau it removed; the report records tau per round."""
-    from patcher.rectify import Rectifier
+    from patcher.rectify.loop import Rectifier
 
     stored = Rectifier.stored  # edits made 5x too strong, so that rounds cost accuracy
     monkeypatch.setattr(Rectifier, "stored", lambda self, *a: 5 * stored(self, *a))
@@ -384,7 +384,7 @@ def test_with_a_target_class_the_loop_stops_and_meets_its_target_on_tau(trojaned
                                                                        monkeypatch):
     """Once tau <= --gap the loop stops, and the target counts as met, whatever is left of
     delta* (a corruption lowers p_y in any model; that rest is not the backdoor)."""
-    from patcher.rectify import Rectifier
+    from patcher.rectify.loop import Rectifier
 
     real_gap = Rectifier.gap
 

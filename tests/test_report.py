@@ -1,4 +1,4 @@
-"""The HTML patch report (patcher.report) from a real patch of samples/backdoor_cnn."""
+"""The HTML patch report (patcher.gate.report) from a real patch of samples/backdoor_cnn."""
 from __future__ import annotations
 
 import sys
@@ -17,8 +17,8 @@ pytest.importorskip("PIL", reason="the HTML report needs the 'report' extra "
 from PIL import Image  # noqa: E402
 
 from patcher.patch import patch  # noqa: E402
-from patcher.rectify import RectifyConfig  # noqa: E402
-from patcher.report import write_report  # noqa: E402
+from patcher.rectify.loop import RectifyConfig  # noqa: E402
+from patcher.gate.report import write_report  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "backdoor_cnn"
 

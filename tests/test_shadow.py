@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from patcher.errors import BadModelError, UnsupportedOpError
-from patcher.shadow import ShadowGraph
+from patcher.graph.shadow import ShadowGraph
 from tests.build import make_model, value_info
 
 RNG = np.random.default_rng(1)
@@ -171,7 +171,7 @@ def test_initializer_listed_as_graph_input_is_flagged_not_fed():
 
 
 def test_a_node_that_cannot_run_is_named_in_the_error():
-    from patcher.shadow import ShadowExecutionError
+    from patcher.graph.shadow import ShadowExecutionError
 
     model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
                        [value_info("x", [1, 3, 4, 4])], [value_info("y", None)],

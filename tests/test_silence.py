@@ -1,4 +1,4 @@
-"""The attribution objective: silencing edits (patcher.silence) and the loop that keeps them."""
+"""The attribution objective: silencing edits (patcher.edits.silence) and the loop that keeps them."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from patcher import metrics
+from patcher.gate import metrics
 from patcher.cli import main
-from patcher.metrics import attribution_share
-from patcher.silence import (corruption_key, corruption_masks, showing_corruption,
+from patcher.analysis.input_attribution import attribution_share
+from patcher.edits.silence import (corruption_key, corruption_masks, showing_corruption,
                              silencing_direction, silencing_edit, without_corruption)
-from patcher.writeback import read_provenance
+from patcher.model.writeback import read_provenance
 
 LEAKAGE = Path(__file__).resolve().parents[1] / "samples" / "leakage"
 
@@ -178,9 +178,9 @@ def _conv_bn_relu(gamma):
 
 
 def test_silencing_lowers_the_normalised_output_also_behind_a_negative_batchnorm_scale():
-    from patcher.keys import stored_delta
-    from patcher.shadow import ShadowGraph
-    from patcher.silence import output_signs
+    from patcher.graph.keys import stored_delta
+    from patcher.graph.shadow import ShadowGraph
+    from patcher.edits.silence import output_signs
 
     graph = ShadowGraph.from_onnx(_conv_bn_relu([2.0, -3.0]))
     layer = graph.layer("conv")
@@ -203,10 +203,10 @@ def test_silencing_lowers_the_normalised_output_also_behind_a_negative_batchnorm
 
 
 def test_silencing_keys_come_from_the_pairs_and_from_eval_images_that_show_the_pattern():
-    from patcher.rectify import Rectifier, RectifyConfig
+    from patcher.rectify.loop import Rectifier, RectifyConfig
     from patcher.samples import LabelledSet, Pairs
-    from patcher.shadow import ShadowGraph
-    from patcher.keys import LayerTap, layer_keys
+    from patcher.graph.shadow import ShadowGraph
+    from patcher.graph.keys import LayerTap, layer_keys
 
     p, e = np.load(LEAKAGE / "pairs_n1.npz"), np.load(LEAKAGE / "eval.npz")
     pairs = Pairs(p["corrupted"], p["clean"], p["label"])

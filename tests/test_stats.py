@@ -11,10 +11,11 @@ import pytest
 import torch
 from onnx import helper
 
-from patcher import rectify, stats
-from patcher.keys import LayerTap, layer_keys
-from patcher.shadow import ShadowGraph
-from patcher.stats import KeyMoments, collect_moments, iterate_batches
+from patcher.analysis import stats
+from patcher.rectify import loop as rectify
+from patcher.graph.keys import LayerTap, layer_keys
+from patcher.graph.shadow import ShadowGraph
+from patcher.analysis.stats import KeyMoments, collect_moments, iterate_batches
 from tests.build import make_model, value_info
 
 
@@ -80,7 +81,7 @@ def test_keys_fed_to_the_statistics_are_the_layers_keys():
 # ---------------------------------------------------------------- Kronecker-factored C
 
 def test_kronecker_solve_and_whitening_equal_the_dense_factored_matrix():
-    from patcher.stats import KroneckerMoments, KroneckerStatistics
+    from patcher.analysis.stats import KroneckerMoments, KroneckerStatistics
 
     gen = torch.Generator().manual_seed(0)
     fa, fb = torch.randn(4, 6, generator=gen, dtype=torch.float64), \
@@ -131,7 +132,7 @@ def test_kronecker_factors_recover_c_when_channels_share_their_spatial_statistic
 
 
 def test_statistics_kind_factors_only_wide_spatial_convolutions():
-    from patcher.stats import statistics_kind
+    from patcher.analysis.stats import statistics_kind
 
     graph = _conv_model()  # 3 -> 4 channels, 3x3: Kd 27 > 4
     layer = graph.editable_layers[0]
@@ -170,7 +171,7 @@ def _conv_classifier(tmp_path):
 
 
 def _rectifier(path, x, y, **config):
-    from patcher.rectify import RectifyConfig, Rectifier
+    from patcher.rectify.loop import RectifyConfig, Rectifier
     from patcher.samples import LabelledSet, Pairs
 
     pairs = Pairs(np.clip(x[:2] + 0.5, 0, 1), x[:2], y[:2])
@@ -219,7 +220,7 @@ def test_an_accuracy_pass_stops_once_it_cannot_reach_its_threshold(tmp_path):
 
 
 def test_eigenvalue_correction_measures_c_along_the_factored_basis(monkeypatch):
-    from patcher.stats import correct_spectra
+    from patcher.analysis.stats import correct_spectra
 
     monkeypatch.setattr(stats, "SPECTRUM_ROWS", 10 ** 6)  # every key, for an exact comparison
     rng = np.random.default_rng(4)
@@ -267,7 +268,7 @@ def test_factored_statistics_are_cached_with_their_correction(tmp_path):
 def test_factored_channel_moment_is_the_exact_moment_averaged_over_offsets(case, monkeypatch):
     """A is read off coverage-weighted pixels; it must equal the exact C's channel blocks
     averaged over kernel offsets, whatever the padding, stride, dilation and groups."""
-    from patcher.stats import correct_spectra
+    from patcher.analysis.stats import correct_spectra
 
     rng = np.random.default_rng(6)
     if case == "conv1d":
@@ -303,7 +304,7 @@ def test_factored_channel_moment_is_the_exact_moment_averaged_over_offsets(case,
 
 
 def test_eigenvalue_correction_samples_at_most_spectrum_rows_keys_per_batch(monkeypatch):
-    from patcher.stats import correct_spectra
+    from patcher.analysis.stats import correct_spectra
 
     monkeypatch.setattr(stats, "SPECTRUM_ROWS", 100)
     x = np.random.default_rng(7).random((30, 3, 10, 10), dtype=np.float32)
@@ -339,7 +340,7 @@ def test_statistics_of_one_layer_stop_the_forward_after_it(tmp_path):
 def test_corruption_is_not_transplanted_onto_the_class_it_flips_to(tmp_path):
     """Images of the class a corrupted pair is flipped to gain nothing from the corruption
     (zero residual, zero gap); transplant draws from the other classes."""
-    from patcher.rectify import RectifyConfig, Rectifier
+    from patcher.rectify.loop import RectifyConfig, Rectifier
     from patcher.samples import LabelledSet, Pairs
 
     path, x, y = _conv_classifier(tmp_path)
@@ -392,7 +393,7 @@ def test_a_static_run_computes_the_statistics_of_its_layer_only(tmp_path):
 def test_the_conditioning_warning_prints_meaningful_numbers(cond, shown):
     import logging
 
-    from patcher.modelio import LOG
+    from patcher.model.modelio import LOG
     from patcher.patch import warn_conditioning
 
     records: list[logging.LogRecord] = []

@@ -11,7 +11,7 @@ leakage).
 
 Figures: accuracy on the clean test set under onnxruntime; leakage = the mean share of
 input Integrated-Gradients mass (zero baseline, p_y, 32 midpoint steps) that falls on
-the null block, ``patcher.metrics.leakage`` on the shadow graph of the written
+the null block, ``patcher.gate.metrics.leakage`` on the shadow graph of the written
 model.onnx (onnxruntime has no gradients; the shadow graph's parity with onnxruntime is
 checked here too).
 
@@ -31,9 +31,10 @@ import torch
 
 from onnx_rectify_samples import common, data
 from onnx_rectify_samples.models_extra import SmallCNN
-from patcher import metrics
-from patcher.runtime import open_session
-from patcher.shadow import ShadowGraph
+from patcher.analysis.input_attribution import input_integrated_gradients
+from patcher.gate import metrics
+from patcher.model.runtime import open_session
+from patcher.graph.shadow import ShadowGraph
 
 HERE = Path(__file__).resolve().parent
 SIZES = {"eval": 1000, "test": 700, "pool": 300, "train": 3000}
@@ -155,7 +156,7 @@ def _build(out: Path, seed: int, tiny: bool) -> dict:
     with torch.no_grad():
         shadow = graph(torch.from_numpy(x_eval[:64]))[0].numpy()
     parity = float(np.abs(shadow - session.run(x_eval[:64])[0]).max())
-    _, completeness = metrics.input_integrated_gradients(  # IG's sum vs the change of p_y
+    _, completeness = input_integrated_gradients(  # IG's sum vs the change of p_y
         graph, torch.from_numpy(x_leak[:QUICK_SAMPLES]), torch.from_numpy(y_leak[:QUICK_SAMPLES]),
         steps=IG_STEPS)
     figures = {

@@ -12,7 +12,7 @@ it as a shortcut next to the animal's shape.
 Figures (all under onnxruntime on the written model.onnx): accuracy on the clean test
 set; accuracy on the first class's held-out test images without the pattern
 (spurious_clean.npz) and with it (spurious_pattern.npz); their gap, spurious minus clean
-(``patcher.metrics.spurious_gap``: positive = the pattern buys accuracy the model does not
+(``patcher.gate.metrics.spurious_gap``: positive = the pattern buys accuracy the model does not
 earn from the animal); and the share of the other classes' test images that the pattern
 turns into class 0 (pattern_others.npz).
 
@@ -34,8 +34,8 @@ import numpy as np
 
 from onnx_rectify_samples import common, data
 from onnx_rectify_samples.models_extra import SmallCNN
-from patcher import metrics
-from patcher.runtime import open_session
+from patcher.gate import metrics
+from patcher.model.runtime import open_session
 
 HERE = Path(__file__).resolve().parent
 CLASS_NAMES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep",

@@ -12,8 +12,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from patcher.runtime import open_session
-from patcher.shadow import ShadowGraph
+from patcher.model.runtime import open_session
+from patcher.graph.shadow import ShadowGraph
 from tests.build import make_model, value_info
 from tests.node_cases import float_to_sub_byte_range, listed_cases, run_case
 

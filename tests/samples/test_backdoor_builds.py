@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from onnx_rectify_samples import common, data
-from patcher import metrics
-from patcher.runtime import open_session
+from patcher.gate import metrics
+from patcher.model.runtime import open_session
 from patcher.samples import InputSpec, load_labelled, load_pairs, num_classes_of
-from patcher.shadow import ShadowGraph
+from patcher.graph.shadow import ShadowGraph
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 SCENARIOS = ("backdoor_cnn", "backdoor_resnet")

@@ -1,0 +1,1 @@
+"""What the edits are chosen from: key statistics, attributions, causal effects."""

@@ -1,0 +1,1 @@
+"""Edit kinds: each computes a weight delta at one layer (rank-one, silencing, CARE, ...)."""

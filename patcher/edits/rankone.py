@@ -1,0 +1,132 @@
+"""The rank-one edit (paper Eq. 1): W_c' = W_c + Lambda d^T, in closed form.
+
+Given the corrupted keys K* (rows k_q, q over samples x positions x groups), the
+residuals r_q = v_q(clean) - v_q(corrupted) in the layer's value space and the
+inverse key statistics C^-1:
+
+- direction: d is the principal direction of C^-1 K*^T diag(w), with weights
+  w_q = ||r_q|| (positions where the corrupted and clean values differ count most);
+  for a single key, d = C^-1 k* / ||C^-1 k*||;
+- magnitude: with a_q = d . k_q, Lambda minimises sum_q ||r_q - a_q Lambda||^2, i.e.
+  Lambda = sum_q a_q r_q / sum_q a_q^2 (per group for grouped convolutions).
+
+Writing K*' = K* + ... is not needed: keys of other inputs change the output only
+through d . k, which C^-1 keeps small for keys in the calibration span.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from patcher.errors import NumericalError
+
+
+@dataclass
+class RankOneEdit:
+    """A canonical rank-one delta for one layer, and how well it fits the given pairs."""
+
+    layer: str
+    weight: str
+    direction: torch.Tensor       # d [Kd]
+    magnitude: torch.Tensor       # Lambda [V] (canonical row order)
+    fit_residual_before: float    # sum ||r_q||^2
+    fit_residual_after: float     # sum ||r_q - a_q Lambda||^2
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """dW_c = Lambda d^T, [V, Kd]."""
+        return torch.outer(self.magnitude, self.direction)
+
+    @property
+    def norm(self) -> float:
+        return float(self.magnitude.norm() * self.direction.norm())
+
+
+def principal_direction(c_inv: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
+                        iterations: int = 100) -> torch.Tensor:
+    """Unit top left-singular vector of A = C^-1 K^T diag(w) (power iteration on A A^T)."""
+    a = c_inv @ (keys.T * weights)  # [Kd, Q]
+    if a.shape[1] == 1:
+        v = a[:, 0]
+        return v / v.norm().clamp_min(1e-300)
+    gram = a @ a.T
+    v = a.sum(1) if a.sum(1).norm() > 0 else torch.ones(a.shape[0], dtype=a.dtype)
+    v = v / v.norm().clamp_min(1e-300)
+    for _ in range(iterations):
+        nxt = gram @ v
+        norm = nxt.norm()
+        if norm == 0:
+            break
+        nxt = nxt / norm
+        if (nxt - v).norm() < 1e-10:
+            v = nxt
+            break
+        v = nxt
+    return v
+
+
+def solve_rank_one(layer: str, weight: str, keys: torch.Tensor, residual: torch.Tensor,
+                   c_inv: torch.Tensor) -> RankOneEdit:
+    """Closed-form rank-one edit from corrupted keys [n, P, G, Kd] and residuals [n, P, G, Vg]."""
+    keys = keys.to(torch.float64)
+    residual = residual.to(torch.float64)
+    c_inv = c_inv.to(torch.float64)
+    groups = keys.shape[2]
+    flat_k = keys.reshape(-1, keys.shape[-1])
+    weights = residual.reshape(-1, residual.shape[-1]).norm(dim=1)
+    if float(weights.sum()) == 0:
+        raise NumericalError(f"layer '{layer}': the corrupted and clean values are identical "
+                             "here; nothing to edit")
+    d = principal_direction(c_inv, flat_k, weights)
+    a = torch.einsum("npgk,k->npg", keys, d)                       # [n, P, G]
+    denom = (a * a).sum(dim=(0, 1))                                 # [G]
+    lam = torch.einsum("npg,npgv->gv", a, residual) / denom.clamp_min(1e-300)[:, None]
+    if not torch.isfinite(lam).all() or not torch.isfinite(d).all():
+        raise NumericalError(f"layer '{layer}': the rank-one solve gave non-finite values")
+    before = float((residual ** 2).sum())
+    after = float(((residual - a[..., None] * lam[None, None]) ** 2).sum())
+    return RankOneEdit(layer, weight, d, lam.reshape(-1), before, after)
+
+
+def solve_rank_one_iterative(layer: str, weight: str, keys: torch.Tensor, residual: torch.Tensor,
+                             lr: float = 1e-2, epochs: int = 200, project_every: int = 10,
+                             seed: int = 0) -> RankOneEdit:
+    """The paper's iterative optimiser, as an alternative to the closed form: Adam on
+    sum_q ||r_q - dW k_q||^2 / Q over a full dW (per group for grouped convolutions), with
+    dW replaced by its best rank-one approximation (truncated SVD) every ``project_every``
+    steps and at the end. Slower than :func:`solve_rank_one`; kept for comparison."""
+    keys = keys.to(torch.float64)
+    residual = residual.to(torch.float64)
+    n, p, g, kd = keys.shape
+    vg = residual.shape[-1]
+    flat_k = keys.permute(2, 0, 1, 3).reshape(g, n * p, kd)       # [G, Q, Kd]
+    flat_r = residual.permute(2, 0, 1, 3).reshape(g, n * p, vg)   # [G, Q, Vg]
+    scale = float(flat_k.pow(2).sum(-1).mean().clamp_min(1e-12))
+    gen = torch.Generator().manual_seed(seed)
+    delta = (torch.randn(g * vg, kd, generator=gen, dtype=torch.float64) * 1e-6).requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=lr / scale ** 0.5)
+
+    def project(d: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        return s[0] * torch.outer(u[:, 0], vh[0])
+
+    for step in range(1, epochs + 1):
+        with torch.enable_grad():  # callers may run under no_grad
+            pred = torch.einsum("gvk,gqk->gqv", delta.reshape(g, vg, kd), flat_k)
+            loss = ((flat_r - pred) ** 2).sum() / flat_r.shape[1]
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+        if step % project_every == 0:
+            with torch.no_grad():
+                delta.copy_(project(delta))
+    with torch.no_grad():
+        final = project(delta.detach())
+        u, s, vh = torch.linalg.svd(final, full_matrices=False)
+        direction, magnitude = vh[0], s[0] * u[:, 0]
+        pred = torch.einsum("gvk,gqk->gqv", final.reshape(g, vg, kd), flat_k)
+        before, after = float((flat_r ** 2).sum()), float(((flat_r - pred) ** 2).sum())
+    if not torch.isfinite(final).all():
+        raise NumericalError(f"layer '{layer}': the iterative solve diverged; lower its learning rate")
+    return RankOneEdit(layer, weight, direction, magnitude, before, after)

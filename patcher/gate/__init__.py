@@ -1,0 +1,1 @@
+"""Measuring and gating under onnxruntime: metrics, verify, diff, reports, inspect summary."""

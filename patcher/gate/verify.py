@@ -1,0 +1,269 @@
+"""The release gate (``verify``) and ``diff``: what changed between two ONNX files, and
+whether a patched model is safe to ship.
+
+A patch may change only weight values of editable layers (Conv, Gemm's B, MatMul's
+constant operand), each change declared in the provenance the patch wrote; any
+other difference (nodes, attributes, inputs/outputs, opsets, initializer names,
+dtypes or shapes, metadata) is structural and fails the gate.
+"""
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import ModelProto, numpy_helper
+
+from patcher.errors import BadModelError
+from patcher.gate.metrics import pair_gap, predict
+from patcher.model.modelio import LoadedModel, named_tensors
+from patcher.model.runtime import open_session
+from patcher.samples import InputSpec, load_labelled, load_pairs, num_classes_of
+from patcher.model.writeback import PROVENANCE_KEY, read_provenance
+
+EDITABLE_WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (1,), "MatMul": (0, 1)}
+
+
+@dataclass
+class TensorDiff:
+    """A tensor whose values differ: shape, ||delta||_F, max |delta|, numerical rank, consumers."""
+
+    name: str
+    shape: list[int]
+    frobenius: float
+    max_abs: float
+    rank: int
+    feeds: list[str]
+    editable: bool
+
+
+@dataclass
+class ModelDiff:
+    tensors: list[TensorDiff] = field(default_factory=list)
+    structural: list[str] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return not self.tensors and not self.structural
+
+
+def numerical_rank(delta: np.ndarray, rel_tol: float = 1e-5) -> int:
+    """Singular values above rel_tol x the largest (float32 storage rounding stays below)."""
+    if delta.size == 0 or not np.any(delta):
+        return 0
+    mat = delta.reshape(delta.shape[0], -1).astype(np.float64) if delta.ndim > 1 else \
+        delta.reshape(1, -1).astype(np.float64)
+    sv = np.linalg.svd(mat, compute_uv=False)
+    return int((sv > rel_tol * sv[0]).sum())
+
+
+def _node_signature(node: onnx.NodeProto) -> str:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    if copy.op_type == "Constant":  # its value is compared as a tensor
+        for a in copy.attribute:
+            if a.name == "value":
+                a.t.ClearField("raw_data")
+                for f in ("float_data", "int32_data", "int64_data", "double_data"):
+                    a.t.ClearField(f)
+    return str(copy)
+
+
+def diff_models(a: ModelProto, b: ModelProto) -> ModelDiff:
+    """Every tensor whose values differ and every structural difference, A -> B."""
+    result = ModelDiff()
+    s = result.structural
+    if a.ir_version != b.ir_version:
+        s.append(f"IR version {a.ir_version} -> {b.ir_version}")
+    if sorted((o.domain, o.version) for o in a.opset_import) != \
+            sorted((o.domain, o.version) for o in b.opset_import):
+        s.append("opset imports differ")
+    for kind, xs, ys in (("graph input", a.graph.input, b.graph.input),
+                         ("graph output", a.graph.output, b.graph.output)):
+        if [str(x) for x in xs] != [str(y) for y in ys]:
+            s.append(f"{kind}s differ: {[x.name for x in xs]} -> {[y.name for y in ys]}")
+    if len(a.graph.node) != len(b.graph.node):
+        s.append(f"node count {len(a.graph.node)} -> {len(b.graph.node)}")
+    for i, (na, nb) in enumerate(zip(a.graph.node, b.graph.node)):
+        if _node_signature(na) != _node_signature(nb):
+            s.append(f"node {i} ('{na.name or na.op_type}') differs (op, inputs, outputs or "
+                     "attributes)")
+    meta_a = {p.key: p.value for p in a.metadata_props if p.key != PROVENANCE_KEY}
+    meta_b = {p.key: p.value for p in b.metadata_props if p.key != PROVENANCE_KEY}
+    if meta_a != meta_b:
+        changed = sorted(set(meta_a) ^ set(meta_b) | {k for k in meta_a if meta_b.get(k) != meta_a[k]})
+        s.append(f"metadata differs: {', '.join(changed)}")
+    ta, tb = named_tensors(a.graph), named_tensors(b.graph)
+    if set(ta) != set(tb):
+        s.append(f"tensor names differ: removed {sorted(set(ta) - set(tb))[:5]}, added "
+                 f"{sorted(set(tb) - set(ta))[:5]}")
+    consumers: dict[str, list[tuple[str, str, int]]] = {}
+    for i, node in enumerate(b.graph.node):  # names as the shadow graph gives them
+        for k, inp in enumerate(node.input):
+            consumers.setdefault(inp, []).append((node.name or f"{node.op_type}_{i}",
+                                                  node.op_type, k))
+    for name in sorted(set(ta) & set(tb)):
+        x, y = ta[name], tb[name]
+        if x.data_type != y.data_type or list(x.dims) != list(y.dims):
+            s.append(f"tensor '{name}' changed dtype or shape")
+            continue
+        va, vb = numpy_helper.to_array(x), numpy_helper.to_array(y)
+        if va.tobytes() == vb.tobytes():
+            continue
+        if va.dtype.kind not in "f":
+            s.append(f"non-float tensor '{name}' changed")
+            continue
+        delta = vb.astype(np.float64) - va.astype(np.float64)
+        uses = consumers.get(name, [])
+        editable = bool(uses) and all(k in EDITABLE_WEIGHT_INPUTS.get(op, ()) for _, op, k in uses)
+        result.tensors.append(TensorDiff(name, list(va.shape), float(np.linalg.norm(delta)),
+                                         float(np.abs(delta).max()), numerical_rank(delta),
+                                         [n for n, _, _ in uses], editable))
+    return result
+
+
+@dataclass
+class Check:
+    """One gate: its verdict, the figures behind it, and a message saying what failed."""
+
+    name: str
+    passed: bool
+    figures: dict = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass
+class VerifyReport:
+    checks: list[Check]
+    provider: str | None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "provider": self.provider,
+                "checks": [asdict(c) for c in self.checks]}
+
+    def junit(self) -> str:
+        suite = ET.Element("testsuite", name="onnx-rectify verify", tests=str(len(self.checks)),
+                           failures=str(sum(not c.passed for c in self.checks)))
+        for c in self.checks:
+            case = ET.SubElement(suite, "testcase", classname="onnx_rectify.verify", name=c.name)
+            if not c.passed:
+                ET.SubElement(case, "failure", message=c.message or "failed").text = \
+                    "\n".join(f"{k}: {v}" for k, v in c.figures.items())
+            out = ET.SubElement(case, "system-out")
+            out.text = "\n".join(f"{k}: {v}" for k, v in c.figures.items())
+        return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode")
+
+
+def check_loadable(base: LoadedModel, patched: LoadedModel) -> Check:
+    problems = []
+    for label, m in (("base", base), ("patched", patched)):
+        try:
+            onnx.checker.check_model(m.proto)
+        except Exception as exc:  # onnx raises ValidationError and others
+            problems.append(f"{label}: {' '.join(str(exc).split())[:200]}")
+    return Check("load", not problems, {"base_sha256": base.sha256, "patched_sha256": patched.sha256},
+                 "; ".join(problems))
+
+
+def check_provenance(patched: ModelProto, diff: ModelDiff) -> Check:
+    prov = read_provenance(patched) or {}
+    edits = prov.get("edits", [])
+    by_weight: dict[str, list[dict]] = {}
+    for e in edits:
+        by_weight.setdefault(e.get("weight", ""), []).append(e)
+    problems, figures = [], {}
+    for t in diff.tensors:
+        declared = by_weight.get(t.name)
+        if not declared:
+            problems.append(f"'{t.name}' changed without provenance")
+            continue
+        rank_one = [e for e in declared if e.get("kind") == "rank-one"]
+        other = [e for e in declared if e.get("kind") != "rank-one"]
+        norm_sum = sum(float(e.get("delta_norm", 0)) for e in declared)
+        figures[t.name] = {"rank": t.rank, "declared_edits": len(declared), "norm": t.frobenius,
+                           "declared_norm_sum": norm_sum}
+        if not other and t.rank > len(rank_one):
+            problems.append(f"'{t.name}': numerical rank {t.rank} exceeds its {len(rank_one)} "
+                            "declared rank-one edit(s)")
+        wrong_layer = [e.get("layer") for e in declared if e.get("layer") not in t.feeds]
+        if wrong_layer:
+            problems.append(f"'{t.name}': provenance names layer(s) {wrong_layer} that do not "
+                            f"use it (it feeds {', '.join(t.feeds)})")
+        if t.frobenius > norm_sum * (1 + 1e-3) + 1e-6:
+            problems.append(f"'{t.name}': ||delta|| {t.frobenius:.4g} exceeds the declared "
+                            f"{norm_sum:.4g}")
+    for name in by_weight:
+        if name and name not in {t.name for t in diff.tensors}:
+            problems.append(f"provenance declares an edit of '{name}' but the tensor is unchanged")
+    return Check("provenance", not problems, figures, "; ".join(problems))
+
+
+def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None, pairs_path=None,
+           max_accuracy_drop: float = 0.01, max_asr: float = 0.05, max_gap: float = 0.05,
+           provider: str = "auto", latency_runs: int = 50) -> VerifyReport:
+    """Run every check; sample files are validated against the base model first."""
+    spec, classes = InputSpec.of(base.proto), num_classes_of(base.proto)
+    ev = load_labelled(eval_path, spec, classes)
+    attack = load_labelled(attack_path, spec, classes, with_target=True) if attack_path else None
+    pairs = load_pairs(pairs_path, spec, classes) if pairs_path else None
+    checks = [check_loadable(base, patched)]
+    diff = diff_models(base.proto, patched.proto)
+    non_weight = [t.name for t in diff.tensors if not t.editable]
+    structural = diff.structural + [f"tensor '{n}' is not a Conv/Gemm/MatMul weight but changed"
+                                    for n in non_weight]
+    checks.append(Check("structure", not structural,
+                        {"changed_tensors": [t.name for t in diff.tensors],
+                         "structural_differences": structural}, "; ".join(structural[:10])))
+    checks.append(check_provenance(patched.proto, diff))
+    try:
+        s_base = open_session(base.path or base.proto.SerializeToString(), provider)
+        s_new = open_session(patched.path or patched.proto.SerializeToString(), provider)
+    except BadModelError as exc:
+        checks.append(Check("onnxruntime", False, {}, str(exc)))
+        return VerifyReport(checks, None)
+    lb, lp = predict(s_base, ev.x, label="base"), predict(s_new, ev.x, label="patched")
+    acc_b, acc_p = float(np.mean(lb.argmax(1) == ev.y)), float(np.mean(lp.argmax(1) == ev.y))
+    d = np.abs(lp.astype(np.float64) - lb.astype(np.float64))
+    figures = {"base_accuracy": acc_b, "patched_accuracy": acc_p, "accuracy_drop": acc_b - acc_p,
+               "max_accuracy_drop": max_accuracy_drop,
+               "top1_flip_rate": float(np.mean(lb.argmax(1) != lp.argmax(1))),
+               "output_diff_max": float(d.max()), "output_diff_mean": float(d.mean()),
+               "output_diff_p99": float(np.percentile(d, 99)), "provider": s_new.provider}
+    checks.append(Check("accuracy", acc_b - acc_p <= max_accuracy_drop, figures,
+                        f"accuracy drop {acc_b - acc_p:.2%} exceeds {max_accuracy_drop:.2%}"
+                        if acc_b - acc_p > max_accuracy_drop else ""))
+    if attack is not None:
+        keep = attack.y != attack.target
+        asr = float(np.mean(predict(s_new, attack.x[keep], label="attack").argmax(1) == attack.target))
+        asr_b = float(np.mean(predict(s_base, attack.x[keep], label="attack").argmax(1) == attack.target))
+        checks.append(Check("attack_success_rate", asr <= max_asr,
+                            {"base_asr": asr_b, "patched_asr": asr, "max_asr": max_asr},
+                            f"ASR {asr:.2%} exceeds {max_asr:.2%}" if asr > max_asr else ""))
+    if pairs is not None:
+        g_b, g_p = (pair_gap(s, pairs.corrupted, pairs.clean, pairs.label)
+                    for s in (s_base, s_new))
+        checks.append(Check("pair_gap", g_p <= max_gap,
+                            {"base_gap": g_b, "patched_gap": g_p, "max_gap": max_gap},
+                            f"pair gap {g_p:.4f} exceeds {max_gap}" if g_p > max_gap else ""))
+    sample = ev.x[: min(32, len(ev.x))]
+    times = {"base": [], "patched": []}
+    for sess in (s_base, s_new):  # warm-up
+        for _ in range(3):
+            sess.run(sample)
+    for _ in range(latency_runs):
+        for key, sess in (("base", s_base), ("patched", s_new)):
+            t0 = time.perf_counter()
+            sess.run(sample)
+            times[key].append(time.perf_counter() - t0)
+    ratio = float(np.median(times["patched"]) / np.median(times["base"]))
+    checks.append(Check("latency", True, {"latency_ratio": ratio,
+                                          "base_ms": 1e3 * float(np.median(times["base"])),
+                                          "patched_ms": 1e3 * float(np.median(times["patched"])),
+                                          "batch": len(sample), "runs": latency_runs}, ""))
+    return VerifyReport(checks, s_new.provider)

@@ -1,0 +1,115 @@
+"""Shadow graph vs onnxruntime on the same input: element-wise differences and top-1 agreement."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from patcher.model import dtypes
+from patcher.errors import BadSamplesError
+from patcher.model.runtime import open_session
+from patcher.graph.shadow import ShadowGraph
+
+#: Tolerances for fp32 models (issue 2): |a - b| <= atol + rtol * |b| element-wise.
+FP32_RTOL, FP32_ATOL = 1e-4, 1e-5
+#: fp16 models: half precision rounding differs between kernels.
+FP16_RTOL, FP16_ATOL = 1e-2, 1e-2
+
+
+@dataclass
+class ParityResult:
+    """How far the shadow graph's outputs are from onnxruntime's on one input batch."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    within_tolerance: bool
+    top1_agreement: float | None  # None when the first output is not [batch, classes]
+    rtol: float
+    atol: float
+    provider: str
+    batch: int
+
+    @property
+    def passed(self) -> bool:
+        return self.within_tolerance and self.top1_agreement in (None, 1.0)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed}
+
+
+def input_specs(model: onnx.ModelProto, batch: int = 2, default_dim: int = 64
+                ) -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, concrete shape, elem_type) for each real graph input; symbolic dims
+    become ``batch`` on the first axis and ``default_dim`` elsewhere (image sides)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        if not inp.type.HasField("tensor_type"):
+            raise BadSamplesError(f"graph input '{inp.name}' is not a tensor; random parity "
+                                  "input can only be made for tensors")
+        tt = inp.type.tensor_type
+        dims = []
+        for k, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            else:
+                dims.append(batch if k == 0 else default_dim)
+        specs.append((inp.name, tuple(dims), tt.elem_type))
+    return specs
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2,
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> list[np.ndarray]:
+    """Seeded random inputs in [0, 1) matching the model's input types."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for name, shape, elem in input_specs(model, batch):
+        shape = tuple(shapes[name]) if shapes and name in shapes else shape
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        if np.issubdtype(dtype, np.floating):
+            arrays.append(rng.random(shape, dtype=np.float32).astype(dtype))
+        else:
+            arrays.append(rng.integers(0, 2, size=shape).astype(dtype))
+    return arrays
+
+
+def compare(graph: ShadowGraph, model: "bytes | str | os.PathLike", inputs: list[np.ndarray],
+            provider: str = "cpu", rtol: float | None = None, atol: float | None = None,
+            device: str | torch.device = "cpu") -> ParityResult:
+    """Run both on ``inputs``; compare every output element-wise (relative differences
+    are taken against max(|onnxruntime|, atol)), and top-1 of the first output when it
+    is a [batch, classes] score matrix. ``model`` is the serialized model or its path
+    (a path when weights are in external data)."""
+    session = open_session(model, provider)
+    expected = session.run(*inputs)
+    with torch.no_grad():
+        got = graph.to(device)(*[dtypes.numpy_to_torch(a).to(device) for a in inputs])
+    half = any(a.dtype == np.float16 for a in inputs) or expected[0].dtype == np.float16
+    rtol = rtol if rtol is not None else (FP16_RTOL if half else FP32_RTOL)
+    atol = atol if atol is not None else (FP16_ATOL if half else FP32_ATOL)
+    max_abs = max_rel = 0.0
+    ok = True
+    for g, e in zip(got, expected):
+        g = dtypes.torch_to_numpy(g).astype(np.float64)
+        e = np.asarray(e).astype(np.float64)
+        if g.shape != e.shape:
+            ok = False
+            max_abs = max_rel = float("inf")
+            continue
+        diff = np.abs(g - e)
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+            max_rel = max(max_rel, float((diff / np.maximum(np.abs(e), atol)).max()))
+            ok = ok and bool(np.all(diff <= atol + rtol * np.abs(e)))
+    g0 = dtypes.torch_to_numpy(got[0]).astype(np.float64)
+    e0 = np.asarray(expected[0]).astype(np.float64)
+    top1 = None
+    if g0.ndim == 2 and g0.shape == e0.shape and g0.shape[1] > 1:
+        top1 = float(np.mean(g0.argmax(1) == e0.argmax(1)))
+    return ParityResult(max_abs, max_rel, ok, top1, rtol, atol, session.provider,
+                        int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1)

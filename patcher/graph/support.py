@@ -1,0 +1,69 @@
+"""Which nodes the shadow graph can run: the op-support check every loader applies.
+
+A model is refused as a whole, with every unsupported node named at once, before any work.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Sequence
+
+from onnx import AttributeProto, ModelProto
+
+from patcher.errors import UnsupportedOpError
+from patcher.graph.ops import lookup
+from patcher.model.modelio import LoadedModel, load_model
+
+
+def op_histogram(proto: ModelProto) -> dict[str, int]:
+    counts = Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type
+                     for n in proto.graph.node)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def find_unsupported(nodes, names: Sequence[str], opset: int) -> list[str]:
+    """One message per distinct problem (op, opset, attribute, control flow), with counts."""
+    problems: list[str] = []
+    for i, node in enumerate(nodes):
+        domain = node.domain or "ai.onnx"
+        impl = lookup(node.op_type, node.domain, opset) if node.domain in ("", "ai.onnx") else None
+        where = f"{node.op_type} (domain {domain}, opset {opset}) at node '{names[i]}'"
+        if impl is None:
+            problems.append(where)
+            continue
+        known = impl.attribute_names
+        for attr in node.attribute:
+            if attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+                problems.append(f"{where}: control flow (subgraph attribute '{attr.name}')")
+            elif attr.name not in known:
+                problems.append(f"{where}: attribute '{attr.name}' not supported")
+    return problems
+
+
+def default_opset(model: ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def node_names(nodes) -> list[str]:
+    """Each node's name, or ``<op>_<index>`` for an unnamed one."""
+    return [n.name or f"{n.op_type}_{i}" for i, n in enumerate(nodes)]
+
+
+def require_supported(model: ModelProto, where: str = "model") -> None:
+    """Raise UnsupportedOpError naming every node the shadow graph cannot run."""
+    nodes = list(model.graph.node)
+    opset = default_opset(model)
+    if opset is None:
+        return  # load_model has refused such a model already
+    problems = find_unsupported(nodes, node_names(nodes), opset)
+    if problems:
+        at = f" in {where}" if where != "model" else ""
+        raise UnsupportedOpError(f"{len(problems)} unsupported node(s){at}: "
+                                 f"{'; '.join(problems)}")
+
+
+def load_supported_model(source: "str | os.PathLike | ModelProto",
+                         base_dir: "str | os.PathLike | None" = None,
+                         warn: bool = True) -> LoadedModel:
+    """:func:`patcher.model.modelio.load_model`, then :func:`require_supported`."""
+    return load_model(source, base_dir, warn, node_check=require_supported)

@@ -1,0 +1,1 @@
+"""The model file: safe loading, dtypes, write-back into the stored tensors, onnxruntime sessions."""
