@@ -25,6 +25,8 @@ Concat Split Pad Squeeze Unsqueeze Gather Slice Shape Expand Where Equal Cast Co
 ConstantOfShape Identity Dropout ReduceMean LayerNormalization Gelu Erf Sqrt Pow Add Sub Mul
 Div Sum Mean Max Min Neg Exp Log Abs Resize Elu Selu Celu ThresholdedRelu Softplus Softsign
 Mish LogSoftmax
+QuantizeLinear DequantizeLinear DynamicQuantizeLinear QLinearConv QLinearMatMul ConvInteger
+MatMulInteger
 """.split())
 
 

@@ -71,7 +71,7 @@ def summarize(model: LoadedModel, parity: bool = True, seed: int = 0, batch: int
         outputs=_value_infos(graph.output), op_histogram=op_histogram(proto))
     opset = summary.opsets.get("ai.onnx", 0)
     names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(graph.node)]
-    summary.unsupported = find_unsupported(list(graph.node), names, opset)
+    summary.unsupported = find_unsupported(list(graph.node), names, opset, summary.opsets)
     if summary.unsupported:
         return summary
     shadow = ShadowGraph(model)

@@ -23,7 +23,7 @@ from onnx import AttributeProto, ModelProto, helper
 
 from patcher.model import dtypes
 from patcher.errors import BadModelError, RectifyError, UnsupportedOpError
-from patcher.graph.support import find_unsupported, load_supported_model
+from patcher.graph.support import find_unsupported, load_supported_model, node_opset
 from patcher.model.modelio import LoadedModel
 from patcher.graph.ops import lookup
 from patcher.graph.ops.registry import OpImpl
@@ -182,7 +182,8 @@ class ShadowGraph(torch.nn.Module):
 
         nodes = list(graph.node)
         names = self._node_names(nodes)
-        problems = find_unsupported(nodes, names, self.opset)  # every node, at once
+        self.opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+        problems = find_unsupported(nodes, names, self.opset, self.opsets)  # every node, at once
         if problems:
             raise UnsupportedOpError(f"{len(problems)} unsupported node(s): {'; '.join(problems)}")
 
@@ -238,7 +239,8 @@ class ShadowGraph(torch.nn.Module):
             if node.op_type == "Constant":
                 continue
             info = NodeInfo(i, names[i], node.op_type, tuple(node.input), tuple(node.output))
-            impl: OpImpl = lookup(node.op_type, node.domain, self.opset)  # checked above
+            impl: OpImpl = lookup(node.op_type, node.domain,  # checked above
+                                  node_opset(node.domain, self.opset, self.opsets))
             attrs = {a.name: _attribute_value(a) for a in node.attribute}
             if impl.wants_output_count:
                 attrs["num_outputs_"] = len(node.output)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from onnx import AttributeProto, ModelProto
 
@@ -21,15 +21,52 @@ def op_histogram(proto: ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def find_unsupported(nodes, names: Sequence[str], opset: int) -> list[str]:
-    """One message per distinct problem (op, opset, attribute, control flow), with counts."""
+#: What to do about a quantized op the shadow graph cannot run.
+QUANTIZED_ADVICE = ("re-quantize the float model with onnxruntime.quantization in QDQ format "
+                    "(quantize_static(..., quant_format=QuantFormat.QDQ)), or patch the float "
+                    "model and quantize the patched file again")
+
+
+def quantized_form(op_type: str, domain: str) -> str | None:
+    """The quantized model form an op belongs to ("QDQ", "QOperator", "dynamic-quantization"),
+    or None for an op that is not a quantized one."""
+    if op_type in ("QuantizeLinear", "DequantizeLinear"):
+        return "QDQ"
+    if op_type.startswith("QLinear") or (domain == "com.microsoft" and op_type.startswith("Q")):
+        return "QOperator"
+    if (op_type.endswith("Integer") or "IntegerToFloat" in op_type
+            or op_type.startswith("DynamicQuantize") or op_type == "MatMulNBits"):
+        return "dynamic-quantization"
+    return None
+
+
+def node_opset(domain: str, opset: int, opsets: Mapping[str, int] | None = None) -> int:
+    """The opset version a node of ``domain`` is looked up at: ``opset`` for the default domain,
+    the model's import of that domain otherwise (1 when not given)."""
+    if domain in ("", "ai.onnx"):
+        return opset
+    return (opsets or {}).get(domain, 1)
+
+
+def find_unsupported(nodes, names: Sequence[str], opset: int,
+                     opsets: Mapping[str, int] | None = None) -> list[str]:
+    """One message per distinct problem (op, opset, attribute, control flow), with counts.
+
+    ``opsets`` maps other domains (com.microsoft, ...) to the model's opset version of each."""
     problems: list[str] = []
     for i, node in enumerate(nodes):
         domain = node.domain or "ai.onnx"
-        impl = lookup(node.op_type, node.domain, opset) if node.domain in ("", "ai.onnx") else None
-        where = f"{node.op_type} (domain {domain}, opset {opset}) at node '{names[i]}'"
+        version = node_opset(node.domain, opset, opsets)
+        impl = lookup(node.op_type, node.domain, version)
+        where = f"{node.op_type} (domain {domain}, opset {version}) at node '{names[i]}'"
         if impl is None:
-            problems.append(where)
+            form = quantized_form(node.op_type, domain)
+            if form is not None:
+                qualified = node.op_type if domain == "ai.onnx" else f"{domain}.{node.op_type}"
+                problems.append(f"{form} op {qualified} is not supported (opset {version}, node "
+                                f"'{names[i]}'); {QUANTIZED_ADVICE}")
+            else:
+                problems.append(where)
             continue
         known = impl.attribute_names
         for attr in node.attribute:
@@ -55,7 +92,8 @@ def require_supported(model: ModelProto, where: str = "model") -> None:
     opset = default_opset(model)
     if opset is None:
         return  # load_model has refused such a model already
-    problems = find_unsupported(nodes, node_names(nodes), opset)
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    problems = find_unsupported(nodes, node_names(nodes), opset, opsets)
     if problems:
         at = f" in {where}" if where != "model" else ""
         raise UnsupportedOpError(f"{len(problems)} unsupported node(s){at}: "

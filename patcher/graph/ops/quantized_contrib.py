@@ -1,0 +1,170 @@
+"""The com.microsoft quantized ops onnxruntime's quantizer emits in QOperator format: QGemm,
+QLinearAdd, QLinearMul, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat,
+QLinearSigmoid, QLinearLeakyRelu.
+
+Each follows onnxruntime's CPU kernel: operands are dequantized as float32(x - zp) * scale or
+accumulated exactly in integers, rescaled in float32, rounded half to even and saturated to the
+output zero point's type (see :mod:`patcher.graph.ops.qmath` for the straight-through gradient).
+"""
+from __future__ import annotations
+
+import torch
+
+from patcher.graph.ops import qmath
+from patcher.graph.ops.pool import average_pool
+from patcher.graph.ops.quantized import dequantize_linear_13, integer_matmul, quantize_linear_13
+from patcher.graph.ops.registry import register
+
+MS = "com.microsoft"
+
+
+def _scalar(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).reshape(())
+
+
+def _lookup_op(x, x_scale, x_zero_point, y_scale, y_zero_point, fn) -> torch.Tensor:
+    """y = saturate(round(fn(float32(x - x_zp) * x_scale) / y_scale) + y_zp): onnxruntime's
+    256-entry lookup table, applied element-wise."""
+    real = qmath.dequantize(x, _scalar(x_scale), x_zero_point)
+    dtype = qmath.output_dtype_of(y_zero_point, x_zero_point, x)
+    return qmath.quantize_float(fn(real), _scalar(y_scale),
+                                None if y_zero_point is None else y_zero_point.reshape(()), dtype)
+
+
+@register("QGemm", domain=MS)
+def qgemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point, C=None, y_scale=None,
+          y_zero_point=None, *, alpha=1.0, transA=0, transB=0):
+    """acc = (A' - a_zp) @ (B' - b_zp) + C (int32); with y_scale:
+    y = saturate(round(acc * (alpha * a_scale * b_scale / y_scale)) + y_zp), else float32
+    y = acc * (alpha * a_scale * b_scale). b's scale and zero point per tensor or per column."""
+    a = A.transpose(0, 1) if transA else A
+    b = B.transpose(0, 1) if transB else B
+    acc = integer_matmul(a, b, a_zero_point, b_zero_point)
+    if C is not None:
+        acc = acc + qmath.f64(C)
+    b_s = b_scale.to(torch.float32)
+    multiplier = (torch.tensor(alpha, dtype=torch.float32) * _scalar(a_scale)
+                  * (b_s.reshape(-1) if b_s.numel() > 1 else b_s.reshape(())))
+    if y_zero_point is None:  # float output (onnxruntime keys on the zero point)
+        return acc.to(torch.float32) * multiplier
+    multiplier = multiplier / _scalar(y_scale)
+    return qmath.requantize(acc, multiplier, y_zero_point.reshape(()),
+                            qmath.output_dtype_of(y_zero_point, A))
+
+
+def _binary(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point, combine):
+    dtype = qmath.output_dtype_of(C_zero_point, A_zero_point, A)
+    zp = None if C_zero_point is None else C_zero_point.reshape(())
+    return combine(dtype, zp)
+
+
+@register("QLinearAdd", domain=MS)
+def qlinear_add(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point=None):
+    """C = saturate(round((A_scale * (A - A_zp) + B_scale * (B - B_zp)) / C_scale) + C_zp),
+    in float32, with numpy broadcasting."""
+    def combine(dtype, zp):
+        real = (qmath.dequantize(A, _scalar(A_scale), A_zero_point)
+                + qmath.dequantize(B, _scalar(B_scale), B_zero_point))
+        return qmath.quantize_float(real, _scalar(C_scale), zp, dtype)
+
+    return _binary(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point,
+                   combine)
+
+
+@register("QLinearMul", domain=MS)
+def qlinear_mul(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point=None):
+    """C = saturate(round((A - A_zp) * (B - B_zp) * (A_scale * B_scale / C_scale)) + C_zp)."""
+    def combine(dtype, zp):
+        acc = (qmath.f64(A) - qmath.zero(A_zero_point)) * (qmath.f64(B) - qmath.zero(B_zero_point))
+        ratio = _scalar(A_scale) * _scalar(B_scale) / _scalar(C_scale)
+        return qmath.requantize(acc, ratio, zp, dtype)
+
+    return _binary(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point,
+                   combine)
+
+
+def _channels_first(x: torch.Tensor, channels_last: int) -> torch.Tensor:
+    return x.movedim(-1, 1) if channels_last else x
+
+
+def _channels_back(y: torch.Tensor, channels_last: int) -> torch.Tensor:
+    return y.movedim(1, -1) if channels_last else y
+
+
+@register("QLinearGlobalAveragePool", domain=MS)
+def qlinear_global_average_pool(X, x_scale, x_zero_point, y_scale, y_zero_point, *,
+                                channels_last=0):
+    """acc = sum(X - x_zp) over the image (exact); y = saturate(round(acc * (x_scale /
+    (y_scale * image_size))) + y_zp), shape [N, C, 1, ...]."""
+    x = _channels_first(X, channels_last)
+    size = 1
+    for d in x.shape[2:]:
+        size *= int(d)
+    acc = (qmath.f64(x) - qmath.zero(x_zero_point)).sum(dim=tuple(range(2, x.dim())),
+                                                         keepdim=True)
+    multiplier = _scalar(x_scale) / (_scalar(y_scale) * torch.tensor(float(size),
+                                                                     dtype=torch.float32))
+    y = qmath.requantize(acc, multiplier, y_zero_point.reshape(()),
+                         qmath.output_dtype_of(y_zero_point, X))
+    return _channels_back(y, channels_last)
+
+
+@register("QLinearAveragePool", domain=MS)
+def qlinear_average_pool(X, x_scale, x_zero_point, y_scale, y_zero_point=None, *,
+                         auto_pad="NOTSET", ceil_mode=0, channels_last=0, count_include_pad=0,
+                         kernel_shape=(), pads=None, strides=None):
+    """y = saturate(round(avgpool(float32(X - x_zp) * x_scale) / y_scale + y_zp)), the average
+    pool in float32 as onnxruntime dequantizes, pools and requantizes."""
+    x = _channels_first(X, channels_last)
+    real = qmath.dequantize(x, _scalar(x_scale), x_zero_point)
+    pooled = average_pool(real, auto_pad=auto_pad, ceil_mode=ceil_mode,
+                          count_include_pad=count_include_pad, kernel_shape=kernel_shape,
+                          pads=pads, strides=strides)
+    dtype = qmath.output_dtype_of(y_zero_point, x_zero_point, X)
+    lo, hi = qmath.int_range(dtype)
+    z = qmath.zero(None if y_zero_point is None else y_zero_point.reshape(()))
+    v = pooled.to(torch.float32) / _scalar(y_scale) + (z if isinstance(z, float)
+                                                       else z.to(torch.float32))
+    exact = torch.clamp(torch.round(v.detach()).to(torch.float64), lo, hi)
+    y = qmath.emit(exact, dtype, lambda: torch.clamp(v, lo, hi), qmath.tracking(v))
+    return _channels_back(y, channels_last)
+
+
+@register("QLinearConcat", domain=MS)
+def qlinear_concat(Y_scale, Y_zero_point, *inputs, axis):
+    """Each (X, X_scale, X_zp) requantized to the output's scale and zero point,
+    saturate(round(float32(X - X_zp) * X_scale / Y_scale) + Y_zp), then concatenated."""
+    dtype = qmath.output_dtype_of(Y_zero_point)
+    zp = Y_zero_point.reshape(())
+    parts = []
+    for k in range(0, len(inputs), 3):
+        x, xs, xz = inputs[k:k + 3]
+        real = qmath.dequantize(x, _scalar(xs), xz)
+        parts.append(qmath.quantize_float(real, _scalar(Y_scale), zp, dtype))
+    return torch.cat(parts, dim=axis)
+
+
+@register("QLinearSigmoid", domain=MS)
+def qlinear_sigmoid(X, X_scale, X_zero_point, Y_scale, Y_zero_point):
+    """Y = saturate(round(sigmoid(float32(X - X_zp) * X_scale) / Y_scale) + Y_zp)."""
+    return _lookup_op(X, X_scale, X_zero_point, Y_scale, Y_zero_point, torch.sigmoid)
+
+
+@register("QLinearLeakyRelu", domain=MS)
+def qlinear_leaky_relu(X, X_scale, X_zero_point, Y_scale, Y_zero_point, *, alpha=0.01):
+    """Y = saturate(round(leaky_relu(float32(X - X_zp) * X_scale, alpha) / Y_scale) + Y_zp)."""
+    return _lookup_op(X, X_scale, X_zero_point, Y_scale, Y_zero_point,
+                      lambda v: torch.where(v >= 0, v, v * alpha))
+
+
+@register("QuantizeLinear", domain=MS)
+def ms_quantize_linear(x, y_scale, y_zero_point=None, *, axis=1):
+    """com.microsoft QuantizeLinear (the quantizer's form for int16/int4 before opset 21):
+    y = saturate(round(x / y_scale) + y_zero_point), per tensor or per ``axis``."""
+    return quantize_linear_13(x, y_scale, y_zero_point, axis=axis)
+
+
+@register("DequantizeLinear", domain=MS)
+def ms_dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1):
+    """com.microsoft DequantizeLinear: y = (x - x_zero_point) * x_scale."""
+    return dequantize_linear_13(x, x_scale, x_zero_point, axis=axis)
