@@ -144,7 +144,7 @@ def test_unsupported_ops_are_all_named_at_once():
     msg = str(info.value)
     assert msg.startswith("4 unsupported node(s)")
     for part in ("LSTM (domain ai.onnx, opset 17) at node 'rnn'",
-                 "MyOp (domain com.example, opset 17) at node 'custom'",
+                 "MyOp (domain com.example, opset 1) at node 'custom'",
                  "If (domain ai.onnx, opset 17) at node 'branch'",
                  "attribute 'bogus' not supported"):
         assert part in msg

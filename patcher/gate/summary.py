@@ -126,9 +126,15 @@ def format_summary(s: ModelSummary) -> str:
     if s.parity is not None:
         p = s.parity
         verdict = "PASS" if p.passed else "FAIL"
+        if p.max_steps is not None:
+            tolerance = (f"max diff {p.max_steps:.3g} output quantization step(s), tolerance "
+                         f"{p.step_tolerance}")
+        else:
+            tolerance = (f"max rel diff {p.max_rel_diff:.3g} (rtol {p.rtol:g}, atol {p.atol:g}"
+                         + (", the graph computes in float16" if p.basis == "float16 compute"
+                            else "") + ")")
         lines.append(f"parity     {verdict}  shadow vs onnxruntime ({p.provider}), seeded random "
-                     f"input, batch {p.batch}: max abs diff {p.max_abs_diff:.3g}, max rel diff "
-                     f"{p.max_rel_diff:.3g} (rtol {p.rtol:g}, atol {p.atol:g}), "
+                     f"input, batch {p.batch}: max abs diff {p.max_abs_diff:.3g}, {tolerance}, "
                      + ("top-1 agreement n/a" if p.top1_agreement is None
                       else f"top-1 agreement {p.top1_agreement:.0%}"))
     elif s.parity_error:

@@ -85,12 +85,14 @@ def emit(exact: torch.Tensor, dtype: torch.dtype,
          surrogate: "Callable[[], torch.Tensor] | None" = None,
          track: bool = False) -> torch.Tensor:
     """An integer result leaving an op: ``exact`` (float64, integer values) in ``dtype``, or,
-    when ``track``, in its float carrier with ``surrogate()``'s gradient (straight-through)."""
+    when ``track``, in its float carrier with ``surrogate()``'s gradient (straight-through),
+    or ``exact``'s own gradient when there is no surrogate (an exact integer accumulator)."""
     if not track:
-        return exact.to(dtype)
+        return exact.detach().to(dtype)
     carrier = carrier_dtype(dtype)
-    value = exact.detach().to(carrier)
-    return straight_through(value, surrogate()) if surrogate is not None else value
+    if surrogate is None:
+        return exact.to(carrier)
+    return straight_through(exact.detach().to(carrier), surrogate())
 
 
 def along_axis(p: "torch.Tensor | None", x: torch.Tensor, axis: int,

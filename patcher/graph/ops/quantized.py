@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from patcher.errors import UnsupportedOpError
-from patcher.graph.ops import qmath
+import patcher.graph.ops.qmath as qmath
 from patcher.graph.ops.conv import conv
 from patcher.graph.ops.registry import register
 from patcher.model import dtypes

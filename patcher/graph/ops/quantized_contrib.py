@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from patcher.graph.ops import qmath
+import patcher.graph.ops.qmath as qmath
 from patcher.graph.ops.pool import average_pool
 from patcher.graph.ops.quantized import dequantize_linear_13, integer_matmul, quantize_linear_13
 from patcher.graph.ops.registry import register

@@ -1,0 +1,143 @@
+"""Whole quantized models: samples/backdoor_cnn quantized by onnxruntime's own quantizer (QDQ
+per-channel, QOperator per-channel, dynamic) runs in the shadow graph as onnxruntime runs it,
+carries gradients, and passes ``inspect``'s parity; an fp16 model with float32 IO is judged
+with float16 tolerances."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from patcher.gate.summary import format_summary, summarize
+from patcher.graph.parity import (FP16_ATOL, FP16_RTOL, QUANT_STEPS, compare, compute_dtype,
+                                  output_steps)
+from patcher.graph.shadow import ShadowGraph
+from patcher.graph.support import load_supported_model
+from patcher.model.runtime import open_session
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "backdoor_cnn"
+EVAL = np.load(SAMPLE / "eval.npz")["x"][:200]
+CALIBRATION = np.load(SAMPLE / "test.npz")["x"][:4]  # disjoint from the eval images
+FORMATS = ("qdq", "qoperator", "dynamic")
+#: ops each format must contain (so a changed quantizer cannot make the test vacuous)
+EXPECTED_OPS = {"qdq": {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"},
+                "qoperator": {"QuantizeLinear", "QLinearConv", "QGemm", "DequantizeLinear"},
+                "dynamic": {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"}}
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> dict[str, Path]:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, quantize_dynamic,
+                                          quantize_static)
+
+    name = onnx.load(str(SAMPLE / "model.onnx")).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: CALIBRATION[i:i + 1]} for i in range(len(CALIBRATION))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    out = tmp_path_factory.mktemp("quantized")
+    paths = {f: out / f"{f}.onnx" for f in FORMATS}
+    for fmt, form in (("qdq", QuantFormat.QDQ), ("qoperator", QuantFormat.QOperator)):
+        quantize_static(str(SAMPLE / "model.onnx"), str(paths[fmt]), Reader(),
+                        quant_format=form, per_channel=True)
+    quantize_dynamic(str(SAMPLE / "model.onnx"), str(paths["dynamic"]))
+    return paths
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shadow_graph_agrees_with_onnxruntime_on_eval_images(quantized, fmt):
+    proto = onnx.load(str(quantized[fmt]))
+    assert EXPECTED_OPS[fmt] <= {n.op_type for n in proto.graph.node}
+    expected = open_session(str(quantized[fmt]), "cpu").run(EVAL)[0]
+    with torch.no_grad():
+        (got,) = ShadowGraph.from_onnx(quantized[fmt])(torch.from_numpy(EVAL))
+    got = got.numpy()
+    assert got.dtype == expected.dtype == np.float32
+    assert np.mean(got.argmax(1) == expected.argmax(1)) >= 0.99
+    (step,) = output_steps(proto)
+    diff = np.abs(got.astype(np.float64) - expected)
+    if fmt == "dynamic":  # float output (MatMulInteger -> Cast -> Mul -> Add)
+        assert step is None
+        assert diff.max() <= 1e-5 * np.abs(expected).max()
+    else:
+        assert step is not None and step > 0
+        assert diff.max() / step <= QUANT_STEPS + 1e-3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gradients_flow_through_the_quantized_model(quantized, fmt):
+    graph = ShadowGraph.from_onnx(quantized[fmt])
+    x = torch.from_numpy(EVAL[:4].copy()).requires_grad_()
+    (logits,) = graph(x)
+    with torch.no_grad():
+        (plain,) = graph(torch.from_numpy(EVAL[:4].copy()))
+    assert torch.equal(logits.detach(), plain)  # autograd does not change the values
+    logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad.flatten(1).abs().sum(1) > 0).all()  # every image gets a gradient
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_inspect_passes_parity_on_quantized_models(quantized, fmt):
+    summary = summarize(load_supported_model(quantized[fmt]), parity=True, provider="cpu")
+    assert summary.unsupported == []
+    assert summary.parity is not None and summary.parity.passed, summary.parity
+    text = format_summary(summary)
+    if fmt == "dynamic":
+        assert summary.parity.basis == "float32"
+    else:
+        assert summary.parity.basis == "quantized output steps"
+        assert summary.parity.step_tolerance == QUANT_STEPS
+        assert "output quantization step" in text
+    assert "parity     PASS" in text
+
+
+def _keep_io_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """float16 weights and computation, float32 input and output (keep_io_types style)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == TensorProto.FLOAT:
+            half = numpy_helper.to_array(t).astype(np.float16)
+            g.initializer[i].CopyFrom(numpy_helper.from_array(half, t.name))
+    inp, out = g.input[0].name, g.output[0].name
+    for n in g.node:
+        n.input[:] = [f"{inp}_fp16" if x == inp else x for x in n.input]
+        n.output[:] = [f"{out}_fp16" if x == out else x for x in n.output]
+    nodes = ([helper.make_node("Cast", [inp], [f"{inp}_fp16"], name="cast_in",
+                               to=TensorProto.FLOAT16)] + list(g.node)
+             + [helper.make_node("Cast", [f"{out}_fp16"], [out], name="cast_out",
+                                 to=TensorProto.FLOAT)])
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    return m
+
+
+def test_fp16_model_with_float32_io_gets_float16_tolerances():
+    proto = _keep_io_fp16(onnx.load(str(SAMPLE / "model.onnx")))
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert compute_dtype(proto) == np.float16
+    data = proto.SerializeToString()
+    graph = ShadowGraph.from_onnx(proto)
+    result = compare(graph, data, [EVAL[:16]], provider="cpu")
+    assert (result.rtol, result.atol, result.basis) == (FP16_RTOL, FP16_ATOL, "float16 compute")
+    assert result.passed, result
+    # float32 tolerances would refuse it: fp16 kernels round differently
+    strict = compare(graph, data, [EVAL[:16]], provider="cpu", rtol=1e-4, atol=1e-5)
+    assert not strict.within_tolerance
+
+
+def test_output_steps_and_compute_dtype_of_a_float_model():
+    proto = onnx.load(str(SAMPLE / "model.onnx"))
+    assert output_steps(proto) == [None]
+    assert compute_dtype(proto) == np.float32
