@@ -27,6 +27,7 @@ import onnx
 import torch
 
 from patcher.errors import CheckFailedError, OutputError, RectifyError
+from patcher.model.paths import Outputs
 from patcher.model.runtime import open_session
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -96,24 +97,38 @@ def _export_bytes(module, example, exporter: str, opset: int | None, input_name:
             return onnx.load(target)  # external data read into memory
 
 
-def save_model(model: onnx.ModelProto, path: Path, external_data: bool) -> Path | None:
-    """Write atomically; with ``external_data`` every tensor of 1 KiB or more goes to
-    ``<name>.data`` beside it (small shape constants stay inline: onnxruntime's shape
-    inference cannot read them from external data)."""
-    from patcher.model.modelio import write_bytes_atomic
-
+def stage_model(model: onnx.ModelProto, path: Path, external_data: bool,
+                outputs: Outputs, exclusive: bool = False) -> Path:
+    """Write the model (with ``external_data``, every tensor of 1 KiB or more to
+    ``<name>.data`` beside it; small shape constants stay inline: onnxruntime's shape
+    inference cannot read them from external data) into a private folder beside ``path``,
+    added to ``outputs`` (renamed into place by its commit; ``exclusive``: refuse there if
+    a target exists by then). Returns the staged model's path."""
     path = Path(path)
     if not external_data:
-        write_bytes_atomic(path, model.SerializeToString())
-        return None
+        return outputs.add_bytes(path, model.SerializeToString(), exclusive)
     data_name = f"{path.name}.data"
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        staged = Path(tmp) / path.name
+    stage = outputs.private_folder(path.parent, path.name)
+    staged = stage / path.name
+    try:
         onnx.save_model(model, str(staged), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        os.replace(Path(tmp) / data_name, path.parent / data_name)
-        os.replace(staged, path)
-    return path.parent / data_name
+    except OSError as exc:
+        raise OutputError(f"{path}: write failed ({exc.strerror or exc})") from None
+    if (stage / data_name).exists():
+        outputs.add(stage / data_name, path.parent / data_name, exclusive)
+    outputs.add(staged, path, exclusive)
+    return staged
+
+
+def save_model(model: onnx.ModelProto, path: Path, external_data: bool,
+               force: bool = True) -> Path | None:
+    """Write the model (and with ``external_data`` its ``<name>.data``) and rename both into
+    place in one step; without ``force``, refuse if either exists. Returns the data file."""
+    with Outputs() as outputs:
+        stage_model(model, path, external_data, outputs, exclusive=not force)
+        outputs.commit()
+    return Path(path).parent / f"{Path(path).name}.data" if external_data else None
 
 
 def export_pytorch(module: torch.nn.Module, example_input: torch.Tensor, path: str | os.PathLike,
@@ -121,13 +136,15 @@ def export_pytorch(module: torch.nn.Module, example_input: torch.Tensor, path: s
                    exporter: str = "torchscript", opset: int | None = None,
                    input_name: str = "input", output_name: str = "logits",
                    class_names: list[str] | None = None, preprocessing: dict | None = None,
-                   input_layout: str = "NCHW", check_batch: int = 8, seed: int = 0
-                   ) -> ExportResult:
+                   input_layout: str = "NCHW", check_batch: int = 8, seed: int = 0,
+                   force: bool = True) -> ExportResult:
     """Export ``module`` (in eval mode) to ``path`` and check it under onnxruntime.
 
     The check feeds ``check_batch`` seeded random inputs shaped like ``example_input``
     (batch axis replaced) to both and requires |onnx - torch| <= 1e-4 + 1e-4 |torch|
-    with identical top-1.
+    with identical top-1. The files are written beside ``path``, checked there, and only
+    then renamed into place (with the data file, in one step); without ``force``, an
+    existing ``path`` or data file is refused.
     """
     if exporter not in EXPORTERS:
         raise RectifyError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
@@ -147,14 +164,26 @@ def export_pytorch(module: torch.nn.Module, example_input: torch.Tensor, path: s
                       **({"onnx_rectify.class_names": class_names} if class_names else {}),
                       **({"onnx_rectify.preprocessing": preprocessing} if preprocessing else {})})
     has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
-    data_path = save_model(model, path, external_data)
+    with Outputs() as outputs:
+        staged = stage_model(model, path, external_data, outputs, exclusive=not force)
+        result = _check_export(module, example_input, model, staged, path, check_batch, seed)
+        outputs.commit()
+    data_path = path.parent / f"{path.name}.data" if external_data else None
+    return ExportResult(path, data_path, exporter, next(o.version for o in model.opset_import
+                                                          if o.domain in ("", "ai.onnx")),
+                        not has_bn, *result)
 
+
+def _check_export(module, example_input, model, staged: Path, path: Path, check_batch: int,
+                  seed: int) -> tuple[float, float, str, list[str]]:
+    """The staged file under onnxruntime against the torch module: (max abs diff, top-1
+    agreement, provider, weight names); refuses (exit 1) a mismatch."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((check_batch,) + tuple(example_input.shape[1:]), generator=gen,
                    dtype=example_input.dtype)
     with torch.no_grad():
         want = module(x).detach().cpu().numpy()
-    session = open_session(path, "cpu")
+    session = open_session(staged, "cpu")
     got = session.run(x.numpy())[0]
     diff = float(np.abs(got - want).max())
     top1 = float(np.mean(got.reshape(len(got), -1).argmax(1) == want.reshape(len(want), -1).argmax(1)))
@@ -162,6 +191,4 @@ def export_pytorch(module: torch.nn.Module, example_input: torch.Tensor, path: s
         raise CheckFailedError(f"{path}: the export differs from the torch module under "
                                f"onnxruntime (max abs diff {diff:.3g}, top-1 agreement {top1:.0%})")
     weights = [t.name for t in model.graph.initializer]
-    return ExportResult(path, data_path, exporter, next(o.version for o in model.opset_import
-                                                          if o.domain in ("", "ai.onnx")),
-                        not has_bn, diff, top1, session.provider, weights)
+    return diff, top1, session.provider, weights

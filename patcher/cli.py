@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,15 +38,45 @@ if not any(isinstance(h, _WarningLine) for h in _LOGGER.handlers):
     _LOGGER.propagate = False
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is (like Ctrl-C), so that every
+    ``finally`` runs and partial outputs are removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # once is enough: we are on our way out
+    raise _Terminated(signum)
+
+
+def _catch_signals() -> dict[int, object]:
+    """SIGTERM and SIGHUP end the command like Ctrl-C; returns the handlers to restore."""
+    old = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            old[signum] = signal.signal(signum, _terminate)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    return old
+
+
 def reports_errors(fn):
-    """Turn RectifyError (and Ctrl-C) into a one-line message and an exit code."""
+    """Turn RectifyError (and Ctrl-C, SIGTERM, SIGHUP) into a one-line message and an exit
+    code."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        old = _catch_signals()
         try:
             return fn(*args, **kwargs)
         except RectifyError as exc:
             _fail(str(exc), exc.exit_code)
+        except _Terminated as exc:
+            _fail(f"terminated ({signal.Signals(exc.signum).name}); no partial output was left "
+                  "behind", 2)
         except KeyboardInterrupt:  # exit 2 like every refusal; partial files were removed
             _fail("interrupted (Ctrl-C); no partial output was left behind", 2)
         except Exception as exc:  # a bug, not bad input: say so in one line
@@ -52,13 +84,72 @@ def reports_errors(fn):
                 raise
             _fail(f"internal error: {type(exc).__name__}: {exc} (set ONNX_RECTIFY_DEBUG=1 for "
                   "the traceback, and please report it)", 3)
+        finally:
+            for signum, handler in old.items():
+                signal.signal(signum, handler)
     return run
+
+
+def _check_paths(reads: dict[str, Path | None], writes: dict[str, Path | str | None],
+                 force: dict[str, bool] | None = None) -> None:
+    """Before any work: no output is an input or another output (by device and inode), and
+    each can be written (folder exists and is writable, target not a folder or special
+    file; an existing target needs --force where the flag in ``force`` has one)."""
+    from patcher.model.paths import check_output_file, check_outputs
+
+    writes = {k: Path(v) for k, v in writes.items() if v is not None}
+    check_outputs(reads, writes)
+    for flag, path in writes.items():
+        check_output_file(flag, path, (force or {}).get(flag))
+
+
+def _data_reads(flag: str, loaded) -> dict[str, Path]:
+    """The external data files a loaded model was read from, by a label naming ``flag``."""
+    if loaded.path is None:
+        return {}
+    return {f"{flag}'s data file {ref.location}": loaded.path.parent / ref.location
+            for ref in loaded.external.values()}
+
+
+class _Range(click.FloatRange):
+    """A float range that also refuses NaN (click's comparisons let NaN through)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if math.isnan(rv):
+            self.fail(f"{value!r} is not a number in the range {self._describe_range()}.",
+                      param, ctx)
+        return rv
+
+
+#: The documented ranges of the numeric options (shown by --help).
+SEED = click.IntRange(0, 2**32 - 1)
+STEPS = click.IntRange(1, 1024)
+FRACTION = _Range(0.0, 1.0)
+MAX_DIM = 1 << 16  # each dimension of --input-shape
+MAX_ELEMENTS = 1 << 27  # elements of one --input-shape input (512 MiB of float32)
 
 
 def _write_json(path: str, payload) -> None:
     from patcher.model.modelio import write_text_atomic
 
     write_text_atomic(Path(path), json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _commit_texts(texts: dict[Path, str]) -> None:
+    """Write the files (each staged beside its target and fsynced), then rename them all
+    into place in one step; on failure none of the targets changes."""
+    from patcher.model.paths import Outputs
+
+    with Outputs() as outputs:
+        for path, text in texts.items():
+            outputs.add_text(path, text)
+        outputs.commit()
+
+
+def _json_text(payload) -> str:
+    """``payload`` as the JSON text :func:`_write_json` writes."""
+    return json.dumps(payload, indent=2, default=str) + "\n"
 
 
 def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -72,8 +163,16 @@ def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
         if not sep or not name or not shape or min(shape) < 1:
             raise RectifyError(f"--input-shape '{item}': expected NAME=D0,D1,... with positive "
                                "integers, e.g. x=1,3,48,192")
+        _check_shape("--input-shape", item, shape)
         shapes[name] = shape
     return shapes
+
+
+def _check_shape(flag: str, item: str, shape: tuple[int, ...]) -> None:
+    """Refuse dimensions above MAX_DIM or more than MAX_ELEMENTS elements in all."""
+    if max(shape) > MAX_DIM or math.prod(shape) > MAX_ELEMENTS:
+        raise RectifyError(f"{flag} '{item}': too large (each dimension at most {MAX_DIM}, at "
+                           f"most {MAX_ELEMENTS} elements in all)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,8 +186,10 @@ def main() -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON to this file.")
 @click.option("--no-parity", is_flag=True, help="Skip the shadow-vs-onnxruntime check.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random parity input.")
-@click.option("--batch", default=2, show_default=True, help="Batch size of the parity input.")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the random parity input.")
+@click.option("--batch", type=click.IntRange(1, 1024), default=2, show_default=True,
+              help="Batch size of the parity input.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="onnxruntime execution provider for the parity check.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...",
@@ -104,8 +205,12 @@ def inspect(model: Path, json_path: str | None, no_parity: bool, seed: int, batc
     from patcher.gate.summary import format_summary, summarize
     from patcher.graph.support import load_supported_model
 
-    summary = summarize(load_supported_model(model), parity=not no_parity, seed=seed, batch=batch,
-                        provider=provider, shapes=_parse_shapes(input_shapes))
+    shapes = _parse_shapes(input_shapes)
+    _check_paths({"MODEL": model}, {"--json": json_path})
+    loaded = load_supported_model(model)
+    _check_paths({"MODEL": model, **_data_reads("MODEL", loaded)}, {"--json": json_path})
+    summary = summarize(loaded, parity=not no_parity, seed=seed, batch=batch,
+                        provider=provider, shapes=shapes)
     click.echo(format_summary(summary))
     if json_path:
         _write_json(json_path, summary.as_dict())
@@ -145,7 +250,8 @@ def _load_factory(spec: str):
 @click.option("--external-data", is_flag=True, help="Write weights to OUTPUT.data beside it.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript",
               show_default=True)
-@click.option("--opset", type=int, default=None, help="Default: 17 (torchscript), 18 (dynamo).")
+@click.option("--opset", type=click.IntRange(7, 23), default=None,
+              help="Default: 17 (torchscript), 18 (dynamo).")
 @click.option("--class-names", default=None, help="Comma-separated class names for metadata.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @reports_errors
@@ -159,13 +265,17 @@ def export(factory: str, weights: Path | None, input_shape: str, output: Path, k
 
     from exporters import export_pytorch
 
-    if output.exists() and not force:
-        raise RectifyError(f"{output} exists; pass --force to overwrite it")
     try:
         shape = tuple(int(d) for d in input_shape.split(","))
     except ValueError:
-        raise RectifyError(f"--input-shape '{input_shape}': expected integers like 1,3,32,32") \
-            from None
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise RectifyError(f"--input-shape '{input_shape}': expected positive integers like "
+                           "1,3,32,32")
+    _check_shape("--input-shape", input_shape, shape)
+    data = output.with_name(f"{output.name}.data") if external_data else None
+    _check_paths({"--weights": weights}, {"-o": output, "-o's data file": data},
+                 {"-o": force, "-o's data file": force})
     module = _load_factory(factory)()
     if not isinstance(module, torch.nn.Module):
         raise RectifyError(f"'{factory}' returned {type(module).__name__}, not a torch nn.Module")
@@ -178,7 +288,8 @@ def export(factory: str, weights: Path | None, input_shape: str, output: Path, k
                                f"({' '.join(str(exc).split())[:300]})") from None
     result = export_pytorch(module, torch.zeros(shape), output, fold_bn=not keep_bn,
                             external_data=external_data, exporter=exporter, opset=opset,
-                            class_names=class_names.split(",") if class_names else None)
+                            class_names=class_names.split(",") if class_names else None,
+                            force=force)
     click.echo(f"wrote {result.path}" + (f" and {result.data_path}" if result.data_path else ""))
     click.echo(f"exporter {result.exporter}, opset {result.opset}, BatchNorm "
                f"{'folded' if result.batchnorm_folded else 'kept'}; onnxruntime "
@@ -188,22 +299,32 @@ def export(factory: str, weights: Path | None, input_shape: str, output: Path, k
 
 @main.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Work folder (default: a new temporary folder).")
+              help="Work folder, kept (default: a new temporary folder, removed at the end).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="onnxruntime execution provider.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where the shadow graph runs.")
+@click.option("--force", is_flag=True, help="Overwrite the demo's files in --out.")
 @reports_errors
-def demo(out_dir: Path | None, provider: str, device: str) -> None:
+def demo(out_dir: Path | None, provider: str, device: str, force: bool) -> None:
     """Patch the bundled trojaned MNIST sample with one corrupted/clean pair and print OA and
-    ASR before and after. Works in a temporary (or the given) folder, never in the installed
-    package."""
+    ASR before and after. Works in a temporary folder that is removed at the end (or in the
+    --out folder, which is kept), never in the installed package."""
     import tempfile
 
-    from patcher.demo import format_demo, run_demo
+    from patcher.demo import check_work_folder, format_demo, run_demo
 
-    work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="onnx-rectify-demo-"))
-    click.echo(format_demo(run_demo(work, provider, device, log=lambda m: click.echo(m, err=True))))
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
+    if out_dir is not None:
+        check_work_folder(out_dir, force)
+        click.echo(format_demo(run_demo(out_dir, provider, device, log=log, force=force)))
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-rectify-demo-") as work:
+        text = format_demo(run_demo(Path(work), provider, device, log=log, force=force),
+                           kept=False)
+    click.echo(text)
 
 
 #: Largest IG completeness error (in probability units) locate accepts without a warning.
@@ -219,17 +340,18 @@ def _rectify_options(fn):
         click.option("--calib", "calib_path", type=click.Path(dir_okay=False, path_type=Path),
                      default=None, help="npz with x (and y): calibration inputs for the key "
                      "statistics (default: the eval inputs)."),
-        click.option("--steps", default=16, show_default=True, help="Integrated-Gradients steps."),
+        click.option("--steps", type=STEPS, default=16, show_default=True,
+                     help="Integrated-Gradients steps."),
         click.option("--score", type=click.Choice(["whitened", "inverse"]), default="whitened",
                      show_default=True, help="Editability: keys whitened by C^-1/2, or the "
                      "paper's literal C^-1."),
         click.option("--transplant", type=click.Choice(["paste", "add", "none"]), default="paste",
                      show_default=True, help="Carry the pairs' corruption onto calibration "
                      "images (more keys from few pairs; a held-out gap for the loop)."),
-        click.option("--transplant-count", type=click.IntRange(min=1), default=40,
+        click.option("--transplant-count", type=click.IntRange(1, 10000), default=40,
                      show_default=True, help="Calibration images that receive the corruption "
                      "and join the fit."),
-        click.option("--heldout-count", type=click.IntRange(min=1), default=200,
+        click.option("--heldout-count", type=click.IntRange(1, 10000), default=200,
                      show_default=True, help="Further calibration images that receive it "
                      "only to measure the gaps the loop steers by (never fitted)."),
         click.option("--attribution", type=click.Choice(["ig", "path"]), default="ig",
@@ -239,7 +361,7 @@ def _rectify_options(fn):
                      "nodes share (the edit then applies to all of them)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the shadow graph runs."),
-        click.option("--seed", default=0, show_default=True,
+        click.option("--seed", type=SEED, default=0, show_default=True,
                      help="Seed of the transplant's choice of images (and of --stat-rows)."),
         click.option("--statistics", "statistics", type=click.Choice(["auto", "exact", "kronecker"]),
                      default="auto", show_default=True,
@@ -247,7 +369,7 @@ def _rectify_options(fn):
                      "Kronecker-factored (channel x kernel offset, eigenvalue-corrected) for "
                      "spatial convolutions, or auto: factored where the exact C would cost "
                      "more than the conv itself. Edits always use the exact C."),
-        click.option("--stat-rows", type=click.IntRange(min=1), default=None,
+        click.option("--stat-rows", type=click.IntRange(1, 1 << 24), default=None,
                      help="Cap the keys per layer used for the key statistics C (a seeded "
                      "uniform sample; default: all). Faster on wide conv layers, less exact."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
@@ -269,7 +391,8 @@ def _rectify_options(fn):
               show_default=True, help="Editability from Integrated Gradients (the paper), or "
               "causal effect by intervention (CARE): swap the layer's top neurons' clean "
               "outputs into the corrupted run and measure the restored share of the gap.")
-@click.option("--top-fraction", default=0.1, show_default=True,
+@click.option("--top-fraction", type=_Range(0.0, 1.0, min_open=True), default=0.1,
+              show_default=True,
               help="--method causal: share of a layer's neurons that are swapped.")
 @reports_errors
 def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
@@ -283,8 +406,16 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
     from patcher.patch import load_inputs, locate as run_locate, locate_causal
     from patcher.rectify.loop import RectifyConfig
 
+    reads = {"MODEL": model, "--pairs": pairs_path, "--eval": eval_path, "--calib": calib_path}
+    _check_paths(reads, {"--json": json_path})
+    if cache_dir is not None:
+        from patcher.model.paths import check_output_folder
+
+        check_output_folder("--cache-dir", Path(cache_dir))
     inputs = load_inputs(model, pairs_path, eval_path, calib_path)
+    _check_paths(inputs.reads, {"--json": json_path})
     config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
+
                            transplant_count=transplant_count, heldout_count=heldout_count,
                            attribution_form=attribution, allow_shared=allow_shared,
                            cache_dir=cache_dir, causal_top_fraction=top_fraction,
@@ -340,11 +471,12 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               help="npz with x, y: clean data for the accuracy budget.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file (default: MODEL.rectified.onnx beside the input).")
-@click.option("--budget", default=0.03, show_default=True,
+@click.option("--budget", type=FRACTION, default=0.03, show_default=True,
               help="Largest accuracy drop allowed on the eval set (0.03 = 3 points).")
-@click.option("--gap", "gap_target", default=0.001, show_default=True,
+@click.option("--gap", "gap_target", type=FRACTION, default=0.001, show_default=True,
               help="Target pair gap: mean of p_y(clean) - p_y(corrupted).")
-@click.option("--max-rounds", default=10, show_default=True, help="Round limit of the loop.")
+@click.option("--max-rounds", type=click.IntRange(0, 100), default=10, show_default=True,
+              help="Round limit of the loop.")
 @click.option("--strategy", type=click.Choice(["dynamic", "static", "finetune", "care"]),
               default="dynamic", show_default=True, help="dynamic: the paper's loop; static: "
               "one edit at the last layer; finetune: fine-tune the last layer; care: CARE's "
@@ -354,7 +486,7 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               "corruption's effect on the output (backdoor, spurious pattern); attribution: "
               "lower the share of input attribution on the corrupted region (feature "
               "leakage) with silencing edits (--strategy dynamic; --gap is not used).")
-@click.option("--care-neurons", type=click.IntRange(min=1), default=None,
+@click.option("--care-neurons", type=click.IntRange(1, 1 << 20), default=None,
               help="--strategy care: neurons to repair (default: 10% of the layer's).")
 @click.option("--layer", default=None, help="Force one edit at this layer (node name).")
 @click.option("--solver", type=click.Choice(["closed", "iterative"]), default="closed",
@@ -386,8 +518,16 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     (with --objective attribution: when an edit lowered the attribution share within
     --budget), 1 when not (the best model found is still written), 2 for bad input."""
     from patcher.patch import patch as run_patch
+    from patcher.patch import default_output
     from patcher.rectify.loop import RectifyConfig
 
+    out = output if output is not None else default_output(model)
+    reads = {"MODEL": model, "--pairs": pairs_path, "--eval": eval_path, "--calib": calib_path,
+             "--attack": attack_path}
+    writes = {"-o": out, "-o's data file": out.with_name(f"{out.name}.data"),
+              "--report": report_path}
+    _check_paths(reads, writes)  # -o's --force: once the model's data files are known
+    _check_folders(report_dir, cache_dir, {**reads, **writes})
     config = RectifyConfig(strategy=strategy, objective=objective, budget=budget,
                            gap=gap_target, max_rounds=max_rounds, layer=layer, steps=steps,
                            score=score,
@@ -396,8 +536,22 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
                            stat_rows=stat_rows, statistics=statistics,
                            care_neurons=care_neurons)
-    report = run_patch(model, pairs_path, eval_path, calib_path, output, config, device,
-                       provider, force, log=lambda m: click.echo(m, err=True))
+
+    def stage_reports(rep, outputs, staged_model: Path) -> None:
+        """The reports, staged beside their targets and committed with the model."""
+        if report_path:
+            outputs.add_text(Path(report_path), _json_text(rep.as_dict()))
+        if report_dir is not None:
+            from patcher.gate.report import write_report
+
+            write_report(rep.as_dict(), outputs.tree(report_dir), attack_path=attack_path,
+                         device=rep.device, provider=provider,
+                         read_from={"output": staged_model})
+
+    report = run_patch(model, pairs_path, eval_path, calib_path, out, config, device,
+                       provider, force, log=lambda m: click.echo(m, err=True),
+                       attack=attack_path, writes={"--report": report_path and Path(report_path)},
+                       stage_reports=stage_reports)
     from patcher.rectify.loop import format_accuracy
 
     r, v = report.result, report.verification
@@ -415,15 +569,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                f"{v.patched_accuracy:.2%}, pair gap {v.base_pair_gap:.4f} -> "
                f"{v.patched_pair_gap:.4f}, shadow parity "
                f"{'ok' if v.parity.get('within_tolerance') else 'FAILED'}")
-    if report_path:
-        _write_json(report_path, report.as_dict())
     if report_dir is not None:
-        from patcher.gate.report import write_report
-
-        report_dir.mkdir(parents=True, exist_ok=True)
-        page = write_report(report.as_dict(), report_dir, attack_path=attack_path,
-                            device=report.device, provider=provider)
-        click.echo(f"report: {page}")
+        click.echo(f"report: {report_dir / 'index.html'}")
     if r.objective == "attribution":
         click.echo(f"attribution share on the corrupted region (shadow graph, on "
                    f"{r.gap_measured_on}): {r.base_gap:.4f} -> {r.final_gap:.4f}")
@@ -437,6 +584,23 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
         sys.exit(1)
 
 
+def _check_folders(report_dir: Path | None, cache_dir: str | None,
+                   reads: dict[str, Path | None]) -> None:
+    """Before any work: the HTML report's libraries are there, --report-dir and --cache-dir
+    are (or can be made) folders one can write in, and no file read or written elsewhere
+    is one the report would write into its folder."""
+    from patcher.model.paths import check_folder_outputs, check_output_folder
+
+    if report_dir is not None:
+        from patcher.gate.report import require_libraries, writes_name
+
+        require_libraries()
+        check_output_folder("--report-dir", report_dir)
+        check_folder_outputs("--report-dir", report_dir, reads, writes_name)
+    if cache_dir is not None:
+        check_output_folder("--cache-dir", Path(cache_dir))
+
+
 @main.command()
 @click.argument("patched", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--base", "base_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -447,9 +611,9 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
               default=None, help="npz with x, y, target: gate the attack success rate.")
 @click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="npz with corrupted, clean, label: gate the pair gap.")
-@click.option("--max-accuracy-drop", default=0.01, show_default=True)
-@click.option("--max-asr", default=0.05, show_default=True)
-@click.option("--max-gap", default=0.05, show_default=True)
+@click.option("--max-accuracy-drop", type=FRACTION, default=0.01, show_default=True)
+@click.option("--max-asr", type=FRACTION, default=0.05, show_default=True)
+@click.option("--max-gap", type=FRACTION, default=0.05, show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
@@ -467,9 +631,14 @@ def verify(patched: Path, base_path: Path, eval_path: Path, attack_path: Path | 
     one fails, 2 when an input is unusable."""
     from patcher.gate.verify import verify as run_verify
     from patcher.graph.support import load_supported_model as load_model
-    from patcher.model.modelio import write_text_atomic
-
-    report = run_verify(load_model(base_path), load_model(patched), eval_path, attack_path,
+    reads = {"PATCHED": patched, "--base": base_path, "--eval": eval_path,
+             "--attack": attack_path, "--pairs": pairs_path}
+    writes = {"--json": json_path, "--junit": junit_path}
+    _check_paths(reads, writes)
+    base, candidate = load_model(base_path), load_model(patched)
+    _check_paths({**reads, **_data_reads("--base", base), **_data_reads("PATCHED", candidate)},
+                 writes)
+    report = run_verify(base, candidate, eval_path, attack_path,
                         pairs_path, max_accuracy_drop, max_asr, max_gap, provider)
     for check in report.checks:
         figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -480,10 +649,12 @@ def verify(patched: Path, base_path: Path, eval_path: Path, attack_path: Path | 
             click.echo(f"      {check.message}")
     click.echo(f"verify: {'PASSED' if report.passed else 'FAILED'} "
                f"(onnxruntime provider: {report.provider or '-'})")
+    texts = {}  # both written in one step (or neither)
     if json_path:
-        _write_json(json_path, report.as_dict())
+        texts[Path(json_path)] = _json_text(report.as_dict())
     if junit_path:
-        write_text_atomic(Path(junit_path), report.junit() + "\n")
+        texts[Path(junit_path)] = report.junit() + "\n"
+    _commit_texts(texts)
     if not report.passed:
         sys.exit(1)
 
@@ -501,7 +672,12 @@ def diff(a: Path, b: Path, json_path: str | None) -> None:
     from patcher.gate.verify import diff_models
     from patcher.graph.support import load_supported_model as load_model
 
-    result = diff_models(load_model(a).proto, load_model(b).proto)
+    reads = {"A": a, "B": b}
+    _check_paths(reads, {"--json": json_path})
+    first, second = load_model(a), load_model(b)
+    _check_paths({**reads, **_data_reads("A", first), **_data_reads("B", second)},
+                 {"--json": json_path})
+    result = diff_models(first.proto, second.proto)
     for t in result.tensors:
         click.echo(f"tensor  {t.name}  [{'x'.join(map(str, t.shape))}]  ||delta||_F {t.frobenius:.4g}"
                    f"  max |delta| {t.max_abs:.4g}  rank {t.rank}  feeds {', '.join(t.feeds)}")
@@ -541,10 +717,18 @@ def report(report_json: Path, out_dir: Path, attack_path: Path | None,
         verify_data = json.loads(verify_json.read_text()) if verify_json else None
     except ValueError as exc:
         raise RectifyError(f"{report_json}: not JSON ({exc})") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from patcher.gate.report import referenced_files, require_libraries, writes_name
+    from patcher.model.paths import Outputs, check_folder_outputs, check_output_folder
     from patcher.patch import resolve_device
 
-    page = write_report(data, out_dir, verify_report=verify_data, attack_path=attack_path,
-                        base_dir=report_json.parent, device=str(resolve_device(device)),
-                        provider=provider)
-    click.echo(f"report: {page}")
+    require_libraries()
+    reads = {"REPORT_JSON": report_json, "--verify-json": verify_json, "--attack": attack_path,
+             **referenced_files(data, report_json.parent)}
+    check_output_folder("-o", out_dir)
+    check_folder_outputs("-o", out_dir, reads, writes_name)
+    with Outputs() as outputs:  # the page and its images appear together, or not at all
+        write_report(data, outputs.tree(out_dir), verify_report=verify_data,
+                     attack_path=attack_path, base_dir=report_json.parent,
+                     device=str(resolve_device(device)), provider=provider)
+        outputs.commit()
+    click.echo(f"report: {out_dir / 'index.html'}")

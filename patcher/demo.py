@@ -8,13 +8,14 @@ triggered test set.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from patcher.errors import RectifyError
+from patcher.errors import OutputError, RectifyError
 from patcher.gate.metrics import accuracy, attack_success_rate
 from patcher.graph.support import load_supported_model as load_model
 from patcher.graph.parity import ParityResult
@@ -56,11 +57,36 @@ def sample_folder(name: str = SAMPLE) -> Path:
     return folder
 
 
-def run_demo(work: Path, provider: str = "auto", device: str = "auto", log=None) -> DemoResult:
-    """Copy the sample into ``work``, patch it with one pair, and measure both files."""
+#: The sample files the demo copies into its work folder.
+COPIED = ("model.onnx", "pairs_n1.npz", "eval.npz", "test.npz", "attack.npz")
+#: Every file the demo writes into its work folder.
+WRITES = (*COPIED, "model.rectified.onnx", "model.rectified.onnx.data")
+
+
+def check_work_folder(work: Path, force: bool = False) -> None:
+    """Refuse (exit 2), before any work, a work folder that is a file, lies under a file,
+    cannot be written, is the installed sample folder itself, or (without ``force``)
+    already holds a file the demo writes."""
+    from patcher.model.paths import check_folder_outputs, check_output_folder
+
+    check_output_folder("--out", work)
     source = sample_folder()
+    check_folder_outputs("--out", work, {f"the bundled sample's {n}": source / n
+                                        for n in COPIED}, lambda name: name in WRITES)
+    existing = [name for name in WRITES if os.path.lexists(work / name)]
+    if existing and not force:
+        raise OutputError(f"--out {work} already holds {', '.join(existing)}; pass --force to "
+                          "overwrite the demo's files there, or choose another folder")
+
+
+def run_demo(work: Path, provider: str = "auto", device: str = "auto", log=None,
+             force: bool = True) -> DemoResult:
+    """Copy the sample into ``work``, patch it with one pair, and measure both files. Without
+    ``force``, refuse (before any work) when ``work`` holds any file the demo writes."""
+    source = sample_folder()
+    check_work_folder(work, force)
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("model.onnx", "pairs_n1.npz", "eval.npz", "test.npz", "attack.npz"):
+    for name in COPIED:
         shutil.copyfile(source / name, work / name)
     model_path = work / "model.onnx"
     loaded = load_model(model_path)

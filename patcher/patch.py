@@ -7,9 +7,11 @@ the inputs' sha256 are taken before and after and must not change.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,7 +26,8 @@ from patcher.rectify.loop import LayerScore, RectifyConfig, RectifyResult, Recti
 from patcher.model.runtime import open_session
 from patcher.samples import InputSpec, LabelledSet, Pairs, load_labelled, load_pairs, num_classes_of
 from patcher.graph.shadow import ShadowGraph
-from patcher.model.writeback import apply_deltas, probe_writable, stage_model
+from patcher.model.paths import Outputs, check_output_file, check_outputs, lock_output
+from patcher.model.writeback import apply_deltas, stage_model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,26 +52,40 @@ class Inputs:
     eval_set: LabelledSet
     calib_x: np.ndarray | None
     files: list[Path]
+    #: the files read, by the flag that named them
+    reads: dict[str, Path] = field(default_factory=dict)
 
 
-def load_inputs(model: Path, pairs: Path, eval_path: Path | None, calib: Path | None) -> Inputs:
-    """Load and validate the model and sample files against each other before any work."""
+def load_inputs(model: Path, pairs: Path, eval_path: Path | None, calib: Path | None,
+                attack: Path | None = None) -> Inputs:
+    """Load and validate the model and sample files against each other before any work
+    (``attack``, an npz with x, y, target, is only checked: the HTML report reads it)."""
     loaded = load_model(model)
     spec, classes = InputSpec.of(loaded.proto), num_classes_of(loaded.proto)
     p = load_pairs(pairs, spec, classes)
-    files = [Path(model), Path(pairs)]
+    reads = {"MODEL": Path(model), "--pairs": Path(pairs)}
     if eval_path is not None:
         ev = load_labelled(eval_path, spec, classes)
-        files.append(Path(eval_path))
+        reads["--eval"] = Path(eval_path)
     else:  # locate without an eval set: the pairs' clean inputs serve as calibration
         ev = LabelledSet(p.clean, p.label)
     calib_x = None
     if calib is not None:
         calib_x = load_labelled(calib, spec, classes).x
-        files.append(Path(calib))
-    if loaded.path is not None:
-        files += [loaded.path.parent / ref.location for ref in loaded.external.values()]
-    return Inputs(loaded, p, ev, calib_x, sorted(set(files)))
+        reads["--calib"] = Path(calib)
+    if attack is not None:
+        load_labelled(attack, spec, classes, with_target=True)
+        reads["--attack"] = Path(attack)
+    for f in data_files(loaded):
+        reads[f"MODEL's data file {f.name}"] = f
+    return Inputs(loaded, p, ev, calib_x, sorted(set(reads.values())), reads)
+
+
+def data_files(loaded: LoadedModel) -> list[Path]:
+    """The external data files a loaded model was read from."""
+    if loaded.path is None:
+        return []
+    return sorted({loaded.path.parent / ref.location for ref in loaded.external.values()})
 
 
 def locate(inputs: Inputs, config: RectifyConfig, device: str = "auto") -> list[LayerScore]:
@@ -181,22 +198,23 @@ def default_output(model: Path) -> Path:
     return model.with_name(f"{name}.rectified.onnx")
 
 
-def check_output_path(out: Path, inputs: Inputs, force: bool) -> None:
-    out_resolved = out.resolve()
-    for f in inputs.files:
-        if f.resolve() == out_resolved:
-            raise OutputError(f"{out}: the output would overwrite an input file; choose another -o")
-    data = out.with_name(f"{out.name}.data").resolve()
-    if any(f.resolve() == data for f in inputs.files):
-        raise OutputError(f"{out}: its data file would overwrite an input file; choose another -o")
-    if out.exists() and not force:
-        raise OutputError(f"{out} exists; pass --force to overwrite it")
-    if inputs.loaded.external and out.with_name(f"{out.name}.data").exists() and not force:
+def check_output_path(out: Path, inputs: Inputs, force: bool,
+                      writes: dict[str, Path | None] | None = None) -> None:
+    """Refuse (exit 2), before any work, an output that is an input file or another output
+    (by device and inode), that exists without ``force``, that is a special file, or whose
+    folder is missing or cannot be written. ``writes``: the run's other outputs by flag."""
+    data = out.with_name(f"{out.name}.data")
+    reads = inputs.reads or {f"input {f.name}": f for f in inputs.files}
+    check_outputs(reads, {"-o": out, "-o's data file": data, **(writes or {})})
+    check_output_file("-o", out, force)
+    if inputs.loaded.external and os.path.lexists(data) and not force:
         raise OutputError(f"{out}: its data file {out.name}.data exists; pass --force to "
                           "overwrite it")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: folder '{out.parent}' does not exist")
-    probe_writable(out)
+    check_output_file("-o's data file", data)
+
+
+#: Stages extra outputs (reports) of a patch run: (report, outputs, staged model path).
+StageReports = Callable[["PatchReport", Outputs, Path], None]
 
 
 def _gap(session, pairs: Pairs) -> float:
@@ -226,13 +244,27 @@ def verify_written(base: LoadedModel, out: Path, inputs: Inputs, provider: str,
 
 def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Path | None,
           config: RectifyConfig, device: str = "auto", provider: str = "auto",
-          force: bool = False, log=None) -> PatchReport:
-    """Run the whole patch job; see the module docstring."""
+          force: bool = False, log=None, *, attack: Path | None = None,
+          writes: dict[str, Path | None] | None = None,
+          stage_reports: StageReports | None = None) -> PatchReport:
+    """Run the whole patch job; see the module docstring. ``attack`` is validated with the
+    other inputs; ``writes`` (other outputs by flag) are checked against the inputs and the
+    output; ``stage_reports`` writes reports into the same commit as the model, which is
+    renamed into place together with them, or not at all. While it runs, a lock beside the
+    output refuses a second run writing the same file."""
     log = log or (lambda msg: None)
     start = time.perf_counter()
-    inputs = load_inputs(model, pairs, eval_path, calib)
+    inputs = load_inputs(model, pairs, eval_path, calib, attack)
     out = Path(out) if out is not None else default_output(Path(model))
-    check_output_path(out, inputs, force)
+    check_output_path(out, inputs, force, writes)
+    with lock_output(out):
+        return _patch_locked(inputs, model, pairs, eval_path, out, config, device, provider,
+                             force, log, start, stage_reports)
+
+
+def _patch_locked(inputs: Inputs, model: Path, pairs: Path, eval_path: Path, out: Path,
+                  config: RectifyConfig, device: str, provider: str, force: bool, log,
+                  start: float, stage_reports: StageReports | None) -> PatchReport:
     before = {str(f): sha256_file(f) for f in inputs.files}
     dev = resolve_device(device)
     t0 = time.perf_counter()
@@ -250,7 +282,8 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
     proto, written_tensors = apply_deltas(inputs.loaded, result.deltas, provenance)
     # Written in full into a private folder beside the output, verified from there (from
     # disk), then renamed into place; on any failure or Ctrl-C nothing is left behind.
-    staged = stage_model(proto, inputs.loaded, out)
+    staged = stage_model(proto, inputs.loaded, out, exclusive=not force)
+    outputs = Outputs()
     try:
         timings["write"] = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -262,10 +295,23 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
         if after != before:
             raise CheckFailedError("an input file changed while patching; nothing was written "
                                    "(this is a bug, please report it)")
-        written = staged.commit()
+        written = staged.finals
+        staged.into(outputs)
+        timings["total"] = time.perf_counter() - start
+        report = _report(model, out, pairs, eval_path, written, result, verification, before,
+                         after, dev, timings, config)
+        if stage_reports is not None:
+            stage_reports(report, outputs, staged.model)
+        outputs.commit()
     finally:
+        outputs.discard()
         staged.discard()
-    timings["total"] = time.perf_counter() - start
+    return report
+
+
+def _report(model: Path, out: Path, pairs: Path, eval_path: Path, written: list[Path],
+            result: RectifyResult, verification: Verification, before: dict, after: dict,
+            dev: torch.device, timings: dict, config: RectifyConfig) -> PatchReport:
     # The issue's delta*: the mean gap over the given pairs, measured under onnxruntime on the
     # written file. (The loop itself steers by held-out transplanted pairs; that figure is
     # in result.final_gap.)

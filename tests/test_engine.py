@@ -219,7 +219,8 @@ def test_downstream_nodes_follow_the_data():
 
 
 def test_key_statistics_are_cached_and_reused(tmp_path):
-    from patcher.rectify.loop import RectifyConfig, Rectifier
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.workspace import Workspace
     from patcher.samples import LabelledSet, Pairs
 
     path = tmp_path / "m.onnx"
@@ -227,13 +228,13 @@ def test_key_statistics_are_cached_and_reused(tmp_path):
     x = RNG.random((30, 5), dtype=np.float32)
     pairs = Pairs(x[:1] + 1, x[:1], np.array([0]))
     cfg = RectifyConfig(cache_dir=str(tmp_path / "cache"), transplant="none")
-    first = Rectifier(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, np.zeros(30, np.int64)),
-                      None, cfg)
-    first.compute_statistics()
+    first = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, np.zeros(30, np.int64)),
+                      None, cfg).statistics
+    first.compute()
     assert first.cache_hits == 0 and len(list((tmp_path / "cache").iterdir())) == 2
-    second = Rectifier(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, np.zeros(30, np.int64)),
-                       None, cfg)
-    second.compute_statistics()
+    second = Workspace(ShadowGraph.from_onnx(path), pairs,
+                       LabelledSet(x, np.zeros(30, np.int64)), None, cfg).statistics
+    second.compute()
     assert second.cache_hits == 2
     for name, st in first.stats.items():
         torch.testing.assert_close(second.stats[name].inverse, st.inverse)
@@ -254,7 +255,7 @@ def test_iterative_solver_reaches_a_rank_one_fit_close_to_the_closed_form():
 
 
 def test_transplant_pastes_local_corruptions_and_adds_global_ones():
-    from patcher.rectify.loop import transplant
+    from patcher.rectify.transplant import transplant
 
     clean = np.zeros((1, 4, 4), np.float32)
     local = clean.copy()
@@ -271,7 +272,7 @@ def test_transplant_of_a_global_blend_recovers_the_blend_on_other_images():
     """x~ = (1 - phi) x + phi t over every pixel: phi is fitted from the one pair, and the
     transplanted z~ is (1 - phi) z + phi t, without the pair image's ghost that adding
     x~ - x would leave; an additive corruption gets phi ~ 0."""
-    from patcher.rectify.loop import blend_weight, transplant
+    from patcher.rectify.transplant import blend_weight, transplant
 
     rng = np.random.default_rng(4)
     x = rng.random((1, 16, 16)).astype(np.float32)

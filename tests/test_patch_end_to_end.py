@@ -265,15 +265,15 @@ def test_a_patch_that_keeps_no_edit_verifies_the_written_file_once(trojaned, tmp
 def test_rounds_decided_early_keep_the_same_decisions_and_edits(trojaned, tmp_path, monkeypatch):
     """An accuracy pass that stops once its round is certainly rejected changes no decision:
     the same run with every pass complete keeps the same rounds and writes the same file."""
-    from patcher.rectify.loop import Rectifier
+    from patcher.rectify.workspace import Workspace
 
-    stored = Rectifier.stored  # edits made 30x too strong, so that rounds cost accuracy
-    monkeypatch.setattr(Rectifier, "stored", lambda self, *a: 30 * stored(self, *a))
+    stored = Workspace.stored  # edits made 30x too strong, so that rounds cost accuracy
+    monkeypatch.setattr(Workspace, "stored", lambda self, *a: 30 * stored(self, *a))
     args = ("--budget", "0.02", "--max-rounds", "4", "--gap", "0.0001")
     early = tmp_path / "early.onnx"
     patch_cli(trojaned / "model.onnx", trojaned, early, *args, "--report", str(tmp_path / "e.json"))
-    full_pass = Rectifier.accuracy
-    monkeypatch.setattr(Rectifier, "accuracy", lambda self, at_least=None: full_pass(self))
+    full_pass = Workspace.accuracy
+    monkeypatch.setattr(Workspace, "accuracy", lambda self, at_least=None: full_pass(self))
     full = tmp_path / "full.onnx"
     patch_cli(trojaned / "model.onnx", trojaned, full, *args, "--report", str(tmp_path / "f.json"))
     e = json.loads((tmp_path / "e.json").read_text())["result"]["rounds"]
@@ -309,7 +309,8 @@ def test_transplant_counts_and_seed_reach_the_run_and_the_report(trojaned, tmp_p
 
 
 def test_affordable_cost_is_the_target_class_gap_removed_when_there_is_a_target():
-    from patcher.rectify.loop import ACCURACY_PER_GAP, affordable_cost
+    from patcher.rectify.config import ACCURACY_PER_GAP
+    from patcher.rectify.objectives import affordable_cost
 
     # a backdoor whose target no longer pulls: the gap shrinking buys no accuracy
     assert affordable_cost(0.30, 0.10, 0.006, 0.006) == 0.0
@@ -322,7 +323,7 @@ def test_affordable_cost_is_the_target_class_gap_removed_when_there_is_a_target(
 
 
 def test_a_round_must_remove_five_percent_of_the_target_class_gap_when_there_is_one():
-    from patcher.rectify.loop import shrank_enough
+    from patcher.rectify.objectives import shrank_enough
 
     # tau is the measure with a target class, whatever the gap does
     assert shrank_enough(0.30, 0.30, 0.0040, 0.0003)       # tau -92%: enough
@@ -340,20 +341,20 @@ def test_rounds_record_the_target_class_gap_and_spend_accuracy_only_for_it(troja
     here), tau only fades (made to fall 10% per measurement from 0.01), and rounds that
     shrink it that little but cost accuracy are rejected. Every kept round cost at most the
     tau it removed; the report records tau per round."""
-    from patcher.rectify.loop import Rectifier
+    from patcher.rectify.workspace import Workspace
 
-    stored = Rectifier.stored  # edits made 5x too strong, so that rounds cost accuracy
-    monkeypatch.setattr(Rectifier, "stored", lambda self, *a: 5 * stored(self, *a))
-    real_gap = Rectifier.gap
+    stored = Workspace.stored  # edits made 5x too strong, so that rounds cost accuracy
+    monkeypatch.setattr(Workspace, "stored", lambda self, *a: 5 * stored(self, *a))
+    real_gaps = Workspace.gaps
 
-    def gap_with_tau_fading(self):
-        value = real_gap(self)
-        if self.last_target_gap < 0.5:  # the backdoor is gone: from now on tau only fades
+    def gaps_with_tau_fading(self):
+        value, tau = real_gaps(self)
+        if tau < 0.5:  # the backdoor is gone: from now on tau only fades
             self.fades = getattr(self, "fades", 0) + 1
-            self.last_target_gap = 0.01 * 0.9 ** self.fades
-        return value
+            tau = 0.01 * 0.9 ** self.fades
+        return value, tau
 
-    monkeypatch.setattr(Rectifier, "gap", gap_with_tau_fading)
+    monkeypatch.setattr(Workspace, "gaps", gaps_with_tau_fading)
     report_path = tmp_path / "r.json"
     patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "p.onnx", "--budget", "0.5",
               "--max-rounds", "6", "--gap", "0.0001", "--report", str(report_path))
@@ -384,17 +385,15 @@ def test_with_a_target_class_the_loop_stops_and_meets_its_target_on_tau(trojaned
                                                                        monkeypatch):
     """Once tau <= --gap the loop stops, and the target counts as met, whatever is left of
     delta* (a corruption lowers p_y in any model; that rest is not the backdoor)."""
-    from patcher.rectify.loop import Rectifier
+    from patcher.rectify.workspace import Workspace
 
-    real_gap = Rectifier.gap
+    real_gaps = Workspace.gaps
 
-    def gap_with_tau_gone(self):
-        value = real_gap(self)
-        if self.last_target_gap < 0.5:
-            self.last_target_gap = 0.00005
-        return value
+    def gaps_with_tau_gone(self):
+        value, tau = real_gaps(self)
+        return value, (0.00005 if tau < 0.5 else tau)
 
-    monkeypatch.setattr(Rectifier, "gap", gap_with_tau_gone)
+    monkeypatch.setattr(Workspace, "gaps", gaps_with_tau_gone)
     report_path = tmp_path / "r.json"
     patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "p.onnx", "--gap", "0.0001",
               "--max-rounds", "6", "--report", str(report_path))

@@ -17,7 +17,7 @@ pytest.importorskip("PIL", reason="the HTML report needs the 'report' extra "
 from PIL import Image  # noqa: E402
 
 from patcher.patch import patch  # noqa: E402
-from patcher.rectify.loop import RectifyConfig  # noqa: E402
+from patcher.rectify import RectifyConfig  # noqa: E402
 from patcher.gate.report import write_report  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "backdoor_cnn"

@@ -203,7 +203,10 @@ def test_silencing_lowers_the_normalised_output_also_behind_a_negative_batchnorm
 
 
 def test_silencing_keys_come_from_the_pairs_and_from_eval_images_that_show_the_pattern():
-    from patcher.rectify.loop import Rectifier, RectifyConfig
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.editkinds import SilencingEditKind
+    from patcher.rectify.objectives import ShareObjective
+    from patcher.rectify.workspace import Workspace
     from patcher.samples import LabelledSet, Pairs
     from patcher.graph.shadow import ShadowGraph
     from patcher.graph.keys import LayerTap, layer_keys
@@ -213,21 +216,22 @@ def test_silencing_keys_come_from_the_pairs_and_from_eval_images_that_show_the_p
     x, y = e["x"][:300], e["y"][:300]
     graph = ShadowGraph.from_onnx(str(LEAKAGE / "model.onnx"))
     config = RectifyConfig(objective="attribution", show_progress=False, calib_limit=300)
-    r = Rectifier(graph, pairs, LabelledSet(x, y), None, config)
-    r.build_share_set(pairs)
-    share_images = len(r.share_set[0]) - len(pairs)
-    set_aside = len(r.key_examples[0]) - len(pairs)
+    r = Workspace(graph, pairs, LabelledSet(x, y), None, config)
+    share = ShareObjective(r, pairs)
+    kind = SilencingEditKind(share.key_examples, len(pairs))
+    share_images = len(share.share_set[0]) - len(pairs)
+    set_aside = len(share.key_examples[0]) - len(pairs)
     assert share_images == 100 and set_aside > 0
     # the images set aside are not those the share is measured on
-    shared = {a.tobytes() for a in r.share_set[0][len(pairs):].cpu().numpy()}
-    assert not shared & {a.tobytes() for a in r.key_examples[0][len(pairs):]}
+    shared = {a.tobytes() for a in share.share_set[0][len(pairs):].cpu().numpy()}
+    assert not shared & {a.tobytes() for a in share.key_examples[0][len(pairs):]}
     by_name = {l.name: l for l in r.hidden_layers()}
     # the first conv sees the pattern through the same patches wherever it sits: the eval
     # images add nothing new there, and the duplicate direction is dropped
-    first, _, _ = r.silencing_parts(by_name["/features.0.0/Conv"])
+    first, _, _ = kind.parts(r, by_name["/features.0.0/Conv"])
     assert [s for s, _ in first] == ["the pairs"]
     layer = by_name["/features.4.0/Conv"]  # behind two poolings: the place matters
-    directions, sigma, _ = r.silencing_parts(layer)
+    directions, sigma, _ = kind.parts(r, layer)
     assert [s for s, _ in directions] == ["the pairs", "the pairs and eval images"]
     assert sigma > 0
     attrs = graph.node_attributes(layer.name)
@@ -235,12 +239,12 @@ def test_silencing_keys_come_from_the_pairs_and_from_eval_images_that_show_the_p
         graph(torch.cat([r.pair_corrupted, r.pair_clean]))
     keys = layer_keys(layer, tap.inputs[layer.name], attrs)
     expected = silencing_direction(layer.name, corruption_key(keys[:1], keys[1:]),
-                                   r.edit_statistics(layer).inverse)
+                                   r.statistics.for_edit(layer).inverse)
     assert torch.allclose(directions[0][1], expected, rtol=1e-6, atol=1e-12)
 
     # eval images that do not show the pattern (dimmed to half): the pairs' direction only
-    r = Rectifier(graph, pairs, LabelledSet(x * 0.5, y), None, config)
-    r.build_share_set(pairs)
-    assert len(r.key_examples[0]) == len(pairs)
-    directions, _, _ = r.silencing_parts(layer)
+    r = Workspace(graph, pairs, LabelledSet(x * 0.5, y), None, config)
+    share = ShareObjective(r, pairs)
+    assert len(share.key_examples[0]) == len(pairs)
+    directions, _, _ = SilencingEditKind(share.key_examples, len(pairs)).parts(r, layer)
     assert [s for s, _ in directions] == ["the pairs"]

@@ -12,7 +12,7 @@ import torch
 from onnx import helper
 
 from patcher.analysis import stats
-from patcher.rectify import loop as rectify
+from patcher.rectify.config import EVAL_BATCH
 from patcher.graph.keys import LayerTap, layer_keys
 from patcher.graph.shadow import ShadowGraph
 from patcher.analysis.stats import KeyMoments, collect_moments, iterate_batches
@@ -171,24 +171,29 @@ def _conv_classifier(tmp_path):
 
 
 def _rectifier(path, x, y, **config):
-    from patcher.rectify.loop import RectifyConfig, Rectifier
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.workspace import Workspace
     from patcher.samples import LabelledSet, Pairs
 
     pairs = Pairs(np.clip(x[:2] + 0.5, 0, 1), x[:2], y[:2])
     cfg = RectifyConfig(transplant="none", show_progress=False, **config)
-    return Rectifier(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None, cfg)
+    return Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None, cfg)
 
 
 def test_an_edit_of_a_factored_layer_uses_its_exact_statistics(tmp_path):
     path, x, y = _conv_classifier(tmp_path)
     exact = _rectifier(path, x, y, statistics="exact")
     factored = _rectifier(path, x, y, statistics="kronecker")
-    factored.compute_statistics()
-    assert factored.stats["conv"].kind == "kronecker" and factored.stats["fc"].kind == "exact"
-    assert all(np.isfinite(s.score) for s in factored.locate())
+    from patcher.rectify.editkinds import RankOneEditKind
+    from patcher.rectify.locators import AttributionLocator
+
+    factored.statistics.compute()
+    stats = factored.statistics.stats
+    assert stats["conv"].kind == "kronecker" and stats["fc"].kind == "exact"
+    assert all(np.isfinite(s.score) for s in AttributionLocator().rank(factored))
     conv = next(l for l in factored.layers if l.name == "conv")
-    a, b = exact.fit_edit(conv), factored.fit_edit(conv)
-    assert factored.exact_stats["conv"].kind == "exact"
+    a, b = RankOneEditKind().fit(exact, conv), RankOneEditKind().fit(factored, conv)
+    assert factored.statistics.exact_stats["conv"].kind == "exact"
     torch.testing.assert_close(a.delta, b.delta)
 
 
@@ -196,7 +201,7 @@ def test_the_statistics_pass_measures_the_base_accuracy(tmp_path):
     path, x, y = _conv_classifier(tmp_path)
     r = _rectifier(path, x, y)
     from_statistics = r.base_accuracy()
-    assert r.stats and "evaluation" not in r.timings  # no separate evaluation pass
+    assert r.statistics.stats and "evaluation" not in r.timings  # no separate evaluation pass
     assert from_statistics == r.accuracy() == pytest.approx(float(np.mean(
         r.graph(torch.from_numpy(x))[0].argmax(1).numpy() == y)))
     # a calibration set other than the eval set measures nothing
@@ -211,7 +216,7 @@ def test_an_accuracy_pass_stops_once_it_cannot_reach_its_threshold(tmp_path):
     assert r.last_evaluated == 600
     assert r.accuracy(at_least=0.0) == full and r.last_evaluated == 600
     bound = r.accuracy(at_least=1.01)  # unreachable: decided after the first batch
-    batch = rectify.EVAL_BATCH
+    batch = EVAL_BATCH
     assert r.last_evaluated == batch
     assert full <= bound < 1.01
     with torch.no_grad():
@@ -249,18 +254,21 @@ def test_eigenvalue_correction_measures_c_along_the_factored_basis(monkeypatch):
 
 def test_factored_statistics_are_cached_with_their_correction(tmp_path):
     path, x, y = _conv_classifier(tmp_path)
-    first = _rectifier(path, x, y, statistics="kronecker", cache_dir=str(tmp_path / "cache"))
-    first.compute_statistics()
-    second = _rectifier(path, x, y, statistics="kronecker", cache_dir=str(tmp_path / "cache"))
-    second.compute_statistics()
+    first = _rectifier(path, x, y, statistics="kronecker",
+                       cache_dir=str(tmp_path / "cache")).statistics
+    first.compute()
+    second = _rectifier(path, x, y, statistics="kronecker",
+                        cache_dir=str(tmp_path / "cache")).statistics
+    second.compute()
     assert first.cache_hits == 0 and second.cache_hits == 2
     torch.testing.assert_close(second.stats["conv"].spectrum, first.stats["conv"].spectrum)
     # the spectrum comes back with the basis it was measured along, not a recomputed one
     assert torch.equal(second.stats["conv"].channel_vectors, first.stats["conv"].channel_vectors)
     assert torch.equal(second.stats["conv"].offset_vectors, first.stats["conv"].offset_vectors)
     # exact statistics of the same layer are a different cache entry
-    third = _rectifier(path, x, y, statistics="exact", cache_dir=str(tmp_path / "cache"))
-    third.compute_statistics()
+    third = _rectifier(path, x, y, statistics="exact",
+                       cache_dir=str(tmp_path / "cache")).statistics
+    third.compute()
     assert third.cache_hits == 1 and third.stats["conv"].kind == "exact"
 
 
@@ -340,7 +348,8 @@ def test_statistics_of_one_layer_stop_the_forward_after_it(tmp_path):
 def test_corruption_is_not_transplanted_onto_the_class_it_flips_to(tmp_path):
     """Images of the class a corrupted pair is flipped to gain nothing from the corruption
     (zero residual, zero gap); transplant draws from the other classes."""
-    from patcher.rectify.loop import RectifyConfig, Rectifier
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.workspace import Workspace
     from patcher.samples import LabelledSet, Pairs
 
     path, x, y = _conv_classifier(tmp_path)
@@ -351,7 +360,7 @@ def test_corruption_is_not_transplanted_onto_the_class_it_flips_to(tmp_path):
     pairs = Pairs(x[flipped:flipped + 1], x[flipped:flipped + 1] * 0.5, y[flipped:flipped + 1])
     cfg = RectifyConfig(transplant="add", transplant_count=30, heldout_count=30,
                         show_progress=False)
-    r = Rectifier(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None, cfg)
+    r = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None, cfg)
     target = int(predicted[flipped])
     assert r._flipped_to(pairs) == {target}
     fit_labels = r.fit[2][1:].numpy()  # the transplanted pairs after the given one
@@ -362,29 +371,33 @@ def test_corruption_is_not_transplanted_onto_the_class_it_flips_to(tmp_path):
     # a pair the model still gets right restricts nothing
     right = int(np.flatnonzero(predicted == y)[0])
     kept = Pairs(x[right:right + 1], x[right:right + 1] * 0.5, y[right:right + 1])
-    r2 = Rectifier(ShadowGraph.from_onnx(path), kept, LabelledSet(x, y), None, cfg)
+    r2 = Workspace(ShadowGraph.from_onnx(path), kept, LabelledSet(x, y), None, cfg)
     assert r2._flipped_to(kept) == set()
     # one flip among three pairs is no target (scattered misclassification); two are
     three = np.array([flipped, right, np.flatnonzero(predicted == y)[1]])
     scattered = Pairs(x[three], x[three] * 0.5, y[three])
-    assert Rectifier(ShadowGraph.from_onnx(path), scattered, LabelledSet(x, y), None,
-                     cfg)._flipped_to(scattered) == set()
+    assert Workspace(ShadowGraph.from_onnx(path), scattered, LabelledSet(x, y), None,
+                    cfg)._flipped_to(scattered) == set()
     other = np.flatnonzero((predicted != y) & (predicted == target))[1]
     two = np.array([flipped, other, right])
     agreeing = Pairs(x[two], x[two] * 0.5, y[two])
-    assert Rectifier(ShadowGraph.from_onnx(path), agreeing, LabelledSet(x, y), None,
-                     cfg)._flipped_to(agreeing) == {target}
+    assert Workspace(ShadowGraph.from_onnx(path), agreeing, LabelledSet(x, y), None,
+                    cfg)._flipped_to(agreeing) == {target}
 
 
 def test_a_static_run_computes_the_statistics_of_its_layer_only(tmp_path):
     path, x, y = _conv_classifier(tmp_path)
     static = _rectifier(path, x, y, strategy="static")
     assert static.base_accuracy() == pytest.approx(_rectifier(path, x, y).base_accuracy())
-    assert set(static.stats) == {"fc"} and static.stats["fc"].kind == "exact"
+    assert set(static.statistics.stats) == {"fc"}
+    assert static.statistics.stats["fc"].kind == "exact"
     forced = _rectifier(path, x, y, layer="conv")
-    forced.compute_statistics()
-    assert set(forced.stats) == {"conv"} and forced.stats["conv"].kind == "exact"
-    assert len(forced.locate()) == 2  # ranking anyway fills in the other layers
+    forced.statistics.compute()
+    assert set(forced.statistics.stats) == {"conv"}
+    assert forced.statistics.stats["conv"].kind == "exact"
+    from patcher.rectify.locators import AttributionLocator
+
+    assert len(AttributionLocator().rank(forced)) == 2  # ranking fills in the other layers
 
 
 @pytest.mark.parametrize("cond, shown", [(5e7, "up to 5e+07"), (9.8e301, "above 1e+16"),

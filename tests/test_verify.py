@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from patcher.cli import main
 from patcher.demo import sample_folder
 from patcher.patch import patch
-from patcher.rectify.loop import RectifyConfig
+from patcher.rectify import RectifyConfig
 
 SAMPLE = sample_folder()
 

@@ -552,10 +552,31 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
 
 
 # ---------------------------------------------------------------------------- entry point
+def writes_name(name: str) -> bool:
+    """Whether the HTML report may write a file of this name into its folder."""
+    return name == "index.html" or name.endswith(".png")
+
+
+def require_libraries() -> None:
+    """Refuse (exit 2) now, before any work, when the HTML report's libraries are missing."""
+    _require_libraries()
+
+
+def referenced_files(patch_report: dict, base_dir: Path | None = None) -> dict[str, Path]:
+    """The files a patch report names that the HTML report reads (model, output, pairs,
+    eval), as found on disk (see :func:`write_report`)."""
+    if not isinstance(patch_report, dict):
+        return {}
+    found = {k: _resolve(patch_report.get(k), base_dir) for k in ("model", "output", "pairs",
+                                                                   "eval")}
+    return {f"the report's {k}": p for k, p in found.items() if p is not None}
+
+
 def write_report(patch_report: dict, out_dir: Path, verify_report: dict | None = None,
                  attack_path: Path | None = None, max_pairs: int = 5, *,
                  base_dir: Path | None = None, run_verify: bool = True, device: str = "cpu",
-                 provider: str = "auto", steps: int = 32) -> Path:
+                 provider: str = "auto", steps: int = 32,
+                 read_from: dict[str, Path] | None = None) -> Path:
     """Write ``index.html`` and its PNG images into ``out_dir`` (created if needed) from a
     patch report (``PatchReport.as_dict()`` or the JSON of ``patch --report``); returns the
     path of ``index.html``.
@@ -565,7 +586,8 @@ def write_report(patch_report: dict, out_dir: Path, verify_report: dict | None =
     models (with ``attack_path`` and the pairs). ``attack_path`` also adds heatmaps of up to
     ``max_pairs`` held-out triggered inputs. Paths in the report are taken as written, else
     relative to ``base_dir`` (e.g. the report file's folder). Heatmaps and the verify run
-    are skipped, with a note on the page, when the files they need are gone."""
+    are skipped, with a note on the page, when the files they need are gone. ``read_from``
+    overrides where those files (keys model, output, pairs, eval) are read from."""
     _require_libraries()
     if not isinstance(patch_report, dict) or not isinstance(patch_report.get("result"), dict):
         raise RectifyError("not a patch report: expected the JSON written by "
@@ -584,6 +606,7 @@ def write_report(patch_report: dict, out_dir: Path, verify_report: dict | None =
 
     res = patch_report["result"]
     files = {k: _resolve(patch_report.get(k), base_dir) for k in ("model", "output", "pairs", "eval")}
+    files.update(read_from or {})  # e.g. the written model, still in its staging folder
     if attack_path is not None and not Path(attack_path).is_file():
         raise RectifyError(f"{attack_path}: no such file")
     notes: list[str] = []

@@ -13,8 +13,9 @@ destination folder, fsynced, verified from there by the caller, and renamed into
 from __future__ import annotations
 
 import json
-import tempfile
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from onnx import ModelProto, TensorProto, numpy_helper
 
 from patcher.errors import NumericalError, OutputError
 from patcher.model.modelio import LoadedModel, iter_tensors, named_tensors
+from patcher.model.paths import Outputs, held_signals
 
 PROVENANCE_KEY = "onnx_rectify.provenance"
 
@@ -129,49 +131,39 @@ EXTERNAL_MIN_BYTES = 1024
 class StagedModel:
     """A written model (and its data file) in a private folder inside the destination folder,
     fsynced and ready to be renamed into place: verify :attr:`model` from disk, then
-    :meth:`commit`; :meth:`discard` (always call it, e.g. in ``finally``) removes what is left."""
+    :meth:`commit` (or :meth:`into` a larger :class:`~patcher.model.paths.Outputs`);
+    :meth:`discard` (always call it, e.g. in ``finally``) removes what is left."""
 
     folder: Path
     files: list[tuple[Path, Path]]  # (staged, final), the data file first
+    #: the targets must not exist when they are renamed into place (no --force)
+    exclusive: bool = False
 
     @property
     def model(self) -> Path:
         return self.files[-1][0]
 
-    def commit(self) -> list[Path]:
-        moved: list[Path] = []
-        try:
-            for staged, final in self.files:
-                os.replace(staged, final)
-                moved.append(final)
-            _fsync_folder(self.files[-1][1].parent)
-        except OSError as exc:
-            for final in moved:  # a data file without its model is of no use
-                try:
-                    os.unlink(final)
-                except OSError:
-                    pass
-            raise OutputError(f"{self.files[-1][1]}: cannot move the written file into place "
-                              f"({exc.strerror or exc})") from None
+    @property
+    def finals(self) -> list[Path]:
+        """The files this writes, the model first."""
         return [final for _, final in self.files[::-1]]
 
+    def into(self, outputs: Outputs) -> None:
+        """Add the model and its data file to ``outputs``, committed with the rest."""
+        for staged, final in self.files:
+            outputs.add(staged, final, self.exclusive)
+
+    def commit(self) -> list[Path]:
+        """Rename the data file and the model into place; on failure both targets keep
+        what they held before (see :meth:`patcher.model.paths.Outputs.commit`)."""
+        with Outputs() as outputs:
+            self.into(outputs)
+            outputs.commit()
+        return self.finals
+
     def discard(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        with held_signals():
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _externalize(model: ModelProto, names: set[str], data_name: str) -> bytes:
@@ -212,7 +204,8 @@ def _too_big_inline(model: ModelProto, keep_external: set[str]) -> set[str]:
     return names
 
 
-def stage_model(model: ModelProto, loaded: LoadedModel, out: Path) -> StagedModel:
+def stage_model(model: ModelProto, loaded: LoadedModel, out: Path,
+                exclusive: bool = False) -> StagedModel:
     """Write ``model`` for ``out`` into a private folder next to it (see :class:`StagedModel`).
     Tensors that were external in the input, and any others needed to stay under protobuf's
     2 GB limit, go to ``<out name>.data``. ``model`` is modified (tensors moved out)."""
@@ -230,7 +223,7 @@ def stage_model(model: ModelProto, loaded: LoadedModel, out: Path) -> StagedMode
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=folder))
     except OSError as exc:
         raise OutputError(f"{out}: cannot write in '{folder}' ({exc.strerror or exc})") from None
-    staged = StagedModel(stage, [])
+    staged = StagedModel(stage, [], exclusive)
     try:
         if blob is not None:
             _write_synced(stage / data_name, blob)
@@ -256,7 +249,7 @@ def probe_writable(out: Path) -> None:
 
 
 def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
+    with open(path, "xb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

@@ -1,0 +1,314 @@
+"""Edit kinds: what the loop may change at a layer, as candidate deltas in stored layout.
+
+An edit kind turns the mathematics of :mod:`patcher.edits` into candidates for the loop:
+``propose(ws, layer)`` yields groups of :class:`Candidate`, each with its deltas (by ONNX
+tensor name, in the stored layout) and the provenance records the result declares. Within
+a group the candidates grow (``growing``: the loop stops at the first that costs too
+much) or shrink (the loop goes on to the next when one costs too much).
+
+- :class:`RankOneEditKind`: the paper's closed-form (or iterative) rank-one edit mapping
+  corrupted keys to clean values (:mod:`patcher.edits.rankone`).
+- :class:`SilencingEditKind`: silencing edits of growing beta along each k* direction
+  (:mod:`patcher.edits.silence`; the attribution objective).
+- :class:`CareEditKind`: CARE's neuron repair found by a particle swarm, then shrunk
+  towards the identity (:mod:`patcher.edits.care`).
+- :class:`FinetuneEditKind`: Adam on the pairs at one layer (the paper's baseline).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from patcher.analysis.causal import neuron_causal_effects
+from patcher.edits.care import care_repair, shrink
+from patcher.edits.finetune import finetune_in_place
+from patcher.edits.rankone import RankOneEdit, solve_rank_one, solve_rank_one_iterative
+from patcher.edits.silence import (SILENCE_SCALES, corruption_key_sums, output_signs,
+                                   silencing_direction, silencing_edit)
+from patcher.errors import NumericalError
+from patcher.graph.keys import LayerTap, layer_keys, layer_values
+from patcher.graph.shadow import EditableLayer
+from patcher.rectify.config import CARE_SHRINK
+from patcher.rectify.results import format_accuracy
+from patcher.rectify.workspace import Workspace
+
+
+class SkipLayer(Exception):
+    """The edit kind has nothing to propose at this layer (the reason is logged)."""
+
+
+@dataclass
+class Candidate:
+    """One proposed edit: deltas by tensor name (stored layout), and how to declare it."""
+
+    layer: EditableLayer
+    deltas: dict[str, torch.Tensor]
+    #: (tensor name, delta as recorded, provenance entry) per changed tensor
+    records: list[tuple[str, torch.Tensor, dict]]
+    norm: float
+    fit_ratio: float | None = None
+    #: the silencing scale beta
+    scale: float | None = None
+    #: which variant of the kind, for messages (e.g. the k* source)
+    label: str = ""
+    #: the round's reason when the candidate is kept without judging (or kept by CARE)
+    reason: str = ""
+    #: already in the graph (a fine-tune trains the weight in place)
+    applied: bool = False
+
+
+@dataclass
+class CandidateGroup:
+    candidates: Iterator[Candidate]
+    growing: bool = False
+    label: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class EditKind(Protocol):
+    def propose(self, ws: Workspace, layer: EditableLayer) -> Iterator[CandidateGroup]: ...
+    def kept(self, ws: Workspace, candidate: Candidate) -> None: ...
+
+
+def _rank_entry(layer: EditableLayer, delta: torch.Tensor, kind: str, rank: int | None) -> tuple:
+    """A provenance record for ``delta`` at ``layer``'s weight (rank computed when None)."""
+    if rank is None:
+        rank = int(torch.linalg.matrix_rank(delta.reshape(delta.shape[0], -1)
+                                            .to(torch.float64)))
+    entry = {"layer": layer.name, "weight": layer.weight, "kind": kind,
+             "delta_norm": float(delta.norm()), "rank": rank}
+    return (layer.weight, delta.to(torch.float64).cpu(), entry)
+
+
+class RankOneEditKind:
+    """The closed-form rank-one edit mapping the fit pairs' corrupted keys to clean values
+    (:func:`patcher.edits.rankone.solve_rank_one`, with the layer's exact C^-1), or the
+    paper's iterative solver; ``refresh`` recomputes downstream statistics after a kept
+    edit (``--refresh-statistics``)."""
+
+    def __init__(self, refresh: bool = False) -> None:
+        self.refresh = refresh
+
+    @torch.no_grad()
+    def fit(self, ws: Workspace, layer: EditableLayer) -> RankOneEdit:
+        cfg = ws.config
+        statistics = ws.statistics.for_edit(layer) if cfg.solver == "closed" else None
+        start = time.perf_counter()
+        corrupted, clean, _ = ws.fit
+        attrs = ws.graph.node_attributes(layer.name)
+        keys, residuals = [], []
+        for i in range(0, len(clean), 64):
+            with LayerTap(ws.graph, [layer]) as tap:
+                ws.graph(torch.cat([corrupted[i:i + 64], clean[i:i + 64]]))
+            n = len(clean[i:i + 64])
+            data, out = tap.inputs[layer.name], tap.outputs[layer.name]
+            keys.append(layer_keys(layer, data[:n], attrs))
+            values = layer_values(layer, out, attrs)
+            residuals.append(values[n:] - values[:n])
+        if cfg.solver == "iterative":
+            edit = solve_rank_one_iterative(layer.name, layer.weight, torch.cat(keys),
+                                            torch.cat(residuals), lr=cfg.solver_lr,
+                                            epochs=cfg.solver_epochs, seed=cfg.seed)
+        else:
+            edit = solve_rank_one(layer.name, layer.weight, torch.cat(keys),
+                                  torch.cat(residuals), statistics.inverse.to(ws.device))
+        ws.timings.add("edit", start)
+        return edit
+
+    def propose(self, ws: Workspace, layer: EditableLayer) -> Iterator[CandidateGroup]:
+        edit = self.fit(ws, layer)
+        delta = ws.stored(layer, edit.delta)
+        ratio = edit.fit_residual_after / max(edit.fit_residual_before, 1e-300)
+        yield CandidateGroup(iter([Candidate(layer, {layer.weight: delta},
+                                             [_rank_entry(layer, delta, "rank-one", 1)],
+                                             edit.norm, ratio)]))
+
+    def kept(self, ws: Workspace, candidate: Candidate) -> None:
+        if self.refresh:  # keys downstream of the edit changed a little
+            ws.statistics.refresh(candidate.layer.name)
+
+    def round_line(self, index: int, score: float | None, candidate: Candidate, before,
+                   after, accuracy: float | None, evaluated: int | None, reason: str
+                   ) -> str | None:
+        """The dynamic loop's line per round (a fixed layer's one edit has no score: none)."""
+        if score is None:
+            return None
+        target = (f", target-class gap {before.tau:.4f} -> {after.tau:.4f}"
+                  if before.tau is not None else "")
+        return (f"round {index}: {candidate.layer.name} score {score:.4g}: gap "
+                f"{before.value:.4f} -> {after.value:.4f}{target}, accuracy "
+                f"{format_accuracy(accuracy, evaluated)} ({reason})")
+
+
+class SilencingEditKind:
+    """Silencing edits dW = -beta sigma s d^T (:func:`patcher.edits.silence.silencing_edit`)
+    for each k* direction d of :meth:`parts`, beta growing over SILENCE_SCALES."""
+
+    def __init__(self, key_examples: tuple[np.ndarray, np.ndarray], pair_count: int) -> None:
+        self.key_examples, self.pair_count = key_examples, pair_count
+
+    @torch.no_grad()
+    def parts(self, ws: Workspace, layer: EditableLayer
+              ) -> tuple[list[tuple[str, torch.Tensor]], float, torch.Tensor]:
+        """([(source, d)], sigma, signs) for silencing edits at ``layer``. Each d is
+        C^-1 k* / (k*^T C^-1 k*) (:func:`patcher.edits.silence.silencing_direction`) for a
+        k* (:func:`patcher.edits.silence.corruption_key`) of one source: the pairs alone,
+        and the pairs with the set-aside eval images (when there are any and their
+        direction differs; which one silences better depends on the model,
+        benchmarks/LEAKAGE_GENERALISATION.md). sigma is the RMS over output units of their
+        standard deviation on up to 256 calibration images, signs come from
+        :func:`patcher.edits.silence.output_signs`. Raises NumericalError when the
+        corruption leaves the layer's keys alone."""
+        attrs = ws.graph.node_attributes(layer.name)
+        corrupted, clean = self.key_examples
+        n = self.pair_count  # key_examples: the pairs first, then the eval images
+        pair_total, pair_weight = self._key_sums(ws, layer, attrs, corrupted[:n], clean[:n])
+        eval_total, eval_weight = self._key_sums(ws, layer, attrs, corrupted[n:], clean[n:])
+        if pair_weight + eval_weight == 0:
+            raise NumericalError(f"layer '{layer.name}': the corrupted and clean keys are "
+                                 "identical here")
+        inverse = ws.statistics.for_edit(layer).inverse.to(ws.device)
+        directions = []
+        if pair_weight > 0:
+            directions.append(("the pairs", silencing_direction(
+                layer.name, pair_total / pair_weight, inverse)))
+        if eval_weight > 0:
+            with_eval = silencing_direction(
+                layer.name, (pair_total + eval_total) / (pair_weight + eval_weight), inverse)
+            if not directions or float(torch.nn.functional.cosine_similarity(
+                    with_eval, directions[0][1], dim=0)) < 0.999:
+                directions.append(("the pairs and eval images", with_eval))
+        with LayerTap(ws.graph, [layer], keep_inputs=False) as tap:
+            ws.graph(torch.from_numpy(ws.calib_x[:256]).to(ws.device))
+        values = layer_values(layer, tap.outputs[layer.name], attrs).to(torch.float64)
+        values = values.reshape(-1, values.shape[-1])
+        sigma = float(values.std(0).pow(2).mean().sqrt())
+        return directions, sigma, output_signs(ws.graph, layer)
+
+    @torch.no_grad()
+    def _key_sums(self, ws: Workspace, layer: EditableLayer, attrs: dict,
+                  corrupted: np.ndarray, clean: np.ndarray) -> tuple[torch.Tensor | float, float]:
+        """:func:`patcher.edits.silence.corruption_key_sums` of ``layer``'s keys over the
+        given inputs, in chunks of 16 (keys of wide convs are large); (0.0, 0.0) for none."""
+        total, weight = 0.0, 0.0
+        for i in range(0, len(clean), 16):
+            chunk = np.concatenate([corrupted[i:i + 16], clean[i:i + 16]])
+            with LayerTap(ws.graph, [layer]) as tap:
+                ws.graph(ws.tensor(chunk))
+            keys = layer_keys(layer, tap.inputs[layer.name], attrs)
+            half = len(chunk) // 2
+            part, part_weight = corruption_key_sums(keys[:half], keys[half:])
+            total, weight = total + part, weight + part_weight
+        return total, weight
+
+    def propose(self, ws: Workspace, layer: EditableLayer) -> Iterator[CandidateGroup]:
+        try:
+            directions, sigma, signs = self.parts(ws, layer)
+        except NumericalError as err:  # the corruption leaves this layer's keys alone
+            raise SkipLayer(str(err)) from None
+        for source, direction in directions:
+            yield CandidateGroup(self._scaled(ws, layer, source, direction, sigma, signs),
+                                 growing=True, label=source)
+
+    def _scaled(self, ws, layer, source, direction, sigma, signs) -> Iterator[Candidate]:
+        for beta in SILENCE_SCALES:
+            edit = silencing_edit(layer.name, layer.weight, direction, layer.value_dim,
+                                  beta * sigma, signs)
+            delta = ws.stored(layer, edit.delta)
+            yield Candidate(layer, {layer.weight: delta},
+                            [_rank_entry(layer, delta, "rank-one", 1)], edit.norm,
+                            scale=beta, label=source, reason=f"silenced (beta {beta:g})")
+
+    def kept(self, ws: Workspace, candidate: Candidate) -> None:
+        pass
+
+    def group_line(self, index: int, layer: EditableLayer, source: str, last: Candidate,
+                   note: str) -> str:
+        """How far one k* direction's growing betas got, and why they stopped."""
+        return f"round {index}: {layer.name} (k* of {source}): up to beta {last.scale:g}: {note}"
+
+    def round_line(self, index: int, score, candidate: Candidate, before, after,
+                   accuracy: float | None, evaluated, reason: str) -> str:
+        return (f"round {index}: kept {candidate.layer.name} beta {candidate.scale:g} "
+                f"(k* of {candidate.label}): share {before.value:.4f} -> {after.value:.4f}, "
+                f"accuracy {accuracy:.2%}")
+
+
+class CareEditKind:
+    """CARE's repair at a layer: its top neurons by average causal effect
+    (:func:`patcher.analysis.causal.neuron_causal_effects`), scales and shifts searched by
+    the particle swarm (:func:`patcher.edits.care.care_repair`) on the fit pairs and clean
+    eval images; then the repair and its shares CARE_SHRINK of the way from the identity,
+    largest first (the swarm saw a subset of the eval set)."""
+
+    def propose(self, ws: Workspace, layer: EditableLayer) -> Iterator[CandidateGroup]:
+        cfg = ws.config
+        corrupted, clean, labels = ws.fit
+        start = time.perf_counter()
+        effects = neuron_causal_effects(ws.graph, layer, corrupted, clean, labels,
+                                        cfg.care_values)
+        k = cfg.care_neurons or max(1, int(np.ceil(cfg.causal_top_fraction * len(effects.ace))))
+        k = min(k, len(effects.ace))
+        neurons = effects.order[:k]
+        rng = np.random.default_rng(cfg.seed)
+        pick = rng.permutation(len(ws.eval_x))[:cfg.care_eval]
+        repair = care_repair(ws.graph, layer, neurons, corrupted, labels,
+                             ws.tensor(ws.eval_x[pick]), ws.tensor(ws.eval_y[pick]),
+                             particles=cfg.care_particles, iterations=cfg.care_iterations,
+                             accuracy_weight=cfg.care_accuracy_weight, max_drop=cfg.budget / 2,
+                             seed=cfg.seed, show_progress=cfg.show_progress)
+        ws.timings["care_search"] = time.perf_counter() - start
+        yield CandidateGroup(self._shrunk(ws, layer, repair, neurons, k),
+                             extra={"neurons": neurons})
+
+    def _shrunk(self, ws, layer, repair, neurons, k) -> Iterator[Candidate]:
+        for t in CARE_SHRINK:
+            candidate = shrink(ws.graph, layer, repair, t) if t < 1 else repair
+            deltas = {layer.weight: candidate.weight_delta}
+            if candidate.bias_name is not None:
+                deltas[candidate.bias_name] = candidate.bias_delta
+            records = []
+            for name, delta in deltas.items():
+                delta = delta.to(torch.float64).cpu()
+                records.append((name, delta, {
+                    "layer": layer.name, "weight": name, "kind": "care",
+                    "neurons": [int(i) for i in neurons],
+                    "scales": [round(float(v), 6) for v in candidate.scales],
+                    "shifts": [round(float(v), 6) for v in candidate.shifts],
+                    "delta_norm": float(delta.norm()),
+                    "rank": int(torch.linalg.matrix_rank(delta.reshape(delta.shape[0], -1)))
+                    if delta.dim() > 1 else 1}))
+            reason = (f"CARE: {k} neuron(s), objective {repair.objective_before:.4f} -> "
+                      f"{repair.objective_after:.4f}" + (f", shrunk to {t:.0%}" if t < 1 else ""))
+            yield Candidate(layer, deltas, records, float(candidate.weight_delta.norm()),
+                            label=f"neurons {neurons}", reason=reason)
+
+    def kept(self, ws: Workspace, candidate: Candidate) -> None:
+        pass
+
+    def round_line(self, index: int, score, candidate: Candidate, before, after,
+                   accuracy: float | None, evaluated, reason: str) -> str:
+        return (f"CARE at {candidate.layer.name}: {candidate.label}: gap {before.value:.4f} -> "
+                f"{after.value:.4f}, accuracy {accuracy:.2%} ({reason})")
+
+
+class FinetuneEditKind:
+    """Adam on the cross-entropy of the pairs (corrupted and clean, correct label) at the
+    layer's weight alone (:func:`patcher.edits.finetune.finetune_in_place`)."""
+
+    def propose(self, ws: Workspace, layer: EditableLayer) -> Iterator[CandidateGroup]:
+        x = torch.cat([ws.pair_corrupted, ws.pair_clean])
+        y = torch.cat([ws.pair_label, ws.pair_label])
+        delta = finetune_in_place(ws.graph, layer.weight, x, y, ws.config.finetune_steps,
+                                  ws.config.finetune_lr)
+        yield CandidateGroup(iter([Candidate(layer, {layer.weight: delta},
+                                             [_rank_entry(layer, delta, "finetune", None)],
+                                             float(delta.norm()), reason="fine-tuned",
+                                             applied=True)]))
+
+    def kept(self, ws: Workspace, candidate: Candidate) -> None:
+        pass

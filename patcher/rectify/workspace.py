@@ -1,0 +1,172 @@
+"""What every strategy works on: the graph on its device, the data as tensors, the pair sets,
+the statistics, and the two measurements the loop needs (gaps and accuracy).
+
+Gap: delta* = mean over pairs of p_y(x) - p_y(x~). Target-class gap, for a corruption
+with a target class t (the class most corrupted pairs are flipped to, as with a
+backdoor): tau = mean over pairs of p_t(x~) - p_t(x). Accuracy drop: eps* = OA(base)
+- OA(edited) on the eval set.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from patcher.graph.keys import stored_delta
+from patcher.graph.shadow import EditableLayer, ShadowGraph
+from patcher.errors import RectifyError
+from patcher.progress import progress
+from patcher.rectify.config import EVAL_BATCH, RectifyConfig, check_config
+from patcher.rectify.statcache import StatisticsCache, hits
+from patcher.rectify.timing import Timings
+from patcher.rectify.transplant import build_pair_sets
+
+
+class Workspace:
+    """The shadow graph on the run's device, the data as tensors, and the statistics."""
+
+    def __init__(self, graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None,
+                 config: RectifyConfig, device: str | torch.device = "cpu") -> None:
+        check_config(config)
+        self.graph = graph.to(device).eval()
+        for p in self.graph.parameters():
+            p.requires_grad_(True)
+        self.device = torch.device(device)
+        self.config = config
+        self.timings = Timings()
+        self.pairs = pairs
+        self.pair_corrupted = self.tensor(pairs.corrupted)
+        self.pair_clean = self.tensor(pairs.clean)
+        self.pair_label = self.tensor(pairs.label)
+        self.eval_x, self.eval_y = eval_set.x, eval_set.y
+        calib = calib_x if calib_x is not None else eval_set.x
+        self.calib_x = calib[:config.calib_limit]
+        #: the calibration inputs are the whole eval set, in order (the default)
+        self.calibrates_on_eval = calib_x is None and len(self.calib_x) == len(self.eval_x)
+        self.layers = self._candidate_layers()
+        self.target_class = self._flipped_to(pairs)
+        sets = build_pair_sets(pairs, self.eval_x, self.eval_y, len(self.calib_x),
+                               self.target_class, config)
+        self.fit = tuple(self.tensor(a) for a in sets.fit)
+        self.gap_sets = tuple(self.tensor(a) for a in sets.gap)
+        self.gap_source = sets.gap_source
+        self.statistics = StatisticsCache(
+            self.graph, self.layers, self.calib_x, config, self.device, self.timings,
+            self.eval_y if self.calibrates_on_eval else None)
+        #: eval images the last accuracy pass saw (fewer when it stopped early)
+        self.last_evaluated = len(self.eval_x)
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` as a tensor on the run's device."""
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def layer(self, name: str) -> EditableLayer:
+        return next(l for l in self.layers if l.name == name)
+
+    def _candidate_layers(self) -> list[EditableLayer]:
+        layers = []
+        for layer in self.graph.editable_layers:
+            if layer.shared_with and not self.config.allow_shared:
+                continue
+            if layer.orientation == "conv" and len(layer.shape) not in (3, 4):
+                continue
+            layers.append(layer)
+        if not layers:
+            raise RectifyError("the model has no editable layer that can be patched "
+                               "(Conv, Gemm, or MatMul with one constant operand, not shared)")
+        return layers
+
+    def hidden_layers(self) -> list[EditableLayer]:
+        """Layers with another editable layer downstream: their neurons are hidden units, as
+        in CARE (the output layer's neurons are the logits themselves; swapping the label's
+        logit restores the prediction trivially). All layers when none is hidden."""
+        names = {l.name for l in self.layers}
+        hidden = [l for l in self.layers
+                  if (self.graph.downstream_nodes(l.name) - {l.name}) & names]
+        return hidden or list(self.layers)
+
+    @torch.no_grad()
+    def _flipped_to(self, pairs) -> set[int]:
+        """The corruption's target class, if it has one: the class the model predicts for
+        more than half of the corrupted inputs while their label is another (a backdoor's
+        target). Scattered misclassifications (a spurious pattern, leakage) name none."""
+        logits = self.graph(self.pair_corrupted)[0].reshape(len(pairs), -1)
+        predicted = logits.argmax(1).cpu().numpy()
+        flips = [int(p) for p, y in zip(predicted, pairs.label) if p != y]
+        if not flips:
+            return set()
+        target = max(set(flips), key=flips.count)
+        return {target} if flips.count(target) > len(pairs) / 2 else set()
+
+    # -------------------------------------------------------------- measurements
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes, one row per input."""
+        out = []
+        for i in range(0, len(x), 256):
+            logits = self.graph(x[i:i + 256])[0]
+            out.append(torch.softmax(logits.reshape(len(logits), -1), 1))
+        return torch.cat(out)
+
+    def gaps(self) -> tuple[float, float | None]:
+        """(delta*, tau) on the gap pairs: delta* = mean of p_y(x) - p_y(x~); tau = mean of
+        p_t(x~) - p_t(x) for the corruption's target class t, None without one."""
+        corrupted, clean, labels = self.gap_sets
+        p_clean, p_corrupted = self.probabilities(clean), self.probabilities(corrupted)
+        rows = torch.arange(len(labels))
+        tau = None
+        if self.target_class:
+            t = next(iter(self.target_class))
+            tau = float((p_corrupted[:, t] - p_clean[:, t]).mean())
+        return float((p_clean[rows, labels] - p_corrupted[rows, labels]).mean()), tau
+
+    def base_accuracy(self) -> float:
+        """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
+        the strategy needs key statistics, the statistics pass measures it on the way."""
+        if self.calibrates_on_eval and self.config.strategy in ("dynamic", "static") \
+                and not self.statistics.stats:
+            self.statistics.compute()
+            if self.statistics.calib_accuracy is not None:
+                return self.statistics.calib_accuracy
+        return self.accuracy()
+
+    @torch.no_grad()
+    def accuracy(self, at_least: float | None = None) -> float:
+        """Accuracy on the eval set. With ``at_least``, the pass stops once the result is
+        certainly below it (even if every image left were right) and returns that upper
+        bound instead; :attr:`last_evaluated` says how many images were seen."""
+        start = time.perf_counter()
+        correct, total = 0, len(self.eval_x)
+        self.last_evaluated = total
+        with progress(total, "evaluating", self.config.show_progress) as bar:
+            for i in range(0, total, EVAL_BATCH):
+                xb = torch.from_numpy(self.eval_x[i:i + EVAL_BATCH]).to(self.device)
+                correct += hits(self.graph(xb)[0], self.eval_y[i:i + EVAL_BATCH])
+                bar.update(len(xb))
+                seen = i + len(xb)
+                if at_least is not None and seen < total and \
+                        (correct + total - seen) / total < at_least - 1e-9:
+                    self.last_evaluated = seen
+                    correct += total - seen
+                    break
+        self.timings.add("evaluation", start)
+        return correct / max(total, 1)
+
+    # -------------------------------------------------------------- weights
+    def stored(self, layer: EditableLayer, delta_canonical: torch.Tensor) -> torch.Tensor:
+        """A canonical [V, K] delta in ``layer``'s stored weight layout and working dtype."""
+        weight = self.graph.weight(layer.weight)
+        delta = stored_delta(layer, delta_canonical, self.graph.node_attributes(layer.name))
+        return delta.to(weight.dtype if weight.dtype == torch.float64 else torch.float32)
+
+    @torch.no_grad()
+    def add(self, tensor: str, delta: torch.Tensor, sign: float = 1.0) -> None:
+        """Add ``sign * delta`` to a weight (a Parameter) or another constant (a bias)."""
+        try:
+            target = self.graph.weight(tensor)
+        except KeyError:  # a bias (CARE's shifts): a buffer, maybe on another device
+            target = self.graph.constant(tensor)
+            target.add_((sign * delta).to(target.dtype).to(target.device))
+            return
+        target.add_((sign * delta).to(target.dtype))
