@@ -52,7 +52,7 @@ from exporters.pytorch import export_pytorch  # noqa: E402
 from onnx_rectify_samples import common, data, models  # noqa: E402
 from patcher.gate import metrics  # noqa: E402
 from patcher.patch import patch  # noqa: E402
-from patcher.rectify.loop import RectifyConfig  # noqa: E402
+from patcher.rectify import RectifyConfig  # noqa: E402
 
 N1_MAX_ASR, N1_MAX_DROP, N5_MAX_ASR = 0.05, 0.01, 0.02
 MIN_OA, MIN_ASR = 0.90, 0.90

@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from patcher.gate import metrics  # noqa: E402
 from patcher.model.modelio import load_model  # noqa: E402
-from patcher.rectify.loop import RectifyConfig, Rectifier, rectify  # noqa: E402
+from patcher.rectify import RectifyConfig, rectify  # noqa: E402
+from patcher.rectify.locators import AttributionLocator, CausalLocator  # noqa: E402
+from patcher.rectify.workspace import Workspace  # noqa: E402
 from patcher.samples import InputSpec, load_labelled, load_pairs, num_classes_of  # noqa: E402
 from patcher.graph.shadow import ShadowGraph  # noqa: E402
 from patcher.model.writeback import apply_deltas, save_model  # noqa: E402
@@ -108,9 +110,9 @@ def localisation(sc: Scenario, tmp: Path, quick: bool) -> dict:
     for score in ("whitened", "inverse"):
         for form in ("ig", "path"):
             graph = ShadowGraph(sc.loaded)
-            r = Rectifier(graph, sc.pairs(1), sc.eval, None,
-                          RectifyConfig(score=score, attribution_form=form), "cpu")
-            rankings[f"{score}/{form}"] = [s.layer for s in r.locate()]
+            ws = Workspace(graph, sc.pairs(1), sc.eval, None,
+                           RectifyConfig(score=score, attribution_form=form), "cpu")
+            rankings[f"{score}/{form}"] = [s.layer for s in AttributionLocator().rank(ws)]
     brute = {}
     for layer in rankings["whitened/ig"]:
         row = run_one(sc, 1, RectifyConfig(strategy="static", layer=layer), tmp, quick)
@@ -130,10 +132,11 @@ def _hits(rankings: dict, best: list) -> dict:
 def causal_rankings(sc: Scenario) -> dict:
     """Causal localisation (n=1, transplant as by default): all layers, and the hidden
     layers that CARE chooses from."""
-    r = Rectifier(ShadowGraph(sc.loaded), sc.pairs(1), sc.eval, None,
-                  RectifyConfig(strategy="care"), "cpu")
-    return {"causal": [e.layer for e in r.locate_causal()],
-            "causal/hidden (CARE)": [e.layer for e in r.locate_causal(hidden_only=True)]}
+    ws = Workspace(ShadowGraph(sc.loaded), sc.pairs(1), sc.eval, None,
+                   RectifyConfig(strategy="care"), "cpu")
+    hidden = CausalLocator(hidden_only=True).effects(ws)
+    return {"causal": [e.layer for e in CausalLocator().effects(ws)],
+            "causal/hidden (CARE)": [e.layer for e in hidden]}
 
 
 def add_causal(results: dict, names: list[str]) -> None:

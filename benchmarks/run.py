@@ -56,7 +56,7 @@ import torch.nn as nn  # noqa: E402
 from exporters.pytorch import export_pytorch, fold_batchnorm  # noqa: E402
 from models import ResNet18, randomize_bn  # noqa: E402
 from patcher.analysis.attribution import layer_integrated_gradients  # noqa: E402
-from patcher.rectify.loop import RectifyConfig  # noqa: E402
+from patcher.rectify import RectifyConfig  # noqa: E402
 from patcher.model.runtime import open_session  # noqa: E402
 from patcher.graph.shadow import ShadowGraph  # noqa: E402
 from patcher.analysis.stats import (CORRECTION_IMAGES, collect_moments, correct_spectra,  # noqa: E402

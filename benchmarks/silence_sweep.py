@@ -10,7 +10,7 @@ and beta it applies the silencing edit alone (patcher.edits.silence) and prints 
 share (on its share set), eval and test accuracy changes, the leakage on the first
 ``--images`` leakage-test images (16 IG steps), and the rate eval-accuracy lost per unit
 of share removed (the loop keeps an edit when that rate is at most
-patcher.rectify.loop.ACCURACY_PER_SHARE). Shadow graph, one torch thread.
+patcher.rectify.config.ACCURACY_PER_SHARE). Shadow graph, one torch thread.
 """
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ import numpy as np
 import torch
 
 from patcher.gate.metrics import leakage
-from patcher.rectify.loop import ACCURACY_PER_SHARE, Rectifier, RectifyConfig
+from patcher.rectify import RectifyConfig
+from patcher.rectify.config import ACCURACY_PER_SHARE
+from patcher.rectify.editkinds import SilencingEditKind
+from patcher.rectify.objectives import ShareObjective
+from patcher.rectify.workspace import Workspace
 from patcher.samples import LabelledSet, Pairs
 from patcher.graph.shadow import ShadowGraph
 from patcher.edits.silence import silencing_edit
@@ -43,35 +47,36 @@ def main() -> None:
     eval_set = LabelledSet(e["x"], e["y"])
     test, held = np.load(folder / "test.npz"), np.load(folder / "leakage_test.npz")
     k = args.images
-    r = Rectifier(graph, pairs, eval_set, None,
+    r = Workspace(graph, pairs, eval_set, None,
                   RectifyConfig(objective="attribution", show_progress=False))
-    r.build_share_set(pairs)
+    share = ShareObjective(r, pairs)
+    kind = SilencingEditKind(share.key_examples, len(pairs))
 
     @torch.no_grad()
     def accuracy(x, y) -> float:
         return float((graph(torch.from_numpy(x))[0].argmax(1).numpy() == y).mean())
 
     def figures() -> tuple[float, float, float, float]:
-        return (r.share(), accuracy(eval_set.x, eval_set.y), accuracy(test["x"], test["y"]),
+        return (share.measure().value, accuracy(eval_set.x, eval_set.y), accuracy(test["x"], test["y"]),
                 leakage(graph, held["x"][:k], held["y"][:k], held["null_mask"][:k], steps=16))
 
     base = figures()
-    print(f"base: share {base[0]:.4f} (on {r.gap_source}), eval OA {base[1]:.2%}, "
+    print(f"base: share {base[0]:.4f} (on {share.source}), eval OA {base[1]:.2%}, "
           f"test OA {base[2]:.2%}, leakage {base[3]:.4f}; keep rate <= {ACCURACY_PER_SHARE}")
     print(f"{'layer':<24} {'beta':>5} {'share':>8} {'eval OA':>8} {'test OA':>8} "
           f"{'leakage':>8} {'rate':>7}")
     for layer in r.hidden_layers():
-        directions, sigma, signs = r.silencing_parts(layer)
+        directions, sigma, signs = kind.parts(r, layer)
         for (source, direction), beta in ((d, float(b)) for d in directions
                                           for b in args.betas.split(",")):
             edit = silencing_edit(layer.name, layer.weight, direction, layer.value_dim,
                                   beta * sigma, signs)
-            delta = r.stored(layer, edit)
-            r.apply(layer, delta)
+            delta = r.stored(layer, edit.delta)
+            r.add(layer.weight, delta)
             try:
                 f = figures()
             finally:
-                r.apply(layer, delta, sign=-1.0)
+                r.add(layer.weight, delta, sign=-1.0)
             removed = base[0] - f[0]
             rate = f"{(base[1] - f[1]) / removed:7.3f}" if removed > 0 else "      -"
             print(f"{layer.name + (' +eval' if 'eval' in source else ''):<24} {beta:>5g} "

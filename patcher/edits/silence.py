@@ -30,7 +30,7 @@ where it sits relative to the pooling grid, and the eval images show the other p
 (a bar that moves within its block kept no edit at n = 1 from the pair alone). The
 pair alone did better on a residual network (-27% leakage against -5%): which one
 silences better depends on the model (benchmarks/LEAKAGE_GENERALISATION.md). The bias
-is untouched. The loop (:func:`patcher.rectify.loop.rectify`) searches beta over
+is untouched. The loop (:func:`patcher.rectify.loop.run`) searches beta over
 ``SILENCE_SCALES`` per hidden layer and keeps what the attribution share on held-out
 images pays for.
 """
