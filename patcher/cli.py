@@ -404,7 +404,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
     """Rank MODEL's editable layers by editability (or causal effect) for the given
     corrupted/clean pairs."""
     from patcher.patch import load_inputs, locate as run_locate, locate_causal
-    from patcher.rectify.loop import RectifyConfig
+    from patcher.rectify import RectifyConfig
 
     reads = {"MODEL": model, "--pairs": pairs_path, "--eval": eval_path, "--calib": calib_path}
     _check_paths(reads, {"--json": json_path})
@@ -519,7 +519,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     --budget), 1 when not (the best model found is still written), 2 for bad input."""
     from patcher.patch import patch as run_patch
     from patcher.patch import default_output
-    from patcher.rectify.loop import RectifyConfig
+    from patcher.rectify import RectifyConfig
 
     out = output if output is not None else default_output(model)
     reads = {"MODEL": model, "--pairs": pairs_path, "--eval": eval_path, "--calib": calib_path,
@@ -552,7 +552,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                        provider, force, log=lambda m: click.echo(m, err=True),
                        attack=attack_path, writes={"--report": report_path and Path(report_path)},
                        stage_reports=stage_reports)
-    from patcher.rectify.loop import format_accuracy
+    from patcher.rectify.results import format_accuracy
 
     r, v = report.result, report.verification
     what = "share" if r.objective == "attribution" else "gap"

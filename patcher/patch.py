@@ -22,7 +22,9 @@ from patcher.gate.metrics import pair_gap, predict
 from patcher.graph.support import load_supported_model as load_model
 from patcher.model.modelio import LOG, LoadedModel, sha256_file
 from patcher.graph.parity import ParityResult, compare
-from patcher.rectify.loop import LayerScore, RectifyConfig, RectifyResult, Rectifier, rectify
+from patcher.rectify import LayerScore, RectifyConfig, RectifyResult, rectify
+from patcher.rectify.locators import AttributionLocator, CausalLocator
+from patcher.rectify.workspace import Workspace
 from patcher.model.runtime import open_session
 from patcher.samples import InputSpec, LabelledSet, Pairs, load_labelled, load_pairs, num_classes_of
 from patcher.graph.shadow import ShadowGraph
@@ -91,11 +93,11 @@ def data_files(loaded: LoadedModel) -> list[Path]:
 def locate(inputs: Inputs, config: RectifyConfig, device: str = "auto") -> list[LayerScore]:
     """Editable layers ranked by editability, best first."""
     graph = ShadowGraph(inputs.loaded)
-    r = Rectifier(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
-                  resolve_device(device))
-    ranking = r.locate()
+    ws = Workspace(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
+                   resolve_device(device))
+    ranking = AttributionLocator().rank(ws)
     warn_conditioning({k: {"condition_number": s.condition_number, "ridge": s.ridge_value}
-                       for k, s in r.stats.items()})
+                       for k, s in ws.statistics.stats.items()})
     return ranking
 
 
@@ -144,9 +146,9 @@ def locate_causal(inputs: Inputs, config: RectifyConfig, device: str = "auto"):
     """Layers ranked by intervention (see :mod:`patcher.analysis.causal`), best first, and the
     attribution ranking of the same run for comparison."""
     graph = ShadowGraph(inputs.loaded)
-    r = Rectifier(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
-                  resolve_device(device))
-    return r.locate_causal(), r.locate()
+    ws = Workspace(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
+                   resolve_device(device))
+    return CausalLocator().effects(ws), AttributionLocator().rank(ws)
 
 
 @dataclass
