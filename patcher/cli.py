@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from patcher.errors import RectifyError
+from patcher.gate.defaults import MAX_ACCURACY_DROP, MAX_ASR, MAX_GAP, PATCH_GAP
 
 
 def _fail(message: str, code: int) -> None:
@@ -130,10 +131,11 @@ MAX_DIM = 1 << 16  # each dimension of --input-shape
 MAX_ELEMENTS = 1 << 27  # elements of one --input-shape input (512 MiB of float32)
 
 
-def _write_json(path: str, payload) -> None:
+def _write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` as JSON, after ``tool``, ``version`` and ``schema_version``."""
     from patcher.model.modelio import write_text_atomic
 
-    write_text_atomic(Path(path), json.dumps(payload, indent=2, default=str) + "\n")
+    write_text_atomic(Path(path), _json_text(payload))
 
 
 def _commit_texts(texts: dict[Path, str]) -> None:
@@ -147,9 +149,12 @@ def _commit_texts(texts: dict[Path, str]) -> None:
         outputs.commit()
 
 
-def _json_text(payload) -> str:
+def _json_text(payload: dict) -> str:
     """``payload`` as the JSON text :func:`_write_json` writes."""
-    return json.dumps(payload, indent=2, default=str) + "\n"
+    from patcher.version import json_header
+
+    stamped = {**json_header(), **payload}
+    return json.dumps(stamped, indent=2, default=str) + "\n"
 
 
 def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -221,12 +226,18 @@ def inspect(model: Path, json_path: str | None, no_parity: bool, seed: int, batc
 
 
 def _load_factory(spec: str):
-    """'package.module:factory' -> the callable (run in this process: trusted code only)."""
+    """'package.module:factory' -> the callable (run in this process: trusted code only).
+    The module is imported as ``python -m`` would: the current folder comes first on
+    ``sys.path`` (``mymodel:build`` works from the folder that holds ``mymodel.py``)."""
     import importlib
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise RectifyError(f"'{spec}': expected package.module:factory")
+    cwd = os.getcwd()
+    if not sys.path or sys.path[0] not in ("", cwd):
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -386,7 +397,7 @@ def _rectify_options(fn):
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="npz with x, y (calibration when --calib is not given).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the ranking as JSON (a list, best first).")
+              help="Write the ranking as JSON (\"ranking\": a list, best first).")
 @click.option("--method", type=click.Choice(["attribution", "causal"]), default="attribution",
               show_default=True, help="Editability from Integrated Gradients (the paper), or "
               "causal effect by intervention (CARE): swap the layer's top neurons' clean "
@@ -415,7 +426,6 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
     inputs = load_inputs(model, pairs_path, eval_path, calib_path)
     _check_paths(inputs.reads, {"--json": json_path})
     config = RectifyConfig(steps=steps, score=score, transplant=transplant, seed=seed,
-
                            transplant_count=transplant_count, heldout_count=heldout_count,
                            attribution_form=attribution, allow_shared=allow_shared,
                            cache_dir=cache_dir, causal_top_fraction=top_fraction,
@@ -436,10 +446,10 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
                    f"at {worst.layer} exceeds {COMPLETENESS_LIMIT}; raise --steps or use "
                    "--attribution path for more faithful scores", err=True)
     if json_path:
-        _write_json(json_path, [{"rank": i, "layer": s.layer, "score": s.score,
-                                 "completeness_error": s.completeness_error,
-                                 "statistics": s.statistics}
-                                for i, s in enumerate(ranking, 1)])
+        _write_json(json_path, {"method": "attribution", "ranking": [
+            {"rank": i, "layer": s.layer, "score": s.score,
+             "completeness_error": s.completeness_error, "statistics": s.statistics}
+            for i, s in enumerate(ranking, 1)]})
 
 
 def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
@@ -457,10 +467,10 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
                f"{'yes' if agreement['top1_same'] else 'no'}, top-3 overlap "
                f"{agreement['top3_overlap']}, Spearman {agreement['spearman']:.2f}")
     if json_path:
-        _write_json(json_path, [{"rank": i, "layer": e.layer, "score": e.score,
-                                 "restored_all": e.restored, "neurons": e.neurons,
-                                 "swapped": e.top_neurons}
-                                for i, e in enumerate(effects, 1)])
+        _write_json(json_path, {"method": "causal", "ranking": [
+            {"rank": i, "layer": e.layer, "score": e.score, "restored_all": e.restored,
+             "neurons": e.neurons, "swapped": e.top_neurons}
+            for i, e in enumerate(effects, 1)]})
 
 
 @main.command()
@@ -471,10 +481,16 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               help="npz with x, y: clean data for the accuracy budget.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file (default: MODEL.rectified.onnx beside the input).")
-@click.option("--budget", type=FRACTION, default=0.03, show_default=True,
-              help="Largest accuracy drop allowed on the eval set (0.03 = 3 points).")
-@click.option("--gap", "gap_target", type=FRACTION, default=0.001, show_default=True,
-              help="Target pair gap: mean of p_y(clean) - p_y(corrupted).")
+@click.option("--budget", type=FRACTION, default=MAX_ACCURACY_DROP, show_default=True,
+              help="Largest accuracy drop allowed on the eval set (0.01 = 1 point); the "
+              "default is verify's --max-accuracy-drop, so a patch within it passes the "
+              "gate's accuracy check.")
+@click.option("--gap", "gap_target", type=FRACTION, default=PATCH_GAP, show_default=True,
+              help="Target pair gap: mean of p_y(clean) - p_y(corrupted). The loop steers by "
+              "it on held-out transplanted pairs (calibration images given the pairs' "
+              "corruption, never fitted); the exit status checks it on the given pairs in "
+              f"the written file. verify --max-gap (default {MAX_GAP}) gates the pairs "
+              "given to verify; this target is stricter.")
 @click.option("--max-rounds", type=click.IntRange(0, 100), default=10, show_default=True,
               help="Round limit of the loop.")
 @click.option("--strategy", type=click.Choice(["dynamic", "static", "finetune", "care"]),
@@ -500,7 +516,9 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               help="Write an HTML report (rounds, scores chart, attribution heatmaps before and "
                    "after, verify results) into this folder; needs onnx-rectify[report].")
 @click.option("--attack", "attack_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="npz with x, y, target: adds ASR to the HTML report.")
+              default=None, help="npz with x, y, target: prints the attack success rate of "
+              "the input and the written file (onnxruntime) and adds it to --report and the "
+              "HTML report.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @reports_errors
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
@@ -518,8 +536,9 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     (with --objective attribution: when an edit lowered the attribution share within
     --budget), 1 when not (the best model found is still written), 2 for bad input."""
     from patcher.patch import patch as run_patch
-    from patcher.patch import default_output
     from patcher.rectify import RectifyConfig
+
+    from patcher.patch import default_output
 
     out = output if output is not None else default_output(model)
     reads = {"MODEL": model, "--pairs": pairs_path, "--eval": eval_path, "--calib": calib_path,
@@ -528,6 +547,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
               "--report": report_path}
     _check_paths(reads, writes)  # -o's --force: once the model's data files are known
     _check_folders(report_dir, cache_dir, {**reads, **writes})
+    attack = _load_attack(model, attack_path) if attack_path is not None else None
     config = RectifyConfig(strategy=strategy, objective=objective, budget=budget,
                            gap=gap_target, max_rounds=max_rounds, layer=layer, steps=steps,
                            score=score,
@@ -536,11 +556,17 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
                            stat_rows=stat_rows, statistics=statistics,
                            care_neurons=care_neurons)
+    extras: dict = {}
 
     def stage_reports(rep, outputs, staged_model: Path) -> None:
         """The reports, staged beside their targets and committed with the model."""
+        if attack is not None:  # measured on the written file, before it is renamed
+            extras["attack"] = _attack_rates(model, staged_model, attack, provider)
         if report_path:
-            outputs.add_text(Path(report_path), _json_text(rep.as_dict()))
+            payload = rep.as_dict()
+            if "attack" in extras:
+                payload["attack"] = {"path": str(attack_path), **extras["attack"]}
+            outputs.add_text(Path(report_path), _json_text(payload))
         if report_dir is not None:
             from patcher.gate.report import write_report
 
@@ -569,6 +595,12 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                f"{v.patched_accuracy:.2%}, pair gap {v.base_pair_gap:.4f} -> "
                f"{v.patched_pair_gap:.4f}, shadow parity "
                f"{'ok' if v.parity.get('within_tolerance') else 'FAILED'}")
+    attack_figures = extras.get("attack")
+    if attack_figures is not None:
+        click.echo(f"attack success rate ({attack_path.name}, onnxruntime, "
+                   f"{attack_figures['inputs']} triggered inputs not of class "
+                   f"{attack.target}): {attack_figures['base_asr']:.2%} -> "
+                   f"{attack_figures['patched_asr']:.2%}")
     if report_dir is not None:
         click.echo(f"report: {report_dir / 'index.html'}")
     if r.objective == "attribution":
@@ -601,6 +633,27 @@ def _check_folders(report_dir: Path | None, cache_dir: str | None,
         check_output_folder("--cache-dir", Path(cache_dir))
 
 
+def _load_attack(model: Path, attack_path: Path):
+    """The attack set of ``patch --attack``, checked against MODEL before the patch runs
+    (bad input exits 2 before any work)."""
+    from patcher.model.modelio import load_model
+    from patcher.samples import InputSpec, load_labelled, num_classes_of
+
+    proto = load_model(model, warn=False).proto
+    return load_labelled(attack_path, InputSpec.of(proto), num_classes_of(proto),
+                         with_target=True)
+
+
+def _attack_rates(model: Path, written: Path, attack, provider: str) -> dict:
+    """ASR of the input model and of the written file under onnxruntime."""
+    from patcher.gate.metrics import attack_success_rate
+
+    rates = {key: attack_success_rate(path, attack.x, attack.y, attack.target, provider,
+                                      label="attack")
+             for key, path in (("base_asr", model), ("patched_asr", written))}
+    return {**rates, "inputs": int((attack.y != attack.target).sum()), "target": attack.target}
+
+
 @main.command()
 @click.argument("patched", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--base", "base_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -611,9 +664,16 @@ def _check_folders(report_dir: Path | None, cache_dir: str | None,
               default=None, help="npz with x, y, target: gate the attack success rate.")
 @click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="npz with corrupted, clean, label: gate the pair gap.")
-@click.option("--max-accuracy-drop", type=FRACTION, default=0.01, show_default=True)
-@click.option("--max-asr", type=FRACTION, default=0.05, show_default=True)
-@click.option("--max-gap", type=FRACTION, default=0.05, show_default=True)
+@click.option("--max-accuracy-drop", type=FRACTION, default=MAX_ACCURACY_DROP,
+              show_default=True,
+              help="Largest accuracy drop on --eval (0.01 = 1 point); patch --budget "
+              "defaults to it.")
+@click.option("--max-asr", type=FRACTION, default=MAX_ASR, show_default=True,
+              help="Largest attack success rate on --attack.")
+@click.option("--max-gap", type=FRACTION, default=MAX_GAP, show_default=True,
+              help="Largest mean pair gap p_y(clean) - p_y(corrupted) on --pairs. patch "
+              f"aims lower (--gap, default {PATCH_GAP}: steered by on held-out transplanted "
+              "pairs, checked on its given pairs).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
@@ -631,6 +691,7 @@ def verify(patched: Path, base_path: Path, eval_path: Path, attack_path: Path | 
     one fails, 2 when an input is unusable."""
     from patcher.gate.verify import verify as run_verify
     from patcher.graph.support import load_supported_model as load_model
+
     reads = {"PATCHED": patched, "--base": base_path, "--eval": eval_path,
              "--attack": attack_path, "--pairs": pairs_path}
     writes = {"--json": json_path, "--junit": junit_path}
@@ -647,6 +708,8 @@ def verify(patched: Path, base_path: Path, eval_path: Path, attack_path: Path | 
         click.echo(f"{'PASS' if check.passed else 'FAIL':<5} {check.name:<20} {figures}")
         if not check.passed:
             click.echo(f"      {check.message}")
+    for name, reason in report.skipped.items():
+        click.echo(f"{'SKIP':<5} {name:<20} {reason}")
     click.echo(f"verify: {'PASSED' if report.passed else 'FAILED'} "
                f"(onnxruntime provider: {report.provider or '-'})")
     texts = {}  # both written in one step (or neither)

@@ -16,11 +16,12 @@ from importlib import resources
 from pathlib import Path
 
 from patcher.errors import OutputError, RectifyError
+from patcher.gate.defaults import MAX_ACCURACY_DROP, PATCH_GAP
 from patcher.gate.metrics import accuracy, attack_success_rate
 from patcher.graph.support import load_supported_model as load_model
 from patcher.graph.parity import ParityResult
 from patcher.patch import patch
-from patcher.rectify.loop import RectifyConfig
+from patcher.rectify import RectifyConfig
 from patcher.model.runtime import open_session
 from patcher.samples import InputSpec, load_labelled, load_pairs, num_classes_of
 from patcher.gate.verify import verify
@@ -105,8 +106,9 @@ def run_demo(work: Path, provider: str = "auto", device: str = "auto", log=None,
     before, used = measure(model_path)
     start = time.perf_counter()
     report = patch(model_path, work / "pairs_n1.npz", work / "eval.npz", None,
-                   work / "model.rectified.onnx", RectifyConfig(), device, provider, force=True,
-                   log=log)
+                   work / "model.rectified.onnx",
+                   RectifyConfig(budget=MAX_ACCURACY_DROP, gap=PATCH_GAP),  # patch's defaults
+                   device, provider, force=True, log=log)
     seconds = time.perf_counter() - start
     after, _ = measure(Path(report.output))
     gate = verify(loaded, load_model(Path(report.output)), work / "eval.npz", work / "attack.npz",
@@ -115,10 +117,12 @@ def run_demo(work: Path, provider: str = "auto", device: str = "auto", log=None,
                       Path(report.output), report.result.rounds, seconds, gate)
 
 
-def format_demo(result: DemoResult) -> str:
+def format_demo(result: DemoResult, kept: bool = True) -> str:
+    """The demo's table; ``kept=False`` says that the work folder was removed."""
     lines = [f"onnx-rectify demo: a trojaned MNIST CNN (samples/{SAMPLE}), "
              f"{result.pairs} corrupted/clean pair",
-             f"work folder  {result.folder}"]
+             f"work folder  {result.folder}" + ("" if kept else
+                                                " (removed; --out DIR keeps the files)")]
     if result.parity is not None:
         p = result.parity
         lines.append(f"parity       {'PASS' if p.passed else 'FAIL'} (shadow graph vs onnxruntime, "

@@ -158,7 +158,9 @@ def test_locate_causal_through_the_cli(trojaned, tmp_path):  # noqa: F811
                                        str(trojaned / "eval.npz"), "--method", "causal",
                                        "--json", str(out)])
     assert result.exit_code == 0, result.output
-    ranking = json.loads(out.read_text())
+    data = json.loads(out.read_text())
+    assert data["tool"] == "onnx-rectify" and data["method"] == "causal"
+    ranking = data["ranking"]
     assert len(ranking) == 4 and {"layer", "score", "restored_all"} <= set(ranking[0])
     assert "attribution ranking" in result.output and "Spearman" in result.output
 

@@ -85,3 +85,27 @@ def test_export_cli_with_state_dict(tmp_path, monkeypatch):
     missing = runner.invoke(main, ["export", "zoo:nothing", "--input-shape", "1,1,8,8",
                                    "-o", str(tmp_path / "x.onnx")])
     assert missing.exit_code == 2 and "has no attribute 'nothing'" in missing.output
+
+
+def test_export_cli_imports_the_factory_from_the_current_folder(tmp_path, monkeypatch):
+    """`onnx-rectify export mymodel:build` from the folder that holds mymodel.py, as
+    `python -m` would import it (no PYTHONPATH=.)."""
+    name = "mymodel_in_cwd"
+    (tmp_path / f"{name}.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    # what a console script sees: neither the current folder nor '' on sys.path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        result = CliRunner().invoke(main, ["export", f"{name}:build", "--input-shape", "1,1,4,4",
+                                           "-o", "m.onnx"])
+    finally:
+        sys.modules.pop(name, None)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.onnx").is_file() and "top-1 agreement 100%" in result.output
+    missing = CliRunner().invoke(main, ["export", "no_such_module_here:build", "--input-shape",
+                                        "1,1,4,4", "-o", "n.onnx"])
+    assert missing.exit_code == 2 and "cannot import no_such_module_here" in missing.output
+    assert not (tmp_path / "n.onnx").exists()

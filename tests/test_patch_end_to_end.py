@@ -93,7 +93,7 @@ def test_locate_ranks_every_editable_layer(trojaned, tmp_path):
                                        str(trojaned / "pairs.npz"), "--eval",
                                        str(trojaned / "eval.npz"), "--json", str(out)])
     assert result.exit_code == 0, result.output
-    ranking = json.loads(out.read_text())
+    ranking = json.loads(out.read_text())["ranking"]
     assert len(ranking) == 4 and ranking[0]["rank"] == 1
     assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
     assert {"layer", "score"} <= set(ranking[0])

@@ -8,20 +8,24 @@ dtypes or shapes, metadata) is structural and fails the gate.
 """
 from __future__ import annotations
 
+import socket
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
 from patcher.errors import BadModelError
+from patcher.gate.defaults import MAX_ACCURACY_DROP, MAX_ASR, MAX_GAP
 from patcher.gate.metrics import pair_gap, predict
 from patcher.model.modelio import LoadedModel, named_tensors
 from patcher.model.runtime import open_session
 from patcher.samples import InputSpec, load_labelled, load_pairs, num_classes_of
 from patcher.model.writeback import PROVENANCE_KEY, read_provenance
+from patcher.version import __version__
 
 EDITABLE_WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (1,), "MatMul": (0, 1)}
 
@@ -132,32 +136,109 @@ class Check:
     passed: bool
     figures: dict = field(default_factory=dict)
     message: str = ""
+    #: wall seconds the check took
+    seconds: float = 0.0
+
+
+def format_value(value) -> str:
+    """A figure as text a person reads (no Python reprs): numbers to 6 significant digits,
+    lists comma-separated ("none" when empty), dicts as ``key value`` pairs, None as "-"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.6g}"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {format_value(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value) or "none"
+    return str(value)
+
+
+def format_figures(figures: dict) -> str:
+    """One ``name: value`` line per figure (nested dicts one line per key), readable text."""
+    lines = []
+    for key, value in figures.items():
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            lines.append(f"{key}:")
+            lines += [f"  {k}: {format_value(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key}: {format_value(value)}")
+    return "\n".join(lines)
+
+
+#: The JUnit suite's name and the test cases' class name.
+JUNIT_SUITE = "onnx-rectify verify"
+JUNIT_CLASSNAME = "onnx_rectify.verify"
 
 
 @dataclass
 class VerifyReport:
+    """The gate's verdict: every check run, the gates not run (name -> why), the thresholds,
+    when it started (UTC) and how long it took."""
+
     checks: list[Check]
     provider: str | None
+    skipped: dict[str, str] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
+        """True when every check that ran passed."""
         return all(c.passed for c in self.checks)
 
     def as_dict(self) -> dict:
+        """Every figure, JSON-ready, with a top-level ``passed``."""
         return {"passed": self.passed, "provider": self.provider,
-                "checks": [asdict(c) for c in self.checks]}
+                "started": self.started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "seconds": self.seconds, "thresholds": dict(self.thresholds),
+                "checks": [asdict(c) for c in self.checks],
+                "skipped": [{"name": k, "reason": v} for k, v in self.skipped.items()]}
 
     def junit(self) -> str:
-        suite = ET.Element("testsuite", name="onnx-rectify verify", tests=str(len(self.checks)),
-                           failures=str(sum(not c.passed for c in self.checks)))
+        """The checks as JUnit XML with an XML declaration: ``testsuites`` holding one
+        ``testsuite`` (name, tests, failures, errors, skipped, time, timestamp (UTC), hostname),
+        one ``testcase`` per check (name, classname, time; a ``failure`` when it failed;
+        its figures in ``system-out``) and one ``skipped`` test case per gate not run. It
+        validates against the JUnit schema in tests/schemas/junit-10.xsd."""
+        failures = sum(not c.passed for c in self.checks)
+        tests = len(self.checks) + len(self.skipped)
+        counts = {"tests": str(tests), "failures": str(failures), "errors": "0"}
+        root = ET.Element("testsuites", name=JUNIT_SUITE, **counts, time=f"{self.seconds:.3f}")
+        suite = ET.SubElement(root, "testsuite", name=JUNIT_SUITE, **counts,
+                              skipped=str(len(self.skipped)), time=f"{self.seconds:.3f}",
+                              timestamp=self.started.strftime("%Y-%m-%dT%H:%M:%S"),
+                              hostname=socket.gethostname() or "localhost", id="0",
+                              package=JUNIT_CLASSNAME)
+        properties = ET.SubElement(suite, "properties")
+        for name, value in (("tool", "onnx-rectify"), ("version", __version__),
+                            ("provider", self.provider),
+                            *((k, v) for k, v in self.thresholds.items())):
+            ET.SubElement(properties, "property", name=name, value=format_value(value))
         for c in self.checks:
-            case = ET.SubElement(suite, "testcase", classname="onnx_rectify.verify", name=c.name)
+            case = ET.SubElement(suite, "testcase", name=c.name, classname=JUNIT_CLASSNAME,
+                                 time=f"{c.seconds:.3f}")
+            text = format_figures(c.figures)
             if not c.passed:
-                ET.SubElement(case, "failure", message=c.message or "failed").text = \
-                    "\n".join(f"{k}: {v}" for k, v in c.figures.items())
-            out = ET.SubElement(case, "system-out")
-            out.text = "\n".join(f"{k}: {v}" for k, v in c.figures.items())
-        return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode")
+                ET.SubElement(case, "failure", message=c.message or "failed",
+                              type="GateFailed").text = text
+            if text:
+                ET.SubElement(case, "system-out").text = text
+        for name, reason in self.skipped.items():
+            case = ET.SubElement(suite, "testcase", name=name, classname=JUNIT_CLASSNAME,
+                                 time="0.000")
+            ET.SubElement(case, "skipped", message=reason).text = reason
+        ET.SubElement(suite, "system-out").text = (
+            f"verify {'PASSED' if self.passed else 'FAILED'} (onnxruntime provider: "
+            f"{self.provider or '-'})")
+        ET.SubElement(suite, "system-err")
+        ET.indent(root)
+        return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode")
 
 
 def check_loadable(base: LoadedModel, patched: LoadedModel) -> Check:
@@ -205,28 +286,52 @@ def check_provenance(patched: ModelProto, diff: ModelDiff) -> Check:
 
 
 def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None, pairs_path=None,
-           max_accuracy_drop: float = 0.01, max_asr: float = 0.05, max_gap: float = 0.05,
-           provider: str = "auto", latency_runs: int = 50) -> VerifyReport:
-    """Run every check; sample files are validated against the base model first."""
+           max_accuracy_drop: float = MAX_ACCURACY_DROP, max_asr: float = MAX_ASR,
+           max_gap: float = MAX_GAP, provider: str = "auto",
+           latency_runs: int = 50) -> VerifyReport:
+    """Run every check; sample files are validated against the base model first. The
+    defaults are the gate's (:mod:`patcher.gate.defaults`), the ones ``patch`` aims for."""
+    started, start = datetime.now(timezone.utc), time.perf_counter()
     spec, classes = InputSpec.of(base.proto), num_classes_of(base.proto)
     ev = load_labelled(eval_path, spec, classes)
     attack = load_labelled(attack_path, spec, classes, with_target=True) if attack_path else None
     pairs = load_pairs(pairs_path, spec, classes) if pairs_path else None
-    checks = [check_loadable(base, patched)]
+    thresholds = {"max_accuracy_drop": max_accuracy_drop, "max_asr": max_asr, "max_gap": max_gap}
+    skipped = {}
+    if attack is None:
+        skipped["attack_success_rate"] = "not run: no attack set given (--attack)"
+    if pairs is None:
+        skipped["pair_gap"] = "not run: no pairs given (--pairs)"
+    checks: list[Check] = []
+    clock = [time.perf_counter()]
+
+    def timed(check: Check) -> Check:  # the time since the previous check ended
+        now = time.perf_counter()
+        check.seconds, clock[0] = now - clock[0], now
+        checks.append(check)
+        return check
+
+    def finish(provider_used: str | None) -> VerifyReport:
+        return VerifyReport(checks, provider_used, skipped, thresholds, started,
+                            time.perf_counter() - start)
+
+    timed(check_loadable(base, patched))
     diff = diff_models(base.proto, patched.proto)
     non_weight = [t.name for t in diff.tensors if not t.editable]
     structural = diff.structural + [f"tensor '{n}' is not a Conv/Gemm/MatMul weight but changed"
                                     for n in non_weight]
-    checks.append(Check("structure", not structural,
-                        {"changed_tensors": [t.name for t in diff.tensors],
-                         "structural_differences": structural}, "; ".join(structural[:10])))
-    checks.append(check_provenance(patched.proto, diff))
+    timed(Check("structure", not structural,
+                {"changed_tensors": [t.name for t in diff.tensors],
+                 "structural_differences": structural}, "; ".join(structural[:10])))
+    timed(check_provenance(patched.proto, diff))
     try:
         s_base = open_session(base.path or base.proto.SerializeToString(), provider)
         s_new = open_session(patched.path or patched.proto.SerializeToString(), provider)
     except BadModelError as exc:
-        checks.append(Check("onnxruntime", False, {}, str(exc)))
-        return VerifyReport(checks, None)
+        timed(Check("onnxruntime", False, {}, str(exc)))
+        for name in ("accuracy", "attack_success_rate", "pair_gap", "latency"):
+            skipped.setdefault(name, "not run: onnxruntime cannot run the models")
+        return finish(None)
     lb, lp = predict(s_base, ev.x, label="base"), predict(s_new, ev.x, label="patched")
     acc_b, acc_p = float(np.mean(lb.argmax(1) == ev.y)), float(np.mean(lp.argmax(1) == ev.y))
     d = np.abs(lp.astype(np.float64) - lb.astype(np.float64))
@@ -235,20 +340,20 @@ def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None,
                "top1_flip_rate": float(np.mean(lb.argmax(1) != lp.argmax(1))),
                "output_diff_max": float(d.max()), "output_diff_mean": float(d.mean()),
                "output_diff_p99": float(np.percentile(d, 99)), "provider": s_new.provider}
-    checks.append(Check("accuracy", acc_b - acc_p <= max_accuracy_drop, figures,
+    timed(Check("accuracy", acc_b - acc_p <= max_accuracy_drop, figures,
                         f"accuracy drop {acc_b - acc_p:.2%} exceeds {max_accuracy_drop:.2%}"
                         if acc_b - acc_p > max_accuracy_drop else ""))
     if attack is not None:
         keep = attack.y != attack.target
         asr = float(np.mean(predict(s_new, attack.x[keep], label="attack").argmax(1) == attack.target))
         asr_b = float(np.mean(predict(s_base, attack.x[keep], label="attack").argmax(1) == attack.target))
-        checks.append(Check("attack_success_rate", asr <= max_asr,
+        timed(Check("attack_success_rate", asr <= max_asr,
                             {"base_asr": asr_b, "patched_asr": asr, "max_asr": max_asr},
                             f"ASR {asr:.2%} exceeds {max_asr:.2%}" if asr > max_asr else ""))
     if pairs is not None:
         g_b, g_p = (pair_gap(s, pairs.corrupted, pairs.clean, pairs.label)
                     for s in (s_base, s_new))
-        checks.append(Check("pair_gap", g_p <= max_gap,
+        timed(Check("pair_gap", g_p <= max_gap,
                             {"base_gap": g_b, "patched_gap": g_p, "max_gap": max_gap},
                             f"pair gap {g_p:.4f} exceeds {max_gap}" if g_p > max_gap else ""))
     sample = ev.x[: min(32, len(ev.x))]
@@ -262,8 +367,8 @@ def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None,
             sess.run(sample)
             times[key].append(time.perf_counter() - t0)
     ratio = float(np.median(times["patched"]) / np.median(times["base"]))
-    checks.append(Check("latency", True, {"latency_ratio": ratio,
-                                          "base_ms": 1e3 * float(np.median(times["base"])),
-                                          "patched_ms": 1e3 * float(np.median(times["patched"])),
-                                          "batch": len(sample), "runs": latency_runs}, ""))
-    return VerifyReport(checks, s_new.provider)
+    timed(Check("latency", True, {"latency_ratio": ratio,
+                                  "base_ms": 1e3 * float(np.median(times["base"])),
+                                  "patched_ms": 1e3 * float(np.median(times["patched"])),
+                                  "batch": len(sample), "runs": latency_runs}, ""))
+    return finish(s_new.provider)
