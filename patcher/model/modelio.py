@@ -119,6 +119,14 @@ def _resolve_location(base_dir: Path, location: str, tensor_name: str) -> Path:
     return path
 
 
+def _external_int(text: str) -> int:
+    """An external-data offset or length: ASCII digits only, as onnxruntime reads them (no
+    sign, spaces, ``_`` separators or non-ASCII digits, which Python's int() would take)."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
 def _load_external(model: ModelProto, base_dir: Path | None) -> dict[str, ExternalRef]:
     refs: dict[str, ExternalRef] = {}
     cache: dict[Path, bytes] = {}
@@ -135,8 +143,8 @@ def _load_external(model: ModelProto, base_dir: Path | None) -> dict[str, Extern
                 f"tensor '{tensor.name}' is stored in external data; load the model from its file")
         path = _resolve_location(base_dir, fields.get("location", ""), tensor.name)
         try:
-            offset = int(fields.get("offset", "0"))
-            length = int(fields["length"]) if "length" in fields else None
+            offset = _external_int(fields.get("offset", "0"))
+            length = _external_int(fields["length"]) if "length" in fields else None
         except ValueError:
             raise BadModelError(f"tensor '{tensor.name}': external offset/length not integers") \
                 from None
