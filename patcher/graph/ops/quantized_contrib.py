@@ -52,35 +52,60 @@ def qgemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point, C=None, y_scale=No
                             qmath.output_dtype_of(y_zero_point, A))
 
 
-def _binary(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point, combine):
-    dtype = qmath.output_dtype_of(C_zero_point, A_zero_point, A)
-    zp = None if C_zero_point is None else C_zero_point.reshape(())
-    return combine(dtype, zp)
+def _fma(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """float32(x * y + z) rounded once, as a fused multiply-add (exact in float64 for 8-bit x)."""
+    return (qmath.f64(x) * qmath.f64(y) + qmath.f64(z)).to(torch.float32)
+
+
+def _trailing_scalar(t: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether onnxruntime's broadcast loop hands ``t`` to the kernel as a scalar."""
+    return t.numel() == 1 or (t.dim() > 0 and t.shape[-1] == 1 and other.dim() > 0
+                              and other.shape[-1] > 1)
 
 
 @register("QLinearAdd", domain=MS)
 def qlinear_add(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point=None):
     """C = saturate(round((A_scale * (A - A_zp) + B_scale * (B - B_zp)) / C_scale) + C_zp),
-    in float32, with numpy broadcasting."""
-    def combine(dtype, zp):
+    with numpy broadcasting, evaluated as onnxruntime's AVX2 kernel does (float32):
+    rA = A_scale / C_scale, rB = B_scale / C_scale, f = C_zp - fma(rA, A_zp, rB * B_zp),
+    C = saturate(round(fma(A, rA, fma(B, rB, f)))); a scalar operand is made B (the operands
+    swap when A is the scalar)."""
+    dtype = qmath.output_dtype_of(C_zero_point, A_zero_point, A)
+    lo, hi = qmath.int_range(dtype)
+    sc = _scalar(C_scale)
+    ra, rb = _scalar(A_scale) / sc, _scalar(B_scale) / sc
+    za, zb = (torch.zeros((), dtype=torch.float32) if z is None else z.reshape(()).float()
+              for z in (A_zero_point, B_zero_point))
+    zc = torch.zeros((), dtype=torch.float32) if C_zero_point is None else \
+        C_zero_point.reshape(()).float()
+    a, b = A.detach(), B.detach()
+    if _trailing_scalar(a, b):  # onnxruntime swaps the operands: the scalar goes second
+        (a, ra, za), (b, rb, zb) = (b, rb, zb), (a, ra, za)
+    fixed = zc - _fma(ra, za, rb * zb)  # the compiler fuses the first product
+    v = _fma(a, ra, _fma(b, rb, fixed))  # a scalar B is folded into the fixed part first
+    exact = torch.clamp(torch.round(v).to(torch.float64), lo, hi)
+
+    def surrogate() -> torch.Tensor:
         real = (qmath.dequantize(A, _scalar(A_scale), A_zero_point)
                 + qmath.dequantize(B, _scalar(B_scale), B_zero_point))
-        return qmath.quantize_float(real, _scalar(C_scale), zp, dtype)
+        return torch.clamp(real / sc + zc, lo, hi)
 
-    return _binary(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point,
-                   combine)
+    return qmath.emit(exact, dtype, surrogate, qmath.tracking(A, B))
 
 
 @register("QLinearMul", domain=MS)
 def qlinear_mul(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point=None):
-    """C = saturate(round((A - A_zp) * (B - B_zp) * (A_scale * B_scale / C_scale)) + C_zp)."""
-    def combine(dtype, zp):
-        acc = (qmath.f64(A) - qmath.zero(A_zero_point)) * (qmath.f64(B) - qmath.zero(B_zero_point))
-        ratio = _scalar(A_scale) * _scalar(B_scale) / _scalar(C_scale)
-        return qmath.requantize(acc, ratio, zp, dtype)
-
-    return _binary(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point,
-                   combine)
+    """C = saturate(round((A - A_zp) * (B - B_zp) * (A_scale * B_scale / C_scale) + C_zp)),
+    the multiplier and the sum with the zero point in float32 (onnxruntime's kernel)."""
+    dtype = qmath.output_dtype_of(C_zero_point, A_zero_point, A)
+    lo, hi = qmath.int_range(dtype)
+    acc = (qmath.f64(A) - qmath.zero(A_zero_point)) * (qmath.f64(B) - qmath.zero(B_zero_point))
+    ratio = _scalar(A_scale) * _scalar(B_scale) / _scalar(C_scale)
+    zc = 0.0 if C_zero_point is None else float(C_zero_point.reshape(()))
+    v = torch.clamp(acc.detach().to(torch.float32) * ratio, lo - zc, hi - zc) + zc
+    exact = torch.round(v).to(torch.float64)
+    return qmath.emit(exact, dtype, lambda: torch.clamp(acc * qmath.f64(ratio) + zc, lo, hi),
+                      qmath.tracking(acc))
 
 
 def _channels_first(x: torch.Tensor, channels_last: int) -> torch.Tensor:
