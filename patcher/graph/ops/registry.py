@@ -10,6 +10,7 @@ how many outputs the node has (``Split`` needs it).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -35,12 +36,24 @@ class OpImpl:
 
     @property
     def attribute_names(self) -> frozenset[str]:
-        params = inspect.signature(self.fn).parameters.values()
-        return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        return _keyword_names(self.fn)
 
     @property
     def wants_output_count(self) -> bool:
-        return "num_outputs_" in inspect.signature(self.fn).parameters
+        return "num_outputs_" in _parameter_names(self.fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_names(fn: OpFunction) -> frozenset[str]:
+    """The parameter names of ``fn`` (cached: inspect.signature costs ~50 us, and every node
+    of a graph asks, which made long chains of trivial nodes slow)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
+@functools.lru_cache(maxsize=None)
+def _keyword_names(fn: OpFunction) -> frozenset[str]:
+    params = inspect.signature(fn).parameters.values()
+    return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 _REGISTRY: dict[tuple[str, str], list[OpImpl]] = {}
