@@ -59,8 +59,8 @@ from patcher.analysis.attribution import layer_integrated_gradients  # noqa: E40
 from patcher.rectify import RectifyConfig  # noqa: E402
 from patcher.model.runtime import open_session  # noqa: E402
 from patcher.graph.shadow import ShadowGraph  # noqa: E402
-from patcher.analysis.stats import (CORRECTION_IMAGES, collect_moments, correct_spectra,  # noqa: E402
-                           iterate_batches)
+from patcher.analysis.moments import (CORRECTION_IMAGES, collect_moments,  # noqa: E402
+                                      correct_spectra, iterate_batches)
 
 GOALS = {"ig_speedup_vs_captum": (">=", 5.0), "patch_overhead_ratio": ("<=", 2.0),
          "ort_latency_ratio": ("within", (0.97, 1.03)), "shadow_vs_torch_ratio": ("<=", 1.5)}

@@ -195,7 +195,8 @@ def test_external_weights_go_to_a_fresh_data_file(tmp_path):
 
 
 def test_whitening_by_the_cholesky_factor_matches_the_inverse():
-    from patcher.analysis.stats import KeyMoments, LayerStatistics
+    from patcher.analysis.moments import KeyMoments
+    from patcher.analysis.stats import LayerStatistics
 
     keys = torch.randn(200, 6, dtype=torch.float64)
     moments = KeyMoments(torch.zeros(6, 6, dtype=torch.float64))

@@ -11,11 +11,11 @@ import pytest
 import torch
 from onnx import helper
 
-from patcher.analysis import stats
+from patcher.analysis import moments as key_moments
 from patcher.rectify.config import EVAL_BATCH
 from patcher.graph.keys import LayerTap, layer_keys
 from patcher.graph.shadow import ShadowGraph
-from patcher.analysis.stats import KeyMoments, collect_moments, iterate_batches
+from patcher.analysis.moments import KeyMoments, collect_moments, iterate_batches
 from tests.build import make_model, value_info
 
 
@@ -28,7 +28,7 @@ def _conv_model():
 
 
 def test_chunked_float32_products_match_the_float64_second_moment(monkeypatch):
-    monkeypatch.setattr(stats, "CHUNK_ROWS", 100)  # several chunks per batch
+    monkeypatch.setattr(key_moments, "CHUNK_ROWS", 100)  # several chunks per batch
     keys = torch.rand(7, 90, 1, 27) + 0.5  # non-centred, like ReLU outputs
     m = KeyMoments(torch.zeros(27, 27, dtype=torch.float64))
     m.add(keys)
@@ -81,7 +81,8 @@ def test_keys_fed_to_the_statistics_are_the_layers_keys():
 # ---------------------------------------------------------------- Kronecker-factored C
 
 def test_kronecker_solve_and_whitening_equal_the_dense_factored_matrix():
-    from patcher.analysis.stats import KroneckerMoments, KroneckerStatistics
+    from patcher.analysis.moments import KroneckerMoments
+    from patcher.analysis.stats import KroneckerStatistics
 
     gen = torch.Generator().manual_seed(0)
     fa, fb = torch.randn(4, 6, generator=gen, dtype=torch.float64), \
@@ -132,7 +133,7 @@ def test_kronecker_factors_recover_c_when_channels_share_their_spatial_statistic
 
 
 def test_statistics_kind_factors_only_wide_spatial_convolutions():
-    from patcher.analysis.stats import statistics_kind
+    from patcher.analysis.moments import statistics_kind
 
     graph = _conv_model()  # 3 -> 4 channels, 3x3: Kd 27 > 4
     layer = graph.editable_layers[0]
@@ -225,9 +226,9 @@ def test_an_accuracy_pass_stops_once_it_cannot_reach_its_threshold(tmp_path):
 
 
 def test_eigenvalue_correction_measures_c_along_the_factored_basis(monkeypatch):
-    from patcher.analysis.stats import correct_spectra
+    from patcher.analysis.moments import correct_spectra
 
-    monkeypatch.setattr(stats, "SPECTRUM_ROWS", 10 ** 6)  # every key, for an exact comparison
+    monkeypatch.setattr(key_moments, "SPECTRUM_ROWS", 10 ** 6)  # every key, for an exact comparison
     rng = np.random.default_rng(4)
     x = rng.standard_normal((200, 3, 10, 10)).astype(np.float32)
     x[:, 0] = x[:, 0, :1, :1]  # no Kronecker form (see the control above)
@@ -276,7 +277,7 @@ def test_factored_statistics_are_cached_with_their_correction(tmp_path):
 def test_factored_channel_moment_is_the_exact_moment_averaged_over_offsets(case, monkeypatch):
     """A is read off coverage-weighted pixels; it must equal the exact C's channel blocks
     averaged over kernel offsets, whatever the padding, stride, dilation and groups."""
-    from patcher.analysis.stats import correct_spectra
+    from patcher.analysis.moments import correct_spectra
 
     rng = np.random.default_rng(6)
     if case == "conv1d":
@@ -303,7 +304,7 @@ def test_factored_channel_moment_is_the_exact_moment_averaged_over_offsets(case,
     averaged = torch.einsum("aobo->ab", c) / kk
     torch.testing.assert_close(factored.channels.second_moment, averaged, rtol=1e-5, atol=1e-7)
     assert factored.channels.count == exact.count * kk
-    monkeypatch.setattr(stats, "SPECTRUM_ROWS", 10 ** 6)
+    monkeypatch.setattr(key_moments, "SPECTRUM_ROWS", 10 ** 6)
     correct_spectra(graph, layers, moments, iterate_batches(x, 16))
     _, ua, _, ub = factored.basis()
     q = torch.kron(ua, ub)
@@ -312,9 +313,9 @@ def test_factored_channel_moment_is_the_exact_moment_averaged_over_offsets(case,
 
 
 def test_eigenvalue_correction_samples_at_most_spectrum_rows_keys_per_batch(monkeypatch):
-    from patcher.analysis.stats import correct_spectra
+    from patcher.analysis.moments import correct_spectra
 
-    monkeypatch.setattr(stats, "SPECTRUM_ROWS", 100)
+    monkeypatch.setattr(key_moments, "SPECTRUM_ROWS", 100)
     x = np.random.default_rng(7).random((30, 3, 10, 10), dtype=np.float32)
     graph = _unpadded_conv(3)
     layers = graph.editable_layers

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from patcher.analysis.stats import STATISTICS_MODES
+from patcher.analysis.moments import STATISTICS_MODES
 from patcher.errors import RectifyError
 
 STRATEGIES = ("dynamic", "static", "finetune", "care")

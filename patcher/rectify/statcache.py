@@ -15,9 +15,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from patcher.analysis.stats import (CORRECTION_IMAGES, KroneckerStatistics, LayerStatistics,
-                                    MomentCache, collect_moments, correct_spectra, data_hash,
-                                    iterate_batches, statistics_from_moments, statistics_kind)
+from patcher.analysis.moments import (CORRECTION_IMAGES, collect_moments, correct_spectra,
+                                      iterate_batches, statistics_kind)
+from patcher.analysis.stats import (KroneckerStatistics, LayerStatistics, MomentCache, data_hash,
+                                    statistics_from_moments)
 from patcher.graph.shadow import EditableLayer, ShadowGraph
 from patcher.rectify.config import RectifyConfig
 from patcher.rectify.timing import Timings
