@@ -23,7 +23,7 @@ from patcher.gate.defaults import MAX_ACCURACY_DROP, MAX_ASR, MAX_GAP
 from patcher.gate.metrics import pair_gap, predict
 from patcher.model.modelio import LoadedModel, named_tensors
 from patcher.model.runtime import open_session
-from patcher.samples import InputSpec, load_labelled, load_pairs, num_classes_of
+from patcher.samples import classifier_contract, load_labelled, load_pairs
 from patcher.model.writeback import PROVENANCE_KEY, read_provenance
 from patcher.version import __version__
 
@@ -292,7 +292,8 @@ def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None,
     """Run every check; sample files are validated against the base model first. The
     defaults are the gate's (:mod:`patcher.gate.defaults`), the ones ``patch`` aims for."""
     started, start = datetime.now(timezone.utc), time.perf_counter()
-    spec, classes = InputSpec.of(base.proto), num_classes_of(base.proto)
+    spec, classes = classifier_contract(base.proto, str(base.path or "the base model"))
+    classifier_contract(patched.proto, str(patched.path or "the patched model"))
     ev = load_labelled(eval_path, spec, classes)
     attack = load_labelled(attack_path, spec, classes, with_target=True) if attack_path else None
     pairs = load_pairs(pairs_path, spec, classes) if pairs_path else None
