@@ -488,9 +488,10 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
 @click.option("--gap", "gap_target", type=FRACTION, default=PATCH_GAP, show_default=True,
               help="Target pair gap: mean of p_y(clean) - p_y(corrupted). The loop steers by "
               "it on held-out transplanted pairs (calibration images given the pairs' "
-              "corruption, never fitted); the exit status checks it on the given pairs in "
-              f"the written file. verify --max-gap (default {MAX_GAP}) gates the pairs "
-              "given to verify; this target is stricter.")
+              "corruption, never fitted; with --transplant none, on the pairs); the exit "
+              "status checks it on the given pairs in the written file. verify --max-gap "
+              f"(default {MAX_GAP}) gates the pairs given to verify; this target is "
+              "stricter.")
 @click.option("--max-rounds", type=click.IntRange(0, 100), default=10, show_default=True,
               help="Round limit of the loop.")
 @click.option("--strategy", type=click.Choice(["dynamic", "static", "finetune", "care"]),
