@@ -29,27 +29,47 @@ EXPECTED_OPS = {"qdq": {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"},
                 "dynamic": {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"}}
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory) -> dict[str, Path]:
+def _quantize_sample(sample: Path, out: Path, calibration: np.ndarray,
+                     formats=FORMATS) -> dict[str, Path]:
+    """The sample's model quantized by onnxruntime: static QDQ and QOperator (per-channel,
+    calibrated on ``calibration``) and dynamic."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, quantize_dynamic,
                                           quantize_static)
 
-    name = onnx.load(str(SAMPLE / "model.onnx")).graph.input[0].name
+    source = str(sample / "model.onnx")
+    name = onnx.load(source).graph.input[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{name: CALIBRATION[i:i + 1]} for i in range(len(CALIBRATION))])
+            self.batches = iter([{name: calibration[i:i + 1]} for i in range(len(calibration))])
 
         def get_next(self):
             return next(self.batches, None)
 
-    out = tmp_path_factory.mktemp("quantized")
-    paths = {f: out / f"{f}.onnx" for f in FORMATS}
+    paths = {f: out / f"{f}.onnx" for f in formats}
     for fmt, form in (("qdq", QuantFormat.QDQ), ("qoperator", QuantFormat.QOperator)):
-        quantize_static(str(SAMPLE / "model.onnx"), str(paths[fmt]), Reader(),
-                        quant_format=form, per_channel=True)
-    quantize_dynamic(str(SAMPLE / "model.onnx"), str(paths["dynamic"]))
+        if fmt in paths:
+            quantize_static(source, str(paths[fmt]), Reader(), quant_format=form,
+                            per_channel=True)
+    if "dynamic" in paths:
+        quantize_dynamic(source, str(paths["dynamic"]))
     return paths
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> dict[str, Path]:
+    return _quantize_sample(SAMPLE, tmp_path_factory.mktemp("quantized"), CALIBRATION)
+
+
+def _agreement(path: Path, images: np.ndarray) -> tuple[float, float | None, float]:
+    """(top-1 agreement, max difference in output steps or None, max abs difference)."""
+    expected = open_session(str(path), "cpu").run(images)[0]
+    with torch.no_grad():
+        (got,) = ShadowGraph.from_onnx(path)(torch.from_numpy(images))
+    diff = float(np.abs(got.numpy().astype(np.float64) - expected).max())
+    (step,) = output_steps(onnx.load(str(path)))
+    top1 = float(np.mean(got.numpy().argmax(1) == expected.argmax(1)))
+    return top1, (diff / step if step else None), diff
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -98,6 +118,20 @@ def test_inspect_passes_parity_on_quantized_models(quantized, fmt):
         assert summary.parity.step_tolerance == QUANT_STEPS
         assert "output quantization step" in text
     assert "parity     PASS" in text
+
+
+def test_residual_network_quantized_matches_onnxruntime(tmp_path):
+    """samples/backdoor_resnet adds residual branches and a global average pool: QOperator
+    turns them into com.microsoft QLinearAdd and QLinearGlobalAveragePool."""
+    sample = SAMPLE.parent / "backdoor_resnet"
+    paths = _quantize_sample(sample, tmp_path, np.load(sample / "test.npz")["x"][:4],
+                             formats=("qdq", "qoperator"))
+    ops = {n.op_type for n in onnx.load(str(paths["qoperator"])).graph.node}
+    assert {"QLinearAdd", "QLinearGlobalAveragePool", "QLinearConv", "QGemm"} <= ops
+    images = np.load(sample / "eval.npz")["x"][:100]
+    for fmt in ("qdq", "qoperator"):
+        top1, steps, _ = _agreement(paths[fmt], images)
+        assert top1 >= 0.99 and steps is not None and steps <= QUANT_STEPS + 1e-3, (fmt, steps)
 
 
 def _keep_io_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -113,8 +113,9 @@ CASES = {
                                {}, opset=11, outputs=("y", "ys", "yz")),
     "dynamic_quantize_positive": _model("DynamicQuantizeLinear", {"x": np.abs(X) + 0.5},
                                         {}, opset=11, outputs=("y", "ys", "yz")),
-    "dynamic_quantize_all_zero": _model("DynamicQuantizeLinear", {"x": np.zeros((2, 3), np.float32)},
-                                        {}, opset=11, outputs=("y", "ys", "yz")),
+    "dynamic_quantize_all_zero": _model("DynamicQuantizeLinear",
+                                        {"x": np.zeros((2, 3), np.float32)}, {}, opset=11,
+                                        outputs=("y", "ys", "yz")),
     # MatMulInteger / ConvInteger
     "matmul_integer_uint8": _model("MatMulInteger", {"a": _q((5, 33))},
                                    {"b": _q((33, 7)), "az": _z(120), "bz": _z(131)}, opset=10),

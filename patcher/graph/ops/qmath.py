@@ -1,8 +1,10 @@
 """Integer arithmetic of quantized ops, as onnxruntime computes it, with straight-through gradients.
 
-Forward values are exact: accumulators are formed in float64 (integer products and sums are
-exact there), rescaled in float32 like onnxruntime's kernels, rounded half to even and
-saturated. An integer output leaves the op in its ONNX dtype (int8, uint8, int32, ...).
+Forward values are exact: integers are centered (x - zero point) in float32 where they fit its
+24-bit mantissa (8- and 16-bit types) and in float64 otherwise, accumulated in float32 only when
+every partial sum is provably below 2**24, rescaled in float32 like onnxruntime's kernels,
+rounded half to even and saturated. An integer output leaves the op in its ONNX dtype (int8,
+uint8, int32, ...).
 
 Integer tensors cannot carry gradients in torch. When an input requires a gradient (and grad
 mode is on), an integer output is therefore *carried* in a float dtype (float32 for 8- and
@@ -75,6 +77,21 @@ def zero(t: "torch.Tensor | None") -> "torch.Tensor | float":
     return 0.0 if t is None else f64(t)
 
 
+_WIDE = (torch.int32, torch.uint32, torch.int64, torch.uint64, torch.float64)
+
+
+def exact_dtype(t: torch.Tensor) -> torch.dtype:
+    """The float dtype holding ``t``'s integer values exactly: float32 for 8/16-bit types and
+    their float32 carriers, float64 for wider ones."""
+    return torch.float64 if t.dtype in _WIDE else torch.float32
+
+
+def centered(x: torch.Tensor, zp: "torch.Tensor | None") -> torch.Tensor:
+    """x - zp, exact, in float32 for 8/16-bit x (float64 for wider), keeping x's gradient."""
+    work = exact_dtype(x)
+    return x.to(work) if zp is None else x.to(work) - zp.to(work)
+
+
 def int_range(dtype: torch.dtype) -> tuple[int, int]:
     """(qmin, qmax) of an integer torch dtype."""
     info = torch.iinfo(dtype)
@@ -84,9 +101,10 @@ def int_range(dtype: torch.dtype) -> tuple[int, int]:
 def emit(exact: torch.Tensor, dtype: torch.dtype,
          surrogate: "Callable[[], torch.Tensor] | None" = None,
          track: bool = False) -> torch.Tensor:
-    """An integer result leaving an op: ``exact`` (float64, integer values) in ``dtype``, or,
-    when ``track``, in its float carrier with ``surrogate()``'s gradient (straight-through),
-    or ``exact``'s own gradient when there is no surrogate (an exact integer accumulator)."""
+    """An integer result leaving an op: ``exact`` (a float tensor of integer values) in
+    ``dtype``, or, when ``track``, in its float carrier with ``surrogate()``'s gradient
+    (straight-through), or ``exact``'s own gradient when there is no surrogate (an exact
+    integer accumulator)."""
     if not track:
         return exact.detach().to(dtype)
     carrier = carrier_dtype(dtype)
@@ -113,16 +131,26 @@ def along_axis(p: "torch.Tensor | None", x: torch.Tensor, axis: int,
     return p.reshape(shape)
 
 
+def add_exact(acc: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """acc + other for integer-valued tensors, exact: in float32 when no sum can reach 2**24."""
+    bound = sum(float(t.detach().abs().max()) if t.numel() else 0.0 for t in (acc, other))
+    work = torch.float32 if bound < 2.0**24 else torch.float64
+    return acc.to(work) + other.to(work)
+
+
 def quantize_values(v: torch.Tensor, zp: "torch.Tensor | float", lo: int, hi: int
                     ) -> torch.Tensor:
-    """q = saturate(round_half_even(v) + zp) in float64 (``v`` already divided by the scale)."""
-    return torch.clamp(torch.round(v.detach()).to(torch.float64) + zp, lo, hi)
+    """q = saturate(round_half_even(v) + zp) (``v`` already divided by the scale), in float32 for
+    ranges within 2**24 (a sum inexact there saturates anyway), else float64."""
+    work = torch.float32 if max(-lo, hi) <= 2**24 else torch.float64
+    z = zp.to(work) if isinstance(zp, torch.Tensor) else zp
+    return torch.clamp(torch.round(v.detach()).to(work) + z, lo, hi)
 
 
 def requantize(acc: torch.Tensor, scale: torch.Tensor, zp: "torch.Tensor | None",
                dtype: torch.dtype) -> torch.Tensor:
     """y = saturate(round(float32(acc) * scale) + zp): onnxruntime's requantization of an integer
-    accumulator ``acc`` (float64, exact) with the float32 multiplier ``scale``.
+    accumulator ``acc`` (float32 or float64, exact) with the float32 multiplier ``scale``.
 
     Straight-through gradient: that of clamp(acc * scale + zp, qmin, qmax)."""
     lo, hi = int_range(dtype)
@@ -145,7 +173,7 @@ def quantize_float(v: torch.Tensor, y_scale: torch.Tensor, zp: "torch.Tensor | N
 
 def dequantize(x: torch.Tensor, scale: torch.Tensor, zp: "torch.Tensor | None") -> torch.Tensor:
     """x_real = float32(x - zp) * scale, differentiable in ``x`` when it is a carrier."""
-    return (f64(x) - zero(zp)).to(torch.float32) * scale.to(torch.float32)
+    return centered(x, zp).to(torch.float32) * scale.to(torch.float32)
 
 
 def output_dtype_of(*candidates: "torch.Tensor | None") -> torch.dtype:

@@ -140,41 +140,53 @@ def dynamic_quantize_linear(x):
 
 
 # ------------------------------------------------------------------ integer matmul / conv
-def _row_zero(zp: "torch.Tensor | None") -> "torch.Tensor | float":
+def _row_zero(zp: "torch.Tensor | None") -> "torch.Tensor | None":
     """A's zero point: scalar, or per row ([M] -> [M, 1])."""
     if zp is None:
-        return 0.0
-    return qmath.f64(zp.reshape(-1, 1) if zp.dim() == 1 and zp.numel() > 1 else zp.reshape(()))
+        return None
+    return zp.reshape(-1, 1) if zp.dim() == 1 and zp.numel() > 1 else zp.reshape(())
 
 
-def _column(p: "torch.Tensor | None") -> "torch.Tensor | float":
+def _column(p: "torch.Tensor | None") -> "torch.Tensor | None":
     """B's zero point or scale: scalar, or per column ([N], broadcast on the last axis)."""
     if p is None:
-        return 0.0
-    return qmath.f64(p.reshape(-1) if p.numel() > 1 else p.reshape(()))
+        return None
+    return p.reshape(-1) if p.numel() > 1 else p.reshape(())
+
+
+def exact_work_dtype(terms: int, *centered: torch.Tensor) -> torch.dtype:
+    """float32 when every partial sum of ``terms`` products of the centered operands stays
+    below 2**24 (so float32 sums them exactly, in any order), else float64."""
+    bound = float(terms)
+    for t in centered:
+        bound *= float(t.detach().abs().max()) if t.numel() else 0.0
+    return torch.float32 if bound < 2.0**24 else torch.float64
 
 
 def integer_matmul(a: torch.Tensor, b: torch.Tensor, a_zero_point=None, b_zero_point=None
                    ) -> torch.Tensor:
-    """acc = (a - a_zero_point) @ (b - b_zero_point), exact, in float64."""
-    return torch.matmul(qmath.f64(a) - _row_zero(a_zero_point),
-                        qmath.f64(b) - _column(b_zero_point))
+    """acc = (a - a_zero_point) @ (b - b_zero_point), exact (float32 or float64)."""
+    ac = qmath.centered(a, _row_zero(a_zero_point))
+    bc = qmath.centered(b, _column(b_zero_point))
+    work = exact_work_dtype(ac.shape[-1], ac, bc)
+    return torch.matmul(ac.to(work), bc.to(work))
 
 
 def _channel_zero(w_zero_point: "torch.Tensor | None", w: torch.Tensor):
-    if w_zero_point is None:
-        return 0.0
-    if w_zero_point.numel() > 1:
-        return qmath.f64(w_zero_point).reshape([-1] + [1] * (w.dim() - 1))
-    return qmath.f64(w_zero_point.reshape(()))
+    if w_zero_point is None or w_zero_point.numel() == 1:
+        return None if w_zero_point is None else w_zero_point.reshape(())
+    return w_zero_point.reshape([-1] + [1] * (w.dim() - 1))
 
 
 def integer_conv(x, w, x_zero_point, w_zero_point, bias, attrs: dict) -> torch.Tensor:
-    """acc = conv(x - x_zero_point, w - w_zero_point) + bias, exact, in float64."""
-    xs = qmath.f64(x) - qmath.zero(None if x_zero_point is None else x_zero_point.reshape(()))
-    ws = qmath.f64(w) - _channel_zero(w_zero_point, w)
-    b = None if bias is None else qmath.f64(bias)
-    return conv(xs, ws, b, **attrs)
+    """acc = conv(x - x_zero_point, w - w_zero_point) + bias, exact (float32 or float64)."""
+    xs = qmath.centered(x, None if x_zero_point is None else x_zero_point.reshape(()))
+    ws = qmath.centered(w, _channel_zero(w_zero_point, w))
+    work = exact_work_dtype(ws[0].numel() if ws.dim() else 1, xs, ws)
+    acc = conv(xs.to(work), ws.to(work), None, **attrs)
+    if bias is not None:
+        acc = qmath.add_exact(acc, bias.reshape([1, -1] + [1] * (acc.dim() - 2)))
+    return acc
 
 
 @register("MatMulInteger", since=10)

@@ -12,7 +12,8 @@ import torch
 
 import patcher.graph.ops.qmath as qmath
 from patcher.graph.ops.pool import average_pool
-from patcher.graph.ops.quantized import dequantize_linear_13, integer_matmul, quantize_linear_13
+from patcher.graph.ops.quantized import (dequantize_linear_13, exact_work_dtype, integer_matmul,
+                                        quantize_linear_13)
 from patcher.graph.ops.registry import register
 
 MS = "com.microsoft"
@@ -41,7 +42,7 @@ def qgemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point, C=None, y_scale=No
     b = B.transpose(0, 1) if transB else B
     acc = integer_matmul(a, b, a_zero_point, b_zero_point)
     if C is not None:
-        acc = acc + qmath.f64(C)
+        acc = qmath.add_exact(acc, C)
     b_s = b_scale.to(torch.float32)
     multiplier = (torch.tensor(alpha, dtype=torch.float32) * _scalar(a_scale)
                   * (b_s.reshape(-1) if b_s.numel() > 1 else b_s.reshape(())))
@@ -99,7 +100,7 @@ def qlinear_mul(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_z
     the multiplier and the sum with the zero point in float32 (onnxruntime's kernel)."""
     dtype = qmath.output_dtype_of(C_zero_point, A_zero_point, A)
     lo, hi = qmath.int_range(dtype)
-    acc = (qmath.f64(A) - qmath.zero(A_zero_point)) * (qmath.f64(B) - qmath.zero(B_zero_point))
+    acc = qmath.centered(A, A_zero_point) * qmath.centered(B, B_zero_point)  # |.| < 2**16
     ratio = _scalar(A_scale) * _scalar(B_scale) / _scalar(C_scale)
     zc = 0.0 if C_zero_point is None else float(C_zero_point.reshape(()))
     v = torch.clamp(acc.detach().to(torch.float32) * ratio, lo - zc, hi - zc) + zc
@@ -125,8 +126,9 @@ def qlinear_global_average_pool(X, x_scale, x_zero_point, y_scale, y_zero_point,
     size = 1
     for d in x.shape[2:]:
         size *= int(d)
-    acc = (qmath.f64(x) - qmath.zero(x_zero_point)).sum(dim=tuple(range(2, x.dim())),
-                                                         keepdim=True)
+    xc = qmath.centered(x, x_zero_point)
+    work = exact_work_dtype(size, xc)  # every partial sum exact
+    acc = xc.to(work).sum(dim=tuple(range(2, x.dim())), keepdim=True)
     multiplier = _scalar(x_scale) / (_scalar(y_scale) * torch.tensor(float(size),
                                                                      dtype=torch.float32))
     y = qmath.requantize(acc, multiplier, y_zero_point.reshape(()),
