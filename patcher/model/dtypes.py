@@ -4,6 +4,11 @@ ONNX types without a torch dtype of their own (INT4, UINT4, INT2, UINT2,
 FLOAT4E2M1) travel in the shadow graph in a *carrier* dtype (int8, uint8,
 float32) holding only values of the narrow type's grid; ``Cast`` rounds onto
 that grid. Strings have no torch form at all and are refused.
+
+Integer tensors (int8, uint8, int32, ...) travel in their own torch dtypes. Under autograd,
+the quantized ops (QuantizeLinear, QLinearConv, ...) return their integer outputs in a float
+carrier instead (float32, or float64 for int32) holding the same integer values, so that a
+gradient can pass (see :mod:`patcher.graph.ops.qmath`).
 """
 from __future__ import annotations
 
