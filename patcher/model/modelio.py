@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 from pathlib import Path
 
 import onnx
@@ -79,43 +79,111 @@ def named_tensors(graph: onnx.GraphProto) -> dict[str, TensorProto]:
     return out
 
 
+@dataclass(frozen=True)
+class TensorSite:
+    """Where a TensorProto sits in a model: ``label`` names it in messages; ``weight`` is
+    True for initializers and Constant values (the tensors :func:`iter_tensors` yields,
+    whose external storage write-back keeps)."""
+
+    tensor: TensorProto
+    label: str
+    weight: bool
+
+
+def iter_all_tensors(graph: onnx.GraphProto, _prefix: str = "") -> Iterator[TensorSite]:
+    """Every TensorProto of a graph, wherever it sits: initializers, sparse initializers
+    (values and indices), TENSOR, TENSORS and SPARSE_TENSOR(S) attributes of any node, and
+    the same inside subgraphs (If, Loop, Scan bodies), recursively."""
+    for t in graph.initializer:
+        yield TensorSite(t, f"{_prefix}tensor '{t.name}'", not _prefix)
+    for i, sparse in enumerate(graph.sparse_initializer):
+        name = sparse.values.name or f"#{i}"
+        yield TensorSite(sparse.values, f"{_prefix}sparse initializer '{name}' (values)", False)
+        yield TensorSite(sparse.indices, f"{_prefix}sparse initializer '{name}' (indices)",
+                         False)
+    for i, node in enumerate(graph.node):
+        node_name = node.name or f"{node.op_type}_{i}"
+        for attr in node.attribute:
+            where = f"{_prefix}attribute '{attr.name}' of node '{node_name}'"
+            constant = not _prefix and node.op_type == "Constant" and attr.name == "value"
+            if attr.HasField("t"):
+                label = f"tensor '{attr.t.name}'" if constant and attr.t.name else where
+                yield TensorSite(attr.t, label, constant)
+            for k, t in enumerate(attr.tensors):
+                yield TensorSite(t, f"{where} (#{k})", False)
+            sparse_list = ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + \
+                list(attr.sparse_tensors)
+            for sp in sparse_list:
+                yield TensorSite(sp.values, f"{where} (sparse values)", False)
+                yield TensorSite(sp.indices, f"{where} (sparse indices)", False)
+            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            for sub in subgraphs:
+                yield from iter_all_tensors(sub, f"{where}, subgraph '{sub.name}': ")
+
+
 def _external_fields(tensor: TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
-def _resolve_location(base_dir: Path, location: str, tensor_name: str) -> Path:
+#: Longest external-data location accepted, and longest path component (POSIX NAME_MAX).
+MAX_LOCATION_CHARS, MAX_NAME_BYTES = 1024, 255
+
+
+def _resolve_location(base_dir: Path, location: str, label: str) -> Path:
+    """The file an external-data ``location`` names, confined to ``base_dir``: relative, no
+    '..', no symlink on the way, a regular file with one link. ``label`` names the tensor
+    in messages (e.g. "tensor 'w1'")."""
+    if not isinstance(location, str):
+        raise BadModelError(f"{label}: external data location is not valid UTF-8 text")
     if not location:
-        raise UnsafeModelError(f"tensor '{tensor_name}': external data location is empty")
+        raise UnsafeModelError(f"{label}: external data location is empty")
+    shown = location if len(location) <= 80 else location[:60] + "..."
+    if "\0" in location:
+        raise UnsafeModelError(f"{label}: external data location {ascii(shown)} contains a NUL "
+                               "character")
+    if len(location) > MAX_LOCATION_CHARS or any(
+            len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+            for part in location.split("/")):
+        raise BadModelError(f"{label}: external data location '{shown}' is too long (at most "
+                            f"{MAX_LOCATION_CHARS} characters, {MAX_NAME_BYTES} bytes a name)")
     if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
         raise UnsafeModelError(
-            f"tensor '{tensor_name}': external data location '{location}' is absolute")
+            f"{label}: external data location '{location}' is absolute")
     parts = Path(location).parts
     if ".." in parts or "\\.." in location or "..\\" in location:
         raise UnsafeModelError(
-            f"tensor '{tensor_name}': external data location '{location}' leaves the model folder")
+            f"{label}: external data location '{location}' leaves the model folder")
+    if not parts:
+        raise BadModelError(f"{label}: external data location '{location}' names no file")
     path = base_dir / location
     probe = base_dir
-    for part in parts:
+    for i, part in enumerate(parts):
         probe = probe / part
-        if probe.is_symlink():
+        try:
+            info = os.lstat(probe)
+        except FileNotFoundError:
+            raise BadModelError(
+                f"{label}: external data file '{location}' not found next to the model"
+            ) from None
+        except OSError as exc:
+            raise BadModelError(f"{label}: external data file '{location}' cannot be "
+                                f"opened ({exc.strerror})") from None
+        if stat.S_ISLNK(info.st_mode):
             raise UnsafeModelError(
-                f"tensor '{tensor_name}': external data path '{location}' goes through a symlink")
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        raise BadModelError(
-            f"tensor '{tensor_name}': external data file '{location}' not found next to the model"
-        ) from None
+                f"{label}: external data path '{location}' goes through a symlink")
+        if i < len(parts) - 1 and not stat.S_ISDIR(info.st_mode):
+            raise BadModelError(f"{label}: external data location '{location}' goes through "
+                                f"'{'/'.join(parts[:i + 1])}', which is not a folder")
     if not stat.S_ISREG(info.st_mode):
         raise UnsafeModelError(
-            f"tensor '{tensor_name}': external data '{location}' is not a regular file")
+            f"{label}: external data '{location}' is not a regular file")
     if info.st_nlink > 1:
         raise UnsafeModelError(
-            f"tensor '{tensor_name}': external data '{location}' is a hard link")
+            f"{label}: external data '{location}' is a hard link")
     real_base = os.path.realpath(base_dir)
     if os.path.commonpath([real_base, os.path.realpath(path)]) != real_base:
         raise UnsafeModelError(
-            f"tensor '{tensor_name}': external data '{location}' resolves outside the model folder")
+            f"{label}: external data '{location}' resolves outside the model folder")
     return path
 
 
@@ -127,40 +195,103 @@ def _external_int(text: str) -> int:
     return int(text)
 
 
+def _stored_bytes(tensor: TensorProto, label: str) -> int:
+    """Bytes a tensor's dims and type need (sub-byte types packed), checked before any data
+    is read: a valid element type, no negative dims, at most :data:`MAX_ELEMENTS`."""
+    import numpy as np
+    from onnx import helper
+
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise BadModelError(f"{label} has a negative dimension {d}")
+        count *= d
+        if count > MAX_ELEMENTS:
+            raise BadModelError(f"{label} declares more than 2^40 elements")
+    if tensor.data_type in _PACKED_BITS:
+        return (count * _PACKED_BITS[tensor.data_type] + 7) // 8
+    if tensor.data_type == TensorProto.STRING:
+        raise BadModelError(f"{label}: string tensors cannot be stored in external data")
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise BadModelError(f"{label} has no valid element type ({tensor.data_type})") from None
+    return count * itemsize
+
+
+def _read_range(fd: int, offset: int, length: int, label: str) -> bytes:
+    """``length`` bytes at ``offset`` of an open file: only that range is read."""
+    try:
+        data = os.pread(fd, length, offset) if length else b""
+        while len(data) < length:  # pread may return less than asked for on large reads
+            more = os.pread(fd, length - len(data), offset + len(data))
+            if not more:
+                raise BadModelError(f"{label}: external data ended early (the file shrank "
+                                    "while it was read)")
+            data += more
+    except MemoryError:
+        raise BadModelError(f"{label}: its {length} bytes of external data do not fit in "
+                            "memory") from None
+    except OSError as exc:
+        raise BadModelError(f"{label}: external data cannot be read ({exc.strerror})") from None
+    return data
+
+
 def _load_external(model: ModelProto, base_dir: Path | None) -> dict[str, ExternalRef]:
+    """Read every externally stored tensor of ``model`` (wherever it sits: see
+    :func:`iter_all_tensors`) through :func:`_resolve_location`, by offset and length only,
+    into the tensor; return where the weights (initializers, Constant values) came from."""
     refs: dict[str, ExternalRef] = {}
-    cache: dict[Path, bytes] = {}
-    for tensor in iter_tensors(model.graph):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        fields = _external_fields(tensor)
-        unknown = set(fields) - {"location", "offset", "length", "checksum"}
-        if unknown:
-            raise BadModelError(
-                f"tensor '{tensor.name}': unknown external data keys {sorted(unknown)}")
-        if base_dir is None:
-            raise BadModelError(
-                f"tensor '{tensor.name}' is stored in external data; load the model from its file")
-        path = _resolve_location(base_dir, fields.get("location", ""), tensor.name)
-        try:
-            offset = _external_int(fields.get("offset", "0"))
-            length = _external_int(fields["length"]) if "length" in fields else None
-        except ValueError:
-            raise BadModelError(f"tensor '{tensor.name}': external offset/length not integers") \
-                from None
-        if path not in cache:
-            cache[path] = path.read_bytes()
-        blob = cache[path]
-        if length is None:
-            length = len(blob) - offset
-        if offset < 0 or length < 0 or offset + length > len(blob):
-            raise BadModelError(
-                f"tensor '{tensor.name}': external data range offset={offset} length={length} "
-                f"does not fit '{fields['location']}' ({len(blob)} bytes)")
-        tensor.raw_data = blob[offset:offset + length]
-        del tensor.external_data[:]
-        tensor.data_location = TensorProto.DEFAULT
-        refs[tensor.name] = ExternalRef(fields["location"], offset, length)
+    files: dict[Path, tuple[int, int]] = {}  # path -> (descriptor, size)
+    try:
+        for site in iter_all_tensors(model.graph):
+            tensor, label = site.tensor, site.label
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            fields = _external_fields(tensor)
+            if any(isinstance(k, bytes) or isinstance(v, bytes) for k, v in fields.items()):
+                raise BadModelError(f"{label}: external data keys or values are not valid "
+                                    "UTF-8 text")
+            unknown = set(fields) - {"location", "offset", "length", "checksum"}
+            if unknown:
+                raise BadModelError(f"{label}: unknown external data keys {sorted(unknown)}")
+            if base_dir is None:
+                raise BadModelError(
+                    f"{label} is stored in external data; load the model from its file")
+            path = _resolve_location(base_dir, fields.get("location", ""), label)
+            try:
+                offset = _external_int(fields.get("offset", "0"))
+                length = _external_int(fields["length"]) if "length" in fields else None
+            except ValueError:
+                raise BadModelError(f"{label}: external offset/length not integers") from None
+            if path not in files:
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                except OSError as exc:
+                    raise BadModelError(f"{label}: external data file '{fields['location']}' "
+                                        f"cannot be opened ({exc.strerror})") from None
+                files[path] = (fd, os.fstat(fd).st_size)
+            fd, size = files[path]
+            if length is None:
+                length = size - offset
+            if offset < 0 or length < 0 or offset + length > size:
+                raise BadModelError(
+                    f"{label}: external data range offset={offset} length={length} "
+                    f"does not fit '{fields['location']}' ({size} bytes)")
+            need = _stored_bytes(tensor, label)
+            if length != need:
+                raise BadModelError(
+                    f"{label}: external data length {length} does not match its dims "
+                    f"{list(tensor.dims)} and type "
+                    f"{TensorProto.DataType.Name(tensor.data_type)} ({need} bytes)")
+            tensor.raw_data = _read_range(fd, offset, length, label)
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+            if site.weight:
+                refs[tensor.name] = ExternalRef(fields["location"], offset, length)
+    finally:
+        for fd, _ in files.values():
+            os.close(fd)
     return refs
 
 
@@ -269,6 +400,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 #: Largest element count a tensor may declare (guards against overflowing dims).
 MAX_ELEMENTS = 1 << 40
 
+#: Bits per element of the packed sub-byte types (two or four elements a byte).
+_PACKED_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4,
+                TensorProto.INT2: 2, TensorProto.UINT2: 2}
+
 
 def validate_model(model: ModelProto, where: str, require_order: bool = True,
                    node_check: NodeCheck | None = None) -> None:
@@ -307,34 +442,39 @@ def validate_model(model: ModelProto, where: str, require_order: bool = True,
         if elem == TensorProto.UNDEFINED or elem not in TensorProto.DataType.values():
             raise BadModelError(f"{where}: graph input '{vi.name}' has no valid element type")
     weights = _weight_consumers(model.graph)
-    for t in iter_tensors(model.graph):
-        name = t.name or "<unnamed Constant>"
+    for site in iter_all_tensors(model.graph):
+        t, label = site.tensor, site.label
+        if site.weight and not t.name:
+            label = "tensor '<unnamed Constant>'"
         if t.data_type == TensorProto.UNDEFINED or t.data_type not in TensorProto.DataType.values():
-            raise BadModelError(f"{where}: tensor '{name}' has no valid element type "
+            raise BadModelError(f"{where}: {label} has no valid element type "
                                 f"({t.data_type})")
         count = 1
         for d in t.dims:
             if d < 0:
-                raise BadModelError(f"{where}: tensor '{name}' has a negative dimension {d}")
+                raise BadModelError(f"{where}: {label} has a negative dimension {d}")
             count *= d
             if count > MAX_ELEMENTS:
-                raise BadModelError(f"{where}: tensor '{name}' declares more than 2^40 elements")
+                raise BadModelError(f"{where}: {label} declares more than 2^40 elements")
+        weight_of = weights.get(t.name) if site.weight else None
+        if weight_of is not None and count == 0:
+            raise BadModelError(f"{where}: {label} (a weight of node '{weight_of}') has no "
+                                f"elements (dims {list(t.dims)})")
         if t.data_type == TensorProto.STRING or t.data_location == TensorProto.EXTERNAL:
             continue
         try:
             itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         except (KeyError, TypeError, ValueError):
             continue
-        if t.raw_data and t.data_type not in (TensorProto.INT4, TensorProto.UINT4,
-                                              TensorProto.FLOAT4E2M1, TensorProto.INT2,
-                                              TensorProto.UINT2):
+        if t.raw_data and t.data_type not in _PACKED_BITS:
             if len(t.raw_data) != count * itemsize:
-                raise BadModelError(f"{where}: tensor '{name}' holds {len(t.raw_data)} bytes of "
+                raise BadModelError(f"{where}: {label} holds {len(t.raw_data)} bytes of "
                                     f"data, its dims {list(t.dims)} need {count * itemsize}")
         try:
-            values = onnx.numpy_helper.to_array(t)
+            with np.errstate(all="ignore"):
+                values = onnx.numpy_helper.to_array(t)
         except Exception as exc:  # numpy/onnx raise several kinds for inconsistent data
-            raise BadModelError(f"{where}: tensor '{name}': its data does not match its dims "
+            raise BadModelError(f"{where}: {label}: its data does not match its dims "
                                 f"{list(t.dims)} and type ({' '.join(str(exc).split())[:120]})") \
                 from None
         if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
@@ -342,10 +482,10 @@ def validate_model(model: ModelProto, where: str, require_order: bool = True,
             if t.data_type == TensorProto.BFLOAT16:
                 values = values.astype(np.float32)
             if np.isnan(values).any():
-                raise BadModelError(f"{where}: tensor '{name}' contains NaN values")
-            if t.name in weights and np.isinf(values).any():
-                raise BadModelError(f"{where}: tensor '{name}' (a weight of node "
-                                    f"'{weights[t.name]}') contains Inf values")
+                raise BadModelError(f"{where}: {label} contains NaN values")
+            if weight_of is not None and np.isinf(values).any():
+                raise BadModelError(f"{where}: {label} (a weight of node "
+                                    f"'{weight_of}') contains Inf values")
 
 
 def _check_text_fields(graph: onnx.GraphProto, where: str) -> None:
@@ -362,6 +502,14 @@ def _check_text_fields(graph: onnx.GraphProto, where: str) -> None:
             if attr.type == onnx.AttributeProto.UNDEFINED:
                 raise BadModelError(f"{where}: node '{node.name or i}' attribute '{attr.name}' "
                                     "has no type (corrupted file?)")
+            try:
+                attr.s.decode("utf-8")
+                for text in attr.strings:
+                    text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadModelError(f"{where}: node '{node.name or i}' attribute "
+                                    f"'{attr.name}' holds text that is not valid UTF-8 "
+                                    "(corrupted file?)") from None
     for kind, items in (("initializer", graph.initializer), ("graph input", graph.input),
                         ("graph output", graph.output), ("value info", graph.value_info)):
         for item in items:
