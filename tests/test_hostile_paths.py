@@ -446,6 +446,23 @@ def test_inspect_input_shape_out_of_range_is_refused(world, value):
     refused(world.root, world.args("inspect") + ["--input-shape", value], "--input-shape")
 
 
+def test_inspect_a_huge_fixed_input_shape_in_the_model_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    big = [1, 3, 100000, 100000]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"], name="i")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, big)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, big)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "m.onnx")
+    refused(tmp_path, ["inspect", str(tmp_path / "m.onnx"), "--provider", "cpu"], "'x'",
+            "--input-shape", "--no-parity")
+    described = run(["inspect", str(tmp_path / "m.onnx"), "--no-parity"])
+    assert described.exit_code == 0, described.stderr
+
+
 @pytest.mark.parametrize("extra", [["--opset", "99"], ["--input-shape", "1,1,100000,4"],
                                    ["--input-shape", "0,1,4,4"]])
 def test_export_numbers_out_of_range_are_refused(tmp_path, extra):
@@ -506,9 +523,10 @@ def test_demo_out_with_existing_files_needs_force(tmp_path):
 def _factory(tmp_path: Path, monkeypatch) -> str:
     pkg = tmp_path / "factory"
     pkg.mkdir()
-    (pkg / "tinynet_h19.py").write_text("from torch import nn\n"
-                                        "def make():\n"
-                                        "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 64))\n")
+    (pkg / "tinynet_h19.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 64))\n")
     monkeypatch.syspath_prepend(str(pkg))
     return "tinynet_h19:make"
 

@@ -72,13 +72,24 @@ def input_specs(model: onnx.ModelProto, batch: int = 2, default_dim: int = 64
     return specs
 
 
+#: Most elements one random parity input may hold (512 MiB of float32).
+MAX_INPUT_ELEMENTS = 1 << 27
+
+
 def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2,
                   shapes: dict[str, tuple[int, ...]] | None = None) -> list[np.ndarray]:
-    """Seeded random inputs in [0, 1) matching the model's input types."""
+    """Seeded random inputs in [0, 1) matching the model's input types. An input of more
+    than :data:`MAX_INPUT_ELEMENTS` elements (huge fixed dims in the model) is refused."""
+    import math
+
     rng = np.random.default_rng(seed)
     arrays = []
     for name, shape, elem in input_specs(model, batch):
         shape = tuple(shapes[name]) if shapes and name in shapes else shape
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise BadSamplesError(f"graph input '{name}': a parity input of shape "
+                                  f"{list(shape)} would hold more than {MAX_INPUT_ELEMENTS} "
+                                  "elements; give a smaller --input-shape or use --no-parity")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
         if np.issubdtype(dtype, np.floating):
             arrays.append(rng.random(shape, dtype=np.float32).astype(dtype))
