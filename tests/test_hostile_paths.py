@@ -320,22 +320,13 @@ main(sys.argv[2:], prog_name="onnx-rectify")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_during_patch_leave_nothing_and_keep_an_earlier_output(
         world, signum):
-    runner = world.root / "runner.py"
-    runner.write_text(RUNNER)
     world.out.write_bytes(b"an earlier result")
     world.out.with_name("o.onnx.data").write_bytes(b"its data")
+    (world.root / "runner.py").write_text(RUNNER)
     flag = world.root / "staged.flag"
     before = snapshot(world.root)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(runner), str(flag),
-                             *world.args("patch", "--force")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = _slow_patch(world, flag, "--force")
     try:
-        deadline = time.time() + 120
-        while not flag.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "the patch never reached verification"
-            time.sleep(0.05)
         assert any(p.name.endswith(".partial") for p in world.out.parent.iterdir())
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=60)
@@ -360,6 +351,40 @@ def test_a_patch_writes_its_outputs_together_and_leaves_nothing_else(world):
         "out/html", "out/html/index.html", "out/o.onnx", "out/o.onnx.data", "out/r.json"]
     assert {p: after[p] for p in before} == before  # inputs byte-identical
     assert str(world.out) in report.read_text()
+
+
+def _slow_patch(world: World, flag: Path, *extra: str) -> subprocess.Popen:
+    """A patch process that stops (60 s) once its model is staged; ``flag`` says when."""
+    runner = world.root / "runner.py"
+    runner.write_text(RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(runner), str(flag),
+                             *world.args("patch", *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not flag.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the patch never reached verification: {proc.communicate()}")
+        time.sleep(0.05)
+    return proc
+
+
+def test_two_patch_processes_on_one_output_the_second_refuses(world):
+    before = snapshot(world.root)
+    first = _slow_patch(world, world.root / "staged.flag")
+    try:
+        refused(world.root, world.args("patch"), "another onnx-rectify run is writing")
+        refused(world.root, world.args("patch", "--force"), "another onnx-rectify run")
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 2
+    (world.root / "staged.flag").unlink()
+    (world.root / "runner.py").unlink()
+    assert snapshot(world.root) == before
 
 
 def test_a_second_run_on_the_same_output_is_refused(world):
