@@ -92,6 +92,22 @@ def test_shadow_graph_agrees_with_onnxruntime_on_eval_images(quantized, fmt):
         assert diff.max() / step <= QUANT_STEPS + 1e-3
 
 
+def test_dynamic_model_saved_by_onnxruntimes_optimizer_runs(quantized, tmp_path):
+    """onnxruntime's extended optimizations fuse DynamicQuantizeLinear + MatMulInteger + Cast +
+    Mul into com.microsoft DynamicQuantizeMatMul; such a saved file runs too."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(quantized["dynamic"]), options,
+                                 providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "DynamicQuantizeMatMul" in ops and "MatMulInteger" not in ops
+    top1, _, diff = _agreement(Path(options.optimized_model_filepath), EVAL[:50])
+    assert top1 == 1.0 and diff <= 1e-4
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gradients_flow_through_the_quantized_model(quantized, fmt):
     graph = ShadowGraph.from_onnx(quantized[fmt])

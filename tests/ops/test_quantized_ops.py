@@ -174,6 +174,15 @@ CASES = {
         {"as": _s(0.03), "az": _z(128), "b": _q((30, 6), np.int8), "bs": _s(0.01),
          "bz": _z(0, np.int8), "ys": _s(0.5), "yz": _z(128)}, domain=MS, transA=1,
         order=["a", "as", "az", "b", "bs", "bz", "", "ys", "yz"]),
+    "matmul_integer_to_float_per_column_bias": _model(
+        "MatMulIntegerToFloat", {"a": _q((4, 3, 40))},
+        {"b": _q((40, 6), np.int8), "as": _s(0.02),
+         "bs": np.linspace(0.001, 0.01, 6, dtype=np.float32), "az": _z(128),
+         "bz": _z(0, np.int8, 6), "bias": RNG.standard_normal(6).astype(np.float32)}, domain=MS),
+    "dynamic_quantize_matmul": _model(
+        "DynamicQuantizeMatMul", {"a": RNG.standard_normal((5, 40)).astype(np.float32)},
+        {"b": _q((40, 6), np.int8), "bs": _s(0.01), "bz": _z(0, np.int8),
+         "bias": RNG.standard_normal(6).astype(np.float32)}, domain=MS),
     "qlinear_add_uint8_broadcast": _model(
         "QLinearAdd", {"a": _q((2, 3, 4, 5))},
         {"as": _s(0.05), "az": _z(128), "b": _q((1, 3, 1, 5)), "bs": _s(0.11), "bz": _z(100),
@@ -302,7 +311,8 @@ def test_cases_cover_the_quantized_ops():
     assert ops == {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                    "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm", "QLinearAdd",
                    "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
-                   "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu"}
+                   "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "MatMulIntegerToFloat",
+                   "DynamicQuantizeMatMul"}
 
 
 def test_rounding_is_half_to_even_and_saturates():

@@ -1,6 +1,7 @@
 """The com.microsoft quantized ops onnxruntime's quantizer emits in QOperator format: QGemm,
 QLinearAdd, QLinearMul, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat,
-QLinearSigmoid, QLinearLeakyRelu.
+QLinearSigmoid, QLinearLeakyRelu; and MatMulIntegerToFloat and DynamicQuantizeMatMul, which
+onnxruntime's optimizer writes into dynamically quantized models it saves.
 
 Each follows onnxruntime's CPU kernel: operands are dequantized as float32(x - zp) * scale or
 accumulated exactly in integers, rescaled in float32, rounded half to even and saturated to the
@@ -12,8 +13,8 @@ import torch
 
 import patcher.graph.ops.qmath as qmath
 from patcher.graph.ops.pool import average_pool
-from patcher.graph.ops.quantized import (dequantize_linear_13, exact_work_dtype, integer_matmul,
-                                        quantize_linear_13)
+from patcher.graph.ops.quantized import (dequantize_linear_13, dynamic_quantize_linear,
+                                        exact_work_dtype, integer_matmul, quantize_linear_13)
 from patcher.graph.ops.registry import register
 
 MS = "com.microsoft"
@@ -51,6 +52,26 @@ def qgemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point, C=None, y_scale=No
     multiplier = multiplier / _scalar(y_scale)
     return qmath.requantize(acc, multiplier, y_zero_point.reshape(()),
                             qmath.output_dtype_of(y_zero_point, A))
+
+
+@register("MatMulIntegerToFloat", domain=MS)
+def matmul_integer_to_float(A, B, a_scale, b_scale, a_zero_point=None, b_zero_point=None,
+                            bias=None):
+    """Y = float32((A - a_zp) @ (B - b_zp)) * (a_scale * b_scale) + bias; b's scale and zero
+    point per tensor or per column (onnxruntime fuses MatMulInteger, Cast and Mul into it)."""
+    acc = integer_matmul(A, B, a_zero_point, b_zero_point)
+    b_s = b_scale.to(torch.float32)
+    scale = _scalar(a_scale) * (b_s.reshape(-1) if b_s.numel() > 1 else b_s.reshape(()))
+    y = acc.to(torch.float32) * scale
+    return y if bias is None else y + bias.to(torch.float32)
+
+
+@register("DynamicQuantizeMatMul", domain=MS)
+def dynamic_quantize_matmul(A, B, b_scale, b_zero_point=None, bias=None):
+    """A quantized to uint8 as DynamicQuantizeLinear does (scale and zero point from its
+    range), then Y = MatMulIntegerToFloat(A_q, B, a_scale, b_scale, a_zp, b_zp, bias)."""
+    a_q, a_scale, a_zero_point = dynamic_quantize_linear(A)
+    return matmul_integer_to_float(a_q, B, a_scale, b_scale, a_zero_point, b_zero_point, bias)
 
 
 def _fma(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
