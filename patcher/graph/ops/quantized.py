@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from patcher.errors import UnsupportedOpError
 import patcher.graph.ops.qmath as qmath
+from patcher.errors import UnsupportedOpError
 from patcher.graph.ops.conv import conv
 from patcher.graph.ops.registry import register
+from patcher.graph.ops.shape import cast_tensor
 from patcher.model import dtypes
 
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
@@ -43,8 +44,6 @@ def _quantize(x: torch.Tensor, y_scale: torch.Tensor, y_zero_point: "torch.Tenso
         exact = qmath.quantize_values(v, z, lo, hi)
         return qmath.emit(exact, carrier, lambda: torch.clamp(qmath.f64(v) + z, lo, hi),
                           qmath.tracking(x))
-    from patcher.graph.ops.shape import cast_tensor  # float8 / float4 casts live there
-
     if qtype == dtypes.TensorProto.FLOAT4E2M1 and zp is not None:
         v = v + zp.to(work)
     return cast_tensor(v.detach(), qtype, saturate)
