@@ -6,7 +6,9 @@ exit code, never a traceback.
 """
 from __future__ import annotations
 
+import errno
 import functools
+import io
 import json
 import logging
 import math
@@ -64,6 +66,29 @@ def _catch_signals() -> dict[int, object]:
     return old
 
 
+def _stdout_failed(exc: OSError) -> bool:
+    """Whether ``exc`` is standard output failing (a closed pipe, a full disk) in one of
+    the verbs' ``click.echo`` calls; if so, standard output is pointed at the null device,
+    so that the interpreter's last flush at exit cannot print a second message."""
+    if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        return False
+    tb, echoed = exc.__traceback__, False
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        echoed = echoed or (code.co_name == "echo" and
+                            tb.tb_frame.f_globals.get("__name__") == "click.utils")
+        tb = tb.tb_next
+    if not echoed:
+        return False
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # not a real file (a test runner's buffer): nothing is flushed at exit
+    return True
+
+
 def reports_errors(fn):
     """Turn RectifyError (and Ctrl-C, SIGTERM, SIGHUP) into a one-line message and an exit
     code."""
@@ -80,6 +105,14 @@ def reports_errors(fn):
                   "behind", 2)
         except KeyboardInterrupt:  # exit 2 like every refusal; partial files were removed
             _fail("interrupted (Ctrl-C); no partial output was left behind", 2)
+        except OSError as exc:
+            if not _stdout_failed(exc):  # an OSError anywhere else is a bug: said below
+                if os.environ.get("ONNX_RECTIFY_DEBUG"):
+                    raise
+                _fail(f"internal error: {type(exc).__name__}: {exc} (set ONNX_RECTIFY_DEBUG=1 "
+                      "for the traceback, and please report it)", 3)
+            _fail(f"cannot write to standard output ({exc.strerror or exc}); its output is "
+                  "incomplete", 2)
         except Exception as exc:  # a bug, not bad input: say so in one line
             if os.environ.get("ONNX_RECTIFY_DEBUG"):
                 raise
