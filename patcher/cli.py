@@ -791,6 +791,69 @@ def diff(a: Path, b: Path, json_path: str | None) -> None:
         sys.exit(1)
 
 
+#: The parts of a patch report (and of verify --json) that the HTML page reads, and their
+#: JSON types: a dict names the keys of an object, a one-item list the items of an array,
+#: "number" is int, float or null; keys not listed are not read. Every key may be absent.
+_NUMBER = "number"
+_ROWS = [{"layer": str, "score": _NUMBER, "index": _NUMBER, "gap_before": _NUMBER,
+          "gap_after": _NUMBER, "target_gap_after": _NUMBER, "accuracy": _NUMBER,
+          "accuracy_drop": _NUMBER, "delta_norm": _NUMBER, "fit_residual_ratio": _NUMBER,
+          "completeness_error": _NUMBER}]
+_PATCH_REPORT_SHAPE = {
+    "model": str, "output": str, "pairs": str, "eval": str, "device": str, "written": [str],
+    "timings": {}, "verification": {"parity": {}, "rounding_errors": {}},
+    "result": {"rounds": _ROWS, "edits": _ROWS, "scores": _ROWS, "conditioning": {},
+               "timings": {}, "strategy": str, "objective": str, "base_accuracy": _NUMBER,
+               "base_gap": _NUMBER, "final_accuracy": _NUMBER, "final_gap": _NUMBER},
+}
+_VERIFY_REPORT_SHAPE = {"checks": [{"name": str, "message": str, "figures": {}}],
+                        "provider": str}
+
+
+def _json_shape_error(value, shape, where: str = "") -> str | None:
+    """Where ``value`` departs from ``shape`` (see :data:`_PATCH_REPORT_SHAPE`), or None;
+    ``where`` is the path of ``value`` in the document ('' at the top)."""
+    if not where:
+        problem = _json_shape_error(value, shape, "$")
+        return problem.replace("$ is", "the top level is", 1).replace("$.", "", 1) \
+            if problem else None
+    if shape is _NUMBER:
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        return None if ok else f"{where} is {type(value).__name__}, expected a number"
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} is {type(value).__name__}, expected an object"
+        for key, inner in shape.items():
+            if key in value and value[key] is not None:
+                if problem := _json_shape_error(value[key], inner, f"{where}.{key}"):
+                    return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} is {type(value).__name__}, expected an array"
+        for i, item in enumerate(value):
+            if problem := _json_shape_error(item, shape[0], f"{where}[{i}]"):
+                return problem
+        return None
+    if not isinstance(value, shape):
+        return f"{where} is {type(value).__name__}, expected {shape.__name__}"
+    return None
+
+
+def _read_json(path: Path, shape: dict, what: str):
+    """A JSON file whose structure fits ``shape``, or a one-line RectifyError."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        text = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RectifyError(f"{path}: not JSON ({' '.join(text.split())[:200]})") from None
+    except OSError as exc:
+        raise RectifyError(f"{path}: cannot read ({exc.strerror})") from None
+    if problem := _json_shape_error(data, shape):
+        raise RectifyError(f"{path}: not {what}: {problem}")
+    return data
+
+
 @main.command()
 @click.argument("report_json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True,
@@ -809,11 +872,10 @@ def report(report_json: Path, out_dir: Path, attack_path: Path | None,
     """Write the HTML report of an existing run from the JSON of `patch --report`."""
     from patcher.gate.report import write_report
 
-    try:
-        data = json.loads(report_json.read_text())
-        verify_data = json.loads(verify_json.read_text()) if verify_json else None
-    except ValueError as exc:
-        raise RectifyError(f"{report_json}: not JSON ({exc})") from None
+    data = _read_json(report_json, _PATCH_REPORT_SHAPE, "the JSON of 'onnx-rectify patch "
+                      "--report'")
+    verify_data = _read_json(verify_json, _VERIFY_REPORT_SHAPE, "the JSON of 'onnx-rectify "
+                             "verify --json'") if verify_json else None
     from patcher.gate.report import referenced_files, require_libraries, writes_name
     from patcher.model.paths import Outputs, check_folder_outputs, check_output_folder
     from patcher.patch import resolve_device
