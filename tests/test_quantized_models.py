@@ -134,6 +134,8 @@ def test_inspect_passes_parity_on_quantized_models(quantized, fmt):
         assert summary.parity.step_tolerance == QUANT_STEPS
         assert "output quantization step" in text
     assert "parity     PASS" in text
+    form = {"qdq": "QDQ", "qoperator": "QOperator", "dynamic": "dynamic-quantization"}[fmt]
+    assert f"the weights are stored quantized ({form})" in text
 
 
 def test_residual_network_quantized_matches_onnxruntime(tmp_path):

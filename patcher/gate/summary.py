@@ -9,7 +9,7 @@ from patcher.errors import BadModelError, RectifyError
 from patcher.model.modelio import LoadedModel
 from patcher.graph.parity import ParityResult, compare, input_specs, random_inputs
 from patcher.graph.shadow import ShadowGraph
-from patcher.graph.support import find_unsupported, op_histogram
+from patcher.graph.support import find_unsupported, op_histogram, quantized_form
 
 
 @dataclass
@@ -113,6 +113,13 @@ def format_summary(s: ModelSummary) -> str:
         lines.append(f"warning    {len(s.overridable_initializers)} initializer(s) are also graph "
                      "inputs; a runtime feed could override them (and an edit)")
     lines.append(f"editable layers ({len(s.editable_layers)}):")
+    forms = {quantized_form(op.rpartition(".")[2], op.rpartition(".")[0] or "ai.onnx")
+             for op in s.op_histogram}
+    form = next((f for f in ("QOperator", "dynamic-quantization", "QDQ") if f in forms), None)
+    if form and not s.editable_layers:
+        lines.append(f"  none: the weights are stored quantized ({form}); inspect and parity "
+                     "work, editing quantized weights is not supported yet (patch the float "
+                     "model and quantize it again)")
     if s.editable_layers:
         w_name = max(len(l["name"]) for l in s.editable_layers)
         w_weight = max(len(l["weight"]) for l in s.editable_layers)
