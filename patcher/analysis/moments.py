@@ -55,6 +55,9 @@ from patcher.progress import progress
 
 DEFAULT_RIDGE = 1e-2
 CHUNK_ROWS = 8192
+#: Largest key dimension whose exact statistics are computed: a float64 C of 8 GiB, and the
+#: same again for its eigen-decomposition (memory and an O(d^3) factorisation).
+MAX_KEY_DIM = 1 << 15
 #: How C is computed per layer: "exact" everywhere, "kronecker" for every conv with a
 #: spatial kernel, or "auto": Kronecker-factored where the exact products would cost more
 #: than the conv itself (key dimension Kd above the output channels per group).
@@ -253,6 +256,22 @@ class KroneckerMoments:
 
 
 
+def check_key_dims(layers: list[EditableLayer], mode: str = "exact") -> None:
+    """Refuse, before anything is allocated, layers whose exact key statistics (a float64
+    key_dim x key_dim matrix, and its factorisations) would exceed :data:`MAX_KEY_DIM`."""
+    from patcher.errors import NumericalError
+
+    big = [l for l in layers if statistics_kind(l, mode) != "kronecker" and
+           l.key_dim > MAX_KEY_DIM]
+    if big:
+        l = max(big, key=lambda layer: layer.key_dim)
+        raise NumericalError(
+            f"layer '{l.name}' has {l.key_dim} inputs per output (key dimension): its key "
+            f"statistics would take {l.key_dim ** 2 * 8 / 2**30:.0f} GiB and cannot be "
+            f"factorised; at most {MAX_KEY_DIM} are supported"
+            + (f" ({len(big)} layers exceed it)" if len(big) > 1 else ""))
+
+
 def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
                     total: int | None = None, label: str = "key statistics",
                     show_progress: bool | None = None, max_rows: int | None = None,
@@ -266,6 +285,7 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
     random share max_rows / (keys per input x total) of every batch's keys (exact
     statistics only: the factored ones are cheap)."""
     device = next((p.device for p in graph.parameters()), torch.device("cpu"))
+    check_key_dims(layers, mode)
     moments: dict = {}
     for l in layers:
         if statistics_kind(l, mode) == "kronecker":
