@@ -82,6 +82,13 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2,
     than :data:`MAX_INPUT_ELEMENTS` elements (huge fixed dims in the model) is refused."""
     import math
 
+    from patcher.errors import RectifyError
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
+            not 0 <= seed < 2 ** 32:
+        raise RectifyError(f"seed {seed!r}: expected an integer in 0..{2 ** 32 - 1}")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise RectifyError(f"batch {batch!r}: expected a positive integer")
     rng = np.random.default_rng(seed)
     arrays = []
     for name, shape, elem in input_specs(model, batch):
