@@ -216,6 +216,10 @@ def _bad_location(world: World, kind: str) -> Path:
     if kind == "a-folder":
         (world.root / "a-folder").mkdir()
         return world.root / "a-folder"
+    if kind == "long-folder":  # a folder name longer than the file system allows
+        return world.root / ("d" * 300) / "x.json"
+    if kind == "long-name":
+        return world.root / ("n" * 300 + ".json")
     raise ValueError(kind)
 
 
@@ -223,12 +227,14 @@ WRITE_FLAGS = [("inspect", "json"), ("locate", "json"), ("patch", "report"), ("p
                ("verify", "json"), ("verify", "junit"), ("diff", "json")]
 
 
-@pytest.mark.parametrize("kind", ["missing-folder", "under-a-file", "a-folder"])
+@pytest.mark.parametrize("kind", ["missing-folder", "under-a-file", "a-folder", "long-folder",
+                                  "long-name"])
 @pytest.mark.parametrize("verb,flag", WRITE_FLAGS)
 def test_an_unusable_output_location_is_refused_before_any_work(world, verb, flag, kind):
     path = _bad_location(world, kind)
     words = {"missing-folder": ("does not exist",), "under-a-file": ("is a file",),
-             "a-folder": ("is a directory",)}[kind]  # the last: click's dir_okay=False
+             "a-folder": ("is a directory",),  # click's dir_okay=False
+             "long-folder": ("cannot write there",), "long-name": ("cannot write there",)}[kind]
     refused(world.root, world.args(verb, **{flag: path}), *words, usage=kind == "a-folder")
 
 
@@ -260,6 +266,21 @@ def test_patch_checks_every_output_folder_before_writing_the_model(world, where)
     args = world.args("patch", **{where.replace("-", "_"): bad})
     refused(world.root, args, "a-file")
     assert not world.out.exists()
+
+
+@pytest.mark.parametrize("args", [["demo", "--out", "{long}/work"],
+                                  ["patch", "--report-dir", "{long}/html"],
+                                  ["patch", "--cache-dir", "{long}"],
+                                  ["report", "{root}/r.json", "-o", "{long}/html"]])
+def test_an_output_folder_name_too_long_is_refused_before_any_work(world, args):
+    if "--report-dir" in args or "report" in args:
+        pytest.importorskip("matplotlib")
+    (world.root / "r.json").write_text('{"result": {}}')
+    fill = {"long": str(world.root / ("d" * 300)), "root": str(world.root)}
+    args = [a.format(**fill) for a in args]
+    if args[0] == "patch":
+        args = world.args("patch", *args[1:])
+    refused(world.root, args, "cannot write there")
 
 
 def test_report_verb_refuses_an_output_folder_under_a_file(world):

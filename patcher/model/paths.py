@@ -94,10 +94,16 @@ def _probe(target: Path, folder: Path) -> None:
 
 
 def _existing_ancestor(path: Path) -> tuple[Path, list[Path]]:
-    """The nearest ancestor of ``path`` that exists, and the missing folders below it."""
+    """The nearest ancestor of ``path`` that exists, and the missing folders below it.
+    Raises OSError for a name that could not be created (too long, a loop of symlinks)."""
     missing = []
     probe = path
-    while not os.path.lexists(probe):
+    while True:
+        try:
+            os.lstat(probe)
+            break
+        except (FileNotFoundError, NotADirectoryError):  # the latter: under a file
+            pass
         missing.append(probe)
         parent = _folder_of(probe)
         if parent == probe:
@@ -120,6 +126,14 @@ def check_output_file(flag: str, path: Path, force: bool | None = None) -> None:
     folder or a special file (even with ``--force``). With ``force`` given (the flag has a
     ``--force``), an existing target, dangling symlinks included, needs ``force=True``."""
     path = Path(path)
+    try:
+        _check_output_file(flag, path, force)
+    except OSError as exc:  # a name too long, a loop of symlinks, no permission to look
+        raise OutputError(f"{_named(flag, path)}: cannot write there ({exc.strerror or exc})") \
+            from None
+
+
+def _check_output_file(flag: str, path: Path, force: bool | None) -> None:
     folder = _folder_of(path)
     if not folder.is_dir():
         base, _ = _existing_ancestor(folder)
@@ -130,8 +144,6 @@ def check_output_file(flag: str, path: Path, force: bool | None = None) -> None:
         link = os.lstat(path)
     except FileNotFoundError:
         link = None
-    except OSError as exc:
-        raise OutputError(f"{_named(flag, path)}: cannot look at it ({exc.strerror})") from None
     if link is not None:
         if stat.S_ISLNK(link.st_mode):
             try:
@@ -151,10 +163,14 @@ def check_output_folder(flag: str, folder: Path) -> None:
     """Refuse (exit 2), before any work, an output folder that is a file, lies under a file,
     or cannot be created or written to (a missing folder is created at the end)."""
     folder = Path(folder)
-    base, missing = _existing_ancestor(folder)
-    if not base.is_dir():
-        what = "is a file" if not missing else f"is under '{base}', which is a file"
-        raise OutputError(f"{_named(flag, folder)}: {what}, not a folder")
+    try:
+        base, missing = _existing_ancestor(folder)
+        if not base.is_dir():
+            what = "is a file" if not missing else f"is under '{base}', which is a file"
+            raise OutputError(f"{_named(flag, folder)}: {what}, not a folder")
+    except OSError as exc:
+        raise OutputError(f"{_named(flag, folder)}: cannot write there "
+                          f"({exc.strerror or exc})") from None
     _probe(folder, base)
 
 
@@ -341,15 +357,14 @@ class Outputs:
         what each target held before and raise :class:`OutputError`. Returns the targets."""
         with held_signals():
             for stage, final in self.trees:  # folders of the report: create them now
-                _, missing = _existing_ancestor(final)
-                for folder in missing:
-                    try:
+                try:
+                    for folder in _existing_ancestor(final)[1]:
                         os.mkdir(folder)
-                    except OSError as exc:
-                        self._rollback()
-                        raise OutputError(f"{final}: cannot create the folder "
-                                          f"({exc.strerror or exc})") from None
-                    self.made.append(folder)
+                        self.made.append(folder)
+                except OSError as exc:
+                    self._rollback()
+                    raise OutputError(f"{final}: cannot create the folder "
+                                      f"({exc.strerror or exc})") from None
             self._plan_trees()
             for item in self.items:
                 if item.exclusive and os.path.lexists(item.final):
