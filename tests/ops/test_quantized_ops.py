@@ -16,7 +16,7 @@ from tests.build import IR_VERSION
 RNG = np.random.default_rng(7)
 MS = "com.microsoft"
 _ONNX_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-              np.dtype(np.int8): TensorProto.INT8,
+              np.dtype(np.int8): TensorProto.INT8, np.dtype(np.int16): TensorProto.INT16,
               np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int32): TensorProto.INT32}
 
 
@@ -183,6 +183,14 @@ CASES = {
         "DynamicQuantizeMatMul", {"a": RNG.standard_normal((5, 40)).astype(np.float32)},
         {"b": _q((40, 6), np.int8), "bs": _s(0.01), "bz": _z(0, np.int8),
          "bias": RNG.standard_normal(6).astype(np.float32)}, domain=MS),
+    "ms_quantize_int8_per_axis": _model(
+        "QuantizeLinear", {"x": X}, {"s": _s(0.02, 0.05, 0.1), "z": _z([0, 3, -7], np.int8)},
+        domain=MS, axis=1),
+    "ms_quantize_uint16": _model("QuantizeLinear", {"x": X},
+                                 {"s": _s(0.0001), "z": np.array(30000, np.uint16)}, domain=MS),
+    "ms_dequantize_int16": _model(
+        "DequantizeLinear", {"x": RNG.integers(-30000, 30000, (3, 20)).astype(np.int16)},
+        {"s": _s(0.001), "z": np.array(-5, np.int16)}, domain=MS),
     "qlinear_add_uint8_broadcast": _model(
         "QLinearAdd", {"a": _q((2, 3, 4, 5))},
         {"as": _s(0.05), "az": _z(128), "b": _q((1, 3, 1, 5)), "bs": _s(0.11), "bz": _z(100),
@@ -308,6 +316,8 @@ def test_a_known_tie_is_decided_like_onnxruntime(a_size):
 
 def test_cases_cover_the_quantized_ops():
     ops = {CASES[name][0].graph.node[0].op_type for name in CASES}
+    domains = {(n.domain, n.op_type) for name in CASES for n in CASES[name][0].graph.node}
+    assert {(MS, "QuantizeLinear"), (MS, "DequantizeLinear")} <= domains
     assert ops == {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                    "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm", "QLinearAdd",
                    "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
