@@ -127,6 +127,21 @@ def _attribute_value(attr: AttributeProto):
     return value
 
 
+def _declared_types(graph) -> dict[str, int]:
+    """ONNX element type of every tensor whose type the file declares (initializers, Constant
+    outputs, graph inputs and outputs, value_info)."""
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(graph.input) + list(graph.output) + list(graph.value_info)
+             if v.type.HasField("tensor_type")}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                types[node.output[0]] = value.data_type
+    return types
+
+
 def _topological_order(nodes) -> list[int]:
     """Indices of ``nodes`` in an order where every input is produced first (stable)."""
     producers: dict[str, int] = {}
@@ -231,6 +246,7 @@ class ShadowGraph(torch.nn.Module):
                 self.register_buffer(key, value, persistent=False)
                 self._buffer_key[name] = key
 
+        declared = _declared_types(graph)
         order = _topological_order(nodes)
         self.nodes: list[NodeInfo] = []
         self._steps: list[_Step] = []
@@ -244,6 +260,8 @@ class ShadowGraph(torch.nn.Module):
             attrs = {a.name: _attribute_value(a) for a in node.attribute}
             if impl.wants_output_count:
                 attrs["num_outputs_"] = len(node.output)
+            if impl.wants_input_types:
+                attrs["input_types_"] = tuple(declared.get(n, 0) for n in node.input)
             self.nodes.append(info)
             self._steps.append(_Step(info, impl.fn, attrs))
         self._plan_release(constants)

@@ -17,8 +17,6 @@ from patcher.graph.shadow import ShadowGraph
 from tests.build import make_model, value_info
 from tests.node_cases import float_to_sub_byte_range, listed_cases, run_case
 
-SUB_BYTE_ZERO_POINT = ("sub-byte QuantizeLinear: the INT4/INT2/UINT2 zero point travels in an "
-                       "int8/uint8 carrier, so the output saturates to the 8-bit range")
 KNOWN_FAILURES = {
     "test_training_dropout_default": "Dropout in training mode draws a random mask",
     "test_training_dropout_default_mask": "Dropout in training mode draws a random mask",
@@ -26,14 +24,6 @@ KNOWN_FAILURES = {
     "test_training_dropout_mask": "Dropout in training mode draws a random mask",
     "test_equal_string": "string tensors have no torch form",
     "test_equal_string_broadcast": "string tensors have no torch form",
-    # The case's zero point is a graph input of type INT4/INT2/UINT2, which the shadow graph
-    # carries in int8/uint8 (patcher.model.dtypes.CARRIED): QuantizeLinear sees an int8/uint8
-    # zero point and saturates to that range instead of the narrow one (UINT4's case passes
-    # only because none of its values leaves [0, 15]). Quantizers store zero points as
-    # initializers of 8-bit types; sub-byte QuantizeLinear is not supported.
-    "test_quantizelinear_int4": SUB_BYTE_ZERO_POINT,
-    "test_quantizelinear_int2": SUB_BYTE_ZERO_POINT,
-    "test_quantizelinear_uint2": SUB_BYTE_ZERO_POINT,
 }
 
 # Float -> INT4/UINT4/INT2/UINT2 cases hold inputs outside the target range, where the spec says

@@ -334,6 +334,38 @@ def test_rounding_is_half_to_even_and_saturates():
     assert got.tolist() == [0, 2, 2, 0, -2, -2, 126, 127, -128]
 
 
+@pytest.mark.parametrize("narrow", ["int4", "uint4"])
+def test_sub_byte_quantize_saturates_to_its_own_range(narrow):
+    """The zero point's declared INT4/UINT4 type (carried in int8/uint8) sets the range:
+    QuantizeLinear -> DequantizeLinear at opset 21 equals onnxruntime (which cannot hand an
+    int4 tensor to numpy, hence the DequantizeLinear)."""
+    dtype = getattr(ml_dtypes, narrow)
+    zero = np.array([0, 2, -3] if narrow == "int4" else [0, 2, 9], dtype)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q", axis=0),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="d", axis=0)]
+    graph_proto = helper.make_graph(
+        nodes, "q4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6, 6])],
+        [numpy_helper.from_array(_s(0.1, 0.3, 0.05), "s"), numpy_helper.from_array(zero, "z")])
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = IR_VERSION
+    x = X[0]
+    expected = open_session(model.SerializeToString(), "cpu").run(x)[0]
+    graph = ShadowGraph.from_onnx(model)
+    seen = {}
+
+    def keep(info, inputs, outputs) -> None:
+        seen[info.name] = outputs[0]
+
+    graph.register_hook(keep, ["q"])
+    with torch.no_grad():
+        (got,) = graph(torch.from_numpy(x))
+    np.testing.assert_array_equal(got.numpy(), expected)
+    low, high = (-8, 7) if narrow == "int4" else (0, 15)
+    q = seen["q"].to(torch.int64)
+    assert q.min() == low and q.max() == high  # saturated at the narrow type's bounds
+
+
 def _qdq(scale: float, zero: int, dtype=np.int8):
     q = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q")
     d = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="d")

@@ -22,16 +22,22 @@ _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.
 # ----------------------------------------------------------------------- QuantizeLinear
 def _quantize(x: torch.Tensor, y_scale: torch.Tensor, y_zero_point: "torch.Tensor | None",
               axis: int = 1, saturate: int = 1, block_size: int = 0, output_dtype: int = 0,
-              precision: int = 0) -> torch.Tensor:
+              precision: int = 0, input_types: tuple = ()) -> torch.Tensor:
     """y = saturate(round_half_even(x / y_scale) + y_zero_point).
 
-    The output type is the zero point's, else ``output_dtype``, else uint8. Float8 outputs are
+    The output type is the zero point's (its declared type in ``input_types`` for the sub-byte
+    types carried in int8/uint8), else ``output_dtype``, else uint8. Float8 outputs are
     cast(x / y_scale) (saturating unless ``saturate`` = 0); FLOAT4E2M1 (carried in float32)
     is cast(x / y_scale + zero point)."""
     scale = qmath.along_axis(y_scale, x, axis, block_size)
     zp = qmath.along_axis(y_zero_point, x, axis, block_size)
-    qtype = (qmath.TORCH_TO_QTYPE.get(y_zero_point.dtype) if y_zero_point is not None
-             else output_dtype or dtypes.TensorProto.UINT8)
+    declared = input_types[2] if len(input_types) > 2 else 0
+    if y_zero_point is not None and declared in dtypes.CARRIED:
+        qtype = declared
+    elif y_zero_point is not None:
+        qtype = qmath.TORCH_TO_QTYPE.get(y_zero_point.dtype)
+    else:
+        qtype = output_dtype or dtypes.TensorProto.UINT8
     if qtype is None:
         raise UnsupportedOpError(f"QuantizeLinear to {y_zero_point.dtype} is not supported")
     work = (dtypes.torch_dtype(precision) if precision
@@ -50,36 +56,37 @@ def _quantize(x: torch.Tensor, y_scale: torch.Tensor, y_zero_point: "torch.Tenso
 
 
 @register("QuantizeLinear", since=10, until=12)
-def quantize_linear_10(x, y_scale, y_zero_point=None):
+def quantize_linear_10(x, y_scale, y_zero_point=None, *, input_types_=()):
     """y = saturate(round(x / y_scale) + y_zero_point), per tensor."""
-    return _quantize(x, y_scale, y_zero_point)
+    return _quantize(x, y_scale, y_zero_point, input_types=input_types_)
 
 
 @register("QuantizeLinear", since=13, until=18)
-def quantize_linear_13(x, y_scale, y_zero_point=None, *, axis=1):
+def quantize_linear_13(x, y_scale, y_zero_point=None, *, axis=1, input_types_=()):
     """Per tensor or per ``axis`` (1-D scale and zero point)."""
-    return _quantize(x, y_scale, y_zero_point, axis)
+    return _quantize(x, y_scale, y_zero_point, axis, input_types=input_types_)
 
 
 @register("QuantizeLinear", since=19, until=20)
-def quantize_linear_19(x, y_scale, y_zero_point=None, *, axis=1, saturate=1):
+def quantize_linear_19(x, y_scale, y_zero_point=None, *, axis=1, saturate=1, input_types_=()):
     """Adds float8 outputs (``saturate``)."""
-    return _quantize(x, y_scale, y_zero_point, axis, saturate)
+    return _quantize(x, y_scale, y_zero_point, axis, saturate, input_types=input_types_)
 
 
 @register("QuantizeLinear", since=21, until=22)
 def quantize_linear_21(x, y_scale, y_zero_point=None, *, axis=1, saturate=1, block_size=0,
-                       output_dtype=0):
+                       output_dtype=0, input_types_=()):
     """Adds blocked scales and ``output_dtype``."""
-    return _quantize(x, y_scale, y_zero_point, axis, saturate, block_size, output_dtype)
+    return _quantize(x, y_scale, y_zero_point, axis, saturate, block_size, output_dtype,
+                     input_types=input_types_)
 
 
 @register("QuantizeLinear", since=23)
 def quantize_linear_23(x, y_scale, y_zero_point=None, *, axis=1, saturate=1, block_size=0,
-                       output_dtype=0, precision=0):
+                       output_dtype=0, precision=0, input_types_=()):
     """Adds ``precision`` (the float type x / y_scale is computed in)."""
     return _quantize(x, y_scale, y_zero_point, axis, saturate, block_size, output_dtype,
-                     precision)
+                     precision, input_types_)
 
 
 # --------------------------------------------------------------------- DequantizeLinear

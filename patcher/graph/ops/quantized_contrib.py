@@ -206,10 +206,10 @@ def qlinear_leaky_relu(X, X_scale, X_zero_point, Y_scale, Y_zero_point, *, alpha
 
 
 @register("QuantizeLinear", domain=MS)
-def ms_quantize_linear(x, y_scale, y_zero_point=None, *, axis=1):
+def ms_quantize_linear(x, y_scale, y_zero_point=None, *, axis=1, input_types_=()):
     """com.microsoft QuantizeLinear (the quantizer's form for int16/int4 before opset 21):
     y = saturate(round(x / y_scale) + y_zero_point), per tensor or per ``axis``."""
-    return quantize_linear_13(x, y_scale, y_zero_point, axis=axis)
+    return quantize_linear_13(x, y_scale, y_zero_point, axis=axis, input_types_=input_types_)
 
 
 @register("DequantizeLinear", domain=MS)

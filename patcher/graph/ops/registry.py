@@ -6,7 +6,10 @@ node's inputs positionally (``None`` for an omitted optional input) and its
 attributes as keyword arguments, already converted to Python values (tensor
 attributes become torch tensors). It returns a tensor or a tuple of tensors in
 node-output order. A function may declare the keyword ``num_outputs_`` to learn
-how many outputs the node has (``Split`` needs it).
+how many outputs the node has (``Split`` needs it), and ``input_types_`` to learn
+the declared ONNX element type of each input (0 when unknown): a type carried in a
+wider torch dtype (INT4 in int8) cannot be told from the tensor (``QuantizeLinear``
+needs its zero point's).
 """
 from __future__ import annotations
 
@@ -41,6 +44,10 @@ class OpImpl:
     @property
     def wants_output_count(self) -> bool:
         return "num_outputs_" in _parameter_names(self.fn)
+
+    @property
+    def wants_input_types(self) -> bool:
+        return "input_types_" in _parameter_names(self.fn)
 
 
 @functools.lru_cache(maxsize=None)
