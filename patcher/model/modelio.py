@@ -189,8 +189,10 @@ def _resolve_location(base_dir: Path, location: str, label: str) -> Path:
 
 def _external_int(text: str) -> int:
     """An external-data offset or length: ASCII digits only, as onnxruntime reads them (no
-    sign, spaces, ``_`` separators or non-ASCII digits, which Python's int() would take)."""
-    if not (text.isascii() and text.isdigit()):
+    ``+``, spaces, ``_`` separators or non-ASCII digits, which Python's int() would take);
+    a ``-`` is parsed so that the range check can name the negative value."""
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()):
         raise ValueError(text)
     return int(text)
 
