@@ -4,6 +4,8 @@ traceback or an internal error, and the input files stay byte-identical."""
 from __future__ import annotations
 
 import io
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +178,178 @@ def test_mutated_sample_files_fail_cleanly_in_every_command(tmp_path_factory, op
             ["verify", str(model), "--base", str(model), "--eval", str(files["eval"]),
              "--pairs", str(files["pairs"]), "--provider", "cpu"])
     _check_clean_failure(run(args), before, before, folder)
+
+
+# ---------------------------------------------------------------- option values and npz containers
+def _assert_clean_exit(result, folder_before, folder) -> None:
+    """No exit 3, no traceback; a refusal (exit 2) is one 'onnx-rectify: error:' line, or
+    click's usage error whose last line is its one 'Error:' line; nothing written."""
+    text = result.stdout + result.stderr
+    assert "Traceback" not in text and "internal error" not in text, text
+    assert result.exit_code in (0, 1, 2), text
+    if result.exit_code == 2:
+        lines = result.stderr.strip().splitlines()
+        ours = [l for l in lines if l.startswith("onnx-rectify: error: ")]
+        usage = [l for l in lines if l.startswith("Error: ")]
+        assert (ours == lines and len(ours) == 1) or (usage and lines[-1] == usage[0]
+                                                      and len(usage) == 1 and not ours), text
+    assert snapshot(folder) == folder_before
+
+
+_INTS = st.one_of(st.integers(-3, 3), st.integers(-(2 ** 70), 2 ** 70),
+                  st.sampled_from([2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 63, -(2 ** 63)]))
+_TEXT = st.one_of(_INTS.map(str), st.sampled_from(["", " ", "nan", "inf", "-inf", "1e309", "0x10",
+                                                   "1_0", "٣", "2.5", "1e3"]))
+_SHAPES = st.one_of(
+    st.lists(st.integers(-2, 1 << 20).map(str), min_size=0, max_size=6).map(",".join),
+    st.text(alphabet="0123456789,=x -", max_size=12)).map(lambda dims: f"x={dims}")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=_TEXT, batch=_TEXT, shape=st.one_of(st.none(), _SHAPES))
+def test_inspect_option_values_fail_cleanly(tmp_path_factory, seed, batch, shape):
+    """Any --seed, --batch and --input-shape text: a clean run or a one-line refusal."""
+    from tests.hostile_cases import run
+
+    folder = tmp_path_factory.mktemp("fuzzopt")
+    model = _save(tiny_model(), folder / "m.onnx")
+    before = snapshot(folder)
+    args = ["inspect", str(model), "--provider", "cpu", "--seed", seed, "--batch", batch]
+    if shape is not None:
+        args += ["--input-shape", shape]
+    _assert_clean_exit(run(args), before, folder)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(option=st.sampled_from(["--steps", "--seed", "--transplant-count", "--heldout-count",
+                               "--stat-rows", "--top-fraction"]), value=_TEXT)
+def test_locate_option_values_fail_cleanly(tmp_path_factory, option, value):
+    from tests.hostile_cases import run
+
+    folder = tmp_path_factory.mktemp("fuzzloc")
+    files = _samples(folder / "samples")
+    model = _save(tiny_model(), folder / "m.onnx")
+    before = snapshot(folder)
+    args = ["locate", str(model), "--pairs", str(files["pairs"]), "--device", "cpu",
+            "--transplant", "none", *(["--steps", "2"] if option != "--steps" else []),
+            option, value]
+    _assert_clean_exit(run(args), before, folder)
+
+
+_DTYPES = st.sampled_from(["<f4", "<f8", "<f2", "|i1", "<i8", "|u1", "<u8", "|b1", "<c8",
+                           "<U3", "|S2", "|O", "|V4", "<M8[s]", "[('a', '<f4')]", ">f4", "zz"])
+_DIMS = st.lists(st.one_of(st.integers(0, 5), st.integers(-3, -1), st.integers(1 << 31, 1 << 62)),
+                 min_size=0, max_size=5)
+
+
+def _member(kind: str, dtype: str, dims: list[int], payload: bytes, data: np.ndarray) -> bytes:
+    """One .npy member: a real array, a header with arbitrary dtype/shape and payload bytes,
+    or raw random bytes."""
+    if kind == "array":
+        buf = io.BytesIO()
+        np.save(buf, data)
+        return buf.getvalue()
+    if kind == "header":
+        header = ("{'descr': %s, 'fortran_order': False, 'shape': (%s), }"
+                  % (dtype if dtype.startswith("[") else repr(dtype),
+                     "".join(f"{d}," for d in dims)))
+        header = header + " " * (-(len(header) + 11) % 64) + "\n"
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + payload
+    return payload
+
+
+_MEMBERS = st.tuples(st.sampled_from(["array", "header", "bytes"]), _DTYPES, _DIMS,
+                     st.binary(max_size=256))
+
+
+def _zip_edit(data: bytes, edit: str | None, at: int) -> bytes:
+    """Mark the members encrypted, give them an unknown compression method, or flip a byte
+    of the (deflated) payload of the first member."""
+    out = bytearray(data)
+    if edit is None:
+        return data
+    local = [i for i in range(len(out)) if out.startswith(b"PK\x03\x04", i)]
+    central = [i for i in range(len(out)) if out.startswith(b"PK\x01\x02", i)]
+    if edit == "flip":
+        name_len, extra_len = struct.unpack("<HH", out[26:30])
+        start = 30 + name_len + extra_len
+        size = struct.unpack("<I", out[18:22])[0]
+        if size:
+            out[start + at % size] ^= 0x55
+        return bytes(out)
+    for lo, ce in zip(local, central):
+        if edit == "encrypt":
+            out[lo + 6] |= 1
+            out[ce + 8] |= 1
+        else:
+            out[lo + 8:lo + 10] = struct.pack("<H", 99)
+            out[ce + 10:ce + 12] = struct.pack("<H", 99)
+    return bytes(out)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(members=st.fixed_dictionaries({k: _MEMBERS for k in ("corrupted", "clean", "label")}),
+       compress=st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]),
+       edit=st.sampled_from([None, None, "encrypt", "method", "flip"]),
+       at=st.integers(0, 1 << 16),
+       shape=st.sampled_from([(3, 1, 16, 16), (3, 1, 16, 15), (0, 1, 16, 16), (3, 16, 16)]),
+       dtype=st.sampled_from([np.float32, np.float64, np.float16, np.int32, np.uint8]),
+       scale=st.sampled_from([1.0, 1e300, np.nan, -np.inf]))
+def test_npz_containers_raise_only_rectify_errors(tmp_path_factory, members, compress, edit,
+                                                  at, shape, dtype, scale):
+    """Random members (arrays of random shapes and dtypes, .npy headers declaring any dtype
+    and shape over random bytes, random bytes) in a stored or deflated zip, whose members
+    may be flagged encrypted, use an unknown compression method or have a flipped byte:
+    load_pairs loads it (finite float32 images) or raises one RectifyError line with exit
+    code 2, and no numpy warning."""
+    import warnings
+
+    folder = tmp_path_factory.mktemp("fuzzzip")
+    rng = np.random.default_rng(0)
+    base = rng.random(shape)
+    arrays = {"corrupted": (base + 0.5) * scale, "clean": base, "label": np.array([0, 1, 2])}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compress) as zf:
+        for key, (kind, descr, dims, payload) in members.items():
+            with np.errstate(all="ignore"):
+                data = np.asarray(arrays[key]).astype(dtype)
+            zf.writestr(f"{key}.npy", _member(kind, descr, dims, payload, data))
+    content = _zip_edit(buf.getvalue(), edit, at)
+    path = folder / "pairs.npz"
+    path.write_bytes(content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        try:
+            pairs = load_pairs(path, SPEC, 4)
+        except RectifyError as exc:
+            assert exc.exit_code == 2 and "\n" not in str(exc)
+        else:
+            assert np.isfinite(pairs.clean).all() and np.isfinite(pairs.corrupted).all()
+            assert pairs.clean.dtype == np.float32
+    assert path.read_bytes() == content
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(members=st.fixed_dictionaries({k: _MEMBERS for k in ("x", "y")}),
+       compress=st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
+def test_npz_containers_fail_cleanly_in_verify(tmp_path_factory, members, compress):
+    """The same random containers as the eval set of verify, through the CLI."""
+    from tests.hostile_cases import run
+
+    folder = tmp_path_factory.mktemp("fuzzeval")
+    files = _samples(folder / "samples")
+    model = _save(tiny_model(), folder / "m.onnx")
+    good = {"x": np.random.default_rng(0).random((6, 1, 4, 4), dtype=np.float32),
+            "y": np.array([0, 1, 2, 0, 1, 2])}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compress) as zf:
+        for key, (kind, descr, dims, payload) in members.items():
+            zf.writestr(f"{key}.npy", _member(kind, descr, dims, payload, good[key]))
+    files["eval"].write_bytes(buf.getvalue())
+    before = snapshot(folder)
+    _assert_clean_exit(run(["verify", str(model), "--base", str(model), "--eval",
+                            str(files["eval"]), "--provider", "cpu"]), before, folder)
