@@ -178,7 +178,7 @@ def check_folder_outputs(flag: str, folder: Path, reads: dict[str, Path | None],
                          writes_name: Callable[[str], bool]) -> None:
     """Refuse (exit 2) when a file this command reads sits directly in the output ``folder``
     (compared by identity: the folder's device and inode) under a name the command writes
-    there (``writes_name(name)``), or is the folder itself."""
+    there (``writes_name(name)``)."""
     try:
         info = os.stat(folder)
     except OSError:
