@@ -332,8 +332,8 @@ def _shape_dims(tensor_type) -> tuple[int | None, ...] | None:
                  for d in tensor_type.shape.dim)
 
 
-#: Initializers larger than this are handed to shape inference as typed graph inputs
-#: instead of with their data (shape inference needs only small integer constants).
+#: Initializers and Constant values larger than this are handed to shape inference as typed
+#: graph inputs instead of with their data (it needs only small integer constants).
 _INFER_INLINE_BYTES = 1 << 16
 
 
@@ -342,9 +342,16 @@ def _inferred_output_dims(model: onnx.ModelProto) -> tuple[int | None, ...] | No
     weights' data left out), or None when inference cannot tell."""
     graph = onnx.GraphProto()
     graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
     graph.input.extend(model.graph.input)
     declared = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")),
+                     None) if node.op_type == "Constant" and len(node.output) == 1 else None
+        if value is not None and value.ByteSize() > _INFER_INLINE_BYTES:
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                node.output[0], value.data_type, list(value.dims)))  # weights in a Constant
+        else:
+            graph.node.append(node)
     for t in model.graph.initializer:
         if t.ByteSize() <= _INFER_INLINE_BYTES:
             graph.initializer.append(t)
