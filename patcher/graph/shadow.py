@@ -14,71 +14,28 @@ replace them).
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
-from onnx import AttributeProto, ModelProto, helper
+from onnx import ModelProto
 
 from patcher.model import dtypes
 from patcher.errors import BadModelError, RectifyError, UnsupportedOpError
 from patcher.graph.support import find_unsupported, load_supported_model, node_opset
 from patcher.model.modelio import LoadedModel
+from patcher.graph.layers import EDITABLE_OPS, EditableLayer, editable_layer
+from patcher.graph.nodes import (NodeInfo, attribute_value, consumers_of, declared_types,
+                                 graph_constants, last_uses, node_names, topological_order)
 from patcher.graph.ops import lookup
 from patcher.graph.ops.registry import OpImpl
 
+__all__ = ["EDITABLE_OPS", "EditableLayer", "HookHandle", "NodeInfo", "ShadowExecutionError",
+           "ShadowGraph"]
+
+
 class ShadowExecutionError(RectifyError):
     """A node could not run on the given inputs (usually: inputs of the wrong shape)."""
-
-
-#: Ops whose constant weight makes them a linear associative memory v = W k.
-EDITABLE_OPS = ("Conv", "Gemm", "MatMul")
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """One graph node as the shadow graph runs it."""
-
-    index: int
-    name: str
-    op_type: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class EditableLayer:
-    """A layer whose weight a rank-one edit can change.
-
-    ``orientation`` says how the stored weight maps keys to values:
-    ``conv`` (W [M, C/g, k...], key = unfolded patch), ``gemm`` (B [K, N], v = k B),
-    ``gemm_transposed`` (B [N, K], v = k B^T), ``matmul_right`` (x @ W, W [K, N]),
-    ``matmul_left`` (W @ x, W [M, K], keys are columns of x).
-    """
-
-    name: str
-    op: str
-    weight: str
-    storage: str  # "initializer", "constant" (a Constant node) or "external"
-    shape: tuple[int, ...]
-    dtype: str
-    key_dim: int
-    value_dim: int
-    groups: int
-    orientation: str
-    node_index: int
-    weight_input: int
-    bias: str | None
-    shared_with: tuple[str, ...] = ()
-
-    def as_dict(self) -> dict:
-        return {
-            "name": self.name, "op": self.op, "weight": self.weight, "storage": self.storage,
-            "shape": list(self.shape), "dtype": self.dtype, "key_dim": self.key_dim,
-            "value_dim": self.value_dim, "groups": self.groups, "orientation": self.orientation,
-            "bias": self.bias, "shared_with": list(self.shared_with),
-        }
 
 
 Hook = Callable[[NodeInfo, tuple, tuple], "tuple | None"]
@@ -108,75 +65,6 @@ class _Step:
     release: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _attribute_value(attr: AttributeProto):
-    if attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
-        raise UnsupportedOpError("subgraph attributes (control flow)")
-    if attr.type == AttributeProto.SPARSE_TENSOR:
-        raise UnsupportedOpError("sparse tensor attributes")
-    value = helper.get_attribute_value(attr)
-    if attr.type == AttributeProto.TENSOR:
-        return dtypes.tensor_proto_to_torch(value)
-    if attr.type == AttributeProto.STRING:
-        return value.decode("utf-8")
-    if attr.type == AttributeProto.STRINGS:
-        return [v.decode("utf-8") for v in value]
-    if attr.type == AttributeProto.INTS:
-        return list(value)
-    if attr.type == AttributeProto.FLOATS:
-        return list(value)
-    return value
-
-
-def _declared_types(graph) -> dict[str, int]:
-    """ONNX element type of every tensor whose type the file declares (initializers, Constant
-    outputs, graph inputs and outputs, value_info)."""
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(graph.input) + list(graph.output) + list(graph.value_info)
-             if v.type.HasField("tensor_type")}
-    types.update({t.name: t.data_type for t in graph.initializer})
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                types[node.output[0]] = value.data_type
-    return types
-
-
-def _topological_order(nodes) -> list[int]:
-    """Indices of ``nodes`` in an order where every input is produced first (stable)."""
-    producers: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        for out in node.output:
-            if out:
-                producers[out] = i
-    order: list[int] = []
-    state = [0] * len(nodes)  # 0 new, 1 on stack, 2 done
-    for start in range(len(nodes)):
-        if state[start]:
-            continue
-        stack = [(start, iter(nodes[start].input))]
-        state[start] = 1
-        while stack:
-            i, it = stack[-1]
-            advanced = False
-            for name in it:
-                j = producers.get(name)
-                if j is None:
-                    continue
-                if state[j] == 1:
-                    raise BadModelError(f"the graph has a cycle through node '{nodes[j].name}'")
-                if state[j] == 0:
-                    state[j] = 1
-                    stack.append((j, iter(nodes[j].input)))
-                    advanced = True
-                    break
-            if not advanced:
-                stack.pop()
-                state[i] = 2
-                order.append(i)
-    return order
-
-
 class ShadowGraph(torch.nn.Module):
     """An ONNX graph as a torch module: ``graph(*inputs) -> tuple(outputs)``."""
 
@@ -196,38 +84,18 @@ class ShadowGraph(torch.nn.Module):
         self.output_names = [o.name for o in graph.output]
 
         nodes = list(graph.node)
-        names = self._node_names(nodes)
+        names = node_names(nodes)
         self.opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
         problems = find_unsupported(nodes, names, self.opset, self.opsets)  # every node, at once
         if problems:
             raise UnsupportedOpError(f"{len(problems)} unsupported node(s): {'; '.join(problems)}")
 
-        constant_nodes = {n.output[0]: (i, n) for i, n in enumerate(nodes)
-                          if n.op_type == "Constant" and n.output}
-        constants: dict[str, torch.Tensor] = {}
-        storage: dict[str, str] = {}
-        for name, t in initializers.items():
-            constants[name] = dtypes.tensor_proto_to_torch(t)
-            storage[name] = "external" if name in model.external else "initializer"
-        for name, (i, node) in constant_nodes.items():
-            attrs = {a.name: _attribute_value(a) for a in node.attribute}
-            constants[name] = lookup("Constant", node.domain, self.opset).fn(**attrs)
-            storage[name] = "constant"
-        for name in constant_nodes:  # a Constant node's tensor external? (rare) keep the tag
-            tensor_name = next((a.t.name for a in constant_nodes[name][1].attribute
-                                if a.name == "value" and a.HasField("t")), "")
-            if tensor_name in model.external:
-                storage[name] = "external"
-
-        consumers: dict[str, list[str]] = {}
-        for i, node in enumerate(nodes):
-            for inp in node.input:
-                if inp:
-                    consumers.setdefault(inp, []).append(names[i])
+        constants, storage = graph_constants(nodes, initializers, model.external, self.opset)
+        consumers = consumers_of(nodes, names)
 
         self.editable_layers: list[EditableLayer] = []
         for i, node in enumerate(nodes):
-            layer = self._editable(i, node, names[i], constants, storage, consumers)
+            layer = editable_layer(i, node, names[i], constants, storage, consumers)
             if layer is not None:
                 self.editable_layers.append(layer)
 
@@ -246,8 +114,8 @@ class ShadowGraph(torch.nn.Module):
                 self.register_buffer(key, value, persistent=False)
                 self._buffer_key[name] = key
 
-        declared = _declared_types(graph)
-        order = _topological_order(nodes)
+        declared = declared_types(graph)
+        order = topological_order(nodes)
         self.nodes: list[NodeInfo] = []
         self._steps: list[_Step] = []
         for i in order:
@@ -257,7 +125,7 @@ class ShadowGraph(torch.nn.Module):
             info = NodeInfo(i, names[i], node.op_type, tuple(node.input), tuple(node.output))
             impl: OpImpl = lookup(node.op_type, node.domain,  # checked above
                                   node_opset(node.domain, self.opset, self.opsets))
-            attrs = {a.name: _attribute_value(a) for a in node.attribute}
+            attrs = {a.name: attribute_value(a) for a in node.attribute}
             if impl.wants_output_count:
                 attrs["num_outputs_"] = len(node.output)
             if impl.wants_input_types:
@@ -270,75 +138,12 @@ class ShadowGraph(torch.nn.Module):
         self.node_by_name = {info.name: info for info in self.nodes}
 
     # ------------------------------------------------------------------ building
-    @staticmethod
-    def _node_names(nodes) -> list[str]:
-        names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(nodes)]
-        dupes = [n for n, c in Counter(names).items() if c > 1]
-        if dupes:
-            raise BadModelError(f"duplicate node names: {', '.join(sorted(dupes)[:10])}")
-        return names
-
-    def _editable(self, i, node, name, constants, storage, consumers) -> EditableLayer | None:
-        if node.op_type not in EDITABLE_OPS:
-            return None
-        inputs = list(node.input)
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "MatMul":
-            const = [k for k in (0, 1) if inputs[k] in constants]
-            if len(const) != 1:
-                return None
-            widx = const[0]
-        else:
-            widx = 1
-            if len(inputs) < 2 or inputs[1] not in constants:
-                return None
-        wname = inputs[widx]
-        w = constants[wname]
-        if not w.dtype.is_floating_point:
-            return None
-        shape = tuple(w.shape)
-        groups = 1
-        bias = inputs[2] if len(inputs) > 2 and inputs[2] else None
-        if node.op_type == "Conv":
-            groups = int(attrs.get("group", 1))
-            key_dim = int(w[0].numel()) if w.dim() > 0 else 1
-            value_dim, orientation = shape[0], "conv"
-        elif node.op_type == "Gemm":
-            if w.dim() != 2:
-                return None
-            if attrs.get("transB", 0):
-                value_dim, key_dim, orientation = shape[0], shape[1], "gemm_transposed"
-            else:
-                key_dim, value_dim, orientation = shape[0], shape[1], "gemm"
-        else:
-            if w.dim() != 2:
-                return None
-            bias = None
-            if widx == 1:
-                key_dim, value_dim, orientation = shape[0], shape[1], "matmul_right"
-            else:
-                value_dim, key_dim, orientation = shape[0], shape[1], "matmul_left"
-        shared = tuple(c for c in consumers.get(wname, []) if c != name)
-        return EditableLayer(
-            name=name, op=node.op_type, weight=wname, storage=storage[wname], shape=shape,
-            dtype=str(w.dtype).replace("torch.", ""), key_dim=key_dim, value_dim=value_dim,
-            groups=groups, orientation=orientation, node_index=i, weight_input=widx, bias=bias,
-            shared_with=shared)
-
     def _plan_release(self, constants) -> None:
         """Drop intermediates after their last use (keeps inference memory flat)."""
         keep = set(self.output_names) | set(constants) | set(self.input_names)
-        last: dict[str, int] = {}
+        release = last_uses([step.info.inputs for step in self._steps], keep)
         for k, step in enumerate(self._steps):
-            for name in step.info.inputs:
-                if name:
-                    last[name] = k
-        per_step: dict[int, list[str]] = {}
-        for name, k in last.items():
-            if name not in keep:
-                per_step.setdefault(k, []).append(name)
-        for k, step in enumerate(self._steps):
-            step.release = tuple(per_step.get(k, ()))
+            step.release = release.get(k, ())
 
     # ------------------------------------------------------------------ public
     @classmethod
