@@ -26,7 +26,8 @@ from patcher.rectify import LayerScore, RectifyConfig, RectifyResult, rectify
 from patcher.rectify.locators import AttributionLocator, CausalLocator
 from patcher.rectify.workspace import Workspace
 from patcher.model.runtime import open_session
-from patcher.samples import InputSpec, LabelledSet, Pairs, load_labelled, load_pairs, num_classes_of
+from patcher.samples import (InputSpec, LabelledSet, Pairs, check_scores, load_labelled,
+                             load_pairs, num_classes_of)
 from patcher.graph.shadow import ShadowGraph
 from patcher.model.paths import Outputs, check_output_file, check_outputs, lock_output
 from patcher.model.writeback import apply_deltas, stage_model
@@ -75,9 +76,17 @@ def load_inputs(model: Path, pairs: Path, eval_path: Path | None, calib: Path | 
     if calib is not None:
         calib_x = load_labelled(calib, spec, classes).x
         reads["--calib"] = Path(calib)
+    labels = {f"{pairs}: 'label'": p.label}
+    if eval_path is not None:
+        labels[f"{eval_path}: 'y'"] = ev.y
     if attack is not None:
-        load_labelled(attack, spec, classes, with_target=True)
+        attack_set = load_labelled(attack, spec, classes, with_target=True)
+        labels.update({f"{attack}: 'y'": attack_set.y,
+                       f"{attack}: 'target'": np.array([attack_set.target])})
         reads["--attack"] = Path(attack)
+    if classes is None:  # neither the output nor shape inference states the class count
+        session = open_session(loaded.path or loaded.proto.SerializeToString(), "cpu")
+        check_scores(np.asarray(session.run(p.clean[:1])[0]), str(model), labels)
     for f in data_files(loaded):
         reads[f"MODEL's data file {f.name}"] = f
     return Inputs(loaded, p, ev, calib_x, sorted(set(reads.values())), reads)

@@ -277,6 +277,19 @@ def load_labelled(path, spec: InputSpec, num_classes: int | None, with_target: b
     return LabelledSet(x, y, target)
 
 
+def check_scores(scores: np.ndarray, where: str, labels: dict[str, np.ndarray]) -> None:
+    """The model's scores as it computed them, [n, classes], bound the labels: for a file
+    whose class count neither its output nor shape inference states."""
+    if scores.ndim != 2:
+        raise BadModelError(f"{where}: its first output has shape {list(scores.shape)} at run "
+                            "time; a classifier outputs [batch, classes] scores (rank 2)")
+    width = scores.shape[1]
+    for name, values in labels.items():
+        if len(values) and int(values.max()) >= width:
+            raise BadSamplesError(f"{name}: labels must lie in 0..{width - 1}, the classes the "
+                                  f"model computes (found up to {int(values.max())})")
+
+
 def classifier_contract(model: onnx.ModelProto, where: str) -> tuple[InputSpec, int | None]:
     """:meth:`InputSpec.of` and :func:`num_classes_of` of a model that samples are fed to;
     a refusal names ``where`` (the model's file)."""

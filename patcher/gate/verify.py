@@ -23,7 +23,7 @@ from patcher.gate.defaults import MAX_ACCURACY_DROP, MAX_ASR, MAX_GAP
 from patcher.gate.metrics import pair_gap, predict
 from patcher.model.modelio import LoadedModel, named_tensors
 from patcher.model.runtime import open_session
-from patcher.samples import classifier_contract, load_labelled, load_pairs
+from patcher.samples import check_scores, classifier_contract, load_labelled, load_pairs
 from patcher.model.writeback import PROVENANCE_KEY, read_provenance
 from patcher.version import __version__
 
@@ -334,6 +334,13 @@ def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None,
             skipped.setdefault(name, "not run: onnxruntime cannot run the models")
         return finish(None)
     lb, lp = predict(s_base, ev.x, label="base"), predict(s_new, ev.x, label="patched")
+    for scores, model in ((lb, base), (lp, patched)):  # the class count the file may not state
+        check_scores(scores, str(model.path or "model"),
+                     {f"{eval_path}: 'y'": ev.y,
+                      **({f"{pairs_path}: 'label'": pairs.label} if pairs else {}),
+                      **({f"{attack_path}: 'y'": attack.y,
+                          f"{attack_path}: 'target'": np.array([attack.target])}
+                         if attack else {})})
     acc_b, acc_p = float(np.mean(lb.argmax(1) == ev.y)), float(np.mean(lp.argmax(1) == ev.y))
     d = np.abs(lp.astype(np.float64) - lb.astype(np.float64))
     figures = {"base_accuracy": acc_b, "patched_accuracy": acc_p, "accuracy_drop": acc_b - acc_p,
