@@ -21,7 +21,8 @@ from onnx import ModelProto, numpy_helper
 from patcher.errors import BadModelError
 from patcher.gate.defaults import MAX_ACCURACY_DROP, MAX_ASR, MAX_GAP
 from patcher.gate.metrics import pair_gap, predict
-from patcher.model.modelio import LoadedModel, named_tensors
+from patcher.model.modelio import LoadedModel
+from patcher.model.tensors import named_tensors
 from patcher.model.runtime import open_session
 from patcher.samples import check_scores, classifier_contract, load_labelled, load_pairs
 from patcher.model.writeback import PROVENANCE_KEY, read_provenance

@@ -24,7 +24,8 @@ import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
 from patcher.errors import NumericalError, OutputError
-from patcher.model.modelio import LoadedModel, iter_tensors, named_tensors
+from patcher.model.modelio import LoadedModel
+from patcher.model.tensors import iter_tensors, named_tensors
 from patcher.model.paths import Outputs, held_signals
 
 PROVENANCE_KEY = "onnx_rectify.provenance"
