@@ -9,7 +9,8 @@ from patcher.errors import BadModelError, RectifyError
 from patcher.model.modelio import LoadedModel
 from patcher.graph.parity import ParityResult, compare, input_specs, random_inputs
 from patcher.graph.shadow import ShadowGraph
-from patcher.graph.support import find_unsupported, op_histogram, quantized_form
+from patcher.graph.support import (find_unsupported, node_names, op_histogram, opsets_of,
+                                   quantized_form)
 
 
 @dataclass
@@ -66,12 +67,12 @@ def summarize(model: LoadedModel, parity: bool = True, seed: int = 0, batch: int
     summary = ModelSummary(
         path=str(model.path) if model.path else None, sha256=model.sha256,
         ir_version=proto.ir_version,
-        opsets={(o.domain or "ai.onnx"): o.version for o in proto.opset_import},
+        opsets=opsets_of(proto),
         producer=producer, inputs=_value_infos(graph.input, inits),
         outputs=_value_infos(graph.output), op_histogram=op_histogram(proto))
     opset = summary.opsets.get("ai.onnx", 0)
-    names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(graph.node)]
-    summary.unsupported = find_unsupported(list(graph.node), names, opset, summary.opsets)
+    summary.unsupported = find_unsupported(list(graph.node), node_names(graph.node), opset,
+                                           summary.opsets)
     if summary.unsupported:
         return summary
     shadow = ShadowGraph(model)

@@ -10,6 +10,7 @@ from onnx import AttributeProto, helper
 
 from patcher.errors import BadModelError, UnsupportedOpError
 from patcher.graph.ops import lookup
+from patcher.graph.support import node_names
 from patcher.model import dtypes
 
 
@@ -93,9 +94,9 @@ def topological_order(nodes) -> list[int]:
     return order
 
 
-def node_names(nodes) -> list[str]:
-    """Each node's name, or ``<op>_<index>`` for an unnamed one; duplicates are refused."""
-    names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(nodes)]
+def unique_node_names(nodes) -> list[str]:
+    """:func:`patcher.graph.support.node_names`, with duplicates refused."""
+    names = node_names(nodes)
     dupes = [n for n, c in Counter(names).items() if c > 1]
     if dupes:
         raise BadModelError(f"duplicate node names: {', '.join(sorted(dupes)[:10])}")

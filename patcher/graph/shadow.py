@@ -22,11 +22,13 @@ from onnx import ModelProto
 
 from patcher.model import dtypes
 from patcher.errors import BadModelError, RectifyError, UnsupportedOpError
-from patcher.graph.support import find_unsupported, load_supported_model, node_opset
+from patcher.graph.support import (default_opset, find_unsupported, load_supported_model,
+                                   node_opset, opsets_of)
 from patcher.model.modelio import LoadedModel
 from patcher.graph.layers import EDITABLE_OPS, EditableLayer, editable_layer
 from patcher.graph.nodes import (NodeInfo, attribute_value, consumers_of, declared_types,
-                                 graph_constants, last_uses, node_names, topological_order)
+                                 graph_constants, last_uses, topological_order,
+                                 unique_node_names)
 from patcher.graph.ops import lookup
 from patcher.graph.ops.registry import OpImpl
 
@@ -73,8 +75,7 @@ class ShadowGraph(torch.nn.Module):
         proto = model.proto
         graph = proto.graph
         self.model = model
-        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                          None)
+        self.opset = default_opset(proto)
         if self.opset is None:
             raise BadModelError("the model imports no default-domain opset")
         self.ir_version = proto.ir_version
@@ -84,8 +85,8 @@ class ShadowGraph(torch.nn.Module):
         self.output_names = [o.name for o in graph.output]
 
         nodes = list(graph.node)
-        names = node_names(nodes)
-        self.opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+        names = unique_node_names(nodes)
+        self.opsets = opsets_of(proto)
         problems = find_unsupported(nodes, names, self.opset, self.opsets)  # every node, at once
         if problems:
             raise UnsupportedOpError(f"{len(problems)} unsupported node(s): {'; '.join(problems)}")

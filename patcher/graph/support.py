@@ -78,7 +78,13 @@ def find_unsupported(nodes, names: Sequence[str], opset: int,
 
 
 def default_opset(model: ModelProto) -> int | None:
+    """The version of the default (ai.onnx) opset the model imports, None without one."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def opsets_of(model: ModelProto) -> dict[str, int]:
+    """Domain ("ai.onnx" for the default one) -> the opset version the model imports."""
+    return {o.domain or "ai.onnx": o.version for o in model.opset_import}
 
 
 def node_names(nodes) -> list[str]:
@@ -92,8 +98,7 @@ def require_supported(model: ModelProto, where: str = "model") -> None:
     opset = default_opset(model)
     if opset is None:
         return  # load_model has refused such a model already
-    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
-    problems = find_unsupported(nodes, node_names(nodes), opset, opsets)
+    problems = find_unsupported(nodes, node_names(nodes), opset, opsets_of(model))
     if problems:
         at = f" in {where}" if where != "model" else ""
         raise UnsupportedOpError(f"{len(problems)} unsupported node(s){at}: "

@@ -14,7 +14,7 @@ from pathlib import Path
 from onnx import ModelProto, TensorProto
 
 from patcher.errors import BadModelError, UnsafeModelError
-from patcher.model.tensors import MAX_ELEMENTS, PACKED_BITS, iter_all_tensors
+from patcher.model.tensors import PACKED_BITS, element_count, iter_all_tensors
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,7 @@ def _stored_bytes(tensor: TensorProto, label: str) -> int:
     import numpy as np
     from onnx import helper
 
-    count = 1
-    for d in tensor.dims:
-        if d < 0:
-            raise BadModelError(f"{label} has a negative dimension {d}")
-        count *= d
-        if count > MAX_ELEMENTS:
-            raise BadModelError(f"{label} declares more than 2^40 elements")
+    count = element_count(tensor, label)
     if tensor.data_type in PACKED_BITS:
         return (count * PACKED_BITS[tensor.data_type] + 7) // 8
     if tensor.data_type == TensorProto.STRING:

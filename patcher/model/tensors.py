@@ -7,6 +7,8 @@ from typing import Iterator
 import onnx
 from onnx import TensorProto
 
+from patcher.errors import BadModelError
+
 
 
 def iter_tensors(graph: onnx.GraphProto):
@@ -71,6 +73,19 @@ def iter_all_tensors(graph: onnx.GraphProto, _prefix: str = "") -> Iterator[Tens
             subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
             for sub in subgraphs:
                 yield from iter_all_tensors(sub, f"{where}, subgraph '{sub.name}': ")
+
+
+def element_count(tensor: TensorProto, label: str) -> int:
+    """The element count ``tensor``'s dims declare; BadModelError (naming ``label``) for a
+    negative dimension or more than :data:`MAX_ELEMENTS` elements."""
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise BadModelError(f"{label} has a negative dimension {d}")
+        count *= d
+        if count > MAX_ELEMENTS:
+            raise BadModelError(f"{label} declares more than 2^40 elements")
+    return count
 
 
 #: Largest element count a tensor may declare (guards against overflowing dims).

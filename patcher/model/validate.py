@@ -10,7 +10,7 @@ import onnx
 from onnx import ModelProto, TensorProto
 
 from patcher.errors import BadModelError
-from patcher.model.tensors import MAX_ELEMENTS, PACKED_BITS, iter_all_tensors
+from patcher.model.tensors import PACKED_BITS, element_count, iter_all_tensors
 
 NodeCheck = Callable[[ModelProto, str], None]
 
@@ -59,13 +59,7 @@ def validate_model(model: ModelProto, where: str, require_order: bool = True,
         if t.data_type == TensorProto.UNDEFINED or t.data_type not in TensorProto.DataType.values():
             raise BadModelError(f"{where}: {label} has no valid element type "
                                 f"({t.data_type})")
-        count = 1
-        for d in t.dims:
-            if d < 0:
-                raise BadModelError(f"{where}: {label} has a negative dimension {d}")
-            count *= d
-            if count > MAX_ELEMENTS:
-                raise BadModelError(f"{where}: {label} declares more than 2^40 elements")
+        count = element_count(t, f"{where}: {label}")
         weight_of = weights.get(t.name) if site.weight else None
         if weight_of is not None and count == 0:
             raise BadModelError(f"{where}: {label} (a weight of node '{weight_of}') has no "
