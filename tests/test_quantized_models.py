@@ -136,6 +136,28 @@ def test_inspect_passes_parity_on_quantized_models(quantized, fmt):
     assert "parity     PASS" in text
     form = {"qdq": "QDQ", "qoperator": "QOperator", "dynamic": "dynamic-quantization"}[fmt]
     assert f"the weights are stored quantized ({form})" in text
+    assert summary.quantized == form
+
+
+@pytest.mark.parametrize("verb", ["locate", "patch"])
+def test_patching_a_quantized_model_is_refused_saying_why(quantized, verb, tmp_path):
+    """Until int8 weights can be edited, locate and patch say the weights are stored quantized
+    and what to do (exit 2, one line), rather than that the model has no editable layer."""
+    from click.testing import CliRunner
+
+    from patcher.cli import main
+
+    args = [verb, str(quantized["qdq"]), "--pairs", str(SAMPLE / "pairs_n1.npz"),
+            "--eval", str(SAMPLE / "eval.npz")]
+    if verb == "patch":
+        args += ["-o", str(tmp_path / "p.onnx")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert lines == ["onnx-rectify: error: the model's weights are stored quantized (QDQ): "
+                     "editing quantized weights is not supported yet (patch the float model and "
+                     "quantize it again)"], result.output
+    assert not (tmp_path / "p.onnx").exists()
 
 
 def test_residual_network_quantized_matches_onnxruntime(tmp_path):

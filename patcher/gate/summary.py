@@ -9,8 +9,8 @@ from patcher.errors import BadModelError, RectifyError
 from patcher.model.modelio import LoadedModel
 from patcher.graph.parity import ParityResult, compare, input_specs, random_inputs
 from patcher.graph.shadow import ShadowGraph
-from patcher.graph.support import (find_unsupported, node_names, op_histogram, opsets_of,
-                                   quantized_form)
+from patcher.graph.support import (QUANTIZED_NOT_EDITABLE, find_unsupported, node_names,
+                                   op_histogram, opsets_of, quantized_storage)
 
 
 @dataclass
@@ -35,6 +35,8 @@ class ModelSummary:
     editable_layers: list[dict] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
     overridable_initializers: list[str] = field(default_factory=list)
+    #: how the weights are stored quantized (QDQ, QOperator, dynamic-quantization), or None
+    quantized: str | None = None
     parity: ParityResult | None = None
     parity_error: str | None = None
 
@@ -69,7 +71,8 @@ def summarize(model: LoadedModel, parity: bool = True, seed: int = 0, batch: int
         ir_version=proto.ir_version,
         opsets=opsets_of(proto),
         producer=producer, inputs=_value_infos(graph.input, inits),
-        outputs=_value_infos(graph.output), op_histogram=op_histogram(proto))
+        outputs=_value_infos(graph.output), op_histogram=op_histogram(proto),
+        quantized=quantized_storage(graph.node))
     opset = summary.opsets.get("ai.onnx", 0)
     summary.unsupported = find_unsupported(list(graph.node), node_names(graph.node), opset,
                                            summary.opsets)
@@ -114,13 +117,9 @@ def format_summary(s: ModelSummary) -> str:
         lines.append(f"warning    {len(s.overridable_initializers)} initializer(s) are also graph "
                      "inputs; a runtime feed could override them (and an edit)")
     lines.append(f"editable layers ({len(s.editable_layers)}):")
-    forms = {quantized_form(op.rpartition(".")[2], op.rpartition(".")[0] or "ai.onnx")
-             for op in s.op_histogram}
-    form = next((f for f in ("QOperator", "dynamic-quantization", "QDQ") if f in forms), None)
-    if form and not s.editable_layers:
-        lines.append(f"  none: the weights are stored quantized ({form}); inspect and parity "
-                     "work, editing quantized weights is not supported yet (patch the float "
-                     "model and quantize it again)")
+    if s.quantized and not s.editable_layers:
+        lines.append(f"  none: the weights are stored quantized ({s.quantized}); inspect and "
+                     f"parity work, {QUANTIZED_NOT_EDITABLE}")
     if s.editable_layers:
         w_name = max(len(l["name"]) for l in s.editable_layers)
         w_weight = max(len(l["weight"]) for l in s.editable_layers)

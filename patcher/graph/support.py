@@ -40,6 +40,18 @@ def quantized_form(op_type: str, domain: str) -> str | None:
     return None
 
 
+def quantized_storage(nodes) -> str | None:
+    """How a model's weights are stored quantized, by the most telling form among its nodes
+    ("QOperator", "dynamic-quantization", "QDQ"), or None for a float model."""
+    forms = {quantized_form(n.op_type, n.domain or "ai.onnx") for n in nodes}
+    return next((f for f in ("QOperator", "dynamic-quantization", "QDQ") if f in forms), None)
+
+
+#: What to say where a quantized model has no editable layer.
+QUANTIZED_NOT_EDITABLE = ("editing quantized weights is not supported yet (patch the float "
+                          "model and quantize it again)")
+
+
 def node_opset(domain: str, opset: int, opsets: Mapping[str, int] | None = None) -> int:
     """The opset version a node of ``domain`` is looked up at: ``opset`` for the default domain,
     the model's import of that domain otherwise (1 when not given)."""

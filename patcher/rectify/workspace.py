@@ -15,6 +15,7 @@ import torch
 
 from patcher.graph.keys import stored_delta
 from patcher.graph.shadow import EditableLayer, ShadowGraph
+from patcher.graph.support import QUANTIZED_NOT_EDITABLE, quantized_storage
 from patcher.errors import RectifyError
 from patcher.progress import progress
 from patcher.rectify.config import EVAL_BATCH, RectifyConfig, check_config
@@ -73,6 +74,10 @@ class Workspace:
                 continue
             layers.append(layer)
         if not layers:
+            form = quantized_storage(self.graph.model.proto.graph.node)
+            if form is not None:
+                raise RectifyError(f"the model's weights are stored quantized ({form}): "
+                                   f"{QUANTIZED_NOT_EDITABLE}")
             raise RectifyError("the model has no editable layer that can be patched "
                                "(Conv, Gemm, or MatMul with one constant operand, not shared)")
         return layers
