@@ -244,15 +244,22 @@ def load_pairs(path, spec: InputSpec, num_classes: int | None) -> Pairs:
     image = image_dtype(spec)
     data = read_npz(path, ("corrupted", "clean", "label"),
                     convert={"corrupted": image, "clean": image, "label": np.dtype(np.int64)})
-    corrupted = check_images(data["corrupted"], f"{path}: 'corrupted'", spec)
-    clean = check_images(data["clean"], f"{path}: 'clean'", spec)
+    return check_pairs(data, str(path), spec, num_classes)
+
+
+def check_pairs(arrays: dict[str, np.ndarray], where: str, spec: InputSpec,
+                num_classes: int | None) -> Pairs:
+    """``corrupted``, ``clean`` and ``label`` (from a file or given as arrays) checked as
+    :func:`load_pairs` checks a file; a refusal names ``where`` and the key."""
+    corrupted = check_images(arrays["corrupted"], f"{where}: 'corrupted'", spec)
+    clean = check_images(arrays["clean"], f"{where}: 'clean'", spec)
     if corrupted.shape != clean.shape:
-        raise BadSamplesError(f"{path}: 'corrupted' {list(corrupted.shape)} and 'clean' "
+        raise BadSamplesError(f"{where}: 'corrupted' {list(corrupted.shape)} and 'clean' "
                               f"{list(clean.shape)} differ in shape")
-    label = check_labels(data["label"], f"{path}: 'label'", len(clean), num_classes)
+    label = check_labels(arrays["label"], f"{where}: 'label'", len(clean), num_classes)
     same = [i for i in range(len(clean)) if np.array_equal(corrupted[i], clean[i])]
     if len(same) == len(clean):
-        raise BadSamplesError(f"{path}: every corrupted sample equals its clean one: "
+        raise BadSamplesError(f"{where}: every corrupted sample equals its clean one: "
                               "nothing to fix")
     return Pairs(corrupted, clean, label)
 
@@ -261,18 +268,25 @@ def load_labelled(path, spec: InputSpec, num_classes: int | None, with_target: b
                   ) -> LabelledSet:
     keys = ("x", "y", "target") if with_target else ("x", "y")
     data = read_npz(path, keys, convert={"x": image_dtype(spec), "y": np.dtype(np.int64)})
-    x = check_images(data["x"], f"{path}: 'x'", spec)
-    y = check_labels(data["y"], f"{path}: 'y'", len(x), num_classes)
+    return check_labelled(data, str(path), spec, num_classes, with_target)
+
+
+def check_labelled(arrays: dict[str, np.ndarray], where: str, spec: InputSpec,
+                   num_classes: int | None, with_target: bool = False) -> LabelledSet:
+    """``x``, ``y`` (and with ``with_target``, ``target``), from a file or given as arrays,
+    checked as :func:`load_labelled` checks a file; a refusal names ``where`` and the key."""
+    x = check_images(arrays["x"], f"{where}: 'x'", spec)
+    y = check_labels(arrays["y"], f"{where}: 'y'", len(x), num_classes)
     target = None
     if with_target:
-        t = data["target"]
+        t = arrays["target"]
         if t.size != 1 or t.dtype.kind not in "iu":
-            raise BadSamplesError(f"{path}: 'target' must be one integer class")
+            raise BadSamplesError(f"{where}: 'target' must be one integer class")
         target = int(t.reshape(-1)[0])
         if target < 0 or (num_classes is not None and target >= num_classes):
-            raise BadSamplesError(f"{path}: 'target' {target} is not a class of the model")
+            raise BadSamplesError(f"{where}: 'target' {target} is not a class of the model")
         if (y == target).all():
-            raise BadSamplesError(f"{path}: every label in 'y' equals 'target' {target}: no "
+            raise BadSamplesError(f"{where}: every label in 'y' equals 'target' {target}: no "
                                   "sample on which the attack could change the prediction")
     return LabelledSet(x, y, target)
 
