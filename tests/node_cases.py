@@ -24,7 +24,7 @@ HardSwish Clip Tanh Softmax MaxPool AveragePool GlobalAveragePool Flatten Reshap
 Concat Split Pad Squeeze Unsqueeze Gather Slice Shape Expand Where Equal Cast Constant
 ConstantOfShape Identity Dropout ReduceMean LayerNormalization Gelu Erf Sqrt Pow Add Sub Mul
 Div Sum Mean Max Min Neg Exp Log Abs Resize Elu Selu Celu ThresholdedRelu Softplus Softsign
-Mish LogSoftmax
+Mish LogSoftmax Mod
 QuantizeLinear DequantizeLinear DynamicQuantizeLinear QLinearConv QLinearMatMul ConvInteger
 MatMulInteger
 """.split())

@@ -125,3 +125,98 @@ def test_gemm_alpha_is_not_folded_into_the_weight():
     stored = [t for t in model.graph.initializer if t.name == "w"][0]
     np.testing.assert_array_equal(graph.weight("w").detach().numpy(),
                                   np.frombuffer(stored.raw_data, np.float32).reshape(4, 5))
+
+
+_ELEM_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int32): TensorProto.INT32,
+               np.dtype(np.int64): TensorProto.INT64, np.dtype(np.uint8): TensorProto.UINT8}
+
+
+def _feeds_case(op, feeds: dict, inits=None, outputs=1, domain="", opset=17, **attrs):
+    """(model, feeds) for one node whose first inputs are graph inputs ``feeds`` (any dtype;
+    a None value is an omitted optional input), then initializers ``inits``."""
+    inits = dict(inits or {})
+    names = [k if v is not None else "" for k, v in feeds.items()] + list(inits)
+    node = helper.make_node(op, names, [f"y{i}" for i in range(outputs)],
+                            name="n", domain=domain, **attrs)
+    model = make_model([node], [value_info(k, list(v.shape), _ELEM_TYPES[v.dtype])
+                                for k, v in feeds.items() if v is not None],
+                       [helper.make_empty_tensor_value_info(f"y{i}") for i in range(outputs)],
+                       inits, opset=opset)
+    if domain:
+        model.opset_import.append(helper.make_opsetid(domain, 1))
+    return model, [v for v in feeds.values() if v is not None]
+
+
+def _ints(*values, dtype=np.int32):
+    return np.array(values, dtype)
+
+
+TRANSFORMER_CASES = {
+    "mod_int_sign_of_divisor": _feeds_case("Mod", {"a": _ints(-7, 7, -7, 7, 0, 9),
+                                                   "b": _ints(3, -3, -3, 3, 5, 4)}),
+    "mod_int_fmod": _feeds_case("Mod", {"a": _ints(-7, 7, -7, 7, 0, 9, dtype=np.int64),
+                                        "b": _ints(3, -3, -3, 3, 5, 4, dtype=np.int64)}, fmod=1),
+    "mod_uint8_broadcast": _feeds_case("Mod", {"a": _ints(200, 7, 255, dtype=np.uint8)},
+                                       {"b": _ints(6, dtype=np.uint8)}),
+    "mod_float_fmod": _feeds_case("Mod", {"a": _w(3, 4) * 5}, {"b": np.abs(_w(4)) + 0.5}, fmod=1),
+    "softmax_13_axis0": _case("Softmax", (3, 2, 4), axis=0),
+    "softmax_1_axis_last": _case("Softmax", (2, 3, 4), opset=11, axis=-1),
+    "softmax_1_default_axis": _case("Softmax", (2, 3, 4), opset=11),
+    "gelu_none": _case("Gelu", (3, 7), opset=20),
+    "layernorm_opset13_contrib": _case("LayerNormalization", (2, 3, 8), {"s": _w(8), "b": _w(8)},
+                                       opset=13, epsilon=1e-6),
+    "layernorm_axis1_3d": _case("LayerNormalization", (2, 3, 8), {"s": _w(3, 8)}, axis=1),
+    "simplified_layernorm": _case("SimplifiedLayerNormalization", (2, 3, 8), {"s": _w(8)},
+                                  opset=13),
+    "ms_bias_gelu": _feeds_case("BiasGelu", {"x": _w(2, 5, 8)}, {"b": _w(8)}, domain="com.microsoft"),
+    "ms_fast_gelu_bias": _feeds_case("FastGelu", {"x": _w(2, 5, 8)}, {"b": _w(8)},
+                                     domain="com.microsoft"),
+    "ms_fast_gelu": _feeds_case("FastGelu", {"x": _w(2, 5, 8)}, domain="com.microsoft"),
+    "ms_gelu": _feeds_case("Gelu", {"x": _w(2, 5, 8)}, domain="com.microsoft"),
+    "ms_skip_layernorm_all_outputs": _feeds_case(
+        "SkipLayerNormalization", {"x": _w(2, 5, 8), "skip": _w(2, 5, 8)},
+        {"g": _w(8), "be": _w(8), "bias": _w(8)}, outputs=4, domain="com.microsoft",
+        epsilon=1e-5),
+    "ms_skip_layernorm_default_eps": _feeds_case(
+        "SkipLayerNormalization", {"x": _w(2, 5, 8) * 1e-4, "skip": _w(2, 5, 8) * 1e-4},
+        {"g": _w(8)}, domain="com.microsoft"),
+    "ms_skip_simplified_layernorm": _feeds_case(
+        "SkipSimplifiedLayerNormalization", {"x": _w(2, 5, 8), "skip": _w(2, 5, 8)},
+        {"g": _w(8)}, domain="com.microsoft", epsilon=1e-6),
+    "ms_attention": _feeds_case("Attention", {"x": _w(2, 5, 8)}, {"w": _w(8, 24), "b": _w(24)},
+                                domain="com.microsoft", num_heads=2),
+    "ms_attention_raw_mask_scale": _feeds_case(
+        "Attention", {"x": _w(2, 5, 8)}, {"w": _w(8, 24), "b": _w(24),
+                                          "m": _ints(1, 1, 1, 0, 0, 1, 1, 1, 1, 1).reshape(2, 5)},
+        domain="com.microsoft", num_heads=4, scale=0.3),
+    "ms_attention_mask_index_unequal_sizes": _feeds_case(
+        "Attention", {"x": _w(2, 5, 8)}, {"w": _w(8, 20), "b": _w(20), "m": _ints(3, 5)}, domain="com.microsoft", num_heads=2,
+        qkv_hidden_sizes=[6, 6, 8]),
+    "ms_attention_unidirectional": _feeds_case(
+        "Attention", {"x": _w(2, 5, 8)}, {"w": _w(8, 24), "b": _w(24)},
+        domain="com.microsoft", num_heads=2, unidirectional=1),
+    "ms_mha_separate_qkv_bias_mask": _feeds_case(
+        "MultiHeadAttention", {"q": _w(2, 5, 8), "k": _w(2, 6, 8), "v": _w(2, 6, 4),
+                               "bias": _w(20), "kpm": _ints(1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1)
+                               .reshape(2, 6)}, domain="com.microsoft", num_heads=2),
+    "ms_mha_attention_bias": _feeds_case(
+        "MultiHeadAttention", {"q": _w(2, 5, 8), "k": _w(2, 6, 8), "v": _w(2, 6, 8), "bias": None,
+                               "m": None, "ab": _w(1, 2, 5, 6)}, domain="com.microsoft",
+        num_heads=2, scale=0.25),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMER_CASES))
+def test_transformer_node_matches_onnxruntime(name):
+    """Mod, Softmax axes, Gelu, LayerNormalization forms and the com.microsoft ops onnxruntime's
+    transformer optimizer writes (Attention, MultiHeadAttention, BiasGelu, FastGelu,
+    SkipLayerNormalization) against onnxruntime."""
+    model, feeds = TRANSFORMER_CASES[name]
+    expected = open_session(model.SerializeToString(), "cpu").run(*feeds)
+    graph = ShadowGraph.from_onnx(model)
+    with torch.no_grad():
+        got = graph(*[torch.from_numpy(f) for f in feeds])
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert tuple(g.shape) == e.shape and g.numpy().dtype == e.dtype
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=1e-5)

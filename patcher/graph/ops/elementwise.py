@@ -48,6 +48,14 @@ def div(a, b):
     return a / b
 
 
+@register("Mod", since=10)
+def mod(a, b, *, fmod=0):
+    """fmod 0: the remainder takes the divisor's sign (numpy.mod, Python's %); fmod 1: it
+    takes the dividend's sign (C fmod). onnxruntime runs fmod 0 on integers only; the ONNX
+    spec defines it for floats too, as numpy.mod."""
+    return _widened(torch.fmod if fmod else torch.remainder)(a, b)
+
+
 @register("Pow", since=7)
 def pow_(x, y):
     """x ** y in the base's dtype (the exponent may have another type)."""
