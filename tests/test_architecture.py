@@ -3,7 +3,8 @@
 Layers, lowest first (a module may import its own layer or lower ones, at module level or
 inside a function):
   0 foundation: errors, progress, version
-  1 model/ (load, dtypes, write-back, sessions), samples (the npz contract)
+  1 model/ (load, dtypes, write-back, sessions), samples (the npz contract), imagedata/
+    (sample files from image folders)
   2 graph/ (ops, shadow graph, keys, parity)
   3 analysis/ (statistics, attribution, causal effects)
   4 edits/ (edit kinds' mathematics)
@@ -22,7 +23,7 @@ import patcher
 PACKAGE = Path(patcher.__file__).parent
 LAYERS = [
     {"patcher.errors", "patcher.progress", "patcher.version"},
-    {"patcher.model", "patcher.samples"},
+    {"patcher.model", "patcher.samples", "patcher.imagedata"},
     {"patcher.graph"},
     {"patcher.analysis"},
     {"patcher.edits"},

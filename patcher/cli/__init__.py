@@ -8,6 +8,6 @@ exit code, never a traceback.
 output) and the ``main`` group; each other module registers its verbs on it.
 """
 from patcher.cli.common import main
-from patcher.cli import gate_verbs, model_verbs, rectify_verbs  # noqa: F401  (register verbs)
+from patcher.cli import data_verbs, gate_verbs, model_verbs, rectify_verbs  # noqa: F401  (register verbs)
 
 __all__ = ["main"]
