@@ -21,6 +21,7 @@ from patcher.errors import CheckFailedError, OutputError, RectifyError
 from patcher.gate.metrics import pair_gap, predict
 from patcher.graph.support import load_supported_model as load_model
 from patcher.model.modelio import LOG, LoadedModel, sha256_file
+from patcher.progress import Remedy, note, warn
 from patcher.graph.parity import ParityResult, compare
 from patcher.rectify import LayerScore, RectifyConfig, RectifyResult, rectify
 from patcher.rectify.locators import AttributionLocator, CausalLocator
@@ -28,8 +29,10 @@ from patcher.rectify.workspace import Workspace
 from patcher.model.runtime import open_session
 from patcher.samples import (InputSpec, LabelledSet, Pairs, check_scores, load_labelled,
                              load_pairs, num_classes_of)
+from patcher.graph.quantized_layers import editable_copy
 from patcher.graph.shadow import ShadowGraph
 from patcher.model.paths import Outputs, check_output_file, check_outputs, lock_output
+from patcher.model.quantized_writeback import apply_quantized_deltas
 from patcher.model.writeback import apply_deltas, stage_model
 
 
@@ -67,29 +70,50 @@ def load_inputs(model: Path, pairs: Path, eval_path: Path | None, calib: Path | 
     spec, classes = InputSpec.of(loaded.proto), num_classes_of(loaded.proto)
     p = load_pairs(pairs, spec, classes)
     reads = {"MODEL": Path(model), "--pairs": Path(pairs)}
+    ev = None
     if eval_path is not None:
         ev = load_labelled(eval_path, spec, classes)
         reads["--eval"] = Path(eval_path)
-    else:  # locate without an eval set: the pairs' clean inputs serve as calibration
-        ev = LabelledSet(p.clean, p.label)
     calib_x = None
     if calib is not None:
         calib_x = load_labelled(calib, spec, classes).x
         reads["--calib"] = Path(calib)
-    labels = {f"{pairs}: 'label'": p.label}
-    if eval_path is not None:
-        labels[f"{eval_path}: 'y'"] = ev.y
+    attack_set = None
     if attack is not None:
         attack_set = load_labelled(attack, spec, classes, with_target=True)
-        labels.update({f"{attack}: 'y'": attack_set.y,
-                       f"{attack}: 'target'": np.array([attack_set.target])})
         reads["--attack"] = Path(attack)
+    return gather_inputs(loaded, classes, p, ev, calib_x, attack_set, reads,
+                         {"MODEL": str(model), "pairs": str(pairs), "eval": str(eval_path),
+                          "attack": str(attack)})
+
+
+def gather_inputs(loaded: LoadedModel, classes: int | None, pairs: Pairs,
+                  eval_set: LabelledSet | None,
+                  calib_x: np.ndarray | None, attack_set: LabelledSet | None,
+                  reads: dict[str, Path], names: dict[str, str]) -> Inputs:
+    """:class:`Inputs` from sets already checked against ``loaded``'s input (from files by
+    :func:`load_inputs`, or arrays given to the library API); ``classes``: the model's
+    class count as :func:`num_classes_of` states it. Without an eval set the
+    pairs' clean inputs serve as calibration. A model whose class count neither its output
+    nor shape inference states is run once on one pair so that the labels are bounded by
+    the scores' width. ``reads``: the files read, by what named them (the model's data files
+    are added); ``names``: how refusals call the model ("MODEL") and the pairs, eval and
+    attack sets."""
+    labels = {f"{names['pairs']}: 'label'": pairs.label}
+    if eval_set is not None:
+        labels[f"{names['eval']}: 'y'"] = eval_set.y
+    else:  # locate without an eval set: the pairs' clean inputs serve as calibration
+        eval_set = LabelledSet(pairs.clean, pairs.label)
+    if attack_set is not None:
+        labels.update({f"{names['attack']}: 'y'": attack_set.y,
+                       f"{names['attack']}: 'target'": np.array([attack_set.target])})
     if classes is None:  # neither the output nor shape inference states the class count
         session = open_session(loaded.path or loaded.proto.SerializeToString(), "cpu")
-        check_scores(np.asarray(session.run(p.clean[:1])[0]), str(model), labels)
+        check_scores(np.asarray(session.run(pairs.clean[:1])[0]), names["MODEL"], labels)
+    reads = dict(reads)
     for f in data_files(loaded):
         reads[f"MODEL's data file {f.name}"] = f
-    return Inputs(loaded, p, ev, calib_x, sorted(set(reads.values())), reads)
+    return Inputs(loaded, pairs, eval_set, calib_x, sorted(set(reads.values())), reads)
 
 
 def data_files(loaded: LoadedModel) -> list[Path]:
@@ -100,13 +124,14 @@ def data_files(loaded: LoadedModel) -> list[Path]:
 
 
 def locate(inputs: Inputs, config: RectifyConfig, device: str = "auto") -> list[LayerScore]:
-    """Editable layers ranked by editability, best first."""
-    graph = ShadowGraph(inputs.loaded)
+    """Editable layers ranked by editability, best first (a quantized model's layers in its
+    float analysis copy, :mod:`patcher.graph.quantized_layers`)."""
+    graph = ShadowGraph(editable_copy(inputs.loaded)[0])
     ws = Workspace(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
                    resolve_device(device))
     ranking = AttributionLocator().rank(ws)
     warn_conditioning({k: {"condition_number": s.condition_number, "ridge": s.ridge_value}
-                       for k, s in ws.statistics.stats.items()})
+                       for k, s in ws.statistics.stats.items()}, len(ws.calib_x))
     return ranking
 
 
@@ -116,13 +141,14 @@ COMPLETENESS_LIMIT = 0.1
 
 def warn_completeness(scores: list[LayerScore]) -> None:
     """Say so (one warning line) when Integrated Gradients' completeness error of a scored
-    layer exceeds :data:`COMPLETENESS_LIMIT`, and what to change."""
+    layer exceeds :data:`COMPLETENESS_LIMIT`, and what to change (by keyword: ``steps``,
+    ``attribution_form``; the CLI names its flags)."""
     if scores:
         worst = max(scores, key=lambda s: s.completeness_error)
         if worst.completeness_error > COMPLETENESS_LIMIT:
-            LOG.warning(f"Integrated-Gradients completeness error {worst.completeness_error:.3g} "
-                        f"at {worst.layer} exceeds {COMPLETENESS_LIMIT}: the layer scores are "
-                        "less faithful; raise --steps or use --attribution path")
+            warn(f"Integrated-Gradients completeness error {worst.completeness_error:.3g} "
+                 f"at {worst.layer} exceeds {COMPLETENESS_LIMIT}: the layer scores are "
+                 "less faithful", Remedy("steps"), Remedy("attribution_form", "path"))
 
 
 #: Key covariances with a condition number above this are called singular (ill-conditioned).
@@ -131,9 +157,18 @@ ILL_CONDITIONED = 1e6  # the statistics' float32 products resolve eigenvalue rat
 SINGULAR_ABOVE = 1e16
 
 
-def warn_conditioning(conditioning: dict[str, dict]) -> None:
-    """Say so (one warning line) when a layer's key covariance C is singular or
-    ill-conditioned; the statistics always use C + lambda I, so the edit stays defined."""
+#: Fewer calibration images than this may leave key directions undetermined: the
+#: conditioning warning then asks for more; with more, a singular C means directions that
+#: never vary (units always zero), a fact of the model that is only noted.
+FEW_CALIBRATION_IMAGES = 100
+
+
+def warn_conditioning(conditioning: dict[str, dict],
+                      calibration_images: int | None = None) -> None:
+    """Say so (one line) when a layer's key covariance C is singular or ill-conditioned;
+    the statistics always use C + lambda I, so the edit stays defined. A warning with what
+    to change when there are fewer than :data:`FEW_CALIBRATION_IMAGES` calibration images
+    (or their number is not given); with more, a note (INFO): nothing to act on."""
     bad = {k: v for k, v in conditioning.items()
            if not v["condition_number"] <= ILL_CONDITIONED}  # NaN and Inf count as bad
     if bad:
@@ -142,19 +177,27 @@ def warn_conditioning(conditioning: dict[str, dict]) -> None:
         # beyond float64's ~1e16 an eigenvalue ratio only says "an eigenvalue is zero"
         shown = ("undefined (NaN)" if cond != cond else f"up to {cond:.3g}"
                  if cond <= SINGULAR_ABOVE else f"above {SINGULAR_ABOVE:.0e}")
-        LOG.warning(f"the key covariance of {len(bad)} layer(s) ({', '.join(list(bad)[:5])}) is "
-                    f"singular or ill-conditioned (condition number "
-                    f"{shown} at {worst}: some key directions never "
-                    "vary in the calibration inputs, e.g. units that are always zero); it is "
-                    f"regularised as C + lambda I (lambda {bad[worst]['ridge']:.3g} there), so "
-                    "edits stay defined; more varied calibration inputs (--calib) determine it "
-                    "better")
+        few = calibration_images is None or calibration_images < FEW_CALIBRATION_IMAGES
+        images = ("" if calibration_images is None else
+                  f" {calibration_images} calibration image(s):")
+        cause = (f"{images} some key directions never vary in the calibration inputs"
+                 if few else f" some key directions never vary in the {calibration_images} "
+                 "calibration images, e.g. units that are always zero")
+        message = (f"the key covariance of {len(bad)} layer(s) ({', '.join(list(bad)[:5])}) is "
+                   f"singular or ill-conditioned (condition number {shown} at {worst};"
+                   f"{cause}); it is regularised as C + lambda I (lambda "
+                   f"{bad[worst]['ridge']:.3g} there), so edits stay defined")
+        if few:
+            warn(message, Remedy("calib", action="give more varied calibration images with"),
+                 Remedy("eval", action="give more images with"))
+        else:
+            note(message)
 
 
 def locate_causal(inputs: Inputs, config: RectifyConfig, device: str = "auto"):
     """Layers ranked by intervention (see :mod:`patcher.analysis.causal`), best first, and the
     attribution ranking of the same run for comparison."""
-    graph = ShadowGraph(inputs.loaded)
+    graph = ShadowGraph(editable_copy(inputs.loaded)[0])
     ws = Workspace(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
                    resolve_device(device))
     return CausalLocator().effects(ws), AttributionLocator().rank(ws)
@@ -263,11 +306,28 @@ def patch(model: Path, pairs: Path, eval_path: Path, calib: Path | None, out: Pa
     output; ``stage_reports`` writes reports into the same commit as the model, which is
     renamed into place together with them, or not at all. While it runs, a lock beside the
     output refuses a second run writing the same file."""
-    log = log or (lambda msg: None)
     start = time.perf_counter()
     inputs = load_inputs(model, pairs, eval_path, calib, attack)
     out = Path(out) if out is not None else default_output(Path(model))
+    return patch_loaded(inputs, out, config, device, provider, force, log,
+                        names=(model, pairs, eval_path), writes=writes,
+                        stage_reports=stage_reports, start=start)
+
+
+def patch_loaded(inputs: Inputs, out: Path, config: RectifyConfig, device: str = "auto",
+                 provider: str = "auto", force: bool = False, log=None, *,
+                 names: tuple = ("model", "pairs", "eval"),
+                 writes: dict[str, Path | None] | None = None,
+                 stage_reports: StageReports | None = None,
+                 start: float | None = None) -> PatchReport:
+    """:func:`patch` on inputs already loaded and checked (by :func:`load_inputs`, or the
+    library API's in-memory models and arrays); ``names`` (model, pairs, eval) stand for
+    them in the report, ``start`` is when loading began (for the timings)."""
+    log = log or (lambda msg: None)
+    start = time.perf_counter() if start is None else start
+    out = Path(out)
     check_output_path(out, inputs, force, writes)
+    model, pairs, eval_path = names
     with lock_output(out):
         return _patch_locked(inputs, model, pairs, eval_path, out, config, device, provider,
                              force, log, start, stage_reports)
@@ -279,18 +339,25 @@ def _patch_locked(inputs: Inputs, model: Path, pairs: Path, eval_path: Path, out
     before = {str(f): sha256_file(f) for f in inputs.files}
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    graph = ShadowGraph(inputs.loaded)  # initializers that are graph inputs: load_model warns
+    # a quantized model is edited in its float analysis copy and written back in int8
+    edited, quantized = editable_copy(inputs.loaded)
+    graph = ShadowGraph(edited)  # initializers that are graph inputs: load_model warns
     timings = {"load": t0 - start, "shadow_build": time.perf_counter() - t0}
     result = rectify(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config, dev, log)
     timings["rectify"] = time.perf_counter() - t0
-    warn_conditioning(result.conditioning)
+    warn_conditioning(result.conditioning, len(inputs.calib_x if inputs.calib_x is not None
+                                               else inputs.eval_set.x))
     warn_completeness(result.scores)
     if not result.deltas:
         log("no edit was kept; the output equals the input's weights")
     provenance = {"tool": f"onnx-rectify {__version__}", "strategy": result.strategy,
                   "edits": [dict(e, pairs_sha256=pairs_digest(inputs.pairs)) for e in result.edits]}
     t1 = time.perf_counter()
-    proto, written_tensors = apply_deltas(inputs.loaded, result.deltas, provenance)
+    if quantized:
+        proto, written_tensors, _ = apply_quantized_deltas(inputs.loaded, result.deltas,
+                                                           quantized, provenance)
+    else:
+        proto, written_tensors = apply_deltas(inputs.loaded, result.deltas, provenance)
     # Written in full into a private folder beside the output, verified from there (from
     # disk), then renamed into place; on any failure or Ctrl-C nothing is left behind.
     staged = stage_model(proto, inputs.loaded, out, exclusive=not force)

@@ -320,3 +320,13 @@ def _fold_qoperator(node, name: str, inits: dict, int_weight, taken: set[str]):
                          zero_point=zname, axis=axis, input_scale=x_scale, bias=bname,
                          alpha=alpha, writable=tuple(writable))
     return nodes, float_inits, qw
+
+
+def editable_copy(loaded: LoadedModel) -> tuple[LoadedModel, dict[str, QuantizedWeight]]:
+    """The model the engine edits: the analysis copy and its quantized weights for a model
+    whose weights are stored quantized in a form this module folds, else ``loaded`` itself
+    and no quantized weights."""
+    analysis = analysis_model(loaded)
+    if analysis is None:
+        return loaded, {}
+    return analysis.loaded, analysis.weights
