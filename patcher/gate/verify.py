@@ -24,7 +24,8 @@ from patcher.gate.metrics import pair_gap, predict
 from patcher.model.modelio import LoadedModel
 from patcher.model.tensors import named_tensors
 from patcher.model.runtime import open_session
-from patcher.samples import check_scores, classifier_contract, load_labelled, load_pairs
+from patcher.samples import (LabelledSet, Pairs, check_scores, classifier_contract,
+                             load_labelled, load_pairs)
 from patcher.model.writeback import PROVENANCE_KEY, read_provenance
 from patcher.version import __version__
 
@@ -298,6 +299,22 @@ def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None,
     ev = load_labelled(eval_path, spec, classes)
     attack = load_labelled(attack_path, spec, classes, with_target=True) if attack_path else None
     pairs = load_pairs(pairs_path, spec, classes) if pairs_path else None
+    return verify_sets(base, patched, ev, attack, pairs, max_accuracy_drop, max_asr, max_gap,
+                       provider, latency_runs, names=(eval_path, attack_path, pairs_path),
+                       started=(started, start))
+
+
+def verify_sets(base: LoadedModel, patched: LoadedModel, ev: LabelledSet,
+                attack: LabelledSet | None = None, pairs: Pairs | None = None,
+                max_accuracy_drop: float = MAX_ACCURACY_DROP, max_asr: float = MAX_ASR,
+                max_gap: float = MAX_GAP, provider: str = "auto", latency_runs: int = 50,
+                names: tuple = ("eval", "attack", "pairs"),
+                started: tuple[datetime, float] | None = None) -> VerifyReport:
+    """:func:`verify` on sample sets already checked against both models' classifier
+    contract (the library API's arrays); ``names`` (eval, attack, pairs) are what
+    refusals call them."""
+    started, start = started or (datetime.now(timezone.utc), time.perf_counter())
+    eval_path, attack_path, pairs_path = names
     thresholds = {"max_accuracy_drop": max_accuracy_drop, "max_asr": max_asr, "max_gap": max_gap}
     skipped = {}
     if attack is None:
