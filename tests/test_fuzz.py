@@ -182,17 +182,15 @@ def test_mutated_sample_files_fail_cleanly_in_every_command(tmp_path_factory, op
 
 # ---------------------------------------------------------------- option values and npz containers
 def _assert_clean_exit(result, folder_before, folder) -> None:
-    """No exit 3, no traceback; a refusal (exit 2) is one 'onnx-rectify: error:' line, or
-    click's usage error whose last line is its one 'Error:' line; nothing written."""
+    """No exit 3, no traceback; a refusal (exit 2) is one 'onnx-rectify: error:' line (click's
+    usage errors included); nothing written."""
     text = result.stdout + result.stderr
     assert "Traceback" not in text and "internal error" not in text, text
     assert result.exit_code in (0, 1, 2), text
     if result.exit_code == 2:
         lines = result.stderr.strip().splitlines()
         ours = [l for l in lines if l.startswith("onnx-rectify: error: ")]
-        usage = [l for l in lines if l.startswith("Error: ")]
-        assert (ours == lines and len(ours) == 1) or (usage and lines[-1] == usage[0]
-                                                      and len(usage) == 1 and not ours), text
+        assert ours == lines and len(ours) == 1, text
     assert snapshot(folder) == folder_before
 
 

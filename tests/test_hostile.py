@@ -264,8 +264,8 @@ ARGUMENT = {"verify": "PATCHED", "diff": "B"}
 
 @pytest.mark.parametrize("verb", VERBS)
 def test_a_folder_in_place_of_the_model_is_a_usage_error(tmp_path, world, verb):
-    """click refuses it before the command runs: exit 2, its usage text and one 'Error:'
-    line naming the file, no traceback."""
+    """click refuses it before the command runs: exit 2, one line naming the file and where
+    help is, no traceback."""
     root, files, good = world
     (tmp_path / "m.onnx").mkdir()
     (tmp_path / "out").mkdir()
@@ -273,7 +273,7 @@ def test_a_folder_in_place_of_the_model_is_a_usage_error(tmp_path, world, verb):
     outcome = run(command(verb, tmp_path / "m.onnx", good, files, tmp_path / "out"))
     assert outcome.exit_code == 2
     assert "Traceback" not in outcome.stdout + outcome.stderr
-    assert [line for line in outcome.stderr.splitlines() if line.startswith("Error:")] == [
-        f"Error: Invalid value for '{ARGUMENT.get(verb, 'MODEL')}': "
-        f"File '{tmp_path / 'm.onnx'}' is a directory."]
+    assert outcome.stderr.splitlines() == [
+        f"onnx-rectify: error: Invalid value for '{ARGUMENT.get(verb, 'MODEL')}': "
+        f"File '{tmp_path / 'm.onnx'}' is a directory. (see 'onnx-rectify {verb} --help')"]
     assert snapshot(tmp_path, root) == before

@@ -105,11 +105,12 @@ def refused(world_root: Path, args: list[str], *words: str, usage: bool = False,
     file under the folders as it was."""
     before = snapshot(world_root, *also)
     outcome = run(args)
-    if usage:  # click's usage error: its usage text and exactly one "Error:" line
+    if usage:  # click's usage error, as one line like every refusal
         text = outcome.stdout + outcome.stderr
         assert outcome.exit_code == 2 and "Traceback" not in text, text
-        errors = [line for line in outcome.stderr.splitlines() if line.startswith("Error:")]
-        assert len(errors) == 1, outcome.stderr
+        errors = outcome.stderr.splitlines()
+        assert len(errors) == 1 and errors[0].startswith("onnx-rectify: error: "), outcome.stderr
+        assert errors[0].endswith("--help')"), errors[0]
         line = errors[0]
         for word in words:
             assert word in line, (word, line)

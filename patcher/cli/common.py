@@ -22,17 +22,102 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+#: Library keywords (RectifyConfig fields, function arguments) whose click parameter has
+#: another name; any other keyword is its parameter's name.
+_PARAMETER_OF = {"attribution_form": "attribution", "calib": "calib_path",
+                 "eval": "eval_path", "pairs": "pairs_path"}
+
+
+def verb_flags(keywords) -> dict[str, str]:
+    """The running verb's flag for each library keyword it has an option for."""
+    ctx = click.get_current_context(silent=True)
+    params = {p.name: p for p in (ctx.command.params if ctx is not None else [])}
+    flags = {}
+    for keyword in keywords:
+        param = params.get(_PARAMETER_OF.get(keyword, keyword))
+        long = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+        if long:
+            flags[keyword] = max(long, key=len)
+    return flags
+
+
+def warning_text(record: logging.LogRecord) -> tuple[str, str] | None:
+    """How the CLI says a library record: (kind, text) with kind "warning" or "note", or
+    None when it is not shown. A warning's remedies are named by this verb's flags; one
+    whose remedies name no option this verb has is a note (shown with --verbose), as is
+    an INFO record."""
+    from patcher import progress
+
+    text = " ".join(record.getMessage().split())
+    remedies = getattr(record, "remedies", None)
+    if remedies:
+        flags = verb_flags(r.keyword for r in remedies)
+        advice = " ".join(str(getattr(record, "advice", text)).split())
+        if flags:
+            return "warning", f"{advice}; {progress.remedies_text(remedies, flags)}"
+        return ("note", advice) if progress.is_verbose() else None
+    if record.levelno >= logging.WARNING:
+        return "warning", text
+    return ("note", text) if progress.is_verbose() else None
+
+
 class _WarningLine(logging.Handler):
-    """Warnings of the library (logger ``onnx_rectify``) as one line each on stderr."""
+    """Library warnings (logger ``onnx_rectify``) as one line each on stderr, prefixed
+    ``onnx-rectify: warning:`` (notes: ``onnx-rectify: note:``), each said once per run."""
+
+    said: set[str] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"onnx-rectify: warning: {' '.join(record.getMessage().split())}", err=True)
+        from patcher import progress
+
+        shown = warning_text(record)
+        if shown is None:
+            return
+        kind, text = shown
+        if (kind, text) in _WarningLine.said:
+            return
+        _WarningLine.said.add((kind, text))
+        progress.line(f"onnx-rectify: {kind}: {text}")
 
 
 _LOGGER = logging.getLogger("onnx_rectify")
 if not any(isinstance(h, _WarningLine) for h in _LOGGER.handlers):
-    _LOGGER.addHandler(_WarningLine(logging.WARNING))
+    _LOGGER.addHandler(_WarningLine(logging.INFO))
+    _LOGGER.setLevel(logging.INFO)
     _LOGGER.propagate = False
+
+
+def _start_output(ctx: click.Context, quiet: bool, verbose: bool) -> None:
+    """Start the verb's output session (progress, heartbeat), ended with the command."""
+    from patcher import progress
+
+    _WarningLine.said = set()
+    run = progress.session(quiet=quiet, verbose=verbose and not quiet)
+    run.__enter__()
+    ctx.call_on_close(lambda: run.__exit__(None, None, None))
+
+
+def output_options(fn):
+    """``--quiet`` and ``--verbose`` on a verb: quiet prints only the result and errors
+    (no progress, status, warnings or heartbeat); verbose adds the notes (warnings that
+    name no option of the verb, facts that need no action)."""
+
+    def set_quiet(ctx: click.Context, param, value: bool) -> bool:
+        ctx.meta["onnx_rectify.quiet"] = value
+        return value
+
+    def set_verbose(ctx: click.Context, param, value: bool) -> bool:
+        _start_output(ctx, bool(ctx.meta.get("onnx_rectify.quiet")), value)
+        return value
+
+    fn = click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=False,
+                      callback=set_verbose,
+                      help="Also print notes: warnings this command offers no option "
+                      "for, facts that need no action.")(fn)
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True,
+                        callback=set_quiet,
+                        help="Print only the result and errors (no progress, heartbeat "
+                        "or warnings).")(fn)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -207,7 +292,43 @@ def check_shape(flag: str, item: str, shape: tuple[int, ...]) -> None:
                            f"most {MAX_ELEMENTS} elements in all)")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UsageLine(click.ClickException):
+    """A usage error (unknown option, bad value, missing argument) as one line on stderr,
+    like every other refusal, with where to find help; exit 2."""
+
+    exit_code = 2
+
+    def __init__(self, error: click.UsageError) -> None:
+        super().__init__(error.format_message())
+        names, ctx = [], error.ctx
+        while ctx is not None and ctx.parent is not None:  # the verb's names, not argv[0]
+            names.insert(0, ctx.info_name)
+            ctx = ctx.parent
+        self.command_path = " ".join(["onnx-rectify", *names])
+
+    def show(self, file=None) -> None:  # noqa: ARG002 - always stderr
+        click.echo(f"onnx-rectify: error: {' '.join(self.message.split())} "
+                   f"(see '{self.command_path} --help')", err=True)
+
+
+class _OneLineUsageGroup(click.Group):
+    """The ``main`` group: click's usage errors (raised while parsing the group's or a
+    verb's arguments) become :class:`_UsageLine`."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            raise _UsageLine(error) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            raise _UsageLine(error) from None
+
+
+@click.group(cls=_OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnx-rectify")
 def main() -> None:
     """Patch unreliable behaviour out of ONNX classifiers with rank-one weight edits."""
