@@ -224,3 +224,218 @@ def rank_agreement(first: list[str], second: list[str]) -> dict:
         rho = 1 - 6 * d2 / (n * (n * n - 1))
     return {"top1_same": first[0] == second[0],
             "top3_overlap": len(set(first[:3]) & set(second[:3])), "spearman": rho}
+
+
+# ---------------------------------------------------------------- CARE's units
+#
+# CARE (its authors' code) cuts the network where the first dense layer reads the
+# flattened feature map and treats every scalar of that flattened map as a neuron. Here a
+# *unit site* is the data input of an editable layer (the consumer): one unit is one index
+# along the consumer's key axis (a column of a Gemm/MatMul weight; an input channel of a
+# Conv), so that a multiplier on the unit is exactly a scale of the consumer's weight
+# slice that reads it (:func:`patcher.edits.care.unit_scale_delta`).
+
+#: Ops a flattened map may pass through between the feature map and the dense layer.
+RESHAPING_OPS = ("Flatten", "Reshape", "Squeeze", "Identity")
+#: Ops that pool a feature map over its positions: their output has no spatial units.
+POOLING_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean",
+               "ReduceMax", "ReduceSum", "ReduceL2")
+
+
+@dataclass
+class UnitSite:
+    """Where CARE's multipliers act: ``tensor`` (the consumer's data input), produced by
+    node ``producer``; units are the indices of its axis ``axis``."""
+
+    consumer: EditableLayer
+    tensor: str
+    producer: str
+    axis: int
+    units: int
+    #: the units are positions of a feature map (a flattened map), not pooled channels
+    spatial: bool
+    #: how the feature map reaches the consumer, in words
+    path: str
+
+
+def _data_input(graph: ShadowGraph, layer: EditableLayer) -> str:
+    node = graph.node_by_name[layer.name]
+    if layer.op == "MatMul":
+        return node.inputs[1 - layer.weight_input]
+    return node.inputs[0]
+
+
+def _site_axis(graph: ShadowGraph, layer: EditableLayer, rank: int) -> int:
+    """The axis of the consumer's data input that its weight's key columns read."""
+    if layer.op == "Gemm":
+        if graph.node_attributes(layer.name).get("transA", 0):
+            raise RectifyError(f"CARE at '{layer.name}': a Gemm with transA reads its input "
+                               "transposed; its units are not supported")
+        return 1
+    if layer.orientation == "conv":
+        return 1
+    if layer.orientation == "matmul_right":
+        return rank - 1
+    return rank - 2  # matmul_left: W @ x, the keys are x's columns
+
+
+@torch.no_grad()
+def unit_site(graph: ShadowGraph, layer: EditableLayer, probe: torch.Tensor) -> UnitSite:
+    """The unit site feeding ``layer`` (see above). ``probe``: a few inputs, run once to
+    learn the shapes. Raises RectifyError when the data input is a graph input (no hidden
+    units) or is read by another node too (a multiplier on it would not be a weight edit)."""
+    tensor = _data_input(graph, layer)
+    producer = next((n for n in graph.nodes if tensor in n.outputs), None)
+    if producer is None:
+        raise RectifyError(f"CARE at '{layer.name}': its input '{tensor}' is a graph input, "
+                           "not hidden units")
+    readers = [n.name for n in graph.nodes if tensor in n.inputs]
+    if readers != [layer.name]:
+        raise RectifyError(f"CARE at '{layer.name}': its input '{tensor}' is also read by "
+                           f"{', '.join(r for r in readers if r != layer.name)}; a multiplier "
+                           "there would not be an edit of this layer's weight")
+    env = graph.run_until(producer.name, probe)
+    value = env[tensor]
+    axis = _site_axis(graph, layer, value.dim())
+    # walk back through reshaping ops to the feature map the units come from
+    node, steps = producer, []
+    while node is not None and node.op_type in RESHAPING_OPS:
+        steps.append(node.op_type)
+        source = node.inputs[0]
+        node = next((n for n in graph.nodes if source in n.outputs), None)
+    source_name = node.outputs[0] if node is not None else None
+    source = graph.run_until(node.name, probe)[source_name] if node is not None else value
+    if layer.orientation == "conv":
+        spatial = False  # a Conv's weight reads a channel at every position alike
+    else:
+        spatial = (node is None or node.op_type not in POOLING_OPS) and source.dim() >= 3 \
+            and int(np.prod(source.shape[2:])) > 1
+    origin = f"{node.op_type} '{node.name}'" if node is not None else "the input"
+    path = f"{origin} output {list(source.shape[1:])}" + \
+        (f" through {' -> '.join(reversed(steps))}" if steps else "")
+    return UnitSite(layer, tensor, producer.name, axis, int(value.shape[axis]), spatial, path)
+
+
+class SiteRunner:
+    """The network split at a unit site: the part before runs once on ``x``; each call
+    re-runs only the part after it with the units replaced (exactly the model when they
+    are not)."""
+
+    def __init__(self, graph: ShadowGraph, site: UnitSite, x: torch.Tensor,
+                 batch: int = 4096) -> None:
+        self.graph, self.site = graph, site
+        self.envs, self.values = [], []
+        for i in range(0, len(x), batch):
+            env = graph.run_until(site.producer, x[i:i + batch])
+            self.envs.append(env)
+            self.values.append(env[site.tensor])
+        self.units = torch.cat(self.values)
+        self.outputs = graph.node_by_name[site.producer].outputs
+
+    def logits(self, units: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [n, classes] with the site's tensor replaced by ``units`` (all rows)."""
+        out, start = [], 0
+        for env, value in zip(self.envs, self.values):
+            part = value if units is None else units[start:start + len(value)]
+            start += len(value)
+            replace = tuple(part if name == self.site.tensor else env.get(name)
+                            for name in self.outputs)
+            logits = self.graph.run_after(self.site.producer, env, replace)[0]
+            out.append(logits.reshape(len(logits), -1))
+        return torch.cat(out)
+
+    def scaled(self, units: list[int], multipliers) -> torch.Tensor:
+        """The site's tensor with ``units`` multiplied by ``multipliers``."""
+        new = self.units.clone()
+        index = torch.as_tensor(units, device=new.device)
+        shape = [1] * new.dim()
+        shape[self.site.axis] = len(units)
+        m = torch.as_tensor(np.asarray(multipliers, dtype=np.float64), device=new.device)
+        new.index_copy_(self.site.axis, index,
+                        new.index_select(self.site.axis, index) * m.to(new.dtype).reshape(shape))
+        return new
+
+
+@dataclass
+class UnitEffects:
+    """Two rankings of a site's units. ``care``: CARE's score, the spread (max - min) of the
+    misbehaviour probability over triggered inputs as the unit is set to ``values`` evenly
+    spaced values across its observed range on clean inputs. ``swap``: ours, the share of
+    the misbehaviour probability removed when the unit alone takes its clean value in each
+    triggered input (a transplanted pair's clean twin)."""
+
+    care: np.ndarray
+    swap: np.ndarray
+    care_order: list[int]
+    swap_order: list[int]
+
+    def overlap(self, k: int) -> int:
+        return len(set(self.care_order[:k]) & set(self.swap_order[:k]))
+
+
+def misbehaviour_probability(logits: torch.Tensor, labels: torch.Tensor,
+                             target: int | None) -> torch.Tensor:
+    """p_t (the attack's target class t) or, without one, 1 - p_y, per row (float64)."""
+    p = torch.softmax(logits.to(torch.float64), 1)
+    if target is not None:
+        return p[:, target]
+    return 1.0 - p[torch.arange(len(p)), labels]
+
+
+@torch.no_grad()
+def unit_effects(graph: ShadowGraph, site: UnitSite, triggered: torch.Tensor,
+                 clean: torch.Tensor, labels: torch.Tensor, target: int | None,
+                 values: int = 4, show_progress: bool | None = None) -> UnitEffects:
+    """Both rankings of :class:`UnitEffects` over ``triggered`` inputs and their clean
+    twins ``clean`` (the observed range comes from the clean ones)."""
+    if values < 2:
+        raise RectifyError("CARE's score needs at least 2 values per unit")
+    n = len(triggered)
+    clean_units = SiteRunner(graph, site, clean).units
+    runner = SiteRunner(graph, site, triggered)
+    base = misbehaviour_probability(runner.logits(), labels, target)
+    total = float(base.sum())
+    flat_clean = clean_units.movedim(site.axis, 0).reshape(site.units, -1).to(torch.float64)
+    low, high = flat_clean.min(1).values, flat_clean.max(1).values
+    steps = torch.linspace(0, 1, values, dtype=torch.float64)
+    care, swap = np.zeros(site.units), np.zeros(site.units)
+    units = runner.units
+    with progress(site.units, "unit effects", show_progress) as bar:
+        for u in range(site.units):
+            sel = neuron_slice(site.axis, units.dim(), u)
+            curve = []
+            for a in (low[u] + steps * (high[u] - low[u])).tolist():
+                new = units.clone()
+                new[sel] = a
+                curve.append(float(misbehaviour_probability(runner.logits(new), labels,
+                                                            target).mean()))
+            care[u] = max(curve) - min(curve)
+            new = units.clone()
+            new[sel] = clean_units[sel]
+            removed = float((base - misbehaviour_probability(runner.logits(new), labels,
+                                                             target)).sum())
+            swap[u] = removed / total if total > 1e-12 else 0.0
+            bar.update(1)
+    order = lambda s: [int(i) for i in np.argsort(-s, kind="stable")]  # noqa: E731
+    del n
+    return UnitEffects(care, swap, order(care), order(swap))
+
+
+@torch.no_grad()
+def default_unit_site(graph: ShadowGraph, layers: list[EditableLayer],
+                      probe: torch.Tensor) -> UnitSite:
+    """CARE's site: the units feeding the first dense (Gemm/MatMul) layer of ``layers``, when
+    they are a spatially resolved feature map. A dense layer that reads pooled channels has
+    no such units (a multiplier per channel x position there is not a weight edit):
+    RectifyError, naming what to pass instead."""
+    dense = [l for l in layers if l.op in ("Gemm", "MatMul")]
+    if not dense:
+        raise RectifyError("CARE does not apply: the model has no editable dense layer whose "
+                           "input units CARE could repair (pass --layer NAME)")
+    site = unit_site(graph, dense[0], probe)
+    if not site.spatial:
+        raise RectifyError(f"CARE does not apply by default: the first dense layer "
+                           f"'{dense[0].name}' reads {site.path}, pooled features with no "
+                           "spatially resolved units; pass --layer NAME to repair the input "
+                           "units of another layer")
+    return site

@@ -1,34 +1,32 @@
-"""CARE's repair (Sun et al., ICSE 2022): optimise the few most responsible neurons with a
-particle swarm, against the misbehaviour on the pairs and the loss on clean data.
+"""CARE's repair (Sun, Sun, Pham, Shi, ICSE 2022) as a weight edit: signed multipliers on a
+few units of the activation an editable layer reads, searched by a particle swarm.
 
-Parameters. For each chosen neuron i of the layer (ranked by CARE's average causal
-effect, :mod:`patcher.analysis.causal`), a scale s_i and, when the layer has its own bias, a shift
-b_i, so that its output becomes h_i' = s_i h_i + b_i. In weights:
+Units (:class:`patcher.analysis.causal.UnitSite`): the indices of the key axis of the
+consumer layer's data input; by default the flattened feature map that feeds the first
+dense layer, one unit per channel x position, as CARE cuts the network. A multiplier m_u on
+unit u scales what the consumer reads there, which for a linear consumer is exactly a
+scale of the weight slice that reads it:
 
-    W_i' = s_i W_i          (the neuron's row of the canonical weight, all its inputs)
-    c_i' = s_i c_i + b_i / beta   (its bias; Gemm's beta divided out, 1 for Conv)
+    Gemm / MatMul  y = x W (+ b):  x_u -> m_u x_u   ==  W[u, :] -> m_u W[u, :]
+    Conv           y = W * x:      x_c -> m_c x_c   ==  W[:, c, ...] -> m_c W[:, c, ...]
+                   (c the channel within its group: only the group's output channels)
 
-CARE searched the neurons' raw weights; for a Conv neuron that is C/g x kh x kw numbers
-each, far too many for a swarm of tens of particles, so we search the 2 numbers per
-neuron that act on its whole row (scale, and shift). s_i lies in [0, 1.5] (0 prunes the
-neuron), b_i in [-2 sd_i, 2 sd_i] with sd_i the neuron's standard deviation on the data.
+so the repair is written back as dW = (m_u - 1) W[slice u] on those slices, nothing else
+(no bias change; padding zeros stay zeros under a scale).
 
-Objective, minimised by :func:`patcher.edits.swarm.particle_swarm` (one particle starts at the
-identity, so the result is never worse than the model on the objective):
+Search (:func:`patcher.edits.swarm.particle_swarm`): m in [low, high]^k (default
+[-10, 10], signs may flip, as the original), particles uniform in the box plus one at the
+identity (the original starts all at the identity, which stalls where the rate is flat
+around it), early stop after ``patience`` iterations without gain. Objective, minimised,
+over a triggered set T (transplanted triggers) and clean eval images E:
 
-    f = mean over corrupted fit inputs of -log p_y(x~)
-        + accuracy_weight * mean over clean eval inputs of -log p_y(x)
-        + PENALTY * max(0, error(eval) - error_before(eval) - max_drop)
+    ``rate`` (CARE): (1 - alpha) r(T) + alpha (1 - acc(E)) + guard
+    ``ce`` (ours):   mean_T -log p_y(x~) + mean_E -log p_y(x) + guard
+    guard = PENALTY x max(0, err(E) - err_before(E) - max_drop)
 
-(cross-entropy rather than CARE's misbehaviour rate: a strong backdoor holds p_y(x~)
-near 0 for every small change, so rates and probabilities give the swarm a flat landscape;
-the last term keeps the search inside the accuracy budget: error is the top-1 error
-rate on the same clean eval inputs, max_drop half the budget by default, since a few
-hundred images measure accuracy only to a fraction of a point).
-
-Only the part of the network after the layer is re-run for each particle
-(:meth:`ShadowGraph.run_after`). The changed rows are not a rank-one edit: the
-provenance calls them ``care`` edits and records the neurons.
+with r the misbehaviour rate (argmax = the attack's target, or != the label without one).
+The guard is ours: at alpha 0.1-0.2 the original objective accepts repairs that suppress
+the target class for several points of accuracy.
 """
 from __future__ import annotations
 
@@ -37,158 +35,118 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from patcher.analysis.causal import label_probability, neuron_axis, neuron_slice
-from patcher.errors import RectifyError
-from patcher.graph.keys import canonical_weight, stored_delta
-from patcher.progress import progress
-from patcher.graph.shadow import EditableLayer, ShadowGraph
+from patcher.analysis.causal import SiteRunner, UnitSite
 from patcher.edits.swarm import SwarmResult, particle_swarm
+from patcher.errors import RectifyError
+from patcher.graph.shadow import EditableLayer, ShadowGraph
+from patcher.progress import progress
 
-SCALE_RANGE = (0.0, 1.5)
-SHIFT_SDS = 2.0
-PENALTY = 1000.0  # per unit of error over max_drop: a hard wall next to CE values of ~1-20
+OBJECTIVES = ("rate", "ce")
+#: per unit of error over max_drop: a wall next to objective values of order 1
+PENALTY = 100.0
 
 
 @dataclass
 class CareRepair:
     layer: str
-    neurons: list[int]
-    scales: np.ndarray
-    shifts: np.ndarray
+    units: list[int]
+    multipliers: np.ndarray
     objective_before: float
     objective_after: float
-    weight_delta: torch.Tensor            # stored layout
-    bias_name: str | None
-    bias_delta: torch.Tensor | None       # stored layout
+    #: misbehaviour rate on the triggered set and accuracy on the clean set, before/after
+    rate_before: float
+    rate_after: float
+    accuracy_before: float
+    accuracy_after: float
     swarm: SwarmResult
 
 
-def editable_bias(graph: ShadowGraph, layer: EditableLayer) -> str | None:
-    """The layer's bias tensor when a per-neuron shift can be written into it: a constant of
-    one value per neuron that no other node reads."""
-    if layer.bias is None or layer.bias not in graph._buffer_key:
-        return None
-    readers = [n.name for n in graph.nodes if layer.bias in n.inputs]
-    if readers != [layer.name]:
-        return None
-    bias = graph.constant(layer.bias)
-    if not bias.dtype.is_floating_point or bias.numel() != layer.value_dim:
-        return None
-    return layer.bias
+def _group_slices(layer: EditableLayer, unit: int) -> tuple:
+    """The index of the stored weight that reads input unit ``unit`` (module docstring)."""
+    o = layer.orientation
+    if o in ("gemm", "matmul_right"):         # W [K, N]
+        return (unit, slice(None))
+    if o in ("gemm_transposed", "matmul_left"):  # W [N, K] / [M, K]
+        return (slice(None), unit)
+    if o == "conv":                            # W [M, C/g, k...]
+        per_group = layer.shape[1]
+        outs = layer.shape[0] // layer.groups
+        g, local = divmod(unit, per_group)
+        return (slice(g * outs, (g + 1) * outs), local)
+    raise RectifyError(f"layer '{layer.name}': unknown orientation {o}")
+
+
+def unit_scale_delta(layer: EditableLayer, weight: torch.Tensor, units: list[int],
+                     multipliers) -> torch.Tensor:
+    """dW (stored layout, float64) with W + dW = W scaled by m_u on the slice reading unit u."""
+    w = weight.detach().to(torch.float64)
+    delta = torch.zeros_like(w)
+    key_dim = layer.shape[1] * layer.groups if layer.orientation == "conv" else None
+    for unit, m in zip(units, np.asarray(multipliers, dtype=np.float64)):
+        if key_dim is not None and not 0 <= unit < key_dim:
+            raise RectifyError(f"CARE at '{layer.name}': unit {unit} out of range")
+        index = _group_slices(layer, int(unit))
+        delta[index] = (float(m) - 1.0) * w[index]
+    return delta
 
 
 @torch.no_grad()
-def care_repair(graph: ShadowGraph, layer: EditableLayer, neurons: list[int],
-                corrupted: torch.Tensor, labels: torch.Tensor, eval_x: torch.Tensor,
-                eval_y: torch.Tensor, particles: int = 20, iterations: int = 30,
-                accuracy_weight: float = 1.0, max_drop: float = 0.015,
+def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered: torch.Tensor,
+                triggered_labels: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor,
+                target: int | None, bounds: tuple[float, float] = (-10.0, 10.0),
+                objective: str = "rate", alpha: float = 0.2, max_drop: float = 0.005,
+                particles: int = 20, iterations: int = 100, patience: int = 20,
                 seed: int = 0, show_progress: bool | None = None) -> CareRepair:
-    """Search scales and shifts of ``neurons`` of ``layer`` (module docstring); the graph is
-    left unchanged: apply the returned deltas with :func:`apply_care`."""
-    if not neurons:
-        raise RectifyError(f"CARE repair of '{layer.name}': no neurons chosen")
-    out_name = graph.node_by_name[layer.name].outputs[0]
-    x = torch.cat([corrupted, eval_x])
-    y = torch.cat([labels, eval_y])
-    n_fit = len(corrupted)
-    env = graph.run_until(layer.name, x)
-    out = env[out_name]
-    axis = neuron_axis(layer, out)
-    if max(neurons) >= out.shape[axis] or min(neurons) < 0:
-        raise RectifyError(f"CARE repair of '{layer.name}': neuron index out of range "
-                           f"(it has {out.shape[axis]})")
-    bias_name = editable_bias(graph, layer)
-    k = len(neurons)
-    sds = np.array([float(out[neuron_slice(axis, out.dim(), i)].to(torch.float64).std())
-                    for i in neurons])
-    low = np.full(k, SCALE_RANGE[0])
-    high = np.full(k, SCALE_RANGE[1])
-    start = np.ones(k)
-    if bias_name is not None:
-        low = np.concatenate([low, -SHIFT_SDS * sds])
-        high = np.concatenate([high, SHIFT_SDS * sds])
-        start = np.concatenate([start, np.zeros(k)])
+    """Search multipliers of ``units`` at ``site`` (module docstring). The graph is left
+    unchanged: write the result with :func:`unit_scale_delta`."""
+    if not units:
+        raise RectifyError(f"CARE at '{site.consumer.name}': no units chosen")
+    if objective not in OBJECTIVES:
+        raise RectifyError(f"unknown CARE objective '{objective}' ({', '.join(OBJECTIVES)})")
+    if not bounds[0] < bounds[1]:
+        raise RectifyError(f"CARE multiplier range {bounds} is empty")
+    if min(units) < 0 or max(units) >= site.units:
+        raise RectifyError(f"CARE at '{site.consumer.name}': unit index out of range "
+                           f"(it has {site.units})")
+    runner = SiteRunner(graph, site, torch.cat([triggered, eval_x]))
+    n_t = len(triggered)
+    y = torch.cat([triggered_labels, eval_y]).to(runner.units.device)
 
-    def modified(position: np.ndarray) -> torch.Tensor:
-        new = out.clone()
-        for j, i in enumerate(neurons):
-            sel = neuron_slice(axis, out.dim(), i)
-            shift = position[k + j] if bias_name is not None else 0.0
-            new[sel] = out[sel] * float(position[j]) + float(shift)
-        return new
+    def terms(m: np.ndarray) -> tuple[float, float, float, float]:
+        logits = runner.logits(runner.scaled(units, m)).to(torch.float64)
+        predicted = logits.argmax(1)
+        trig = predicted[:n_t]
+        bad = (trig == target) if target is not None else (trig != y[:n_t])
+        rate = float(bad.to(torch.float64).mean())
+        error = float((predicted[n_t:] != y[n_t:]).to(torch.float64).mean()) \
+            if len(y) > n_t else 0.0
+        nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        clean_nll = float(nll[n_t:].mean()) if len(y) > n_t else 0.0
+        return rate, error, float(nll[:n_t].mean()), clean_nll
 
-    def terms(position: np.ndarray) -> tuple[float, float, float]:
-        logits = graph.run_after(layer.name, env, (modified(position),))[0]
-        flat = logits.reshape(len(logits), -1).to(torch.float64)
-        nll = torch.nn.functional.cross_entropy(flat, y, reduction="none")
-        wrong = (flat.argmax(1) != y)[n_fit:]
-        fit = float(nll[:n_fit].mean())
-        clean = float(nll[n_fit:].mean()) if len(nll) > n_fit else 0.0
-        error = float(wrong.to(torch.float64).mean()) if len(wrong) else 0.0
-        return fit, clean, error
+    identity = np.ones(len(units))
+    rate0, error0, fit0, clean0 = terms(identity)
 
-    start_fit, start_clean, base_error = terms(start)
-
-    def value(position: np.ndarray) -> float:
-        fit, clean, error = terms(position)
-        return (fit + accuracy_weight * clean
-                + PENALTY * max(0.0, error - base_error - max_drop))
+    def value(m: np.ndarray) -> float:
+        rate, error, fit, clean = terms(m)
+        core = ((1 - alpha) * rate + alpha * error) if objective == "rate" else fit + clean
+        return core + PENALTY * max(0.0, error - error0 - max_drop)
 
     with progress(particles * (iterations + 1), "particle swarm", show_progress) as bar:
         def swarm_values(positions: np.ndarray) -> np.ndarray:
-            values = np.array([value(p) for p in positions])
             bar.update(len(positions))
-            return values
+            return np.array([value(p) for p in positions])
 
-        result = particle_swarm(swarm_values, low, high, particles=particles,
-                                iterations=iterations, seed=seed, start=start)
-    before = start_fit + accuracy_weight * start_clean  # the identity: no penalty
-    scales = result.best[:k]
-    shifts = result.best[k:] if bias_name is not None else np.zeros(k)
-    weight_delta, bias_delta = _deltas(graph, layer, neurons, scales, shifts, bias_name)
-    return CareRepair(layer.name, list(neurons), scales, shifts, before, result.best_value,
-                      weight_delta, bias_name, bias_delta, result)
-
-
-def _deltas(graph: ShadowGraph, layer: EditableLayer, neurons: list[int], scales: np.ndarray,
-            shifts: np.ndarray, bias_name: str | None):
-    """Stored-layout deltas of the weight (and bias) for the given scales and shifts."""
-    weight = graph.weight(layer.weight)
-    canonical = canonical_weight(layer, weight.detach().to(torch.float64))
-    delta_c = torch.zeros_like(canonical)
-    for j, i in enumerate(neurons):
-        delta_c[i] = (float(scales[j]) - 1.0) * canonical[i]
-    attrs = graph.node_attributes(layer.name)
-    weight_delta = stored_delta(layer, delta_c, attrs)
-    bias_delta = None
-    if bias_name is not None:
-        bias = graph.constant(bias_name).detach().to(torch.float64).cpu()
-        beta = float(attrs.get("beta", 1.0)) if layer.op == "Gemm" else 1.0
-        flat = torch.zeros(bias.numel(), dtype=torch.float64)
-        for j, i in enumerate(neurons):
-            flat[i] = (float(scales[j]) - 1.0) * bias.reshape(-1)[i] + float(shifts[j]) / beta
-        bias_delta = flat.reshape(bias.shape)
-    return weight_delta, bias_delta
+        result = particle_swarm(swarm_values, np.full(len(units), bounds[0]),
+                                np.full(len(units), bounds[1]), particles=particles,
+                                iterations=iterations, seed=seed, start=identity,
+                                patience=patience)
+    rate1, error1, _, _ = terms(result.best)
+    before = ((1 - alpha) * rate0 + alpha * error0) if objective == "rate" else fit0 + clean0
+    return CareRepair(site.consumer.name, list(units), result.best, before, result.best_value,
+                      rate0, rate1, 1 - error0, 1 - error1, result)
 
 
-def shrink(graph: ShadowGraph, layer: EditableLayer, repair: CareRepair, t: float) -> CareRepair:
-    """The repair moved a share ``t`` of the way from the identity (s = 1, b = 0) to its
-    parameters: the fallback when the full repair costs more accuracy than allowed."""
-    scales = 1.0 + t * (repair.scales - 1.0)
-    shifts = t * repair.shifts
-    weight_delta, bias_delta = _deltas(graph, layer, repair.neurons, scales, shifts,
-                                       repair.bias_name)
-    return CareRepair(repair.layer, repair.neurons, scales, shifts, repair.objective_before,
-                      repair.objective_after, weight_delta, repair.bias_name, bias_delta,
-                      repair.swarm)
-
-
-@torch.no_grad()
-def apply_care(graph: ShadowGraph, layer: EditableLayer, repair: CareRepair,
-               sign: float = 1.0) -> None:
-    """Add (or, with sign -1, remove) the repair's deltas to the shadow graph's tensors."""
-    weight = graph.weight(layer.weight)
-    weight.add_((sign * repair.weight_delta).to(weight.dtype))
-    if repair.bias_name is not None:
-        bias = graph.constant(repair.bias_name)
-        bias.add_((sign * repair.bias_delta).to(bias.dtype).to(bias.device))
+def shrunk(multipliers: np.ndarray, t: float) -> np.ndarray:
+    """The multipliers a share ``t`` of the way from the identity: 1 + t (m - 1)."""
+    return 1.0 + t * (np.asarray(multipliers, dtype=np.float64) - 1.0)

@@ -6,7 +6,12 @@ Standard global-best PSO with Clerc's constriction coefficients: for particle i,
     x_i <- clip(x_i + v_i, low, high)
 
 with w = 0.7298, c1 = c2 = 1.49618, r1, r2 ~ U(0, 1) per coordinate, p_i the particle's
-best position, g the swarm's best. Velocities are clamped to half the box width. Every
+best position, g the swarm's best. Velocities are clamped to half the box width. The
+initial particles are uniform in the box (``start``, when given, replaces the first: the
+result is then never worse than it; CARE's original starts every particle at the identity,
+where a rate objective is flat and the swarm cannot move). With ``patience``, the search
+stops after that many iterations without a gain in the best value (pyswarms' ftol_iter
+with ftol 0). Every
 random draw comes from one ``numpy.random.Generator`` seeded by ``seed``, and the
 objective is evaluated for the whole swarm at once (``objective(positions[P, D]) ->
 values[P]``), so a run is reproducible bit for bit on the same machine.
@@ -34,9 +39,11 @@ class SwarmResult:
 
 def particle_swarm(objective: Callable[[np.ndarray], np.ndarray], low: np.ndarray,
                    high: np.ndarray, particles: int = 20, iterations: int = 30, seed: int = 0,
-                   start: np.ndarray | None = None) -> SwarmResult:
+                   start: np.ndarray | None = None, patience: int | None = None
+                   ) -> SwarmResult:
     """Minimise ``objective`` over the box [low, high]. ``start``, when given, is one of the
-    initial particles (so the result is never worse than it)."""
+    initial particles (so the result is never worse than it); ``patience``: early stop
+    (module docstring)."""
     low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
     if low.shape != high.shape or low.ndim != 1 or not (low <= high).all():
         raise RectifyError("particle swarm: low and high must be 1-D bounds with low <= high")
@@ -59,6 +66,7 @@ def particle_swarm(objective: Callable[[np.ndarray], np.ndarray], low: np.ndarra
     best, best_value = x[g].copy(), float(values[g])
     history = []
     vmax = 0.5 * width
+    stale = 0
     for _ in range(iterations):
         r1, r2 = rng.random(x.shape), rng.random(x.shape)
         v = INERTIA * v + ACCELERATION * r1 * (personal - x) + ACCELERATION * r2 * (best - x)
@@ -72,5 +80,10 @@ def particle_swarm(objective: Callable[[np.ndarray], np.ndarray], low: np.ndarra
         g = int(np.argmin(personal_value))
         if personal_value[g] < best_value:
             best, best_value = personal[g].copy(), float(personal_value[g])
+            stale = 0
+        else:
+            stale += 1
         history.append(best_value)
+        if patience is not None and stale >= patience:
+            break
     return SwarmResult(best, best_value, history, evaluations)

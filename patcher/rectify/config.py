@@ -32,6 +32,8 @@ ACCURACY_PER_GAP = 1.0
 TRANSPLANT_MODES = ("paste", "add", "none")
 #: CARE: shares of the found repair tried, largest first, until the accuracy budget holds.
 CARE_SHRINK = (1.0, 0.75, 0.5, 0.25)
+#: CARE: units repaired when --care-neurons is not given (the original repairs its top 5).
+CARE_UNITS = 5
 SCORE_MODES = ("whitened", "inverse")
 #: Eval images per forward in accuracy passes (also how often a pass checks whether its
 #: verdict is already certain).
@@ -72,12 +74,18 @@ class RectifyConfig:
     show_progress: bool | None = None
     cache_dir: str | None = None  # key statistics cached here (partial sums, mergeable)
     causal_top_fraction: float = 0.1  # causal layer score: swap this share of neurons
-    care_neurons: int | None = None   # neurons CARE repairs (default: the causal top share)
+    care_neurons: int | None = None   # units CARE repairs (default CARE_UNITS)
     care_particles: int = 20
-    care_iterations: int = 30
-    care_values: int = 8              # intervention values per neuron (ACE)
-    care_eval: int = 256              # clean eval images in CARE's objective
-    care_accuracy_weight: float = 1.0
+    care_iterations: int = 100
+    care_patience: int = 20           # swarm iterations without gain before it stops
+    care_values: int = 4              # values per unit in CARE's score
+    care_eval: int = 1000             # clean eval images in CARE's objective (at most)
+    care_triggered: int = 1000        # transplanted triggered images (at most what eval allows)
+    care_rank_images: int = 256       # triggered images the unit rankings are measured on
+    care_range: tuple[float, float] = (-10.0, 10.0)   # multiplier bounds
+    care_objective: str = "rate"      # "rate" (CARE's) or "ce" (ours), patcher.edits.care
+    care_alpha: float = 0.2           # CARE's weight of the accuracy loss in "rate"
+    care_ranking: str = "care"        # which unit ranking picks the units: "care" or "swap"
 
 
 def check_config(config: RectifyConfig) -> None:
@@ -97,6 +105,13 @@ def check_config(config: RectifyConfig) -> None:
     if config.objective == "attribution" and config.strategy != "dynamic":
         raise RectifyError(f"--objective attribution needs --strategy dynamic (silencing "
                            f"edits), not '{config.strategy}'")
+    if config.care_objective not in ("rate", "ce"):
+        raise RectifyError(f"unknown CARE objective '{config.care_objective}' (rate or ce)")
+    if config.care_ranking not in ("care", "swap"):
+        raise RectifyError(f"unknown CARE ranking '{config.care_ranking}' (care or swap)")
+    low, high = config.care_range
+    if not low < high:
+        raise RectifyError(f"CARE multiplier range {low}..{high} is empty")
     if config.statistics not in STATISTICS_MODES:
         raise RectifyError(f"unknown statistics mode '{config.statistics}' "
                            f"({', '.join(STATISTICS_MODES)})")

@@ -10,8 +10,9 @@ much) or shrink (the loop goes on to the next when one costs too much).
   corrupted keys to clean values (:mod:`patcher.edits.rankone`).
 - :class:`SilencingEditKind`: silencing edits of growing beta along each k* direction
   (:mod:`patcher.edits.silence`; the attribution objective).
-- :class:`CareEditKind`: CARE's neuron repair found by a particle swarm, then shrunk
-  towards the identity (:mod:`patcher.edits.care`).
+- :class:`CareEditKind`: CARE's repair, signed multipliers on the units a layer reads,
+  found by a particle swarm and written as scales of its weight slices
+  (:mod:`patcher.edits.care`).
 - :class:`FinetuneEditKind`: Adam on the pairs at one layer (the paper's baseline).
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from patcher.analysis.causal import neuron_causal_effects
-from patcher.edits.care import care_repair, shrink
+from patcher.analysis.causal import unit_effects, unit_site
+from patcher.edits.care import care_repair, shrunk, unit_scale_delta
 from patcher.edits.finetune import finetune_in_place
 from patcher.edits.rankone import RankOneEdit, solve_rank_one, solve_rank_one_iterative
 from patcher.edits.silence import (SILENCE_SCALES, corruption_key_sums, output_signs,
@@ -32,8 +33,9 @@ from patcher.edits.silence import (SILENCE_SCALES, corruption_key_sums, output_s
 from patcher.errors import NumericalError
 from patcher.graph.keys import LayerTap, layer_keys, layer_values
 from patcher.graph.shadow import EditableLayer
-from patcher.rectify.config import CARE_SHRINK
+from patcher.rectify.config import CARE_SHRINK, CARE_UNITS
 from patcher.rectify.results import format_accuracy
+from patcher.rectify.transplant import transplant
 from patcher.rectify.workspace import Workspace
 
 
@@ -239,61 +241,89 @@ class SilencingEditKind:
 
 
 class CareEditKind:
-    """CARE's repair at a layer: its top neurons by average causal effect
-    (:func:`patcher.analysis.causal.neuron_causal_effects`), scales and shifts searched by
-    the particle swarm (:func:`patcher.edits.care.care_repair`) on the fit pairs and clean
-    eval images; then the repair and its shares CARE_SHRINK of the way from the identity,
-    largest first (the swarm saw a subset of the eval set)."""
+    """CARE's repair at the units feeding a layer (:mod:`patcher.edits.care`): a triggered
+    set transplanted from the pairs onto eval images, the units ranked by CARE's score and
+    by ours (:func:`patcher.analysis.causal.unit_effects`, both recorded), the top ones'
+    multipliers searched by the particle swarm, written as scales of the layer's weight
+    slices; then the repair and its shares CARE_SHRINK of the way from the identity,
+    largest first, until the accuracy budget holds."""
+
+    def triggered_set(self, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pairs' corrupted inputs plus up to ``care_triggered`` eval images outside the
+        target class, each carrying one pair's corruption (round robin): (triggered, labels,
+        clean twins)."""
+        cfg = ws.config
+        rng = np.random.default_rng(cfg.seed)
+        pool = np.flatnonzero(~np.isin(ws.eval_y, list(ws.target_class)))
+        pick = pool[rng.permutation(len(pool))[:cfg.care_triggered]]
+        pairs = ws.pairs
+        mode = cfg.transplant if cfg.transplant != "none" else "paste"
+        moved = [transplant(pairs.corrupted[i % len(pairs)], pairs.clean[i % len(pairs)],
+                            ws.eval_x[j:j + 1], mode)[0] for i, j in enumerate(pick)]
+        x = np.concatenate([pairs.corrupted, np.stack(moved)]) if moved else pairs.corrupted
+        y = np.concatenate([pairs.label, ws.eval_y[pick]])
+        clean = np.concatenate([pairs.clean, ws.eval_x[pick]])
+        return ws.tensor(x), ws.tensor(y.astype(np.int64)), ws.tensor(clean)
 
     def propose(self, ws: Workspace, layer: EditableLayer) -> Iterator[CandidateGroup]:
         cfg = ws.config
-        corrupted, clean, labels = ws.fit
         start = time.perf_counter()
-        effects = neuron_causal_effects(ws.graph, layer, corrupted, clean, labels,
-                                        cfg.care_values)
-        k = cfg.care_neurons or max(1, int(np.ceil(cfg.causal_top_fraction * len(effects.ace))))
-        k = min(k, len(effects.ace))
-        neurons = effects.order[:k]
-        rng = np.random.default_rng(cfg.seed)
+        site = unit_site(ws.graph, layer, ws.pair_clean[:1])
+        target = next(iter(ws.target_class)) if ws.target_class else None
+        triggered, labels, clean = self.triggered_set(ws)
+        m = min(cfg.care_rank_images, len(triggered))
+        effects = unit_effects(ws.graph, site, triggered[:m], clean[:m], labels[:m], target,
+                               cfg.care_values, cfg.show_progress)
+        ws.timings.add("care_localisation", start)
+        k = min(cfg.care_neurons or CARE_UNITS, site.units)
+        order = effects.care_order if cfg.care_ranking == "care" else effects.swap_order
+        units = order[:k]
+        start = time.perf_counter()
+        rng = np.random.default_rng(cfg.seed + 1)
         pick = rng.permutation(len(ws.eval_x))[:cfg.care_eval]
-        repair = care_repair(ws.graph, layer, neurons, corrupted, labels,
-                             ws.tensor(ws.eval_x[pick]), ws.tensor(ws.eval_y[pick]),
+        repair = care_repair(ws.graph, site, units, triggered, labels,
+                             ws.tensor(ws.eval_x[pick]), ws.tensor(ws.eval_y[pick]), target,
+                             bounds=tuple(cfg.care_range), objective=cfg.care_objective,
+                             alpha=cfg.care_alpha, max_drop=cfg.budget / 2,
                              particles=cfg.care_particles, iterations=cfg.care_iterations,
-                             accuracy_weight=cfg.care_accuracy_weight, max_drop=cfg.budget / 2,
-                             seed=cfg.seed, show_progress=cfg.show_progress)
-        ws.timings["care_search"] = time.perf_counter() - start
-        yield CandidateGroup(self._shrunk(ws, layer, repair, neurons, k),
-                             extra={"neurons": neurons})
+                             patience=cfg.care_patience, seed=cfg.seed,
+                             show_progress=cfg.show_progress)
+        ws.timings.add("care_search", start)
+        localisation = {"site": site.tensor, "site_path": site.path, "units": site.units,
+                        "ranking": cfg.care_ranking,
+                        "care_top": effects.care_order[:k], "swap_top": effects.swap_order[:k],
+                        "overlap": effects.overlap(k), "triggered": len(triggered),
+                        "rate_before": repair.rate_before, "rate_after": repair.rate_after,
+                        "swarm_iterations": len(repair.swarm.history)}
+        yield CandidateGroup(self._shrunk(ws, layer, repair, localisation),
+                             extra={"neurons": units, "localisation": localisation})
 
-    def _shrunk(self, ws, layer, repair, neurons, k) -> Iterator[Candidate]:
+    def _shrunk(self, ws, layer, repair, localisation) -> Iterator[Candidate]:
+        weight = ws.graph.weight(layer.weight)
         for t in CARE_SHRINK:
-            candidate = shrink(ws.graph, layer, repair, t) if t < 1 else repair
-            deltas = {layer.weight: candidate.weight_delta}
-            if candidate.bias_name is not None:
-                deltas[candidate.bias_name] = candidate.bias_delta
-            records = []
-            for name, delta in deltas.items():
-                delta = delta.to(torch.float64).cpu()
-                records.append((name, delta, {
-                    "layer": layer.name, "weight": name, "kind": "care",
-                    "neurons": [int(i) for i in neurons],
-                    "scales": [round(float(v), 6) for v in candidate.scales],
-                    "shifts": [round(float(v), 6) for v in candidate.shifts],
-                    "delta_norm": float(delta.norm()),
-                    "rank": int(torch.linalg.matrix_rank(delta.reshape(delta.shape[0], -1)))
-                    if delta.dim() > 1 else 1}))
-            reason = (f"CARE: {k} neuron(s), objective {repair.objective_before:.4f} -> "
-                      f"{repair.objective_after:.4f}" + (f", shrunk to {t:.0%}" if t < 1 else ""))
-            yield Candidate(layer, deltas, records, float(candidate.weight_delta.norm()),
-                            label=f"neurons {neurons}", reason=reason)
+            multipliers = shrunk(repair.multipliers, t)
+            delta64 = unit_scale_delta(layer, weight, repair.units, multipliers).cpu()
+            delta = delta64.to(weight.dtype if weight.dtype == torch.float64 else torch.float32)
+            entry = {"layer": layer.name, "weight": layer.weight, "kind": "care",
+                     "units": [int(u) for u in repair.units],
+                     "multipliers": [round(float(v), 6) for v in multipliers],
+                     **localisation, "delta_norm": float(delta64.norm()),
+                     "rank": int(torch.linalg.matrix_rank(delta64.reshape(delta64.shape[0], -1)))}
+            reason = (f"CARE: {len(repair.units)} unit(s) of {localisation['units']}, "
+                      f"triggered-set rate {repair.rate_before:.2%} -> {repair.rate_after:.2%}"
+                      + (f", shrunk to {t:.0%}" if t < 1 else ""))
+            yield Candidate(layer, {layer.weight: delta.to(weight.device)},
+                            [(layer.weight, delta64, entry)], float(delta64.norm()),
+                            label=f"units {repair.units} (CARE's top {localisation['care_top']}, "
+                                  f"ours {localisation['swap_top']})", reason=reason)
 
     def kept(self, ws: Workspace, candidate: Candidate) -> None:
         pass
 
     def round_line(self, index: int, score, candidate: Candidate, before, after,
                    accuracy: float | None, evaluated, reason: str) -> str:
-        return (f"CARE at {candidate.layer.name}: {candidate.label}: gap {before.value:.4f} -> "
-                f"{after.value:.4f}, accuracy {accuracy:.2%} ({reason})")
+        return (f"CARE at the input of {candidate.layer.name}: {candidate.label}: gap "
+                f"{before.value:.4f} -> {after.value:.4f}, accuracy {accuracy:.2%} ({reason})")
 
 
 class FinetuneEditKind:

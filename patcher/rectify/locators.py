@@ -4,6 +4,8 @@
   editable layer and the key statistics (the dynamic loop).
 - :class:`CausalLocator`: by intervention, swapping a layer's top neurons between the
   corrupted and clean inputs (:mod:`patcher.analysis.causal`; CARE).
+- :class:`UnitSiteLocator`: CARE's site, the layer whose input units CARE repairs (the
+  first dense layer reading a flattened feature map, or ``--layer``).
 - :class:`FixedLocator`: one named layer (``--layer``, ``static``, ``finetune``).
 - :class:`LayerListLocator`: given layers in order (the attribution objective tries every
   hidden layer).
@@ -17,7 +19,7 @@ from typing import Callable, Protocol
 import torch
 
 from patcher.analysis.attribution import layer_integrated_gradients
-from patcher.analysis.causal import layer_causal_effects
+from patcher.analysis.causal import default_unit_site, layer_causal_effects
 from patcher.graph.keys import LayerTap, layer_keys, layer_values
 from patcher.graph.shadow import EditableLayer
 from patcher.rectify.results import LayerScore
@@ -114,6 +116,25 @@ class CausalLocator:
             log(f"causal localisation: {top.layer} (restores {top.score:.1%} of the gap "
                 f"with {top.top} of {top.neurons} neurons swapped)")
         return [Ranked(e.layer, e.score) for e in effects]
+
+
+class UnitSiteLocator:
+    """CARE's one site (:func:`patcher.analysis.causal.default_unit_site`): the layer whose
+    input units are repaired; ``name`` (``--layer``) overrides the default."""
+
+    reports_scores = False
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+
+    def rank(self, ws: Workspace, exclude: set[str], log: Log) -> list[Ranked]:
+        if self.name is not None:
+            return [] if self.name in exclude else [Ranked(self.name, None, "forced layer")]
+        site = default_unit_site(ws.graph, ws.layers, ws.pair_clean[:1])
+        if site.consumer.name in exclude:
+            return []
+        log(f"CARE site: the {site.units} units feeding {site.consumer.name} ({site.path})")
+        return [Ranked(site.consumer.name, None, "CARE's site")]
 
 
 class FixedLocator:

@@ -11,8 +11,9 @@ candidates), an objective (what is removed and how it is measured) and a keep ru
 - ``--objective attribution`` (beyond the paper, feature leakage): every hidden layer and
   every silencing edit is tried per round and the one that removes the most attribution
   share affordably is kept (:mod:`patcher.edits.silence`).
-- ``care``: CARE's repair (Sun et al., ICSE 2022): the causal locator's top hidden layer,
-  its top neurons repaired by a particle swarm (:mod:`patcher.edits.care`).
+- ``care``: CARE's repair (Sun et al., ICSE 2022): signed multipliers on the top units
+  feeding the first dense layer (or ``--layer``), found by a particle swarm and written as
+  scales of that layer's weight slices (:mod:`patcher.edits.care`).
 
 The keep rule (``full``): a candidate must shrink the objective by MIN_GAP_GAIN of it,
 stay within ``--budget`` of the base accuracy, and cost at most the objective's rate times
@@ -31,8 +32,8 @@ from patcher.graph.shadow import ShadowGraph
 from patcher.rectify.config import RectifyConfig
 from patcher.rectify.editkinds import (Candidate, CareEditKind, EditKind, FinetuneEditKind,
                                        RankOneEditKind, SilencingEditKind, SkipLayer)
-from patcher.rectify.locators import (AttributionLocator, CausalLocator, FixedLocator,
-                                      LayerListLocator, Locator, Log)
+from patcher.rectify.locators import (AttributionLocator, FixedLocator, LayerListLocator,
+                                      Locator, Log, UnitSiteLocator)
 from patcher.rectify.objectives import GapObjective, Measure, Objective, ShareObjective
 from patcher.rectify.results import RectifyResult, Round
 from patcher.rectify.workspace import Workspace
@@ -193,8 +194,11 @@ def run(ws: Workspace, plan: Plan, base_accuracy: float, base: Measure, log: Log
                                 verdict.drop, candidate.norm, candidate.fit_ratio,
                                 verdict.evaluated, before.tau, after.tau,
                                 scale=candidate.scale))
-        _say(log, plan.edit_kind, "round_line", index, entry.score, candidate, before, after,
-             verdict.accuracy, verdict.evaluated, verdict.reason)
+        if callable(getattr(log, "on_round", None)):  # the caller prints rounds itself
+            log.on_round(out.rounds[-1])
+        else:
+            _say(log, plan.edit_kind, "round_line", index, entry.score, candidate, before,
+                 after, verdict.accuracy, verdict.evaluated, verdict.reason)
         if verdict.kept:
             out.kept.append(candidate)
             out.accuracy, out.measure = verdict.accuracy, after
@@ -229,7 +233,7 @@ def make_plan(ws: Workspace, config: RectifyConfig) -> Plan:
                                       "affordably; stopping")
     fixed = layer or ws.layers[-1]
     if config.strategy == "care":
-        locator = FixedLocator(layer.name) if layer else CausalLocator(hidden_only=True)
+        locator = UnitSiteLocator(layer.name if layer else None)
         return Plan(locator, CareEditKind(), GapObjective(ws, config.gap, False), keep="budget")
     if config.strategy == "finetune":
         return Plan(FixedLocator(fixed.name), FinetuneEditKind(),
