@@ -281,7 +281,9 @@ def check_labelled(arrays: dict[str, np.ndarray], where: str, spec: InputSpec,
     if with_target:
         t = arrays["target"]
         if t.size != 1 or t.dtype.kind not in "iu":
-            raise BadSamplesError(f"{where}: 'target' must be one integer class")
+            raise BadSamplesError(f"{where}: 'target' must be one integer class (the class "
+                                  "an all-to-one attack forces; a per-image target array "
+                                  f"is not supported){_per_image(t)}")
         target = int(t.reshape(-1)[0])
         if target < 0 or (num_classes is not None and target >= num_classes):
             raise BadSamplesError(f"{where}: 'target' {target} is not a class of the model")
@@ -289,6 +291,13 @@ def check_labelled(arrays: dict[str, np.ndarray], where: str, spec: InputSpec,
             raise BadSamplesError(f"{where}: every label in 'y' equals 'target' {target}: no "
                                   "sample on which the attack could change the prediction")
     return LabelledSet(x, y, target)
+
+
+def _per_image(target: np.ndarray) -> str:
+    """What to say about a target array of one class per image."""
+    if target.size > 1 and target.dtype.kind in "iu" and len(np.unique(target)) == 1:
+        return f"; every entry is {int(target.reshape(-1)[0])}: store that one integer"
+    return ""
 
 
 def check_scores(scores: np.ndarray, where: str, labels: dict[str, np.ndarray]) -> None:

@@ -390,3 +390,17 @@ def test_library_resolves_the_samples_metadata():
     assert prep.scale == pytest.approx(1 / 255) and sources["scale"] == "metadata"
     with pytest.raises(RectifyError, match="channels RGB"):
         resolve(InputSpec.of(proto), {}, Options(channels="RGB"), "m")
+
+
+def test_attack_target_is_one_integer_and_a_per_image_array_says_so(setup, tmp_path):
+    model, images, trigger, out = setup
+    assert run(model, images, "--trigger", trigger, "--target", "0", "--pairs-count", "1",
+               "--eval-count", "2", "--attack-count", "3", "-o", out).exit_code == 0
+    attack = dict(np.load(out / "attack.npz"))
+    assert attack["target"].shape == () and attack["target"].dtype == np.int64
+    spec = InputSpec.of(onnx.load(str(model)))
+    per_image = tmp_path / "per_image.npz"
+    np.savez(per_image, x=attack["x"], y=attack["y"], target=np.zeros(3, np.int64))
+    with pytest.raises(RectifyError, match=r"per-image target array is not supported\); "
+                       "every entry is 0: store that one integer"):
+        load_labelled(per_image, spec, 3, with_target=True)
