@@ -154,6 +154,11 @@ def diff(a: Path, b: Path, json_path: str | None) -> None:
                  {"--json": json_path})
     result = diff_models(first.proto, second.proto)
     for t in result.tensors:
+        if t.unit == "steps":  # an integer (quantized) tensor: its change in steps
+            click.echo(f"tensor  {t.name}  [{'x'.join(map(str, t.shape))}]  {t.changed} value(s) "
+                       f"changed, max {t.max_abs:.0f} step(s), ||delta||_F {t.frobenius:.4g} "
+                       f"steps  feeds {', '.join(t.feeds)}")
+            continue
         click.echo(f"tensor  {t.name}  [{'x'.join(map(str, t.shape))}]  ||delta||_F {t.frobenius:.4g}"
                    f"  max |delta| {t.max_abs:.4g}  rank {t.rank}  feeds {', '.join(t.feeds)}")
     for s in result.structural:

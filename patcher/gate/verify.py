@@ -30,6 +30,11 @@ from patcher.model.writeback import PROVENANCE_KEY, read_provenance
 from patcher.version import __version__
 
 EDITABLE_WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (1,), "MatMul": (0, 1)}
+#: Inputs of a quantized layer a write-back in the stored precision may change (weight, its
+#: scale, the int32 bias), and of a DequantizeLinear whose output is an editable weight or a
+#: Conv/Gemm bias (QDQ: the int8 weight or int32 bias, and its scale).
+QUANTIZED_WEIGHT_INPUTS = {"QLinearConv": (3, 4, 8), "QLinearMatMul": (3, 4), "QGemm": (3, 4, 6)}
+DEQUANTIZED_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1)}
 
 
 @dataclass
@@ -43,6 +48,10 @@ class TensorDiff:
     rank: int
     feeds: list[str]
     editable: bool
+    #: "steps" for an integer (quantized) tensor, whose delta is in quantization steps
+    unit: str = "value"
+    #: elements that changed
+    changed: int = 0
 
 
 @dataclass
@@ -110,6 +119,7 @@ def diff_models(a: ModelProto, b: ModelProto) -> ModelDiff:
         for k, inp in enumerate(node.input):
             consumers.setdefault(inp, []).append((node.name or f"{node.op_type}_{i}",
                                                   node.op_type, k))
+    quantized_slot = _quantized_slots(b.graph, consumers)
     for name in sorted(set(ta) & set(tb)):
         x, y = ta[name], tb[name]
         if x.data_type != y.data_type or list(x.dims) != list(y.dims):
@@ -118,16 +128,40 @@ def diff_models(a: ModelProto, b: ModelProto) -> ModelDiff:
         va, vb = numpy_helper.to_array(x), numpy_helper.to_array(y)
         if va.tobytes() == vb.tobytes():
             continue
-        if va.dtype.kind not in "f":
+        quantized = quantized_slot.get(name)
+        if va.dtype.kind not in "f" and quantized is None:
             s.append(f"non-float tensor '{name}' changed")
             continue
         delta = vb.astype(np.float64) - va.astype(np.float64)
         uses = consumers.get(name, [])
         editable = bool(uses) and all(k in EDITABLE_WEIGHT_INPUTS.get(op, ()) for _, op, k in uses)
+        feeds = [n for n, _, _ in uses]
+        if quantized is not None:  # a weight stored quantized, its scale, its int32 bias
+            editable, feeds = True, feeds + [f for f in quantized if f not in feeds]
         result.tensors.append(TensorDiff(name, list(va.shape), float(np.linalg.norm(delta)),
                                          float(np.abs(delta).max()), numerical_rank(delta),
-                                         [n for n, _, _ in uses], editable))
+                                         feeds, editable,
+                                         "steps" if va.dtype.kind in "iu" else "value",
+                                         int(np.count_nonzero(delta))))
     return result
+
+
+def _quantized_slots(graph, consumers: dict) -> dict[str, list[str]]:
+    """Tensors that store a layer's weight quantized (or its scale or int32 bias), each with
+    the layers it feeds: inputs of QLinearConv/QLinearMatMul/QGemm in those slots, and the
+    value or scale of a DequantizeLinear whose output is only an editable weight or bias."""
+    slots: dict[str, list[str]] = {}
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        for k, inp in enumerate(node.input):
+            if inp and k in QUANTIZED_WEIGHT_INPUTS.get(node.op_type, ()):
+                slots.setdefault(inp, []).append(name)
+        if node.op_type == "DequantizeLinear" and len(node.input) > 1:
+            uses = consumers.get(node.output[0], [])
+            if uses and all(k in DEQUANTIZED_INPUTS.get(op, ()) for _, op, k in uses):
+                for inp in node.input[:2]:
+                    slots.setdefault(inp, []).extend(n for n, _, _ in uses)
+    return slots
 
 
 @dataclass
@@ -268,9 +302,17 @@ def check_provenance(patched: ModelProto, diff: ModelDiff) -> Check:
             continue
         rank_one = [e for e in declared if e.get("kind") == "rank-one"]
         other = [e for e in declared if e.get("kind") != "rank-one"]
-        norm_sum = sum(float(e.get("delta_norm", 0)) for e in declared)
+        # a weight stored quantized: the write-back records say what was stored, in its units
+        stored = [e for e in declared if e.get("kind") == "quantized-writeback"]
+        norm_sum = sum(float(e.get("delta_norm", 0)) for e in (stored or declared))
         figures[t.name] = {"rank": t.rank, "declared_edits": len(declared), "norm": t.frobenius,
                            "declared_norm_sum": norm_sum}
+        if t.unit == "steps":
+            figures[t.name].update(steps_changed=t.changed, max_steps=t.max_abs)
+        if len(stored) == 1 and "steps_changed" in stored[0] and \
+                int(stored[0]["steps_changed"]) != t.changed:
+            problems.append(f"'{t.name}': {t.changed} value(s) changed, the provenance declares "
+                            f"{stored[0]['steps_changed']}")
         if not other and t.rank > len(rank_one):
             problems.append(f"'{t.name}': numerical rank {t.rank} exceeds its {len(rank_one)} "
                             "declared rank-one edit(s)")
