@@ -135,28 +135,41 @@ def test_inspect_passes_parity_on_quantized_models(quantized, fmt):
         assert "output quantization step" in text
     assert "parity     PASS" in text
     form = {"qdq": "QDQ", "qoperator": "QOperator", "dynamic": "dynamic-quantization"}[fmt]
-    assert f"the weights are stored quantized ({form})" in text
     assert summary.quantized == form
+    if fmt == "dynamic":  # not editable yet: said so
+        assert f"the weights are stored quantized ({form})" in text
+        assert summary.editable_layers == []
+        return
+    # the int8 layers are editable, and the table says how each is stored
+    assert [l["weight"] for l in summary.editable_layers] == [
+        f"{n}.weight_quantized" for n in ("features.0.0", "features.2.0", "features.3.0",
+                                          "classifier.0", "classifier.2")]
+    assert all(l["storage"] == "int8 per-channel" and l["quantized"]["form"] == form
+               and l["quantized"]["bias"] for l in summary.editable_layers)
+    assert f"stored {form} int8 per-channel (axis 0): classifier.0.weight_quantized, scale " \
+           "classifier.0.weight_scale" in text
 
 
 @pytest.mark.parametrize("verb", ["locate", "patch"])
-def test_patching_a_quantized_model_is_refused_saying_why(quantized, verb, tmp_path):
-    """Until int8 weights can be edited, locate and patch say the weights are stored quantized
-    and what to do (exit 2, one line), rather than that the model has no editable layer."""
+def test_patching_a_dynamically_quantized_model_is_refused_saying_why(quantized, verb, tmp_path):
+    """Dynamically quantized weights cannot be edited yet: locate and patch say so and what to
+    do (exit 2, one line), rather than that the model has no editable layer."""
     from click.testing import CliRunner
 
     from patcher.cli import main
 
-    args = [verb, str(quantized["qdq"]), "--pairs", str(SAMPLE / "pairs_n1.npz"),
+    args = [verb, str(quantized["dynamic"]), "--pairs", str(SAMPLE / "pairs_n1.npz"),
             "--eval", str(SAMPLE / "eval.npz")]
     if verb == "patch":
         args += ["-o", str(tmp_path / "p.onnx")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     lines = [l for l in result.output.splitlines() if l.strip()]
-    assert lines == ["onnx-rectify: error: the model's weights are stored quantized (QDQ): "
-                     "editing quantized weights is not supported yet (patch the float model and "
-                     "quantize it again)"], result.output
+    assert lines == ["onnx-rectify: error: the model's weights are stored quantized "
+                     "(dynamic-quantization): editing dynamically quantized weights "
+                     "(ConvInteger, MatMulInteger) is not supported yet (quantize with "
+                     "quantize_static, QDQ or QOperator, whose int8 weights can be edited; or "
+                     "patch the float model and quantize it again)"], result.output
     assert not (tmp_path / "p.onnx").exists()
 
 

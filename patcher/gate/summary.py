@@ -8,6 +8,7 @@ import onnx
 from patcher.errors import BadModelError, RectifyError
 from patcher.model.modelio import LoadedModel
 from patcher.graph.parity import ParityResult, compare, input_specs, random_inputs
+from patcher.graph.quantized_layers import editable_copy
 from patcher.graph.shadow import ShadowGraph
 from patcher.graph.support import (QUANTIZED_NOT_EDITABLE, find_unsupported, node_names,
                                    op_histogram, opsets_of, quantized_storage)
@@ -80,6 +81,15 @@ def summarize(model: LoadedModel, parity: bool = True, seed: int = 0, batch: int
         return summary
     shadow = ShadowGraph(model)
     summary.editable_layers = [layer.as_dict() for layer in shadow.editable_layers]
+    if summary.quantized:  # layers behind quantization: those of the float analysis copy
+        edited, stored = editable_copy(model)
+        if stored:
+            summary.editable_layers = [
+                dict(layer.as_dict(), storage=f"{stored[layer.weight].dtype} "
+                     f"{'per-tensor' if stored[layer.weight].axis is None else 'per-channel'}",
+                     quantized=stored[layer.weight].as_dict())
+                if layer.weight in stored else layer.as_dict()
+                for layer in ShadowGraph(edited).editable_layers]
     summary.overridable_initializers = list(shadow.overridable_initializers)
     if parity:
         try:
@@ -130,6 +140,14 @@ def format_summary(s: ModelSummary) -> str:
             shared = ", ".join(l["shared_with"]) or "-"
             lines.append(f"  {i:>3}  {l['name']:<{w_name}}  {l['op']:<6}  {l['weight']:<{w_weight}}  "
                          f"{shape:<18} {l['key_dim']:>7}  {l['groups']:>6}  {l['storage']:<11}  {shared}")
+            if l.get("quantized"):
+                q = l["quantized"]
+                bias = (f"; bias {q['bias']} int32, scale "
+                        f"{q['bias_scale'] or q['input_scale'] + ' x ' + q['scale']}"
+                        if q["bias"] else "")
+                lines.append(f"       stored {q['form']} {q['dtype']} {q['granularity']}: "
+                             f"{q['weight']}, scale {q['scale']}, zero point "
+                             f"{q['zero_point'] or '-'}{bias}")
     if s.parity is not None:
         p = s.parity
         verdict = "PASS" if p.passed else "FAIL"

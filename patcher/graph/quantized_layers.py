@@ -64,15 +64,6 @@ class QuantizedWeight:
     def granularity(self) -> str:
         return "per-tensor" if self.axis is None else f"per-channel (axis {self.axis})"
 
-    def describe(self) -> str:
-        """One line for the editable-layers table."""
-        bias = (f", bias {self.bias} (int32, scale "
-                f"{self.bias_scale or f'{self.input_scale} x {self.scale}'})"
-                if self.bias else "")
-        zp = self.zero_point or "none"
-        return (f"{self.form} {self.dtype} {self.granularity}: weight {self.weight}, scale "
-                f"{self.scale}, zero point {zp}{bias}")
-
     def as_dict(self) -> dict:
         out = asdict(self)
         out["writable"] = list(self.writable)

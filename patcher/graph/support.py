@@ -47,8 +47,11 @@ def quantized_storage(nodes) -> str | None:
     return next((f for f in ("QOperator", "dynamic-quantization", "QDQ") if f in forms), None)
 
 
-#: What to say where a quantized model has no editable layer.
-QUANTIZED_NOT_EDITABLE = ("editing quantized weights is not supported yet (patch the float "
+#: What to say where a quantized model has no editable layer (QDQ and QOperator int8 weights
+#: are editable through graph/quantized_layers; dynamically quantized ones are not).
+QUANTIZED_NOT_EDITABLE = ("editing dynamically quantized weights (ConvInteger, MatMulInteger) "
+                          "is not supported yet (quantize with quantize_static, QDQ or "
+                          "QOperator, whose int8 weights can be edited; or patch the float "
                           "model and quantize it again)")
 
 
