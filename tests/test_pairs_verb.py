@@ -146,7 +146,7 @@ def test_round_trip_loads_with_the_contract_loaders_and_the_trigger_is_in_place(
     chosen = [e["file"] for split in ("pairs", "eval", "attack")
               for e in manifest["files"][split]]
     assert len(chosen) == len(set(chosen)) == 11
-    assert "5 fool the model" not in result.output and "3 pairs (3 fool the model)" in result.output
+    assert "3 pairs (3 fooling the model)" in result.output
     assert "base ASR 100.00%" in result.output
 
 

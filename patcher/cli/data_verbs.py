@@ -64,8 +64,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--target", type=click.IntRange(0, 2**31 - 1), default=None,
               help="The class the trigger forces (one class): writes attack.npz and keeps "
               "that class's images out of the pairs and attack sets.")
-@click.option("--pairs-count", type=_COUNT, default=5, show_default=True,
-              help="Pairs to write (exactly).")
+@click.option("--pairs-count", type=_COUNT, default=1, show_default=True,
+              help="Pairs to write (exactly); one is what the demo and the figures use.")
 @click.option("--eval-count", type=_COUNT, default=500, show_default=True,
               help="Clean eval images to write (at most).")
 @click.option("--attack-count", type=_COUNT, default=500, show_default=True,
@@ -183,8 +183,8 @@ def _say(folder, prep, sources: dict, trigger, sets, written: list[Path]) -> Non
     click.echo(f"trigger: {w}x{h} at x={trigger.left}, y={trigger.top}, opacity "
                f"{trigger.opacity:g}")
     by_name = {p.name: p for p in written}
-    click.echo(f"wrote {by_name['pairs.npz']}: {fig['pairs']} pairs ({fig['pairs_fooled']} "
-               "fool the model)")
+    click.echo(f"wrote {by_name['pairs.npz']}: {fig['pairs']} pair"
+               f"{'s' if fig['pairs'] != 1 else ''} ({fig['pairs_fooled']} fooling the model)")
     click.echo(f"wrote {by_name['eval.npz']}: {fig['eval']} clean images (base accuracy "
                f"{fig['eval_base_accuracy']:.2%})")
     if "attack.npz" in by_name:

@@ -46,7 +46,7 @@ FILE_NAMES = {"pairs": "pairs.npz", "eval": "eval.npz", "attack": "attack.npz",
 class Counts:
     """How many images each split takes: pairs exactly, eval and attack at most."""
 
-    pairs: int = 5
+    pairs: int = 1
     eval: int = 500
     attack: int = 500
 
