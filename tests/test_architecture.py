@@ -10,7 +10,7 @@ inside a function):
   4 edits/ (edit kinds' mathematics)
   5 rectify/ (objectives, locators, the loop)
   6 gate/ (metrics, verify, diff, reports, summary)
-  7 pipelines: patch, demo
+  7 pipelines: patch, demo, api (the library API)
   8 entry points: cli, __main__, the package itself (public API)
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ LAYERS = [
     {"patcher.edits"},
     {"patcher.rectify"},
     {"patcher.gate"},
-    {"patcher.patch", "patcher.demo"},
+    {"patcher.patch", "patcher.demo", "patcher.api"},
     {"patcher.cli", "patcher.__main__", "patcher"},
 ]
 
