@@ -141,14 +141,17 @@ COMPLETENESS_LIMIT = 0.1
 
 def warn_completeness(scores: list[LayerScore]) -> None:
     """Say so (one warning line) when Integrated Gradients' completeness error of a scored
-    layer exceeds :data:`COMPLETENESS_LIMIT`, and what to change (by keyword: ``steps``,
-    ``attribution_form``; the CLI names its flags)."""
+    layer exceeds :data:`COMPLETENESS_LIMIT`, and what to change (by keyword,
+    ``attribution_form``; the CLI names its flag). On samples/backdoor_cnn the error at
+    /classifier.2/Gemm is 0.234 at 16 steps and 0.238 at 64; the path form gives 0.006."""
     if scores:
         worst = max(scores, key=lambda s: s.completeness_error)
         if worst.completeness_error > COMPLETENESS_LIMIT:
             warn(f"Integrated-Gradients completeness error {worst.completeness_error:.3g} "
                  f"at {worst.layer} exceeds {COMPLETENESS_LIMIT}: the layer scores are "
-                 "less faithful", Remedy("steps"), Remedy("attribution_form", "path"))
+                 "less faithful (more steps do not lower this error at an internal "
+                 "layer; the path-derivative form is complete there)",
+                 Remedy("attribution_form", "path"))
 
 
 #: Key covariances with a condition number above this are called singular (ill-conditioned).

@@ -18,6 +18,9 @@ import click
 from patcher.errors import RectifyError
 
 def fail(message: str, code: int) -> None:
+    from patcher import progress
+
+    progress.clear()
     click.echo(f"onnx-rectify: error: {' '.join(message.split())}", err=True)
     sys.exit(code)
 
@@ -97,10 +100,11 @@ def _start_output(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     ctx.call_on_close(lambda: run.__exit__(None, None, None))
 
 
-def output_options(fn):
-    """``--quiet`` and ``--verbose`` on a verb: quiet prints only the result and errors
-    (no progress, status, warnings or heartbeat); verbose adds the notes (warnings that
-    name no option of the verb, facts that need no action)."""
+def output_options() -> list[click.Option]:
+    """``--quiet`` and ``--verbose``, which every verb gets (see :func:`_register`): quiet
+    prints only the result and errors (no progress, status, warnings or heartbeat);
+    verbose adds the notes (warnings that name no option of the verb, facts that need no
+    action). Their callbacks start the verb's output session."""
 
     def set_quiet(ctx: click.Context, param, value: bool) -> bool:
         ctx.meta["onnx_rectify.quiet"] = value
@@ -110,14 +114,12 @@ def output_options(fn):
         _start_output(ctx, bool(ctx.meta.get("onnx_rectify.quiet")), value)
         return value
 
-    fn = click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=False,
-                      callback=set_verbose,
-                      help="Also print notes: warnings this command offers no option "
-                      "for, facts that need no action.")(fn)
-    return click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True,
-                        callback=set_quiet,
-                        help="Print only the result and errors (no progress, heartbeat "
-                        "or warnings).")(fn)
+    return [click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=set_quiet, help="Print only the result and errors (no "
+                         "progress, heartbeat, status lines or warnings)."),
+            click.Option(["-v", "--verbose"], is_flag=True, expose_value=False,
+                         callback=set_verbose, help="Also print notes: warnings this "
+                         "command has no option for, facts that need no action.")]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -332,3 +334,16 @@ class _OneLineUsageGroup(click.Group):
 @click.version_option(package_name="onnx-rectify")
 def main() -> None:
     """Patch unreliable behaviour out of ONNX classifiers with rank-one weight edits."""
+
+
+_add_command = main.add_command
+
+
+def _register(cmd: click.Command, name: str | None = None) -> None:
+    """Every verb registered on ``main`` gets :func:`output_options`."""
+    if not any(p.name == "quiet" for p in cmd.params):
+        cmd.params.extend(output_options())
+    _add_command(cmd, name)
+
+
+main.add_command = _register  # type: ignore[method-assign]

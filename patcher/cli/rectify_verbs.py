@@ -28,8 +28,7 @@ def demo(out_dir: Path | None, provider: str, device: str, force: bool) -> None:
 
     from patcher.demo import check_work_folder, format_demo, run_demo
 
-    def log(message: str) -> None:
-        click.echo(message, err=True)
+    from patcher.progress import status as log
 
     if out_dir is not None:
         check_work_folder(out_dir, force)
@@ -270,22 +269,16 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                          device=rep.device, provider=provider,
                          read_from={"output": staged_model})
 
+    rounds = _RoundTable("share" if objective == "attribution" else "gap")
     report = run_patch(model, pairs_path, eval_path, calib_path, out, config, device,
-                       provider, force, log=lambda m: click.echo(m, err=True),
+                       provider, force, log=rounds,
                        attack=attack_path, writes={"--report": report_path and Path(report_path)},
                        stage_reports=stage_reports)
-    from patcher.rectify.results import format_accuracy
-
     r, v = report.result, report.verification
-    what = "share" if r.objective == "attribution" else "gap"
-    click.echo(f"{'round':>5}  {'layer':<28} {'score':>10} {what + ' before':>12} "
-               f"{what + ' after':>11} {'target gap':>10} {'accuracy':>9}  decision")
-    for rd in r.rounds:
-        score_text = f"{rd.score:.4g}" if rd.score is not None else "-"
-        tau = f"{rd.target_gap_after:.4f}" if rd.target_gap_after is not None else "-"
-        click.echo(f"{rd.index:>5}  {rd.layer:<28} {score_text:>10} {rd.gap_before:>12.4f} "
-                   f"{rd.gap_after:>11.4f} {tau:>10} "
-                   f"{format_accuracy(rd.accuracy, rd.evaluated):>9}  {rd.reason}")
+    for rd in r.rounds[rounds.printed:]:  # a strategy whose rounds the loop did not hand over
+        rounds.on_round(rd)
+    if not rounds.printed:
+        rounds.header()
     click.echo(f"wrote {', '.join(report.written)}")
     click.echo(f"onnxruntime ({v.provider}), reloaded from disk: accuracy {v.base_accuracy:.2%} -> "
                f"{v.patched_accuracy:.2%}, pair gap {v.base_pair_gap:.4f} -> "
@@ -304,12 +297,45 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                    f"{r.gap_measured_on}): {r.base_gap:.4f} -> {r.final_gap:.4f}")
     if not report.passed:
         if r.objective == "attribution":
-            click.echo("onnx-rectify: no edit lowered the attribution share within --budget "
-                       "on the written file; the best model found was written", err=True)
+            click.echo("onnx-rectify: warning: no edit lowered the attribution share within "
+                       "--budget on the written file; the best model found was written", err=True)
         else:
-            click.echo("onnx-rectify: the pairs' gap did not meet --gap within --budget on "
+            click.echo("onnx-rectify: warning: the pairs' gap did not meet --gap within --budget on "
                        "the written file; the best model found was written", err=True)
         sys.exit(1)
+
+
+class _RoundTable:
+    """The patch verb's log: status lines on stderr (:func:`patcher.progress.status`), and
+    each finished round as one row of the round table on stdout, printed as the loop
+    hands it over (``on_round``), so that a round is printed once."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.printed = what, 0
+
+    def __call__(self, message: str) -> None:
+        from patcher.progress import status
+
+        status(message)
+
+    def header(self) -> None:
+        what = self.what
+        click.echo(f"{'round':>5}  {'layer':<28} {'score':>10} {what + ' before':>12} "
+                   f"{what + ' after':>11} {'target gap':>10} {'accuracy':>9}  decision")
+
+    def on_round(self, rd) -> None:
+        from patcher.progress import clear
+        from patcher.rectify.results import format_accuracy
+
+        clear()
+        if not self.printed:
+            self.header()
+        self.printed += 1
+        score_text = f"{rd.score:.4g}" if rd.score is not None else "-"
+        tau = f"{rd.target_gap_after:.4f}" if rd.target_gap_after is not None else "-"
+        click.echo(f"{rd.index:>5}  {rd.layer:<28} {score_text:>10} {rd.gap_before:>12.4f} "
+                   f"{rd.gap_after:>11.4f} {tau:>10} "
+                   f"{format_accuracy(rd.accuracy, rd.evaluated):>9}  {rd.reason}")
 
 
 def _check_folders(report_dir: Path | None, cache_dir: str | None,
