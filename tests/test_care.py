@@ -1,5 +1,6 @@
-"""Causal localisation (interventions on the shadow graph), the particle swarm, and CARE's
-repair end to end through the CLI."""
+"""Causal localisation (interventions on the shadow graph), CARE's units and their rankings,
+the particle swarm, the multiplier write-back (exact under onnxruntime through Flatten and
+for Conv input channels), the rate objective, and CARE's repair end to end through the CLI."""
 from __future__ import annotations
 
 import json
@@ -11,16 +12,20 @@ import torch
 from click.testing import CliRunner
 from onnx import helper
 
-from patcher.edits.care import apply_care, care_repair, shrink
-from patcher.analysis.causal import (layer_causal_effects, neuron_causal_effects, rank_agreement,
-                            swap_probabilities)
+import onnxruntime as ort
+
+from patcher.edits.care import care_repair, shrunk, unit_scale_delta
+from patcher.analysis.causal import (SiteRunner, default_unit_site, layer_causal_effects,
+                                     neuron_causal_effects, rank_agreement, swap_probabilities,
+                                     unit_effects, unit_site)
 from patcher.cli import main
 from patcher.errors import RectifyError
 from patcher.graph.shadow import ShadowGraph
 from patcher.edits.swarm import particle_swarm
-from patcher.model.writeback import read_provenance
+from patcher.model.modelio import load_model
+from patcher.model.writeback import apply_deltas, read_provenance
 from tests.build import make_model, value_info
-from tests.test_patch_end_to_end import _acc, patch_cli, trojaned  # noqa: F401  (fixture)
+from tests.test_patch_end_to_end import _acc, _asr, patch_cli, trojaned  # noqa: F401  (fixture)
 
 RNG = np.random.default_rng(11)
 
@@ -120,29 +125,167 @@ def test_the_swarm_rejects_bad_bounds():
         particle_swarm(lambda p: p.sum(1), np.ones(2), np.zeros(2))
 
 
-def test_care_repair_deltas_reproduce_the_searched_outputs():
-    """Writing s*W_i and s*c_i + b into the tensors gives h_i' = s h_i + b exactly."""
-    graph = _mlp()
-    corrupted, clean, labels = _pair(graph, 4)
-    layer = graph.layer("A")
+def _feature_model(head: str = "gemm_t", pool: bool = False, groups: int = 1):
+    """x[., 2, 6, 6] -> Conv (4 ch, 3x3, pad 1) -> Relu -> Conv B (4 ch, groups) -> Relu ->
+    [GlobalAveragePool] -> Flatten -> dense D (8) -> Relu -> Gemm E (3) -> logits. ``head``:
+    how D stores its weight (Gemm transB=1 ``gemm_t``, transB=0 ``gemm``, ``matmul``)."""
+    w = lambda *s: (0.5 * RNG.standard_normal(s)).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["ha"], name="A", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["ha"], ["ra"], name="ra"),
+             helper.make_node("Conv", ["ra", "wb"], ["hb"], name="B", pads=[1, 1, 1, 1],
+                              group=groups),
+             helper.make_node("Relu", ["hb"], ["rb"], name="rb")]
+    inits = {"wa": w(4, 2, 3, 3), "ba": w(4), "wb": w(4, 4 // groups, 3, 3)}
+    feature = "rb"
+    if pool:
+        nodes.append(helper.make_node("GlobalAveragePool", ["rb"], ["pooled"], name="gap"))
+        feature = "pooled"
+    nodes.append(helper.make_node("Flatten", [feature], ["flat"], name="flatten"))
+    k = 4 if pool else 4 * 36
+    if head == "gemm_t":
+        nodes.append(helper.make_node("Gemm", ["flat", "wd", "bd"], ["hd"], name="D", transB=1))
+        inits.update(wd=w(8, k), bd=w(8))
+    elif head == "gemm":
+        nodes.append(helper.make_node("Gemm", ["flat", "wd", "bd"], ["hd"], name="D"))
+        inits.update(wd=w(k, 8), bd=w(8))
+    else:
+        nodes.append(helper.make_node("MatMul", ["flat", "wd"], ["hd"], name="D"))
+        inits.update(wd=w(k, 8))
+    nodes += [helper.make_node("Relu", ["hd"], ["rd"], name="rd"),
+              helper.make_node("Gemm", ["rd", "we", "be"], ["y"], name="E", transB=1)]
+    inits.update(we=w(3, 8), be=w(3))
+    return make_model(nodes, [value_info("x", [None, 2, 6, 6])], [value_info("y", None)], inits)
+
+
+def _written_logits(tmp_path, proto, deltas, x):
+    """Logits of ``proto`` with ``deltas`` written into its file, under onnxruntime."""
+    path = tmp_path / "base.onnx"
+    onnx.save(proto, str(path))
+    patched, _ = apply_deltas(load_model(path), {k: v.numpy() for k, v in deltas.items()})
+    session = ort.InferenceSession(patched.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("head", ["gemm_t", "gemm", "matmul"])
+def test_multipliers_on_flattened_units_are_exactly_a_weight_edit_under_onnxruntime(
+        tmp_path, head):
+    """Multipliers on units of the flattened map feeding D (channel x position), written as
+    scales of D's weight slices: onnxruntime on the written file gives the shadow graph's
+    logits with the units multiplied."""
+    proto = _feature_model(head)
+    graph = ShadowGraph.from_onnx(proto)
+    x = torch.from_numpy(RNG.standard_normal((6, 2, 6, 6)).astype(np.float32))
+    site = unit_site(graph, graph.layer("D"), x[:1])
+    assert (site.units, site.axis, site.spatial) == (144, 1, True)
+    assert "Flatten" in site.path
+    units, multipliers = [0, 37, 71, 143], [-9.5, 0.0, 3.25, 0.5]
+    runner = SiteRunner(graph, site, x)
     with torch.no_grad():
-        before = graph.run_until("A", clean)["ha"].clone()
-    repair = care_repair(graph, layer, [1, 4], corrupted, labels, clean, labels,
-                         particles=6, iterations=3, seed=0)
+        expect = runner.logits(runner.scaled(units, multipliers)).numpy()
+        base = runner.logits().numpy()
+        assert np.allclose(base, graph(x)[0].numpy(), atol=1e-6)  # unreplaced: the model
+    layer = graph.layer("D")
+    delta = unit_scale_delta(layer, graph.weight(layer.weight), units, multipliers)
+    assert int((delta != 0).any(dim=0 if head == "gemm_t" else 1).sum()) == 4
+    got = _written_logits(tmp_path, proto, {layer.weight: delta}, x)
+    assert np.allclose(got, expect, atol=1e-4) and not np.allclose(got, base, atol=1e-2)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_multipliers_on_conv_input_channels_are_exactly_a_weight_edit(tmp_path, groups):
+    """A unit of a Conv's input is a channel (every position alike); its multiplier is the
+    scale of the weight's input-channel slice, within its group for a grouped Conv."""
+    proto = _feature_model(groups=groups)
+    graph = ShadowGraph.from_onnx(proto)
+    x = torch.from_numpy(RNG.standard_normal((5, 2, 6, 6)).astype(np.float32))
+    site = unit_site(graph, graph.layer("B"), x[:1])
+    assert (site.units, site.axis, site.spatial) == (4, 1, False)
+    units, multipliers = [1, 3], [-2.0, 4.0]
+    runner = SiteRunner(graph, site, x)
+    with torch.no_grad():
+        expect = runner.logits(runner.scaled(units, multipliers)).numpy()
+    layer = graph.layer("B")
+    delta = unit_scale_delta(layer, graph.weight(layer.weight), units, multipliers)
+    got = _written_logits(tmp_path, proto, {layer.weight: delta}, x)
+    assert np.allclose(got, expect, atol=1e-4)
+    touched = (delta != 0).flatten(2).any(2)  # [out channel, channel within group]
+    if groups == 2:  # channel 1 is group 0's second, channel 3 group 1's second
+        assert touched[:2, 1].all() and touched[2:, 1].all() and not touched[:, 0].any()
+    else:
+        assert touched[:, [1, 3]].all() and not touched[:, [0, 2]].any()
+
+
+def test_default_site_is_the_flattened_map_and_pooled_features_are_refused():
+    x = torch.zeros(1, 2, 6, 6)
+    graph = ShadowGraph.from_onnx(_feature_model())
+    assert default_unit_site(graph, graph.editable_layers, x).consumer.name == "D"
+    pooled = ShadowGraph.from_onnx(_feature_model(pool=True))
+    with pytest.raises(RectifyError, match="pooled features"):
+        default_unit_site(pooled, pooled.editable_layers, x)
+    with pytest.raises(RectifyError, match="graph input"):
+        unit_site(graph, graph.layer("A"), x)
+
+
+def test_unit_rankings_give_nothing_to_a_unit_that_cannot_reach_the_output():
+    graph = ShadowGraph.from_onnx(_feature_model())
+    with torch.no_grad():
+        graph.weight("wd")[:, 5] = 0.0  # unit 5 of the flattened map is never read
+    x = torch.from_numpy(RNG.random((12, 2, 6, 6)).astype(np.float32))
+    triggered = x.clone()
+    triggered[:, :, 4:, 4:] = 1.0
+    site = unit_site(graph, graph.layer("D"), x[:1])
+    effects = unit_effects(graph, site, triggered, x, torch.zeros(12, dtype=torch.long), 0)
+    assert effects.care[5] == 0.0 and abs(effects.swap[5]) < 1e-12
+    assert effects.care.max() > 0 and effects.care_order[0] != 5
+    assert len(effects.swap_order) == 144 and 0 <= effects.overlap(5) <= 5
+
+
+def test_the_rate_objective_counts_argmax_hits_and_weighs_accuracy():
+    """Before the search, CARE's objective is (1 - alpha) rate + alpha (1 - accuracy) with
+    the rate the share of triggered inputs predicted as the target (or, without a target,
+    misclassified); the search never ends above it (one particle is the identity)."""
+    graph = ShadowGraph.from_onnx(_feature_model())
+    x = torch.from_numpy(RNG.random((40, 2, 6, 6)).astype(np.float32))
+    with torch.no_grad():
+        predicted = graph(x)[0].argmax(1)
+    site = unit_site(graph, graph.layer("D"), x[:1])
+    labels = torch.full((20,), 2, dtype=torch.long)
+    target = int(predicted[:20].mode().values)
+    eval_y = predicted[20:].clone()
+    eval_y[:5] = (eval_y[:5] + 1) % 3          # accuracy 75% on the clean part
+    repair = care_repair(graph, site, [3, 40], x[:20], labels, x[20:], eval_y, target,
+                         alpha=0.2, particles=4, iterations=0)
+    rate = float((predicted[:20] == target).double().mean())
+    assert repair.rate_before == pytest.approx(rate) and repair.accuracy_before == 0.75
+    assert repair.objective_before == pytest.approx(0.8 * rate + 0.2 * 0.25)
     assert repair.objective_after <= repair.objective_before
-    apply_care(graph, layer, repair)
-    with torch.no_grad():
-        after = graph.run_until("A", clean)["ha"]
-    for j, i in enumerate(repair.neurons):
-        expect = repair.scales[j] * before[:, i] + repair.shifts[j]
-        assert torch.allclose(after[:, i], expect.to(after.dtype), atol=1e-5)
-    untouched = [i for i in range(8) if i not in repair.neurons]
-    assert torch.equal(after[:, untouched], before[:, untouched])
-    apply_care(graph, layer, repair, sign=-1.0)
-    with torch.no_grad():
-        assert torch.allclose(graph.run_until("A", clean)["ha"], before, atol=1e-6)
-    half = shrink(graph, layer, repair, 0.5)
-    assert np.allclose(half.scales - 1, 0.5 * (repair.scales - 1))
+    untargeted = care_repair(graph, site, [3], x[:20], labels, x[20:], eval_y, None,
+                             particles=2, iterations=0)
+    assert untargeted.rate_before == pytest.approx(float((predicted[:20] != 2).double().mean()))
+    searched = care_repair(graph, site, [3, 40, 77], x[:20], labels, x[20:], eval_y, target,
+                           particles=8, iterations=15, patience=5)
+    assert searched.objective_after <= searched.objective_before
+    assert len(searched.swarm.history) <= 15
+    assert np.all(np.abs(searched.multipliers) <= 10.0)
+    assert np.allclose(shrunk(searched.multipliers, 0.5) - 1, 0.5 * (searched.multipliers - 1))
+
+
+def test_the_swarm_starts_spread_over_the_box_with_one_particle_at_the_start():
+    seen = []
+
+    def f(p):
+        seen.append(p.copy())
+        return np.zeros(len(p))
+
+    result = particle_swarm(f, np.full(3, -10.0), np.full(3, 10.0), particles=20,
+                            iterations=50, seed=0, start=np.ones(3), patience=4)
+    first = seen[0]
+    assert np.array_equal(first[0], np.ones(3))
+    assert (np.abs(first[1:] - 1).max(1) > 0.5).all() and first[1:].std(0).min() > 3
+    assert (first >= -10).all() and (first <= 10).all()
+    # a flat objective never improves: the early stop ends the search after 4 iterations
+    assert len(result.history) == 4 and result.evaluations == 20 * 5
 
 
 def test_rank_agreement():
@@ -174,7 +317,9 @@ def test_care_strategy_end_to_end_is_declared_and_passes_verify(trojaned, tmp_pa
     assert model.read_bytes() == before
     edits = read_provenance(onnx.load(str(out)))["edits"]
     assert edits and {e["kind"] for e in edits} == {"care"}
-    assert all(e["neurons"] for e in edits)
+    assert all(e["units"] and len(e["units"]) == len(e["multipliers"]) for e in edits)
+    assert {e["layer"] for e in edits} == {e["layer"] for e in edits[:1]}
+    assert _asr(out, trojaned) <= 0.05, result.output
     assert _acc(trojaned / "model.onnx", trojaned) - _acc(out, trojaned) <= 0.05
     verify = CliRunner().invoke(main, ["verify", str(out), "--base", str(model), "--eval",
                                        str(trojaned / "eval.npz"), "--max-accuracy-drop", "0.05"])

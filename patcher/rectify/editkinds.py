@@ -289,7 +289,7 @@ class CareEditKind:
                              patience=cfg.care_patience, seed=cfg.seed,
                              show_progress=cfg.show_progress)
         ws.timings.add("care_search", start)
-        localisation = {"site": site.tensor, "site_path": site.path, "units": site.units,
+        localisation = {"site": site.tensor, "site_path": site.path, "site_units": site.units,
                         "ranking": cfg.care_ranking,
                         "care_top": effects.care_order[:k], "swap_top": effects.swap_order[:k],
                         "overlap": effects.overlap(k), "triggered": len(triggered),
@@ -309,7 +309,7 @@ class CareEditKind:
                      "multipliers": [round(float(v), 6) for v in multipliers],
                      **localisation, "delta_norm": float(delta64.norm()),
                      "rank": int(torch.linalg.matrix_rank(delta64.reshape(delta64.shape[0], -1)))}
-            reason = (f"CARE: {len(repair.units)} unit(s) of {localisation['units']}, "
+            reason = (f"CARE: {len(repair.units)} unit(s) of {localisation['site_units']}, "
                       f"triggered-set rate {repair.rate_before:.2%} -> {repair.rate_after:.2%}"
                       + (f", shrunk to {t:.0%}" if t < 1 else ""))
             yield Candidate(layer, {layer.weight: delta.to(weight.device)},
