@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from onnx_rectify_samples import common
+from onnx_rectify_samples import common, quantized
 from patcher.gate import metrics
 from patcher.model.runtime import open_session
 
@@ -148,4 +148,6 @@ def _build(out: Path, seed: int, tiny: bool, sc: Scenario) -> dict:
         **sc.extra,
     }
     common.write_figures(out, figures)
+    # the shipped-precision variants (int8 QDQ and QOperator; fp16 keep-io for the MNIST CNN)
+    quantized.write_variants(out, fp16=sc.name == "backdoor_cnn")
     return figures
