@@ -404,3 +404,32 @@ def test_attack_target_is_one_integer_and_a_per_image_array_says_so(setup, tmp_p
     with pytest.raises(RectifyError, match=r"per-image target array is not supported\); "
                        "every entry is 0: store that one integer"):
         load_labelled(per_image, spec, 3, with_target=True)
+
+
+#: option -> (lowest, highest, lowest excluded): the README's "Option ranges" for pairs
+RANGES = {"--pairs-count": (1, 100_000, False), "--eval-count": (1, 100_000, False),
+          "--attack-count": (1, 100_000, False), "--target": (0, 2**31 - 1, False),
+          "--margin": (0, 1 << 14, False), "--seed": (0, 2**32 - 1, False),
+          "--opacity": (0.0, 1.0, True), "--crop-fraction": (0.0, 1.0, True),
+          "--scale": (0.0, 1e6, True)}
+
+
+@pytest.mark.parametrize("option", sorted(RANGES))
+def test_numeric_options_accept_exactly_their_documented_range(tmp_path, option):
+    """Inside the range the value passes click and the missing model is what is refused;
+    outside (and NaN) click refuses the option. Exit 2 and one line either way."""
+    lo, hi, lo_open = RANGES[option]
+    step = 1 if isinstance(lo, int) else 1e-9
+    inside = [hi, lo + step] if lo_open else [lo, hi]
+    outside = [lo, hi + step * (1 if isinstance(lo, int) else 1e6)] if lo_open else \
+        [lo - step, hi + step]
+    outside += ["nan", "x"]
+    base = [tmp_path / "missing.onnx", tmp_path, "--trigger", tmp_path / "t.png",
+            "-o", tmp_path / "out"]
+    for value in inside:
+        result = run(*base, option, value)
+        one_line_refusal(result, "missing.onnx")
+    for value in outside:
+        result = run(*base, option, value)
+        one_line_refusal(result, option)
+        assert "missing.onnx" not in result.output
