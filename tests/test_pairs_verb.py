@@ -433,3 +433,15 @@ def test_numeric_options_accept_exactly_their_documented_range(tmp_path, option)
         result = run(*base, option, value)
         one_line_refusal(result, option)
         assert "missing.onnx" not in result.output
+
+
+def test_a_small_folder_shares_its_images_between_eval_and_attack(setup):
+    """12 images, 1 pair, eval and attack asking for 500 each: the 11 left are split in
+    proportion (5 eval, 6 attack), and eval is not left with the target class alone."""
+    model, images, trigger, out = setup
+    result = run(model, images, "--trigger", trigger, "--target", "0", "-o", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = {k: len(v) for k, v in manifest["files"].items()}
+    assert sizes == {"pairs": 1, "eval": 5, "attack": 6}
+    assert {e["label"] for e in manifest["files"]["eval"]} == {1, 2}

@@ -1,18 +1,21 @@
 """pairs.npz, eval.npz and attack.npz from an image folder and a trigger.
 
 The images are shuffled once (``numpy.random.default_rng(seed)``) and taken in that
-order, each into the first split that wants it:
+order, each into one split:
 
-1. **pairs** (``corrupted`` = clean + trigger, ``clean``, ``label``): images whose label is
-   not the attack target; with ``pairs_from="fooled"`` (the default) only those the base
-   model gets right clean and wrong with the trigger, the behaviour the patch removes;
-2. **attack** (``x`` = with the trigger, ``y``, ``target``; only with a target): images
-   whose label is not the target;
-3. **eval** (``x``, ``y``: clean): any image.
+1. **pairs** (``corrupted`` = clean + trigger, ``clean``, ``label``), while it wants more:
+   an image whose label is not the attack target; with ``pairs_from="fooled"`` (the
+   default) only one the base model gets right clean and wrong with the trigger, the
+   behaviour the patch removes;
+2. otherwise **attack** (``x`` = with the trigger, ``y``, ``target``; only with a target;
+   labels other than the target) or **eval** (``x``, ``y``: clean; any label), whichever
+   is the less full share of its count.
 
 So the three sets never share an image, and the same folder, trigger, options and seed
 give the same files (byte for byte: the npz members carry a fixed date). Pairs are
-required in full; eval and attack take what the folder has, up to their counts. The
+required in full; when the folder holds fewer images than eval and attack ask for, both
+counts shrink in proportion (so a small folder still gives an eval set of every class).
+The
 attack target is one class (an all-to-one backdoor), the format ``verify`` and
 ``patch --attack`` read; a per-image target is not supported there.
 """
@@ -110,8 +113,7 @@ def build_sets(model: LoadedModel, folder: ImageFolder, prep: Preprocessing,
     check_memory(prep, counts)
     spec = InputSpec.of(model.proto)
     session = open_session(model.path or model.proto.SerializeToString(), provider)
-    wanted = {"pairs": counts.pairs, "attack": counts.attack if target is not None else 0,
-              "eval": counts.eval}
+    wanted = _wanted(counts, len(folder), target is not None)
     taken: dict[str, list] = {k: [] for k in wanted}  # (position, clean, corrupted, label)
     seen = fooled_seen = 0
     order = np.random.default_rng(seed).permutation(len(folder))
@@ -135,12 +137,26 @@ def build_sets(model: LoadedModel, folder: ImageFolder, prep: Preprocessing,
             if label != target and len(taken["pairs"]) < wanted["pairs"] and \
                     (pairs_from == "any" or fooled):
                 taken["pairs"].append(item)
-            elif label != target and len(taken["attack"]) < wanted["attack"]:
-                taken["attack"].append(item)
-            elif len(taken["eval"]) < wanted["eval"]:
-                taken["eval"].append(item)
+                continue
+            open_splits = [name for name in ("attack", "eval")
+                           if len(taken[name]) < wanted[name] and
+                           (name == "eval" or label != target)]
+            if open_splits:  # the split least filled, as a share of what it wants
+                taken[min(open_splits, key=lambda n: len(taken[n]) / wanted[n])].append(item)
     _check_taken(taken, wanted, folder, seen, fooled_seen, pairs_from, target)
     return _as_sets(taken, folder, target, seen)
+
+
+def _wanted(counts: Counts, images: int, with_attack: bool) -> dict[str, int]:
+    """How many images each split takes: the counts, eval and attack shrunk in proportion
+    where the folder has fewer images than the pairs, eval and attack ask for."""
+    attack = counts.attack if with_attack else 0
+    left = max(images - counts.pairs, 0)
+    evals = counts.eval
+    if evals + attack > left:
+        evals = max(1, left * counts.eval // (counts.eval + attack)) if left else 1
+        attack = max(left - evals, 1) if attack else 0
+    return {"pairs": counts.pairs, "attack": attack, "eval": evals}
 
 
 def _check_taken(taken: dict, wanted: dict, folder: ImageFolder, seen: int, fooled: int,
