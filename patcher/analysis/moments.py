@@ -49,12 +49,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from patcher.graph.keys import LayerTap, layer_keys, patch_coverage
+from patcher.graph.keys import LayerTap, layer_keys, patch_coverage, pointwise_pixels
 from patcher.graph.shadow import EditableLayer, ShadowGraph
 from patcher.progress import progress
 
 DEFAULT_RIDGE = 1e-2
 CHUNK_ROWS = 8192
+#: Keys narrower than this are summed in float64 in chunks of CHUNK_ELEMENTS / Kd rows.
+NARROW_KEY_DIM = 64
+CHUNK_ELEMENTS = 1 << 22
+#: Unfolded keys of at most this many bytes exist at once: a batch whose keys would be
+#: larger is unfolded a few inputs at a time (memory bounded by the chunk, not the batch).
+CHUNK_BYTES = 64 << 20
 #: Largest key dimension whose exact statistics are computed: a float64 C of 8 GiB, and the
 #: same again for its eigen-decomposition (memory and an O(d^3) factorisation).
 MAX_KEY_DIM = 1 << 15
@@ -126,14 +132,47 @@ class KeyMoments:
     count: int = 0
 
     def add(self, keys: torch.Tensor, count: int | None = None) -> None:
-        """Add k k^T for every row k of ``keys``; ``count`` keys (default: the rows)."""
+        """Add k k^T for every row k of ``keys``; ``count`` keys (default: the rows).
+
+        Narrow keys (Kd below :data:`NARROW_KEY_DIM`, e.g. a depthwise conv's 9) are summed
+        in float64 in chunks of CHUNK_ELEMENTS / Kd rows (few large products instead of
+        many tiny ones); wider keys in float32 chunks of CHUNK_ROWS (module docstring)."""
         flat = keys.reshape(-1, keys.shape[-1])
-        if flat.dtype != torch.float64:
-            flat = flat.to(torch.float32)
-        for i in range(0, flat.shape[0], CHUNK_ROWS):
-            chunk = flat[i:i + CHUNK_ROWS]
+        dim = flat.shape[-1]
+        if dim < NARROW_KEY_DIM:
+            rows = max(CHUNK_ROWS, CHUNK_ELEMENTS // max(dim, 1))
+            flat = flat.to(torch.float64)
+        else:
+            rows = CHUNK_ROWS
+            if flat.dtype != torch.float64:
+                flat = flat.to(torch.float32)
+        for i in range(0, flat.shape[0], rows):
+            chunk = flat[i:i + rows]
             self.sum_kk += (chunk.T @ chunk).to(torch.float64)
         self.count += flat.shape[0] if count is None else count
+
+    def add_channels(self, data: torch.Tensor) -> None:
+        """Add x x^T for every pixel x of ``data`` [n, C, *spatial] (the keys of a pointwise
+        convolution, :func:`patcher.graph.keys.pointwise_pixels`) without unfolding them:
+        per input [C, HW] x [HW, C] in pixel chunks of CHUNK_ROWS, or, for maps smaller than
+        the channels, the pixels of several inputs side by side (at most CHUNK_ROWS)."""
+        n, c = data.shape[:2]
+        pixels = data.reshape(n, c, -1)
+        if pixels.dtype != torch.float64:
+            pixels = pixels.to(torch.float32)
+        hw = pixels.shape[-1]
+        if hw >= c:
+            per_chunk = max(1, CHUNK_BYTES // (c * c * 4))  # products alive at once
+            for i in range(0, n, per_chunk):
+                for j in range(0, hw, CHUNK_ROWS):
+                    part = pixels[i:i + per_chunk, :, j:j + CHUNK_ROWS]
+                    self.sum_kk += (part @ part.transpose(1, 2)).sum(0, dtype=torch.float64)
+        else:
+            per_chunk = max(1, CHUNK_ROWS // hw)
+            for i in range(0, n, per_chunk):
+                flat = pixels[i:i + per_chunk].transpose(0, 1).reshape(c, -1)
+                self.sum_kk += (flat @ flat.T).to(torch.float64)
+        self.count += n * hw
 
     def merge(self, other: "KeyMoments") -> "KeyMoments":
         return KeyMoments(self.sum_kk + other.sum_kk.to(self.sum_kk.device), self.count + other.count)
@@ -152,6 +191,27 @@ def rotate_keys(mats: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor) -> torch
     rows, ca, kk = mats.shape
     right = (mats.reshape(rows * ca, kk) @ ub).reshape(rows, ca, kk)
     return (right.transpose(1, 2).reshape(rows * kk, ca) @ ua).reshape(rows, kk, ca).transpose(1, 2)
+
+
+def key_chunks(layer: EditableLayer, data: torch.Tensor, attrs: dict):
+    """The layer's keys for ``data`` as rows [keys, Kd], in the order of
+    ``layer_keys(layer, data, attrs).reshape(-1, Kd)``. A convolution's keys are unfolded a
+    few inputs at a time, so that at most about CHUNK_BYTES of them exist at once; the
+    keys of Gemm and MatMul are the data itself (one piece)."""
+    if layer.orientation != "conv":
+        keys = layer_keys(layer, data, attrs)
+        yield keys.reshape(-1, keys.shape[-1])
+        return
+    per_input = conv_key_count(layer, attrs, tuple(data.shape[2:])) * layer.key_dim * 4
+    step = max(1, CHUNK_BYTES // max(per_input, 1))
+    for i in range(0, data.shape[0], step):
+        keys = layer_keys(layer, data[i:i + step], attrs)
+        yield keys.reshape(-1, keys.shape[-1])
+
+
+def conv_key_count(layer: EditableLayer, attrs: dict, spatial: tuple[int, ...]) -> int:
+    """Keys of a convolution per input: output positions x groups."""
+    return patch_coverage(layer, attrs, spatial)[1] * max(layer.groups, 1)
 
 
 @dataclass
@@ -191,9 +251,8 @@ class KroneckerMoments:
                 chunk = flat[:, i:i + CHUNK_ROWS]
                 self.channels.sum_kk += (chunk @ chunk.T).to(torch.float64)
         self.channels.count += n * groups * positions * kernel_offsets(layer)
-        keys = layer_keys(layer, data[:OFFSET_IMAGES], attrs)
-        self.offsets.add(keys.reshape(-1, per_group, kernel_offsets(layer))
-                         .reshape(-1, kernel_offsets(layer)))
+        for keys in key_chunks(layer, data[:OFFSET_IMAGES], attrs):
+            self.offsets.add(keys.reshape(-1, kernel_offsets(layer)))
         # new data moves the basis: a spectrum measured along the old one no longer fits
         self._basis, self.spectrum_sum, self.spectrum_count = None, None, 0
 
@@ -212,12 +271,20 @@ class KroneckerMoments:
     def add_spectrum(self, layer: EditableLayer, data: torch.Tensor, attrs: dict) -> None:
         """Second moments of one batch's keys along U_A (x) U_B: sum of (U_A^T K U_B)^2."""
         _, ua, _, ub = self.basis()
-        keys = layer_keys(layer, data, attrs)
-        mats = keys.reshape(-1, ua.shape[0], ub.shape[0])
-        if mats.shape[0] > SPECTRUM_ROWS:  # a seeded uniform sample of the keys
+        rows = conv_key_count(layer, attrs, tuple(data.shape[2:])) * data.shape[0]
+        pick = None
+        if rows > SPECTRUM_ROWS:  # a seeded uniform sample of the keys, unfolded by chunks
             generator = torch.Generator(device="cpu").manual_seed(self.spectrum_count)
-            pick = torch.randperm(mats.shape[0], generator=generator)[:SPECTRUM_ROWS]
-            mats = mats[pick.to(mats.device)]
+            pick = torch.randperm(rows, generator=generator)[:SPECTRUM_ROWS].sort().values
+        parts, first = [], 0
+        for keys in key_chunks(layer, data, attrs):
+            chunk = keys.reshape(-1, ua.shape[0], ub.shape[0])
+            if pick is not None:  # the sampled keys in this chunk (sums ignore their order)
+                inside = pick[(pick >= first) & (pick < first + chunk.shape[0])] - first
+                first += chunk.shape[0]
+                chunk = chunk[inside.to(chunk.device)]
+            parts.append(chunk)
+        mats = torch.cat(parts)
         dtype = torch.float64 if mats.dtype == torch.float64 else torch.float32
         total = torch.zeros(ua.shape[0], ub.shape[0], dtype=torch.float64, device=ua.device)
         for i in range(0, mats.shape[0], CHUNK_ROWS):
@@ -303,15 +370,22 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
         if isinstance(target, KroneckerMoments):
             target.add(layer, data, attrs[layer.name])
             return
-        keys = layer_keys(layer, data, attrs[layer.name])
-        if max_rows and total:
-            flat = keys.reshape(-1, keys.shape[-1])
-            share = max_rows / (flat.shape[0] / max(current["batch"], 1) * total)
-            if share < 1:
-                keep = max(1, round(share * flat.shape[0]))
-                pick = torch.randperm(flat.shape[0], generator=generator)[:keep]
-                keys = flat[pick.to(flat.device)]
-        moments[layer.name].add(keys)
+        if not (max_rows and total):
+            pixels = pointwise_pixels(layer, data, attrs[layer.name])
+            if pixels is not None:  # a 1x1 conv: the channels' covariance, nothing unfolded
+                target.add_channels(pixels)
+                return
+        for flat in key_chunks(layer, data, attrs[layer.name]):
+            if max_rows and total:
+                per_input = (conv_key_count(layer, attrs[layer.name], tuple(data.shape[2:]))
+                             if layer.orientation == "conv" else
+                             flat.shape[0] / max(current["batch"], 1))
+                share = max_rows / (per_input * total)
+                if share < 1:
+                    keep = max(1, round(share * flat.shape[0]))
+                    pick = torch.randperm(flat.shape[0], generator=generator)[:keep]
+                    flat = flat[pick.to(flat.device)]
+            target.add(flat)
 
     def before(batch):
         current["batch"] = len(batch)

@@ -81,6 +81,29 @@ def conv_keys(x: torch.Tensor, layer: EditableLayer, attrs: dict) -> torch.Tenso
     return cols.reshape(n, groups, ck // groups, positions).permute(0, 3, 1, 2)
 
 
+def pointwise_pixels(layer: EditableLayer, data: torch.Tensor, attrs: dict
+                     ) -> torch.Tensor | None:
+    """For a 1x1 (pointwise), ungrouped, unpadded convolution: the input pixels its keys
+    are, as ``data`` [n, C, *spatial] subsampled by the strides (a view, nothing copied);
+    None for any other layer. Its key statistics are then the channels' covariance
+    sum over pixels of x x^T, with no unfolding."""
+    if layer.orientation != "conv" or layer.groups != 1 or \
+            any(int(k) != 1 for k in layer.shape[2:]):
+        return None
+    spatial = len(layer.shape) - 2
+    if spatial not in (1, 2):
+        return None
+    kernel = [1] * spatial
+    strides = list(attrs.get("strides") or [1] * spatial)
+    dilations = list(attrs.get("dilations") or [1] * spatial)
+    pads = resolve_pads(data.shape[2:], kernel, strides, dilations, attrs.get("pads"),
+                        attrs.get("auto_pad", "NOTSET"))
+    if any(pads):
+        return None
+    index = (slice(None), slice(None)) + tuple(slice(None, None, int(s)) for s in strides)
+    return data[index]
+
+
 def patch_coverage(layer: EditableLayer, attrs: dict, spatial: tuple[int, ...]
                    ) -> tuple[torch.Tensor, int]:
     """How many (position, kernel offset) pairs of the conv's keys read each input pixel
@@ -110,6 +133,8 @@ def layer_keys(layer: EditableLayer, data: torch.Tensor, attrs: dict) -> torch.T
         return conv_keys(data, layer, attrs)
     if o.startswith("gemm"):
         rows = data.transpose(0, 1) if attrs.get("transA", 0) else data
+        if rows.dim() == 3:  # [batch, tokens, K] from image_rows: each token a key row
+            return rows[:, :, None, :]
         return rows[:, None, None, :]
     if o == "matmul_right":
         return data.reshape(data.shape[0], -1, 1, data.shape[-1])
@@ -126,11 +151,95 @@ def layer_values(layer: EditableLayer, output: torch.Tensor, attrs: dict) -> tor
         flat = output.reshape(n, layer.groups, m // layer.groups, -1)
         return flat.permute(0, 3, 1, 2)
     if o.startswith("gemm"):
-        return (output / float(attrs.get("alpha", 1.0)))[:, None, None, :]
+        scaled = output / float(attrs.get("alpha", 1.0))
+        return scaled[:, :, None, :] if scaled.dim() == 3 else scaled[:, None, None, :]
     if o == "matmul_right":
         return output.reshape(output.shape[0], -1, 1, output.shape[-1])
     rows = output.transpose(-1, -2)
     return rows.reshape(rows.shape[0], -1, 1, rows.shape[-1])
+
+
+#: Orientations whose keys are the rows of their data input (one key per row of the last axis).
+ROW_KEYED = ("gemm", "gemm_transposed", "matmul_right")
+
+
+def probe_row_layout(graph: ShadowGraph, layer: EditableLayer,
+                     inputs: tuple) -> tuple[int, bool]:
+    """Which leading axis of ``layer``'s data input carries the images, found by running the
+    graph up to the layer on two images, one of them all NaN (each way round): the rows that
+    turn NaN are that image's (rows that depend on no image, a class token before attention,
+    may sit anywhere). Returns (axis, inner): the axis holds (image, token) rows when
+    ``inner`` is False, (token, image) rows when True (a token-major [T*B, D] or [T, B, D]
+    input, as in nn.MultiheadAttention's exports). Raises UnsupportedOpError when no
+    axis fits."""
+    first = [x[:1] for x in inputs]
+    blank = torch.full_like(first[0], float("nan"))
+    others = [torch.cat([x, x]) for x in first[1:]]
+    rows = []
+    with torch.no_grad():
+        for probe in (torch.cat([first[0], blank]), torch.cat([blank, first[0]])):
+            data = graph.node_inputs(layer.name, probe, *others)[data_input_index(layer)]
+            rows.append(torch.isnan(data).any(dim=-1))
+    of_second, of_first = rows
+    for axis, size in enumerate(of_second.shape):
+        if size % 2:
+            continue
+        index = torch.arange(size, device=of_second.device)
+        for inner in (False, True):
+            which = (index % 2) if inner else (index // (size // 2))
+            shape = [1] * of_second.dim()
+            shape[axis] = size
+            second = (which == 1).reshape(shape).expand_as(of_second)
+            if (of_second.any() and of_first.any() and not (of_second & ~second).any()
+                    and not (of_first & second).any()):
+                return axis, inner
+    raise UnsupportedOpError(f"layer '{layer.name}': cannot tell which rows of its input "
+                             f"{list(data.shape)} belong to which image")
+
+
+def sample_major(t: torch.Tensor, layout: tuple[int, bool], batch: int) -> torch.Tensor:
+    """Rows of ``t`` (leading axes, last axis the features) regrouped as [batch, P, D] by a
+    layout of :func:`probe_row_layout`: one image per entry of the first axis."""
+    axis, inner = layout
+    size = t.shape[axis]
+    split = (size // batch, batch) if inner else (batch, size // batch)
+    t = t.reshape(*t.shape[:axis], *split, *t.shape[axis + 1:])
+    t = t.movedim(axis + 1 if inner else axis, 0)
+    return t.reshape(batch, -1, t.shape[-1])
+
+
+def image_rows(graph: ShadowGraph, layer: EditableLayer, data: torch.Tensor,
+               out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row-keyed layer's data and output as [batch, tokens, D] (each token a key row) when
+    they are not already [batch, D]: a MatMul on [B, T, D] or [T, B, D] tokens, a Gemm on
+    [T*B, D] rows. The layout is probed once per layer and kept on the graph."""
+    inputs = getattr(graph, "current_inputs", None)
+    if layer.orientation not in ROW_KEYED or not inputs or inputs[0].dim() == 0:
+        return data, out
+    batch = int(inputs[0].shape[0])
+    if data.dim() == 2 and data.shape[0] == batch:
+        return data, out
+    if layer.orientation.startswith("gemm") and graph.node_attributes(layer.name).get("transA"):
+        return data, out
+    if batch == 1:
+        return data.reshape(1, -1, data.shape[-1]), out.reshape(1, -1, out.shape[-1])
+    layouts = graph.__dict__.setdefault("row_layouts", {})
+    if layer.name not in layouts:
+        layouts[layer.name] = probe_row_layout(graph, layer, inputs)
+    layout = layouts[layer.name]
+    return sample_major(data, layout, batch), sample_major(out, layout, batch)
+
+
+def image_rows_of(graph: ShadowGraph, layer: EditableLayer, t: torch.Tensor,
+                  batch: int) -> torch.Tensor:
+    """``t`` (the layer's output or its gradient, from a pass over ``batch`` images) as
+    :func:`image_rows` gives it, by the layout found earlier (unchanged when none was)."""
+    layout = getattr(graph, "row_layouts", {}).get(layer.name)
+    if layout is not None:
+        return sample_major(t, layout, batch)
+    if layer.orientation in ROW_KEYED and batch == 1 and t.dim() >= 2 and t.shape[0] != 1:
+        return t.reshape(1, -1, t.shape[-1])
+    return t
 
 
 class LayerTap:
@@ -151,8 +260,7 @@ class LayerTap:
 
     def _hook(self, node, ins, outs):
         layer = self.layers[node.name]
-        data = ins[data_input_index(layer)]
-        out = outs[0]
+        data, out = image_rows(self.graph, layer, ins[data_input_index(layer)], outs[0])
         if self.detach:
             data, out = data.detach(), out.detach()
         if self.on_capture is not None:
