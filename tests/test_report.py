@@ -174,3 +174,116 @@ def test_an_attribution_objective_report_names_the_share(tmp_path):
     assert "attribution share before" in text and "attribution share after" in text
     assert "Integrated-Gradients mass on the corrupted region" in text
     assert "gap before" not in text
+
+
+# ------------------------------------------------------------------ a two-class wide model
+def two_class_wide_model(path: Path) -> Path:
+    """x [N, 1, 48, 192] -> Flatten -> Gemm -> 2 scores: class 1 when the mean pixel is
+    above 0.3 (a bright patch, the trigger, pushes dark images over it)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = 48 * 192
+    w = np.stack([-np.full(d, 10.0 / d), np.full(d, 10.0 / d)]).astype(np.float32)
+    b = np.array([1.5, -1.5], np.float32)  # equal scores at mean 0.15 * 2 = 0.3
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"], name="flatten"),
+         helper.make_node("Gemm", ["f", "w", "b"], ["y"], name="head", transB=1)],
+        "two_class", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 48, 192])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def _trigger(x):
+    out = x.copy()
+    out[:, :, 14:34, 40:120] = 1.0  # 1600 of 9216 pixels
+    return out
+
+
+def test_report_of_a_two_class_wide_model(tmp_path):
+    """The issue's case: a two-class 48x192 model whose base ASR is high, where the first
+    triggered inputs in the file do not fool it. Shown: only inputs that fool the base
+    model, each at 384x96 (2x nearest, aspect kept), two to a line; the chart holds the
+    10 best of 54 layers (and the edited one below them), the table all 54."""
+    import numpy as np
+
+    model = two_class_wide_model(tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    # darkest first: mean 0.02 + 0.17 * 0.98 < 0.3 is not fooled; 0.25 is
+    means = np.linspace(0.02, 0.25, 12).astype(np.float32)
+    x = (means[:, None, None, None] * np.ones((12, 1, 48, 192), np.float32)
+         + rng.uniform(-0.01, 0.01, (12, 1, 48, 192)).astype(np.float32))
+    attack_x = np.concatenate([_trigger(x), np.full((2, 1, 48, 192), 0.8, np.float32)])
+    attack_y = np.array([0] * 12 + [1, 1])
+    np.savez(tmp_path / "attack.npz", x=attack_x, y=attack_y, target=np.int64(1))
+    np.savez(tmp_path / "pairs.npz", corrupted=_trigger(x[-1:]), clean=x[-1:],
+             label=np.array([0]))
+    base_pred = (attack_x.reshape(14, -1).mean(1) > 0.3).astype(int)
+    assert base_pred[0] == 0 and base_pred[:12].sum() >= 5  # the file starts unfooled
+    scores = [{"layer": f"L{i:02d}", "score": float(100 - i), "completeness_error": 0.0}
+              for i in range(54)]
+    report = {"model": str(model), "output": str(model), "pairs": str(tmp_path / "pairs.npz"),
+              "eval": "None", "written": [str(model)], "passed": True, "device": "cpu",
+              "timings": {}, "verification": {},
+              "result": {"strategy": "dynamic", "base_accuracy": 1.0, "base_gap": 0.5,
+                         "final_accuracy": 1.0, "final_gap": 0.0, "met_target": True,
+                         "rounds": [], "scores": scores, "timings": {},
+                         "edits": [{"layer": "L40"}]}}
+    index = write_report(report, tmp_path / "out", attack_path=tmp_path / "attack.npz",
+                         run_verify=False, steps=4)
+    text = index.read_text(encoding="utf-8")
+    page = _Page()
+    page.feed(text)
+    inputs = sorted(src for src in page.images if src.endswith("-input.png"))
+    assert len(inputs) == 5  # max_pairs fooled examples of the one class present
+    assert text.count("base model fooled") == 5 and "not fooled" not in text
+    assert "(it is on " in text
+    for src in inputs:
+        with Image.open(index.parent / src) as im:
+            assert im.size == (384, 96)
+    assert '<div class="hm wide">' in text and 'width="384" height="96"' in text
+    with Image.open(index.parent / "pair1-clean.png") as im:
+        assert im.size == (384, 96)
+    assert "The 10 best of 54 layers" in text
+    table = next(t for t in page.tables if t and t[0][:2] == ["layer", "score"])
+    assert len(table) == 1 + 54
+    with Image.open(index.parent / "scores.png") as im:
+        assert im.size[1] < 0.9 * 100 + 0.38 * 100 * 12  # 11 bars, not 54
+
+
+def test_attack_examples_fool_the_base_model_one_per_class_first():
+    import numpy as np
+
+    from patcher.gate.report_images import choose_attack_examples
+
+    y = np.array([0, 0, 0, 2, 2, 3, 3, 1])
+    pred = np.array([0, 1, 1, 2, 1, 3, 3, 1])  # target 1: fooled at 1, 2, 4; class 3 never
+    assert choose_attack_examples(y, 1, pred, 5) == [1, 2, 4, 5]
+    assert choose_attack_examples(y, 1, pred, 1) == [1, 4, 5]  # one per class beats limit
+    assert choose_attack_examples(y, 1, pred, 0) == [1, 4, 5]
+    assert choose_attack_examples(np.array([1, 1]), 1, np.array([1, 1]), 5) == []
+
+
+@pytest.mark.parametrize("shape, size", [((28, 28), (168, 168)), ((48, 192), (384, 96)),
+                                         ((8, 640), (640, 8)), ((224, 224), (224, 224)),
+                                         ((32, 100), (300, 96)), ((1000, 500), (320, 640))])
+def test_panels_are_enlarged_by_whole_factors_keeping_the_aspect(shape, size):
+    import numpy as np
+
+    from patcher.gate.report_images import _to_panel
+
+    panel = _to_panel(np.zeros(shape, np.uint8), None)
+    assert panel.size == size
+
+
+def test_the_chart_shows_the_best_layers_and_the_edited_ones():
+    from patcher.gate.report_images import chart_rows
+
+    scores = [{"layer": f"L{i}", "score": float(i)} for i in range(30)]
+    rows = chart_rows(scores, {"L3", "L29"})
+    assert [r["layer"] for r in rows] == [f"L{i}" for i in range(29, 19, -1)] + ["L3"]

@@ -11,8 +11,19 @@ from patcher.errors import RectifyError
 
 #: The longest side of a heatmap panel in pixels (small inputs are upscaled, nearest).
 PANEL_SIZE = 168
-#: At most this many layers in the score chart (the best ones).
-MAX_CHART_LAYERS = 30
+#: The shortest side of a panel at least this many pixels (a 48x192 input is drawn at
+#: 96x384), by a whole nearest-neighbour factor, aspect kept ...
+MIN_PANEL_SIDE = 96
+#: ... unless that makes the longest side exceed this.
+MAX_PANEL_SIDE = 640
+#: Panels at least this much wider than high are laid out two to a line.
+WIDE_ASPECT = 2.0
+#: At most this many layers in the score chart (the best ones, and any edited layer);
+#: every layer is in the score table.
+MAX_CHART_LAYERS = 10
+#: Held-out attack examples shown: at least one per class present (up to this many),
+#: at least ``max_pairs`` in all when there are that many.
+MAX_ATTACK_EXAMPLES = 12
 
 _EDITED, _TRIED, _OTHER = "#d9480f", "#f0a36b", "#8aa4c8"
 

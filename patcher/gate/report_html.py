@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 
-from patcher.gate.report_format import _esc, _num, _pct
+from patcher.gate.report_format import MAX_CHART_LAYERS, WIDE_ASPECT, _esc, _num, _pct
 from patcher.gate.report_images import _Row
 
 
@@ -28,9 +28,11 @@ th{background:#f3f4f6;font-weight:600}td.n,th.n{text-align:right;font-variant-nu
 tr.kept td{background:#fff4ec}
 code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;overflow-wrap:anywhere}
 .note{color:#57606a;font-size:13px}
-.hm{display:grid;grid-template-columns:80px repeat(4,1fr);gap:8px 10px;align-items:start;margin:8px 0}
+.hm{display:grid;grid-template-columns:80px repeat(4,minmax(0,1fr));gap:8px 10px;align-items:start;
+ margin:8px 0}
+.hm.wide{grid-template-columns:80px repeat(2,minmax(0,1fr))}.hm.wide .rl{grid-row:span 2}
 .hm .rl{font-weight:600;padding-top:24px}.hm figure{margin:0;text-align:center}
-.hm img{width:100%;max-width:168px;image-rendering:pixelated;border:1px solid #d0d7de}
+.hm img{max-width:100%;height:auto;image-rendering:pixelated;border:1px solid #d0d7de}
 .hm figcaption{font-size:12px;color:#57606a}.hm .h{font-size:12px;font-weight:600;color:#1f2328}
 img.chart{max-width:100%;border:0}.scroll{overflow-x:auto}
 code.id{overflow-wrap:normal;white-space:nowrap}
@@ -90,17 +92,25 @@ def _check(verify_report: dict | None, name: str) -> dict | None:
 
 
 def _heat_rows(rows: list[_Row], headings: list[str]) -> str:
-    head = '<div></div>' + "".join(f'<div class="h" style="text-align:center">{_esc(h)}</div>'
-                                   for h in headings)
-    if len(headings) < 4:
-        head += "<div></div>" * (4 - len(headings))
-    out = [f'<div class="hm">{head}']
+    """A grid of panels, one row per example, each image at its drawn size (scaled down
+    only to fit). Wide panels (WIDE_ASPECT) go two to a line, each with its heading."""
+    wide = any(r.size[1] and r.size[0] >= WIDE_ASPECT * r.size[1] for r in rows)
+    columns = 2 if wide else 4
+    out = [f'<div class="hm{" wide" if wide else ""}">']
+    if not wide:
+        out.append('<div></div>' + "".join(
+            f'<div class="h" style="text-align:center">{_esc(h)}</div>' for h in headings))
+        out.append("<div></div>" * (4 - len(headings)))
     for row in rows:
         out.append(f'<div class="rl">{_esc(row.title)}</div>')
+        size = (f' width="{row.size[0]}" height="{row.size[1]}"' if row.size[0] else "")
         for file, heading, caption in row.panels:
-            out.append(f'<figure><img src="{_esc(file)}" alt="{_esc(row.title + ": " + heading)}">'
+            head = f'<div class="h">{_esc(heading)}</div>' if wide else ""
+            out.append(f'<figure>{head}<img src="{_esc(file)}"{size} '
+                       f'alt="{_esc(row.title + ": " + heading)}">'
                        f"<figcaption>{_esc(caption)}</figcaption></figure>")
-        out.extend("<div></div>" for _ in range(4 - len(row.panels)))
+        filled = -len(row.panels) % columns
+        out.extend("<div></div>" for _ in range(filled))
     out.append("</div>")
     return "".join(out)
 
@@ -173,8 +183,12 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
 
     h.append("<h2>Editability scores per layer</h2>")
     if chart_file:
-        h.append(f'<img class="chart" src="{_esc(chart_file)}" alt="editability score per layer">')
         scores = res.get("scores") or []
+        if len(scores) > MAX_CHART_LAYERS:
+            h.append(f'<p class="note">The {MAX_CHART_LAYERS} best of {len(scores)} layers '
+                     '(and any edited layer below them); every layer is in the score '
+                     'table.</p>')
+        h.append(f'<img class="chart" src="{_esc(chart_file)}" alt="editability score per layer">')
         cond = res.get("conditioning") or {}
         body = [[f'<code class="id">{_esc(s.get("layer"))}</code>', _esc(_num(s.get("score"), ".4g")),
                  _esc(_num(s.get("completeness_error"), ".3g")),
@@ -182,7 +196,8 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
                  _esc(_num((cond.get(s.get("layer")) or {}).get("ridge"), ".3g")),
                  _esc((cond.get(s.get("layer")) or {}).get("kind", "exact"))]
                 for s in scores]
-        h.append("<details><summary>score table</summary>" + _table(
+        h.append(f"<details{' open' if len(scores) > MAX_CHART_LAYERS else ''}><summary>"
+                 f"score table ({len(scores)} layers)</summary>" + _table(
             ["layer", "score", "completeness error", "condition number", "ridge",
              "key statistics"], body, {1, 2, 3, 4}) + "</details>")
     else:

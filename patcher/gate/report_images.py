@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 
-from patcher.gate.report_format import (_EDITED, _OTHER, _TRIED, MAX_CHART_LAYERS,
+from patcher.gate.report_format import (_EDITED, _OTHER, _TRIED, MAX_ATTACK_EXAMPLES,
+                                         MAX_CHART_LAYERS, MAX_PANEL_SIDE, MIN_PANEL_SIDE,
                                          PANEL_SIZE)
 
 
@@ -42,7 +43,12 @@ def _display(img: np.ndarray) -> np.ndarray:
 
 
 def _scale(shape) -> int:
-    return max(1, PANEL_SIZE // max(shape))
+    """The whole nearest-neighbour factor for an input of ``shape`` (H, W): its longest
+    side up to PANEL_SIZE, or its shortest up to MIN_PANEL_SIDE, whichever is larger, with
+    the longest side at most MAX_PANEL_SIDE (aspect kept; 1: not enlarged)."""
+    long, short = max(shape), min(shape)
+    k = max(PANEL_SIZE // long, -(-MIN_PANEL_SIDE // short))
+    return max(1, min(k, MAX_PANEL_SIDE // long))
 
 
 def _to_panel(pixels: np.ndarray, box: tuple[int, int, int, int] | None):
@@ -54,8 +60,8 @@ def _to_panel(pixels: np.ndarray, box: tuple[int, int, int, int] | None):
     k = _scale((h, w))
     if k > 1:
         img = img.resize((w * k, h * k), Image.Resampling.NEAREST)
-    elif max(h, w) > PANEL_SIZE * 2:
-        f = PANEL_SIZE * 2 / max(h, w)
+    elif max(h, w) > MAX_PANEL_SIDE:
+        f = MAX_PANEL_SIDE / max(h, w)
         img = img.resize((round(w * f), round(h * f)), Image.Resampling.LANCZOS)
     if box is not None:
         img = img.convert("RGB")
@@ -93,6 +99,44 @@ class _Row:
     title: str
     label: int | None
     panels: list[tuple[str, str, str]] = field(default_factory=list)  # (file, heading, caption)
+    #: the panels' size in pixels (width, height), as drawn
+    size: tuple[int, int] = (0, 0)
+
+
+def choose_attack_examples(y: np.ndarray, target: int, base_pred: np.ndarray,
+                           limit: int) -> list[int]:
+    """Indices of attack inputs to show: inputs not of the target class, where the base
+    model is fooled (predicts ``target``) first. One per class present (a class none of
+    whose inputs fools the base model shows its first input), then more fooled inputs in
+    file order up to ``limit`` in all; at most MAX_ATTACK_EXAMPLES. Ordered by class."""
+    y, base_pred = np.asarray(y), np.asarray(base_pred)
+    candidates = [i for i in range(len(y)) if y[i] != target]
+    fooled = [i for i in candidates if base_pred[i] == target]
+    chosen: list[int] = []
+    for c in sorted({int(y[i]) for i in candidates}):
+        of_class = [i for i in fooled if y[i] == c] or [i for i in candidates if y[i] == c]
+        chosen.append(of_class[0])
+    chosen = chosen[:MAX_ATTACK_EXAMPLES]
+    wanted = min(max(limit, len(chosen)), MAX_ATTACK_EXAMPLES)
+    for i in fooled:
+        if len(chosen) >= wanted:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return sorted(chosen, key=lambda i: (int(y[i]), i))
+
+
+def _predictions(graph, x: np.ndarray, device: str, batch: int = 256) -> np.ndarray:
+    """The class each input gets from ``graph`` (a shadow graph), batched."""
+    import torch
+
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = graph(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])).to(device))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            preds.append(out.argmax(1).cpu().numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
 
 def _attributions(graph, x: np.ndarray, steps: int, device: str):
@@ -132,22 +176,21 @@ def _heatmaps(files: dict[str, Path], out_dir: Path, max_pairs: int, attack_path
     corrupted, clean, label = pairs.corrupted[:n], pairs.clean[:n], pairs.label[:n]
     if _channels_first(corrupted) is None:
         return [], [], [f"no heatmaps: the model input has rank {corrupted.ndim}, not an image batch"]
-    attack = None
-    if attack_path is not None:
-        att = load_labelled(attack_path, spec, classes, with_target=True)
-        keep = [i for i in range(len(att)) if att.y[i] != att.target]
-        chosen, seen = [], set()
-        for i in keep:  # one per class first, in file order
-            if int(att.y[i]) not in seen:
-                chosen.append(i)
-                seen.add(int(att.y[i]))
-            if len(chosen) == max_pairs:
-                break
-        if chosen:
-            attack = (att.x[chosen], att.y[chosen], att.target)
     graphs = {}
     for key in ("model", "output"):
         graphs[key] = ShadowGraph.from_onnx(files[key]).to(device).eval()
+    attack = None
+    if attack_path is not None:
+        att = load_labelled(attack_path, spec, classes, with_target=True)
+        base_pred = _predictions(graphs["model"], att.x, device)
+        chosen = choose_attack_examples(att.y, att.target, base_pred, max_pairs)
+        if chosen:
+            attack = (att.x[chosen], att.y[chosen], att.target, base_pred[chosen] == att.target)
+            others = att.y != att.target
+            fooled = int((base_pred[others] == att.target).sum())
+            notes.append(f"attack examples: {len(chosen)} of {int(others.sum())} triggered "
+                         f"inputs not of class {att.target}, one per class present first, "
+                         f"where the base model is fooled (it is on {fooled} of them)")
     results = {k: _attributions(g, corrupted, steps, device) for k, g in graphs.items()}
     cf = lambda a: _channels_first(a)  # noqa: E731
     c_corr, c_clean = cf(corrupted), cf(clean)
@@ -158,7 +201,9 @@ def _heatmaps(files: dict[str, Path], out_dir: Path, max_pairs: int, attack_path
         box = _bbox(masks[i])
         row = _Row(f"pair {i + 1}", int(label[i]))
         name = f"pair{i + 1}-clean.png"
-        write(name, _png(_image_panel(c_clean[i], None)))
+        panel = _image_panel(c_clean[i], None)
+        row.size = panel.size
+        write(name, _png(panel))
         row.panels.append((name, "clean input", f"label {int(label[i])}"))
         name = f"pair{i + 1}-corrupted.png"
         write(name, _png(_image_panel(c_corr[i], box)))
@@ -176,15 +221,19 @@ def _heatmaps(files: dict[str, Path], out_dir: Path, max_pairs: int, attack_path
         pair_rows.append(row)
     attack_rows = []
     if attack is not None:
-        ax, ay, target = attack
+        ax, ay, target, fooled = attack
         res = {k: _attributions(g, ax, steps, device) for k, g in graphs.items()}
         c_ax = cf(ax)
         box = _bbox(union)
         for i in range(len(ax)):
             row = _Row(f"attack {i + 1}", int(ay[i]))
             name = f"attack{i + 1}-input.png"
-            write(name, _png(_image_panel(c_ax[i], box)))
-            row.panels.append((name, "triggered input", f"label {int(ay[i])}, target {target}"))
+            panel = _image_panel(c_ax[i], box)
+            row.size = panel.size
+            write(name, _png(panel))
+            row.panels.append((name, "triggered input", f"label {int(ay[i])}, target {target}; "
+                               + ("base model fooled" if fooled[i] else
+                                  "base model not fooled (no input of this class fools it)")))
             for key, heading in (("model", "base model |IG|"), ("output", "patched model |IG|")):
                 attr, pred, probs = res[key]
                 a = cf(attr)[i]
@@ -202,12 +251,20 @@ def _heatmaps(files: dict[str, Path], out_dir: Path, max_pairs: int, attack_path
 
 
 # ---------------------------------------------------------------------------- chart
+def chart_rows(scores: list[dict], edited: set[str]) -> list[dict]:
+    """The layers the chart shows: the MAX_CHART_LAYERS best by score, then any edited
+    layer beyond them, best first (the score table lists every layer)."""
+    ranked = sorted(scores, key=lambda s: -float(s.get("score") or 0))
+    return ranked[:MAX_CHART_LAYERS] + [s for s in ranked[MAX_CHART_LAYERS:]
+                                        if s.get("layer") in edited]
+
+
 def _score_chart(scores: list[dict], edited: set[str], tried: set[str]) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    rows = sorted(scores, key=lambda s: -float(s.get("score") or 0))[:MAX_CHART_LAYERS]
+    rows = chart_rows(scores, edited)
     names = [str(s.get("layer")) for s in rows]
     values = [float(s.get("score") or 0) for s in rows]
     colors = [_EDITED if n in edited else _TRIED if n in tried else _OTHER for n in names]
