@@ -445,3 +445,31 @@ def test_a_small_folder_shares_its_images_between_eval_and_attack(setup):
     sizes = {k: len(v) for k, v in manifest["files"].items()}
     assert sizes == {"pairs": 1, "eval": 5, "attack": 6}
     assert {e["label"] for e in manifest["files"]["eval"]} == {1, 2}
+
+
+def test_a_fifo_named_like_an_image_is_refused_not_read(setup):
+    model, images, trigger, out = setup
+    import os
+
+    os.mkfifo(images / "right" / "pipe.png")
+    result = run(model, images, "--trigger", trigger, "--pairs-from", "any",
+                 "--eval-count", "20", "-o", out)
+    one_line_refusal(result, "pipe.png", "not a regular file")
+    assert not out.exists()
+
+
+def test_center_crop_keeps_the_middle_and_stretch_keeps_everything():
+    from patcher.imagedata.images import fit
+    from patcher.imagedata.preprocess import Preprocessing
+
+    wide = np.zeros((8, 16), np.uint8)  # 16 wide, 8 high: the middle 8 columns are 200
+    wide[:, 4:12] = 200
+    crop = Preprocessing(8, 8, "L", "NCHW", 4, 1 / 255, (0.0,), (1.0,), "nearest",
+                         "center-crop", 1.0)
+    assert np.all(np.asarray(fit(Image.fromarray(wide), crop)) == 200)
+    stretch = Preprocessing(8, 8, "L", "NCHW", 4, 1 / 255, (0.0,), (1.0,), "nearest")
+    squeezed = np.asarray(fit(Image.fromarray(wide), stretch))
+    assert squeezed.shape == (8, 8) and set(np.unique(squeezed)) == {0, 200}
+    half = Preprocessing(8, 8, "L", "NCHW", 4, 1 / 255, (0.0,), (1.0,), "nearest",
+                         "center-crop", 0.5)  # scaled to 32x16 first: the middle is all 200
+    assert np.all(np.asarray(fit(Image.fromarray(wide), half)) == 200)
