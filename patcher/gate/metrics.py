@@ -56,8 +56,13 @@ def attack_success_rate(model, x: np.ndarray, y: np.ndarray, target: int,
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
-    e = np.exp(scores - scores.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
+    """Row-wise softmax in float64. An overflowed score (+-Inf) counts as the largest (smallest)
+    float, so [Inf, 1] gives [1, 0]; a row with NaN gives NaN (no numpy warning either way)."""
+    big = np.finfo(np.float64).max
+    s = np.nan_to_num(np.asarray(scores, np.float64), nan=np.nan, posinf=big, neginf=-big)
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(s - s.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
 
 
 def pair_gap(model, corrupted: np.ndarray, clean: np.ndarray, labels: np.ndarray,

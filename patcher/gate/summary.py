@@ -161,7 +161,9 @@ def format_summary(s: ModelSummary) -> str:
         lines.append(f"parity     {verdict}  shadow vs onnxruntime ({p.provider}), seeded random "
                      f"input, batch {p.batch}: max abs diff {p.max_abs_diff:.3g}, {tolerance}, "
                      + ("top-1 agreement n/a" if p.top1_agreement is None
-                      else f"top-1 agreement {p.top1_agreement:.0%}"))
+                      else f"top-1 agreement {p.top1_agreement:.0%}")
+                     + (f"; {p.nonfinite} of {p.elements} output elements are Inf or NaN (the model overflows "
+                        "on this input; compared where finite)" if p.nonfinite else ""))
     elif s.parity_error:
         lines.append(f"parity     not run: {s.parity_error}")
     return "\n".join(lines)

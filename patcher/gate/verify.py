@@ -402,15 +402,26 @@ def verify_sets(base: LoadedModel, patched: LoadedModel, ev: LabelledSet,
                           f"{attack_path}: 'target'": np.array([attack.target])}
                          if attack else {})})
     acc_b, acc_p = float(np.mean(lb.argmax(1) == ev.y)), float(np.mean(lp.argmax(1) == ev.y))
-    d = np.abs(lp.astype(np.float64) - lb.astype(np.float64))
+    # Inf/NaN scores (a model that overflows): counted per image; the difference statistics
+    # are over the elements finite in both models, so they stay numbers
+    bad_b, bad_p = (~np.isfinite(lb)).any(1), (~np.isfinite(lp)).any(1)
+    both = np.isfinite(lb) & np.isfinite(lp)
+    d = np.abs(lp.astype(np.float64) - lb.astype(np.float64))[both]
     figures = {"base_accuracy": acc_b, "patched_accuracy": acc_p, "accuracy_drop": acc_b - acc_p,
                "max_accuracy_drop": max_accuracy_drop,
                "top1_flip_rate": float(np.mean(lb.argmax(1) != lp.argmax(1))),
-               "output_diff_max": float(d.max()), "output_diff_mean": float(d.mean()),
-               "output_diff_p99": float(np.percentile(d, 99)), "provider": s_new.provider}
-    timed(Check("accuracy", acc_b - acc_p <= max_accuracy_drop, figures,
-                        f"accuracy drop {acc_b - acc_p:.2%} exceeds {max_accuracy_drop:.2%}"
-                        if acc_b - acc_p > max_accuracy_drop else ""))
+               "output_diff_max": float(d.max()) if d.size else 0.0,
+               "output_diff_mean": float(d.mean()) if d.size else 0.0,
+               "output_diff_p99": float(np.percentile(d, 99)) if d.size else 0.0,
+               "base_nonfinite_images": int(bad_b.sum()), "patched_nonfinite_images": int(bad_p.sum()),
+               "provider": s_new.provider}
+    new_overflow = int((bad_p & ~bad_b).sum())
+    problems = ([f"accuracy drop {acc_b - acc_p:.2%} exceeds {max_accuracy_drop:.2%}"]
+                if acc_b - acc_p > max_accuracy_drop else [])
+    if new_overflow:
+        problems.append(f"the patched model's scores are Inf or NaN on {new_overflow} eval "
+                        "image(s) where the base model's are finite")
+    timed(Check("accuracy", not problems, figures, "; ".join(problems)))
     if attack is not None:
         keep = attack.y != attack.target
         asr = float(np.mean(predict(s_new, attack.x[keep], label="attack").argmax(1) == attack.target))

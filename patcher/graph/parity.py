@@ -40,6 +40,11 @@ class ParityResult:
     #: largest difference in output quantization steps (quantized outputs only)
     max_steps: float | None = None
     step_tolerance: int | None = None
+    #: output elements that are Inf or NaN in either output (the model overflows on this
+    #: input); they are left out of the comparison and of top-1 agreement
+    nonfinite: int = 0
+    #: output elements in all
+    elements: int = 0
 
     @property
     def passed(self) -> bool:
@@ -165,6 +170,7 @@ def compare(graph: ShadowGraph, model: "bytes | str | os.PathLike", inputs: list
     max_abs = max_rel = 0.0
     max_steps: float | None = None
     ok = True
+    nonfinite = elements = 0
     for g, e, step in zip(got, expected, steps):
         g = dtypes.torch_to_numpy(g).astype(np.float64)
         e = np.asarray(e).astype(np.float64)
@@ -172,6 +178,12 @@ def compare(graph: ShadowGraph, model: "bytes | str | os.PathLike", inputs: list
             ok = False
             max_abs = max_rel = float("inf")
             continue
+        # where either side overflowed (Inf/NaN) the model is outside float range and the two
+        # are not compared; those elements are counted and reported instead
+        finite = np.isfinite(g) & np.isfinite(e)
+        elements += finite.size
+        nonfinite += int((~finite).sum())
+        g, e = g[finite], e[finite]
         diff = np.abs(g - e)
         if diff.size:
             max_abs = max(max_abs, float(diff.max()))
@@ -188,7 +200,10 @@ def compare(graph: ShadowGraph, model: "bytes | str | os.PathLike", inputs: list
     e0 = np.asarray(expected[0]).astype(np.float64)
     top1 = None
     if g0.ndim == 2 and g0.shape == e0.shape and g0.shape[1] > 1:
-        top1 = float(np.mean(g0.argmax(1) == e0.argmax(1)))
+        rows = np.isfinite(g0).all(1) & np.isfinite(e0).all(1)  # top-1 where no score overflowed
+        if rows.any():
+            top1 = float(np.mean(g0[rows].argmax(1) == e0[rows].argmax(1)))
     return ParityResult(max_abs, max_rel, ok, top1, rtol, atol, session.provider,
                         int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1, basis,
-                        max_steps, QUANT_STEPS if max_steps is not None else None)
+                        max_steps, QUANT_STEPS if max_steps is not None else None, nonfinite,
+                        elements)
