@@ -1,0 +1,159 @@
+"""Patching shipped precisions: int8 in place vs fp32 vs "patch fp32, then quantize again".
+
+    python benchmarks/quantized.py [--samples backdoor_cnn,backdoor_resnet] [--pairs 1]
+                                   [--json FILE] [--markdown FILE]
+
+For each sample (samples/<name>/model_int8_qdq.onnx, model_int8_qoperator.onnx and, where it
+exists, model_fp16.onnx, written by samples/quantized.py) every row runs the command a user
+runs, ``onnx-rectify patch MODEL --pairs pairs_n<N>.npz --eval eval.npz -o OUT`` with the
+CLI's defaults, as a subprocess, and measures the written file under onnxruntime (CPU,
+default optimisation level, i.e. the fused int8 kernels): OA on test.npz, ASR on attack.npz.
+Rows:
+
+* ``int8 <form>``: the int8 file patched in place (its float analysis copy edited, the edit
+  written back in int8); also checks that the written file has the same nodes and the same
+  tensor names, dtypes and shapes as the input;
+* ``fp32``: model.onnx patched;
+* ``fp32 -> int8 <form>``: the patched model.onnx quantized again by onnxruntime with the
+  sample's calibration (what a user does today);
+* ``fp16 keep-io``: model_fp16.onnx patched (float16 weights, float32 input/output).
+
+Each row records the exit status, wall and CPU seconds of the patch process (CPU: user +
+system of the child), and OA/ASR before and after. Targets (issue 18): int8, n = 1: ASR <= 2%
+at OA within 0.5 points of the int8 model; fp16: exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnx_rectify_samples import quantized  # noqa: E402
+
+MAX_ASR, MAX_DROP = 0.02, 0.005
+
+
+def _signature(path: Path) -> tuple:
+    """Nodes (op, domain, inputs, outputs, attributes) and tensors (name, dtype, shape)."""
+    m = onnx.load(str(path))
+    nodes = [(n.op_type, n.domain, tuple(n.input), tuple(n.output),
+              tuple(str(a) for a in n.attribute)) for n in m.graph.node]
+    tensors = sorted((t.name, t.data_type, tuple(t.dims)) for t in m.graph.initializer)
+    return nodes, tensors
+
+
+def _run_patch(model: Path, folder: Path, n: int, out: Path) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "patcher", "patch", str(model), "--pairs",
+                           str(folder / f"pairs_n{n}.npz"), "--eval", str(folder / "eval.npz"),
+                           "-o", str(out), "--device", "cpu", "--provider", "cpu"],
+                          capture_output=True, text=True, env={**os.environ,
+                                                               "PYTHONWARNINGS": "ignore"})
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    tail = [l for l in proc.stdout.splitlines() + proc.stderr.splitlines() if l.strip()][-3:]
+    return {"exit": proc.returncode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "tail": tail}
+
+
+def _figures(path: Path, folder: Path) -> dict:
+    return quantized.measure(path, folder)
+
+
+def bench_sample(name: str, n: int, work: Path) -> list[dict]:
+    folder = ROOT / "samples" / name
+    calibration = np.load(folder / "eval.npz")["x"][:quantized.CALIBRATION_IMAGES]
+    rows = []
+    fp32_out = work / f"{name}_fp32_patched.onnx"
+    fp32 = _run_patch(folder / "model.onnx", folder, n, fp32_out)
+    base = _figures(folder / "model.onnx", folder)
+    rows.append({"sample": name, "row": "fp32", **fp32, "base": base,
+                 "patched": _figures(fp32_out, folder) if fp32_out.exists() else None})
+    for form in ("qdq", "qoperator"):
+        source = folder / quantized.VARIANTS[form]
+        out = work / f"{name}_{form}_patched.onnx"
+        run = _run_patch(source, folder, n, out)
+        row = {"sample": name, "row": f"int8 {form}", **run, "base": _figures(source, folder),
+               "patched": _figures(out, folder) if out.exists() else None}
+        if out.exists():
+            row["same_nodes_and_dtypes"] = _signature(source) == _signature(out)
+            row["int8_tensors_changed"] = _changed_int_tensors(source, out)
+        rows.append(row)
+        if fp32_out.exists():
+            requant = quantized.quantize_int8(fp32_out, work / f"{name}_fp32_{form}.onnx",
+                                              calibration, form)
+            rows.append({"sample": name, "row": f"fp32 -> int8 {form}",
+                         "base": row["base"], "patched": _figures(requant, folder)})
+    fp16 = folder / quantized.VARIANTS["fp16"]
+    if fp16.exists():
+        out = work / f"{name}_fp16_patched.onnx"
+        run = _run_patch(fp16, folder, n, out)
+        rows.append({"sample": name, "row": "fp16 keep-io", **run, "base": _figures(fp16, folder),
+                     "patched": _figures(out, folder) if out.exists() else None})
+    for row in rows:
+        p, b = row.get("patched"), row["base"]
+        if p is not None:
+            row["oa_drop"] = b["clean_accuracy"] - p["clean_accuracy"]
+            row["meets_target"] = (p["attack_success_rate"] <= MAX_ASR
+                                   and row["oa_drop"] <= MAX_DROP)
+    return rows
+
+
+def _changed_int_tensors(a: Path, b: Path) -> dict[str, int]:
+    ta = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(a)).graph.initializer}
+    tb = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(b)).graph.initializer}
+    return {k: int(np.count_nonzero(ta[k] != tb[k])) for k in ta
+            if ta[k].dtype.kind in "iu" and not np.array_equal(ta[k], tb[k])}
+
+
+def markdown(rows: list[dict], n: int) -> str:
+    lines = [f"| sample | row | exit | OA before | OA after | ASR before | ASR after | "
+             f"target met | wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, b = r.get("patched") or {}, r["base"]
+        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        lines.append(f"| {r['sample']} | {r['row']} | {r.get('exit', '-')} | "
+                     f"{pct(b['clean_accuracy'])} | {pct(p.get('clean_accuracy'))} | "
+                     f"{pct(b['attack_success_rate'])} | {pct(p.get('attack_success_rate'))} | "
+                     f"{'yes' if r.get('meets_target') else 'no'} | {r.get('wall_s', '-')} | "
+                     f"{r.get('cpu_s', '-')} |")
+    return "\n".join(lines) + f"\n\n(n = {n} pair; OA on test.npz, ASR on attack.npz, " \
+        "onnxruntime CPU at its default optimisation level.)\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", default="backdoor_cnn,backdoor_resnet")
+    parser.add_argument("--pairs", type=int, default=1, choices=(1, 5, 20))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.samples.split(","):
+            rows += bench_sample(name, args.pairs, Path(tmp))
+            print(markdown(rows, args.pairs), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(rows, args.pairs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
