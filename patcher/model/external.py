@@ -138,12 +138,37 @@ def _read_range(fd: int, offset: int, length: int, label: str) -> bytes:
     return data
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system says can still be allocated without swapping
+    (``MemAvailable`` of /proc/meminfo; free physical pages elsewhere), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(n: int) -> str:
+    """A byte count in the largest binary unit that keeps it at 1 or more (B to GiB)."""
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def load_external(model: ModelProto, base_dir: Path | None) -> dict[str, ExternalRef]:
     """Read every externally stored tensor of ``model`` (wherever it sits: see
     :func:`iter_all_tensors`) through :func:`_resolve_location`, by offset and length only,
     into the tensor; return where the weights (initializers, Constant values) came from."""
     refs: dict[str, ExternalRef] = {}
     files: dict[Path, tuple[int, int]] = {}  # path -> (descriptor, size)
+    budget, total = available_memory(), 0  # external bytes read so far, against what is free
     try:
         for site in iter_all_tensors(model.graph):
             tensor, label = site.tensor, site.label
@@ -185,6 +210,11 @@ def load_external(model: ModelProto, base_dir: Path | None) -> dict[str, Externa
                     f"{label}: external data length {length} does not match its dims "
                     f"{list(tensor.dims)} and type "
                     f"{TensorProto.DataType.Name(tensor.data_type)} ({need} bytes)")
+            total += length
+            if budget is not None and total > budget:
+                raise BadModelError(
+                    f"{label}: the model's external data needs at least {_gib(total)} of memory "
+                    f"and {_gib(budget)} is available; run it on a machine with more memory")
             tensor.raw_data = _read_range(fd, offset, length, label)
             del tensor.external_data[:]
             tensor.data_location = TensorProto.DEFAULT
