@@ -3,7 +3,8 @@
 - **Progress bars** (``with progress(n, "attribution") as bar: bar.update(k)``): on a
   terminal one line, redrawn as the work moves and (by :func:`session`'s timer) every
   second with the elapsed time, so that a long batch still shows life; cleared when the
-  phase ends. Off a terminal (a CI log) no bar is drawn.
+  phase ends; between phases a transient line with the last phase and the elapsed time.
+  Off a terminal (a CI log) no bar is drawn.
 - **Heartbeat**: off a terminal, during a :func:`session`, one line at least every
   ``interval`` seconds (``ONNX_RECTIFY_HEARTBEAT``, default 15; 0 turns it off) with the
   elapsed time, the phase and how far it got. Checked at each bar update and by a timer
@@ -37,6 +38,9 @@ PREFIX = "onnx-rectify"
 HEARTBEAT_SECONDS = 15.0
 #: Seconds between redraws of a bar on a terminal.
 REDRAW_SECONDS = 0.1
+#: On a terminal, after this many seconds with no bar and no line, a transient line says
+#: which phase ended last and the elapsed time (redrawn every second).
+IDLE_LINE_SECONDS = 2.0
 #: The time source (seconds); tests replace it with a fake clock.
 clock: Callable[[], float] = time.monotonic
 
@@ -156,10 +160,23 @@ def tick() -> None:
         if _on_terminal():
             if _state.bars:
                 _state.bars[-1].draw()
+            elif _state.active and clock() - _state.last_line >= IDLE_LINE_SECONDS:
+                _draw_idle()
             return
         now = clock()
         if _state.active and _state.interval > 0 and now - _state.last_line >= _state.interval:
             _write(f"{PREFIX}: {_elapsed(now - _state.started)} elapsed: {_where()}")
+
+
+def _draw_idle() -> None:
+    """On a terminal, between phases: one transient line with the elapsed time (lock held)."""
+    text = f"{PREFIX}: {_where()}  {_elapsed(clock() - _state.started)}"
+    try:
+        _stream().write("\r\033[K" + text)
+        _stream().flush()
+    except (OSError, ValueError):
+        return
+    _state.drawn = True
 
 
 class _Bar:

@@ -257,3 +257,21 @@ def test_the_library_names_config_fields_not_flags(monkeypatch):
     assert len(records) == 1
     assert records[0].getMessage().endswith("; set attribution_form='path'")
     assert "--" not in records[0].getMessage()
+
+
+def test_on_a_terminal_a_pause_between_phases_shows_a_transient_line(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(progress, "clock", lambda: now[0])
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.setattr(progress, "_on_terminal", lambda: True)
+    with progress.session(interval=10):
+        with progress.progress(2, "attribution") as bar:
+            bar.update(2)
+        now[0] = 1.0
+        progress.tick()  # within IDLE_LINE_SECONDS of the start: nothing
+        assert "after attribution" not in stream.getvalue()
+        now[0] = 65.0
+        progress.tick()
+        assert stream.getvalue().endswith("\r\033[Konnx-rectify: after attribution  1m 05s")
+    assert stream.getvalue().endswith("\r\033[K")  # cleared when the verb ends
