@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 import torch
 
-from patcher.errors import CheckFailedError, OutputError, RectifyError
+from patcher.errors import CheckFailedError, OutputError, RectifyError, UnsupportedOpError
+from patcher.graph.support import require_supported
 from patcher.model.paths import Outputs
 from patcher.model.runtime import open_session
 
@@ -48,6 +49,8 @@ class ExportResult:
     top1_agreement: float
     provider: str
     weight_names: list[str] = field(default_factory=list)
+    #: The batch size the file fixes (None: the batch axis is dynamic, as asked).
+    fixed_batch: int | None = None
 
 
 def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
@@ -89,12 +92,49 @@ def _export_bytes(module, example, exporter: str, opset: int | None, input_name:
         with tempfile.TemporaryDirectory() as tmp:
             target = os.path.join(tmp, "model.onnx")
             batch = torch.export.Dim("batch", min=1, max=65536)
+            if example.shape[0] == 1:  # torch.export specialises a size-1 dim to the constant 1
+                example = example.repeat(2, *[1] * (example.dim() - 1))
             with contextlib.redirect_stdout(io.StringIO()):
                 torch.onnx.export(module, (example,), target, dynamo=True,
                                   opset_version=opset or 18, input_names=[input_name],
                                   output_names=[output_name], dynamic_shapes=({0: batch},),
                                   external_data=True, verbose=False)
             return onnx.load(target)  # external data read into memory
+
+
+def name_weights(model: onnx.ModelProto, module: torch.nn.Module) -> dict[str, str]:
+    """Rename initializers the exporter named after nothing (``onnx::MatMul_N``, ``val_N``)
+    after the module tensor they hold: ``<state_dict name>``, or ``<name>.T`` for its
+    transpose (a Linear's weight stored for ``x @ W``). Only exact copies are renamed, each
+    name once. Returns old name -> new name."""
+    known: dict[tuple, str] = {}
+    for name, tensor in module.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        array = tensor.detach().cpu().numpy()
+        known.setdefault((array.shape, array.dtype.str, array.tobytes()), name)
+        if array.ndim == 2:
+            t = np.ascontiguousarray(array.T)
+            known.setdefault((t.shape, t.dtype.str, t.tobytes()), f"{name}.T")
+    taken = {t.name for t in model.graph.initializer}
+    renames: dict[str, str] = {}
+    for init in model.graph.initializer:
+        if init.name in known.values() or init.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        array = onnx.numpy_helper.to_array(init)
+        new = known.get((array.shape, array.dtype.str, array.tobytes()))
+        if new and new not in taken:
+            renames[init.name] = new
+            taken.add(new)
+    if not renames:
+        return renames
+    for init in model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in model.graph.node:  # exports hold no subgraphs reading weights
+        node.input[:] = [renames.get(i, i) for i in node.input]
+    for info in list(model.graph.value_info) + list(model.graph.input):
+        info.name = renames.get(info.name, info.name)
+    return renames
 
 
 def stage_model(model: onnx.ModelProto, path: Path, external_data: bool,
@@ -160,6 +200,12 @@ def export_pytorch(module: torch.nn.Module, example_input: torch.Tensor, path: s
     model = _export_bytes(module, example_input, exporter, opset, input_name, output_name,
                           keep_bn=not fold_bn)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    name_weights(model, module)
+    try:  # before anything is written: a file the other verbs would refuse is no export
+        require_supported(model)
+    except UnsupportedOpError as exc:
+        raise UnsupportedOpError(f"{path}: the {exporter} export is refused, nothing written: "
+                                 f"{exc}") from None
     _metadata(model, {"onnx_rectify.input_layout": input_layout,
                       **({"onnx_rectify.class_names": class_names} if class_names else {}),
                       **({"onnx_rectify.preprocessing": preprocessing} if preprocessing else {})})
@@ -171,20 +217,32 @@ def export_pytorch(module: torch.nn.Module, example_input: torch.Tensor, path: s
     data_path = path.parent / f"{path.name}.data" if external_data else None
     return ExportResult(path, data_path, exporter, next(o.version for o in model.opset_import
                                                           if o.domain in ("", "ai.onnx")),
-                        not has_bn, *result)
+                        not has_bn, *result, fixed_batch=fixed_batch_of(model))
+
+
+def fixed_batch_of(model: onnx.ModelProto) -> int | None:
+    """The batch size the first graph input fixes, or None when its batch axis is symbolic."""
+    inputs = {i.name for i in model.graph.initializer}
+    first = next((i for i in model.graph.input if i.name not in inputs), None)
+    dims = first.type.tensor_type.shape.dim if first is not None else []
+    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None
 
 
 def _check_export(module, example_input, model, staged: Path, path: Path, check_batch: int,
                   seed: int) -> tuple[float, float, str, list[str]]:
     """The staged file under onnxruntime against the torch module: (max abs diff, top-1
-    agreement, provider, weight names); refuses (exit 1) a mismatch."""
+    agreement, provider, weight names); refuses (exit 1) a mismatch. A file whose batch is
+    fixed (the module hard-codes it) is checked on that many images at a time."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((check_batch,) + tuple(example_input.shape[1:]), generator=gen,
+    step = fixed_batch_of(model) or check_batch
+    count = -(-check_batch // step) * step
+    x = torch.rand((count,) + tuple(example_input.shape[1:]), generator=gen,
                    dtype=example_input.dtype)
-    with torch.no_grad():
-        want = module(x).detach().cpu().numpy()
     session = open_session(staged, "cpu")
-    got = session.run(x.numpy())[0]
+    with torch.no_grad():
+        want = np.concatenate([module(x[i:i + step]).detach().cpu().numpy()
+                               for i in range(0, count, step)])
+    got = np.concatenate([session.run(x[i:i + step].numpy())[0] for i in range(0, count, step)])
     diff = float(np.abs(got - want).max())
     top1 = float(np.mean(got.reshape(len(got), -1).argmax(1) == want.reshape(len(want), -1).argmax(1)))
     if not np.allclose(got, want, rtol=1e-4, atol=1e-4) or top1 < 1.0:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patcher.graph.keys import LayerTap
+from patcher.graph.keys import LayerTap, image_rows_of
 from patcher.progress import progress
 from patcher.graph.shadow import EditableLayer, ShadowGraph
 
@@ -100,10 +100,12 @@ def layer_integrated_gradients(graph: ShadowGraph, layers: list[EditableLayer],
                     prob.sum().backward()
             finally:
                 handle.remove()
-            for name in names:
-                out = captured[name]
-                grads = out.grad.reshape(k_steps, n, *out.shape[1:])
-                values = out.detach().reshape(k_steps, n, *out.shape[1:])
+            for layer in layers:  # token rows regrouped per image, as LayerTap gives them
+                name, out = layer.name, captured[layer.name]
+                grad = image_rows_of(graph, layer, out.grad, k_steps * n)
+                value = image_rows_of(graph, layer, out.detach(), k_steps * n)
+                grads = grad.reshape(k_steps, n, *grad.shape[1:])
+                values = value.reshape(k_steps, n, *value.shape[1:])
                 if form == "ig":
                     grad_sum[name] += grads.sum(0)
                 else:

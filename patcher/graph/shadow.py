@@ -217,9 +217,22 @@ class ShadowGraph(torch.nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env = self._initial_env(inputs)
         hooks = list(self._hooks.values())
-        for step in self._steps:
-            self._run_step(step, env, hooks)
+        outer, self.current_inputs = getattr(self, "current_inputs", None), inputs
+        try:
+            for step in self._steps:
+                self._run_step(step, env, hooks)
+        finally:
+            self.current_inputs = outer  # hooks read the inputs of the pass they run in
         return tuple(env[n] for n in self.output_names)
+
+    def node_inputs(self, name: str, *inputs: torch.Tensor) -> tuple:
+        """The input tensors node ``name`` receives when the graph runs on ``inputs`` (the
+        graph runs up to that node only; hooks are not called)."""
+        stop = self._step_index(name)
+        env = self._initial_env(inputs)
+        for step in self._steps[:stop]:
+            self._run_step(step, env, ())
+        return tuple(env[n] if n else None for n in self._steps[stop].info.inputs)
 
     def run_until(self, name: str, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph up to and including node ``name``; return every live tensor.
