@@ -473,3 +473,16 @@ def test_center_crop_keeps_the_middle_and_stretch_keeps_everything():
     half = Preprocessing(8, 8, "L", "NCHW", 4, 1 / 255, (0.0,), (1.0,), "nearest",
                          "center-crop", 0.5)  # scaled to 32x16 first: the middle is all 200
     assert np.all(np.asarray(fit(Image.fromarray(wide), half)) == 200)
+
+
+def test_every_patcher_subpackage_imagedata_included_is_packaged():
+    """pyproject lists packages by hand: a sub-package missing there (as imagedata could
+    be) is absent from the wheel and `onnx-rectify pairs` fails after pip install."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts)
+             for p in (root / "patcher").rglob("__init__.py")}
+    assert "patcher.imagedata" in found and found <= listed, sorted(found - listed)
