@@ -486,3 +486,26 @@ def test_every_patcher_subpackage_imagedata_included_is_packaged():
     found = {".".join(p.parent.relative_to(root).parts)
              for p in (root / "patcher").rglob("__init__.py")}
     assert "patcher.imagedata" in found and found <= listed, sorted(found - listed)
+
+
+def test_a_uint8_input_model_gets_pixels_unscaled(tmp_path):
+    """An integer input has no float scaling by default (scale 1): the npz holds the pixel
+    values as float32 (the contract's dtype), the model runs on them rounded to uint8."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("Flatten", ["f"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "u8", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(_weights(1, "NCHW") / 255, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    (tmp_path / "u8.onnx").write_bytes(model.SerializeToString())
+    images = image_folder(tmp_path / "images", names=("1", "2"))
+    result = run(tmp_path / "u8.onnx", images, "--trigger", trigger_png(tmp_path / "t.png"),
+                 "--target", "0", "--pairs-count", "2", "--eval-count", "3", "-o",
+                 tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "scale 1 (default)" in result.output and "2 pairs (2 fooling" in result.output
+    pairs = np.load(tmp_path / "out" / "pairs.npz")
+    assert pairs["corrupted"].dtype == np.float32 and pairs["corrupted"].max() == 255

@@ -68,8 +68,12 @@ class ImageSets:
 
 def _predict(session, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The class the model predicts for each row of ``x`` (its first output's argmax)."""
-    feed = x.astype(dtype) if dtype.kind == "f" else \
-        np.clip(np.rint(x), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+    if dtype.kind == "f":
+        feed = x.astype(dtype)
+    elif dtype.kind == "b":
+        feed = x > 0.5
+    else:  # integer inputs take the values rounded and clipped to their range
+        feed = np.clip(np.rint(x), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
     scores = session.run(feed)[0]
     if scores.ndim != 2 or len(scores) != len(x):
         raise RectifyError(f"the model's first output has shape {list(scores.shape)} for "
