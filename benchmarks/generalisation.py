@@ -48,7 +48,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporters.pytorch import export_pytorch  # noqa: E402
+from onnx_rectify_exporters.pytorch import export_pytorch  # noqa: E402
 from onnx_rectify_samples import common, data, models  # noqa: E402
 from patcher.gate import metrics  # noqa: E402
 from patcher.patch import patch  # noqa: E402

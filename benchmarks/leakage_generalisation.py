@@ -74,7 +74,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporters.pytorch import export_pytorch  # noqa: E402
+from onnx_rectify_exporters.pytorch import export_pytorch  # noqa: E402
 from generalisation import StridedGeluCNN  # noqa: E402  (benchmarks/, the script's folder)
 from onnx_rectify_samples import common, data  # noqa: E402
 from onnx_rectify_samples.models import BasicBlock  # noqa: E402

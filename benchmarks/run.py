@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from exporters.pytorch import export_pytorch, fold_batchnorm  # noqa: E402
+from onnx_rectify_exporters.pytorch import export_pytorch, fold_batchnorm  # noqa: E402
 from models import ResNet18, randomize_bn  # noqa: E402
 from patcher.analysis.attribution import layer_integrated_gradients  # noqa: E402
 from patcher.rectify import RectifyConfig  # noqa: E402

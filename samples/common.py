@@ -24,7 +24,7 @@ from torch import nn
 
 import onnxruntime
 
-from exporters import export_pytorch
+from onnx_rectify_exporters import export_pytorch
 from patcher.gate import metrics
 
 SAMPLES = Path(__file__).resolve().parent

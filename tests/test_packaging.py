@@ -1,4 +1,5 @@
-"""Packaging: the wheel builds without warnings and ships the type marker and the samples."""
+"""Packaging: the wheel builds without warnings and ships the type marker, the samples and
+the exporters under our own name (no top-level ``exporters``)."""
 from __future__ import annotations
 
 import re
@@ -64,3 +65,33 @@ def test_the_wheel_ships_py_typed_the_samples_and_an_spdx_license(wheel):
             "onnx_rectify_samples/backdoor_cnn/report/index.html",
             "onnx_rectify_samples/spurious/README.md"} <= names
     assert "License-Expression: MIT" in meta.splitlines()
+
+
+def test_the_wheel_installs_no_top_level_exporters(wheel):
+    """The repository's exporters/ folder ships as onnx_rectify_exporters: a top-level
+    ``exporters`` would clash with the PyPI package of that name."""
+    path, _ = wheel
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        top_level = z.read(next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+                           ) if any(n.endswith("top_level.txt") for n in names) else b""
+    tops = {n.split("/")[0] for n in names if "/" in n and ".dist-info/" not in n}
+    assert tops == {"patcher", "onnx_rectify_exporters", "onnx_rectify_samples"}
+    assert {"onnx_rectify_exporters/__init__.py", "onnx_rectify_exporters/pytorch.py",
+            "patcher/api.py"} <= names
+    assert b"exporters\n" not in top_level.replace(b"onnx_rectify_exporters", b"")
+
+
+def test_pyproject_maps_exporters_under_our_name_and_nothing_imports_the_old_one():
+    """Without a build: the package list and mapping, and no module of the package, its
+    samples, tests or benchmarks imports the top-level name ``exporters``."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "exporters" not in setup["packages"]
+    assert setup["package-dir"]["onnx_rectify_exporters"] == "exporters"
+    old = re.compile(r"^\s*(from exporters[ .]|import exporters\b)", re.M)
+    offenders = [str(p.relative_to(ROOT)) for folder in ("patcher", "samples", "tests",
+                                                         "benchmarks", "exporters")
+                 for p in (ROOT / folder).rglob("*.py") if old.search(p.read_text())]
+    assert offenders == []

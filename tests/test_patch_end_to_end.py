@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from exporters import export_pytorch
+from onnx_rectify_exporters import export_pytorch
 from patcher.gate import metrics
 from patcher.cli import main
 from patcher.model.writeback import read_provenance

@@ -100,7 +100,7 @@ def export(factory: str, weights: Path | None, input_shape: str, output: Path, k
     torch module under onnxruntime before the command succeeds."""
     import torch
 
-    from exporters import export_pytorch
+    from onnx_rectify_exporters import export_pytorch
 
     try:
         shape = tuple(int(d) for d in input_shape.split(","))
