@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import json
 import signal
 import subprocess
 import sys
@@ -359,6 +360,42 @@ def test_sigterm_and_sighup_during_patch_leave_nothing_and_keep_an_earlier_outpu
     assert_refused(Outcome(proc.returncode, stdout, stderr),
                    f"terminated ({signal.Signals(signum).name})", progress=True)
     assert snapshot(world.root) == before  # no .partial, no lock, the earlier files whole
+
+
+COMMIT_SIGNAL_RUNNER = """
+import os, signal, sys
+import patcher.model.paths as paths
+real = paths.Outputs._place
+def place(self, item):
+    os.kill(os.getpid(), signal.SIGTERM)  # held back until the commit ends
+    return real(self, item)
+paths.Outputs._place = place
+from patcher.cli import main
+main(sys.argv[1:], prog_name="onnx-rectify")
+"""
+
+
+def test_sigterm_during_the_commit_arrives_after_it_and_says_the_outputs_are_whole(world):
+    """The commit holds SIGTERM back; it arrives once every output is in place, and the
+    one-line message says they were written in full (not 'no partial output')."""
+    report = world.root / "out" / "r.json"
+    runner = world.root / "runner.py"
+    runner.write_text(COMMIT_SIGNAL_RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(runner), *world.args("patch", report=report)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("onnx-rectify: error: terminated (SIGTERM) after its outputs "
+                                "were written in full"), lines[-1]
+    assert str(world.out) in lines[-1] and str(report) in lines[-1]
+    import onnx
+    onnx.checker.check_model(str(world.out))  # whole, with its data file beside it
+    assert json.loads(report.read_text())
+    leftovers = [p.name for p in world.out.parent.iterdir()
+                 if p.name.endswith((".partial", ".before", ".lock"))]
+    assert leftovers == []
 
 
 def test_a_patch_writes_its_outputs_together_and_leaves_nothing_else(world):

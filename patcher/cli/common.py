@@ -176,16 +176,27 @@ def reports_errors(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        from patcher.model.paths import committed, forget_committed
+
+        def stopped(how: str) -> str:
+            """What an interrupted run left: nothing, or (a signal held back during the
+            commit arrives just after it) its outputs, whole."""
+            done = committed()
+            if done:
+                return (f"{how} after its outputs were written in full "
+                        f"({', '.join(str(p) for p in done)}); the rest of the run did not finish")
+            return f"{how}; no partial output was left behind"
+
+        forget_committed()
         old = _catch_signals()
         try:
             return fn(*args, **kwargs)
         except RectifyError as exc:
             fail(str(exc), exc.exit_code)
         except _Terminated as exc:
-            fail(f"terminated ({signal.Signals(exc.signum).name}); no partial output was left "
-                  "behind", 2)
+            fail(stopped(f"terminated ({signal.Signals(exc.signum).name})"), 2)
         except KeyboardInterrupt:  # exit 2 like every refusal; partial files were removed
-            fail("interrupted (Ctrl-C); no partial output was left behind", 2)
+            fail(stopped("interrupted (Ctrl-C)"), 2)
         except OSError as exc:
             if not _stdout_failed(exc):  # an OSError anywhere else is a bug: said below
                 if os.environ.get("ONNX_RECTIFY_DEBUG"):

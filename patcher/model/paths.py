@@ -32,6 +32,19 @@ from patcher.errors import OutputError
 #: Signals held back while outputs are renamed into place or cleaned up.
 _HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
+#: Targets committed in this process since :func:`forget_committed` (the CLI resets it per
+#: verb): a signal held back during a commit arrives after it, when these are complete.
+_COMMITTED: list[Path] = []
+
+
+def committed() -> list[Path]:
+    """The outputs placed whole by :meth:`Outputs.commit` since :func:`forget_committed`."""
+    return list(_COMMITTED)
+
+
+def forget_committed() -> None:
+    _COMMITTED.clear()
+
 
 def _identity(path: Path) -> tuple | None:
     """What ``path`` names: (device, inode) of the file it reaches, or for a path that does
@@ -242,16 +255,36 @@ def lock_output(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def held_signals() -> Iterator[None]:
-    """Hold back SIGINT, SIGTERM and SIGHUP (delivered afterwards) while the block runs."""
+    """Hold back SIGINT, SIGTERM and SIGHUP (delivered afterwards) while the block runs.
+
+    In the main thread the signals' Python handlers are swapped for one that records them,
+    and the recorded ones are raised again, once, after the old handlers are back. (A
+    thread mask is not enough: the kernel hands a process signal to any thread that does
+    not block it - torch's workers, a progress thread - and Python then runs the handler
+    in the main thread wherever it is.) Elsewhere the calling thread's mask is used."""
+    pending: list[int] = []
+    old: dict[int, object] = {}
+    mask = None
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    except (AttributeError, ValueError, OSError):
-        old = None
+        for signum in sorted(_HELD_SIGNALS):
+            old[signum] = signal.signal(signum, lambda s, _frame: pending.append(s))
+    except ValueError:  # not the main thread: Python handlers cannot be set here
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        old = {}
+        try:
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+        except (AttributeError, ValueError, OSError):
+            mask = None
     try:
         yield
     finally:
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 # --------------------------------------------------------------------------- the commit
@@ -388,6 +421,7 @@ class Outputs:
             for item in self.items:
                 if item.backup is not None:
                     _unlink(item.backup)
+            _COMMITTED.extend(item.final for item in self.items)
             return [item.final for item in self.items]
 
     def _place(self, item: _Item) -> None:
