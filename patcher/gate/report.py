@@ -108,9 +108,12 @@ def write_report(patch_report: dict, out_dir: Path, verify_report: dict | None =
             from patcher.graph.support import load_supported_model as load_model
             from patcher.gate.verify import verify
 
-            verify_report = verify(load_model(files["model"]), load_model(files["output"]),
-                                   files["eval"], attack_path, files["pairs"],
-                                   provider=provider).as_dict()
+            from patcher.progress import progress
+
+            with progress(1, "report: release gate (verify)"):
+                verify_report = verify(load_model(files["model"]), load_model(files["output"]),
+                                       files["eval"], attack_path, files["pairs"],
+                                       provider=provider).as_dict()
         else:
             verify_note = ": the base model, the written model or the eval set is gone"
 

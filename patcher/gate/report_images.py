@@ -163,7 +163,16 @@ def _share(attr: np.ndarray, mask: np.ndarray | None) -> float | None:
 
 def _heatmaps(files: dict[str, Path], out_dir: Path, max_pairs: int, attack_path: Path | None,
               steps: int, device: str, write) -> tuple[list[_Row], list[_Row], list[str]]:
-    """Render the pair rows (and held-out attack rows); returns (pair rows, attack rows, notes)."""
+    """Render the pair rows (and held-out attack rows); returns (pair rows, attack rows, notes).
+    Its passes (the attack set's predictions, each model's attributions) move one bar."""
+    from patcher.progress import progress
+
+    with progress(5 if attack_path is not None else 2, "report heatmaps") as bar:
+        return _heatmaps_of(files, max_pairs, attack_path, steps, device, write, bar)
+
+
+def _heatmaps_of(files: dict[str, Path], max_pairs: int, attack_path: Path | None,
+                 steps: int, device: str, write, bar) -> tuple[list[_Row], list[_Row], list[str]]:
     from patcher.graph.support import load_supported_model as load_model
     from patcher.samples import InputSpec, load_labelled, load_pairs, num_classes_of
     from patcher.graph.shadow import ShadowGraph
@@ -183,6 +192,7 @@ def _heatmaps(files: dict[str, Path], out_dir: Path, max_pairs: int, attack_path
     if attack_path is not None:
         att = load_labelled(attack_path, spec, classes, with_target=True)
         base_pred = _predictions(graphs["model"], att.x, device)
+        bar.update(1)
         chosen = choose_attack_examples(att.y, att.target, base_pred, max_pairs)
         if chosen:
             attack = (att.x[chosen], att.y[chosen], att.target, base_pred[chosen] == att.target)
@@ -191,7 +201,10 @@ def _heatmaps(files: dict[str, Path], out_dir: Path, max_pairs: int, attack_path
             notes.append(f"attack examples: {len(chosen)} of {int(others.sum())} triggered "
                          f"inputs not of class {att.target}, one per class present first, "
                          f"where the base model is fooled (it is on {fooled} of them)")
-    results = {k: _attributions(g, corrupted, steps, device) for k, g in graphs.items()}
+    results = {}
+    for k, g in graphs.items():
+        results[k] = _attributions(g, corrupted, steps, device)
+        bar.update(1)
     cf = lambda a: _channels_first(a)  # noqa: E731
     c_corr, c_clean = cf(corrupted), cf(clean)
     masks = np.abs(c_corr - c_clean).max(1) > 1e-6  # [n, H, W]
@@ -222,7 +235,10 @@ def _heatmaps(files: dict[str, Path], out_dir: Path, max_pairs: int, attack_path
     attack_rows = []
     if attack is not None:
         ax, ay, target, fooled = attack
-        res = {k: _attributions(g, ax, steps, device) for k, g in graphs.items()}
+        res = {}
+        for k, g in graphs.items():
+            res[k] = _attributions(g, ax, steps, device)
+            bar.update(1)
         c_ax = cf(ax)
         box = _bbox(union)
         for i in range(len(ax)):
