@@ -228,7 +228,9 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     """Patch MODEL's weights (rank-one edits; CARE's neuron rows with --strategy care) and
     write the result (same graph, new weight values), verified under onnxruntime from
     disk. Exit 0 when the pairs' gap meets --gap within --budget on the written file
-    (with --objective attribution: when an edit lowered the attribution share within
+    (for a corruption with a target class, such as a backdoor: when the target-class gap
+    the loop removes meets --gap or falls to 1% of its base, the pairs' gap printed beside
+    it; with --objective attribution: when an edit lowered the attribution share within
     --budget), 1 when not (the best model found is still written), 2 for bad input."""
     from patcher.patch import patch as run_patch
     from patcher.rectify import RectifyConfig
@@ -295,10 +297,18 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     if r.objective == "attribution":
         click.echo(f"attribution share on the corrupted region (shadow graph, on "
                    f"{r.gap_measured_on}): {r.base_gap:.4f} -> {r.final_gap:.4f}")
+    elif r.final_target_gap is not None:
+        click.echo(f"target-class gap (shadow graph, on {r.gap_measured_on}; the exit status "
+                   f"is judged on it): {r.base_target_gap:.4f} -> {r.final_target_gap:.4f}"
+                   + (f" ({r.stopped.removeprefix('stopping: ')})" if r.stopped else ""))
     if not report.passed:
         if r.objective == "attribution":
             click.echo("onnx-rectify: warning: no edit lowered the attribution share within "
                        "--budget on the written file; the best model found was written", err=True)
+        elif r.final_target_gap is not None:
+            click.echo("onnx-rectify: warning: the target-class gap did not meet --gap, nor "
+                       "was the corruption's effect gone, within --budget; the best model "
+                       "found was written", err=True)
         else:
             click.echo("onnx-rectify: warning: the pairs' gap did not meet --gap within --budget on "
                        "the written file; the best model found was written", err=True)

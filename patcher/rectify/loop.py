@@ -22,6 +22,7 @@ edit, the paper's static and fine-tune baselines) keeps what it is asked to make
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +81,8 @@ class Outcome:
     rounds: list[Round] = field(default_factory=list)
     scores: list = field(default_factory=list)
     kept: list[Candidate] = field(default_factory=list)
+    #: why the loop stopped before its round limit ("" when it did not say)
+    stopped: str = ""
 
 
 def judge(ws: Workspace, plan: Plan, candidate: Candidate, before: Measure, after: Measure,
@@ -127,10 +130,18 @@ def run(ws: Workspace, plan: Plan, base_accuracy: float, base: Measure, log: Log
     round), the others are rolled back."""
     out = Outcome(base_accuracy, base)
     excluded: set[str] = set()
+    ranking = None  # the last ranking, valid while the weights have not changed since
     for index in range(1, plan.rounds + 1):
         if plan.objective.reached(out.measure):
+            out.stopped = plan.objective.note_reached(out.measure)
+            if out.stopped:
+                log(out.stopped)
             break
-        ranked = plan.locator.rank(ws, excluded, log)
+        if ranking is None:
+            ranking = plan.locator.rank(ws, excluded, log)
+            ranked = ranking
+        else:  # the last round kept nothing: same weights, same scores, nothing recomputed
+            ranked = [entry for entry in ranking if entry.layer not in excluded]
         if index == 1 and plan.locator.reports_scores:
             out.scores = ranked
         if not ranked:
@@ -203,6 +214,7 @@ def run(ws: Workspace, plan: Plan, base_accuracy: float, base: Measure, log: Log
             out.kept.append(candidate)
             out.accuracy, out.measure = verdict.accuracy, after
             plan.edit_kind.kept(ws, candidate)
+            ranking = None  # new weights: the next round ranks again
             if plan.exclude == "edited":
                 excluded.add(candidate.layer.name)
         elif plan.exclude == "rejected":
@@ -267,13 +279,16 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
     log = log or (lambda msg: None)
     if len(pairs) == 0:
         raise BadSamplesError("no pairs to fit")
+    start = time.perf_counter()
     ws = Workspace(graph, pairs, eval_set, calib_x, cfg, device)
     check_layer_option(ws, graph, cfg)
     plan = make_plan(ws, cfg)
+    ws.timings.add("setup", start)
     base_accuracy = ws.base_accuracy()
     base = plan.objective.measure()
     log(plan.objective.describe_base(base_accuracy, base))
     out = run(ws, plan, base_accuracy, base, log)
+    finish = time.perf_counter()
     deltas: dict[str, torch.Tensor] = {}
     edits: list[dict] = []
     for candidate in out.kept:
@@ -287,8 +302,13 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                            plan.objective.met(out.measure, bool(edits), within),
                            gap_measured_on=plan.objective.source)
     result.objective = cfg.objective
+    result.base_target_gap, result.final_target_gap = base.tau, out.measure.tau
+    result.stopped = out.stopped
     result.rounds, result.scores, result.edits = out.rounds, out.scores, edits
     result.deltas = {k: v.numpy() for k, v in deltas.items()}
+    ws.timings.add("results", finish)
+    # every second of the run in a named phase: what no phase timed is shown as such
+    ws.timings["untimed"] = max(0.0, time.perf_counter() - start - sum(ws.timings.values()))
     result.timings = dict(ws.timings)
     result.exact_statistics_for_edits = sorted(ws.statistics.exact_stats)
     result.conditioning = {k: {"condition_number": s.condition_number, "ridge": s.ridge_value,

@@ -22,8 +22,8 @@ import numpy as np
 from patcher.analysis.input_attribution import attribution_share
 from patcher.edits.silence import corruption_masks, showing_corruption, without_corruption
 from patcher.errors import BadSamplesError
-from patcher.rectify.config import (ACCURACY_PER_GAP, ACCURACY_PER_SHARE, MIN_GAP_GAIN,
-                                    SHARE_IMAGES)
+from patcher.rectify.config import (ACCURACY_PER_GAP, ACCURACY_PER_SHARE, EFFECT_GONE_SHARE,
+                                    MIN_GAP_GAIN, SHARE_IMAGES)
 from patcher.rectify.workspace import Workspace
 
 
@@ -43,6 +43,7 @@ class Objective(Protocol):
 
     def measure(self) -> Measure: ...
     def reached(self, m: Measure) -> bool: ...
+    def note_reached(self, m: Measure) -> str: ...
     def shrank_enough(self, before: Measure, after: Measure) -> bool: ...
     def affordable(self, before: Measure, after: Measure) -> float: ...
     def gain(self, before: Measure, after: Measure) -> float: ...
@@ -85,14 +86,47 @@ class GapObjective:
     def __init__(self, ws: Workspace, target: float, steer_by_target: bool) -> None:
         self.ws, self.target, self.steer_by_target = ws, target, steer_by_target
         self.source = ws.gap_source
+        #: tau of the first measure (the model as loaded), when the loop steers by it
+        self.base_tau: float | None = None
 
     def measure(self) -> Measure:
         gap, tau = self.ws.gaps()
-        return Measure(gap, tau if self.steer_by_target else None)
+        m = Measure(gap, tau if self.steer_by_target else None)
+        if self.base_tau is None:
+            self.base_tau = m.tau
+        return m
 
     def reached(self, m: Measure) -> bool:
-        """delta* <= --gap, or with a target class tau <= --gap (tau is what rounds remove)."""
-        return m.value <= self.target or (m.tau is not None and m.tau <= self.target)
+        """delta* <= --gap, or with a target class tau <= --gap or the corruption's effect
+        gone (:meth:`effect_gone`; tau is what rounds remove)."""
+        return m.value <= self.target or (m.tau is not None and (
+            m.tau <= self.target or self.effect_gone(m) != ""))
+
+    def effect_gone(self, m: Measure) -> str:
+        """Why the target-class gap left is not worth another round ("" when it is): tau at
+        most EFFECT_GONE_SHARE of its base value, or so small that removing all of it would
+        pay (ACCURACY_PER_GAP x tau) for less than one eval image's accuracy, the least an
+        accuracy pass can tell apart."""
+        if m.tau is None or self.base_tau is None or self.base_tau <= 0:
+            return ""
+        if m.tau <= EFFECT_GONE_SHARE * self.base_tau:
+            return (f"target-class gap {m.tau:.4f} is at most {EFFECT_GONE_SHARE:.0%} of its "
+                    f"base {self.base_tau:.4f}: the corruption's effect is gone")
+        images = len(self.ws.eval_x)
+        removed = m.tau < (1 - MIN_GAP_GAIN) * self.base_tau  # only once a round removed some
+        if removed and ACCURACY_PER_GAP * max(m.tau, 0.0) < 1.0 / max(images, 1):
+            return (f"target-class gap {m.tau:.4f}: removing all of it would pay for less "
+                    f"than one of the {images} eval images")
+        return ""
+
+    def note_reached(self, m: Measure) -> str:
+        """Why the loop stops before its round limit."""
+        gone = self.effect_gone(m)
+        if gone and not (m.value <= self.target or m.tau <= self.target):
+            return f"stopping: {gone}"
+        what, value = ("target-class gap", m.tau) if m.tau is not None and \
+            m.tau <= self.target else ("gap", m.value)
+        return f"stopping: {what} {value:.4f} is at most --gap {self.target:g}"
 
     def shrank_enough(self, before: Measure, after: Measure) -> bool:
         return shrank_enough(before.value, after.value, before.tau, after.tau)
@@ -104,9 +138,11 @@ class GapObjective:
         return self.affordable(before, after) / ACCURACY_PER_GAP
 
     def met(self, final: Measure, edited: bool, within_budget: bool) -> bool:
-        """With a target class, tau <= --gap (what the dynamic loop removes); else delta*."""
-        value = final.tau if final.tau is not None else final.value
-        return value <= self.target and within_budget
+        """With a target class, tau <= --gap or the effect gone (what the dynamic loop
+        removes, the measure it stops on); else delta* <= --gap."""
+        if final.tau is not None:
+            return (final.tau <= self.target or self.effect_gone(final) != "") and within_budget
+        return final.value <= self.target and within_budget
 
     def _what(self, before: Measure) -> str:
         return "target-class gap" if before.tau is not None else "gap"
@@ -180,6 +216,9 @@ class ShareObjective:
 
     def reached(self, m: Measure) -> bool:
         return False
+
+    def note_reached(self, m: Measure) -> str:
+        return ""
 
     def gain(self, before: Measure, after: Measure) -> float:
         return before.value - after.value

@@ -55,6 +55,12 @@ class RectifyResult:
     objective: str = "prediction"
     #: layers ranked with factored statistics whose exact C was computed for an edit
     exact_statistics_for_edits: list[str] = field(default_factory=list)
+    #: the target-class gap tau (held-out pairs) before and after, when the loop steers by
+    #: it: then ``met_target`` is judged on it (tau <= --gap, or the effect gone)
+    base_target_gap: float | None = None
+    final_target_gap: float | None = None
+    #: why the loop stopped before its round limit ("" when it did not)
+    stopped: str = ""
 
 
 def format_accuracy(accuracy: float | None, evaluated: int | None) -> str:

@@ -117,8 +117,10 @@ class Workspace:
     def gaps(self) -> tuple[float, float | None]:
         """(delta*, tau) on the gap pairs: delta* = mean of p_y(x) - p_y(x~); tau = mean of
         p_t(x~) - p_t(x) for the corruption's target class t, None without one."""
+        start = time.perf_counter()
         corrupted, clean, labels = self.gap_sets
         p_clean, p_corrupted = self.probabilities(clean), self.probabilities(corrupted)
+        self.timings.add("gaps", start)
         rows = torch.arange(len(labels))
         tau = None
         if self.target_class:
