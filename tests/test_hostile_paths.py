@@ -164,6 +164,35 @@ def test_an_output_aimed_at_an_input_is_refused_before_any_work(world, verb, fla
     assert ("-o" if flag == "o" else f"--{flag}") in line and read.split("'")[0] in line
 
 
+def _bind_mount(source: Path, target: Path) -> bool:
+    """Bind-mount ``source`` at ``target`` (root, a mount namespace that allows it)."""
+    target.mkdir()
+    try:
+        done = subprocess.run(["mount", "--bind", str(source), str(target)],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("verb,flag", [(verb, WRITES[verb][0]) for verb in READS])
+def test_an_output_aimed_at_an_input_through_a_bind_mount_is_refused(world, verb, flag):
+    """A bind mount names the same file by another path (same device and inode); only an
+    identity check sees it. Needs root and a mount namespace that allows bind mounts."""
+    read = READS[verb][0]
+    target = world.reads(verb)[read]
+    bound = world.root / "bound"
+    if not _bind_mount(target.parent, bound):
+        pytest.skip("bind mounts need root and a mount namespace that allows them")
+    try:
+        path = bound / target.name
+        line = refused(world.root, world.args(verb, **{flag: path}), "same file",
+                       "overwrite an input file")
+        assert ("-o" if flag == "o" else f"--{flag}") in line
+    finally:
+        subprocess.run(["umount", str(bound)], capture_output=True, timeout=30)
+
+
 @pytest.mark.parametrize("case", ["report=o", "report=o-data", "json=junit", "report-dir"])
 def test_two_outputs_on_one_path_are_refused(world, case):
     if case == "json=junit":
