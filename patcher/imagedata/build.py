@@ -118,7 +118,8 @@ def build_sets(model: LoadedModel, folder: ImageFolder, prep: Preprocessing,
     spec = InputSpec.of(model.proto)
     session = open_session(model.path or model.proto.SerializeToString(), provider)
     wanted = _wanted(counts, len(folder), target is not None)
-    taken: dict[str, list] = {k: [] for k in wanted}  # (position, clean, corrupted, label)
+    # per split: (position, clean, corrupted, label, clean prediction, corrupted prediction)
+    taken: dict[str, list] = {k: [] for k in wanted}
     seen = fooled_seen = 0
     order = np.random.default_rng(seed).permutation(len(folder))
     for start in range(0, len(order), CHUNK):
