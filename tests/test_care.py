@@ -182,7 +182,7 @@ def test_multipliers_on_flattened_units_are_exactly_a_weight_edit_under_onnxrunt
     units, multipliers = [0, 37, 71, 143], [-9.5, 0.0, 3.25, 0.5]
     runner = SiteRunner(graph, site, x)
     with torch.no_grad():
-        expect = runner.logits(runner.scaled(units, multipliers)).numpy()
+        expect = runner.scaled_logits(units, multipliers).numpy()
         base = runner.logits().numpy()
         assert np.allclose(base, graph(x)[0].numpy(), atol=1e-6)  # unreplaced: the model
     layer = graph.layer("D")
@@ -204,7 +204,7 @@ def test_multipliers_on_conv_input_channels_are_exactly_a_weight_edit(tmp_path, 
     units, multipliers = [1, 3], [-2.0, 4.0]
     runner = SiteRunner(graph, site, x)
     with torch.no_grad():
-        expect = runner.logits(runner.scaled(units, multipliers)).numpy()
+        expect = runner.scaled_logits(units, multipliers).numpy()
     layer = graph.layer("B")
     delta = unit_scale_delta(layer, graph.weight(layer.weight), units, multipliers)
     got = _written_logits(tmp_path, proto, {layer.weight: delta}, x)

@@ -318,42 +318,74 @@ def unit_site(graph: ShadowGraph, layer: EditableLayer, probe: torch.Tensor) -> 
 
 class SiteRunner:
     """The network split at a unit site: the part before runs once on ``x``; each call
-    re-runs only the part after it with the units replaced (exactly the model when they
-    are not)."""
+    re-runs only the part after it with some units replaced (exactly the model when none
+    are). For a dense consumer (Gemm without transA, x @ W) on a 2-D input, the part
+    after starts behind the consumer: its output changes by alpha (x' - x)[:, U] W[U, :]
+    for the replaced units U, so a call costs only the layers after it."""
 
     def __init__(self, graph: ShadowGraph, site: UnitSite, x: torch.Tensor,
                  batch: int = 4096) -> None:
         self.graph, self.site = graph, site
-        self.envs, self.values = [], []
+        layer = site.consumer
+        dense = layer.op == "Gemm" or layer.orientation == "matmul_right"
+        self.stop = layer.name
+        probe = graph.run_until(site.producer, x[:1])[site.tensor]
+        self.linear = dense and probe.dim() == 2
+        if not self.linear:
+            self.stop = site.producer
+        self.envs, values, self.base = [], [], []
+        out_name = graph.node_by_name[layer.name].outputs[0] if self.linear else site.tensor
+        self.out_name = out_name
         for i in range(0, len(x), batch):
-            env = graph.run_until(site.producer, x[i:i + batch])
+            env = graph.run_until(self.stop, x[i:i + batch])
             self.envs.append(env)
-            self.values.append(env[site.tensor])
-        self.units = torch.cat(self.values)
-        self.outputs = graph.node_by_name[site.producer].outputs
+            # behind the consumer its input is no longer live: one more run to read it
+            values.append(graph.run_until(site.producer, x[i:i + batch])[site.tensor]
+                          if self.linear else env[site.tensor])
+            self.base.append(env[out_name])
+        self.units = torch.cat(values)
+        self.outputs = graph.node_by_name[self.stop].outputs
+        if self.linear:
+            w = graph.weight(layer.weight)
+            if layer.orientation == "gemm_transposed":
+                w = w.transpose(0, 1)
+            alpha = float(graph.node_attributes(layer.name).get("alpha", 1.0)) \
+                if layer.op == "Gemm" else 1.0
+            self.key_rows = (alpha * w).to(self.units.dtype)   # [K, N]
 
-    def logits(self, units: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [n, classes] with the site's tensor replaced by ``units`` (all rows)."""
+    def logits_with(self, units: list[int], new: torch.Tensor) -> torch.Tensor:
+        """Logits [n, classes] with the site's ``units`` replaced by ``new`` (the shape of
+        ``self.units.index_select(axis, units)``)."""
+        index = torch.as_tensor(units, device=self.units.device, dtype=torch.long)
         out, start = [], 0
-        for env, value in zip(self.envs, self.values):
-            part = value if units is None else units[start:start + len(value)]
-            start += len(value)
-            replace = tuple(part if name == self.site.tensor else env.get(name)
+        for env, base in zip(self.envs, self.base):
+            rows = slice(start, start + len(base))
+            start += len(base)
+            if self.linear:
+                change = new[rows] - self.units[rows].index_select(1, index)
+                value = base + change @ self.key_rows.index_select(0, index)
+            else:
+                value = base.clone()
+                value.index_copy_(self.site.axis, index, new[rows])
+            replace = tuple(value if name == self.out_name else env.get(name)
                             for name in self.outputs)
-            logits = self.graph.run_after(self.site.producer, env, replace)[0]
+            logits = self.graph.run_after(self.stop, env, replace)[0]
             out.append(logits.reshape(len(logits), -1))
         return torch.cat(out)
 
-    def scaled(self, units: list[int], multipliers) -> torch.Tensor:
-        """The site's tensor with ``units`` multiplied by ``multipliers``."""
-        new = self.units.clone()
-        index = torch.as_tensor(units, device=new.device)
-        shape = [1] * new.dim()
+    def logits(self) -> torch.Tensor:
+        """The model's logits on ``x``."""
+        return self.logits_with([], self.units.index_select(self.site.axis, torch.zeros(
+            0, dtype=torch.long, device=self.units.device)))
+
+    def scaled_logits(self, units: list[int], multipliers) -> torch.Tensor:
+        """Logits with ``units`` multiplied by ``multipliers``."""
+        index = torch.as_tensor(units, device=self.units.device, dtype=torch.long)
+        old = self.units.index_select(self.site.axis, index)
+        shape = [1] * old.dim()
         shape[self.site.axis] = len(units)
-        m = torch.as_tensor(np.asarray(multipliers, dtype=np.float64), device=new.device)
-        new.index_copy_(self.site.axis, index,
-                        new.index_select(self.site.axis, index) * m.to(new.dtype).reshape(shape))
-        return new
+        m = torch.as_tensor(np.asarray(multipliers, dtype=np.float64), device=old.device)
+        return self.logits_with(units, old * m.to(old.dtype).reshape(shape))
 
 
 @dataclass
@@ -390,7 +422,6 @@ def unit_effects(graph: ShadowGraph, site: UnitSite, triggered: torch.Tensor,
     twins ``clean`` (the observed range comes from the clean ones)."""
     if values < 2:
         raise RectifyError("CARE's score needs at least 2 values per unit")
-    n = len(triggered)
     clean_units = SiteRunner(graph, site, clean).units
     runner = SiteRunner(graph, site, triggered)
     base = misbehaviour_probability(runner.logits(), labels, target)
@@ -399,25 +430,22 @@ def unit_effects(graph: ShadowGraph, site: UnitSite, triggered: torch.Tensor,
     low, high = flat_clean.min(1).values, flat_clean.max(1).values
     steps = torch.linspace(0, 1, values, dtype=torch.float64)
     care, swap = np.zeros(site.units), np.zeros(site.units)
-    units = runner.units
+    units, axis = runner.units, site.axis
     with progress(site.units, "unit effects", show_progress) as bar:
         for u in range(site.units):
-            sel = neuron_slice(site.axis, units.dim(), u)
+            own = units.index_select(axis, torch.tensor([u], device=units.device))
             curve = []
             for a in (low[u] + steps * (high[u] - low[u])).tolist():
-                new = units.clone()
-                new[sel] = a
-                curve.append(float(misbehaviour_probability(runner.logits(new), labels,
-                                                            target).mean()))
+                p = misbehaviour_probability(runner.logits_with([u], torch.full_like(own, a)),
+                                             labels, target)
+                curve.append(float(p.mean()))
             care[u] = max(curve) - min(curve)
-            new = units.clone()
-            new[sel] = clean_units[sel]
-            removed = float((base - misbehaviour_probability(runner.logits(new), labels,
-                                                             target)).sum())
+            twin = clean_units.index_select(axis, torch.tensor([u], device=units.device))
+            removed = float((base - misbehaviour_probability(runner.logits_with([u], twin),
+                                                             labels, target)).sum())
             swap[u] = removed / total if total > 1e-12 else 0.0
             bar.update(1)
     order = lambda s: [int(i) for i in np.argsort(-s, kind="stable")]  # noqa: E731
-    del n
     return UnitEffects(care, swap, order(care), order(swap))
 
 

@@ -113,7 +113,7 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
     y = torch.cat([triggered_labels, eval_y]).to(runner.units.device)
 
     def terms(m: np.ndarray) -> tuple[float, float, float, float]:
-        logits = runner.logits(runner.scaled(units, m)).to(torch.float64)
+        logits = runner.scaled_logits(units, m).to(torch.float64)
         predicted = logits.argmax(1)
         trig = predicted[:n_t]
         bad = (trig == target) if target is not None else (trig != y[:n_t])
