@@ -1,6 +1,7 @@
 """PyTorch -> ONNX export with the conventions patching needs.
 
-- a dynamic batch axis on the input and output;
+- a dynamic batch axis on the input and output (fixed at the example's batch for a module
+  that hard-codes it; the verbs run such a model that many images at a time);
 - an opset onnxruntime accepts (17 for the TorchScript exporter, 18+ for dynamo);
 - BatchNorm folded into the preceding Conv (what edge models ship) or kept as a node;
 - weights inline or in an external ``<name>.data`` file beside the model;
@@ -75,31 +76,74 @@ def _metadata(model: onnx.ModelProto, metadata: dict[str, object]) -> None:
             model.metadata_props.add(key=key, value=text)
 
 
+def batch_is_fixed(module: torch.nn.Module, example: torch.Tensor) -> bool:
+    """Whether ``module`` runs only at the example's batch size (it hard-codes the batch,
+    e.g. ``x.reshape(1, -1)``): it fails, or answers with another batch, on one more image."""
+    more = torch.cat([example, example[:1]])
+    try:
+        with torch.no_grad():
+            out = module(more)
+    except Exception:  # any failure of the module's own code at another batch size
+        return True
+    return not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != len(more)
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Silence torch's loggers (torch.export logs whole tracebacks on a failed guard) and
+    warnings while exporting; failures are reported by us, in one line."""
+    import logging
+
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export_bytes(module, example, exporter: str, opset: int | None, input_name: str,
-                  output_name: str, keep_bn: bool) -> onnx.ModelProto:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            buf = io.BytesIO()
-            torch.onnx.export(
-                module, (example,), buf, dynamo=False, opset_version=opset or 17,
-                input_names=[input_name], output_names=[output_name],
-                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                training=torch.onnx.TrainingMode.PRESERVE if keep_bn else
-                torch.onnx.TrainingMode.EVAL,
-                do_constant_folding=True)
-            return onnx.load_from_string(buf.getvalue())
-        with tempfile.TemporaryDirectory() as tmp:
-            target = os.path.join(tmp, "model.onnx")
-            batch = torch.export.Dim("batch", min=1, max=65536)
+                  output_name: str, keep_bn: bool, dynamic_batch: bool = True
+                  ) -> onnx.ModelProto:
+    try:
+        with _quiet_torch():
+            return _run_exporter(module, example, exporter, opset, input_name, output_name,
+                                 keep_bn, dynamic_batch)
+    except RectifyError:
+        raise
+    except Exception as exc:  # the exporters raise many kinds
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise RectifyError(f"the {exporter} exporter failed: {type(exc).__name__}: "
+                           f"{text[:300]}") from None
+
+
+def _run_exporter(module, example, exporter: str, opset: int | None, input_name: str,
+                  output_name: str, keep_bn: bool, dynamic_batch: bool) -> onnx.ModelProto:
+    if exporter == "torchscript":
+        buf = io.BytesIO()
+        torch.onnx.export(
+            module, (example,), buf, dynamo=False, opset_version=opset or 17,
+            input_names=[input_name], output_names=[output_name],
+            dynamic_axes=({input_name: {0: "batch"}, output_name: {0: "batch"}}
+                          if dynamic_batch else None),
+            training=torch.onnx.TrainingMode.PRESERVE if keep_bn else
+            torch.onnx.TrainingMode.EVAL,
+            do_constant_folding=True)
+        return onnx.load_from_string(buf.getvalue())
+    with tempfile.TemporaryDirectory() as tmp:
+        target = os.path.join(tmp, "model.onnx")
+        shapes = None
+        if dynamic_batch:
+            shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},)
             if example.shape[0] == 1:  # torch.export specialises a size-1 dim to the constant 1
                 example = example.repeat(2, *[1] * (example.dim() - 1))
-            with contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(module, (example,), target, dynamo=True,
-                                  opset_version=opset or 18, input_names=[input_name],
-                                  output_names=[output_name], dynamic_shapes=({0: batch},),
-                                  external_data=True, verbose=False)
-            return onnx.load(target)  # external data read into memory
+        torch.onnx.export(module, (example,), target, dynamo=True, opset_version=opset or 18,
+                          input_names=[input_name], output_names=[output_name],
+                          dynamic_shapes=shapes, external_data=True, verbose=False)
+        return onnx.load(target)  # external data read into memory
 
 
 def name_weights(model: onnx.ModelProto, module: torch.nn.Module) -> dict[str, str]:
@@ -197,8 +241,9 @@ def export_pytorch(module: torch.nn.Module, example_input: torch.Tensor, path: s
     module = copy.deepcopy(module).eval()
     if fold_bn:
         module = fold_batchnorm(module)
+    dynamic = not batch_is_fixed(module, example_input)
     model = _export_bytes(module, example_input, exporter, opset, input_name, output_name,
-                          keep_bn=not fold_bn)
+                          keep_bn=not fold_bn, dynamic_batch=dynamic)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     name_weights(model, module)
     try:  # before anything is written: a file the other verbs would refuse is no export

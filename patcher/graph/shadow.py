@@ -31,6 +31,7 @@ from patcher.graph.nodes import (NodeInfo, attribute_value, consumers_of, declar
                                  unique_node_names)
 from patcher.graph.ops import lookup
 from patcher.graph.ops.registry import OpImpl
+from patcher.graph.per_image import PerImage, fixed_batch, joined, split
 
 __all__ = ["EDITABLE_OPS", "EditableLayer", "HookHandle", "NodeInfo", "ShadowExecutionError",
            "ShadowGraph"]
@@ -67,6 +68,15 @@ class _Step:
     release: tuple[str, ...] = field(default_factory=tuple)
 
 
+class _Env(dict):
+    """Live tensors of :meth:`ShadowGraph.run_until`, fixed-batch pieces joined; ``pieces``
+    remembers how to cut them again for :meth:`ShadowGraph.run_after`."""
+
+    def __init__(self, env: dict) -> None:
+        super().__init__({k: joined(v) for k, v in env.items()})
+        self.pieces = {k: len(v) for k, v in env.items() if isinstance(v, PerImage)}
+
+
 class ShadowGraph(torch.nn.Module):
     """An ONNX graph as a torch module: ``graph(*inputs) -> tuple(outputs)``."""
 
@@ -83,6 +93,9 @@ class ShadowGraph(torch.nn.Module):
         self.input_names = [i.name for i in graph.input if i.name not in initializers]
         self.overridable_initializers = [i.name for i in graph.input if i.name in initializers]
         self.output_names = [o.name for o in graph.output]
+        #: The batch size the model fixes (None: symbolic). A pass over more images runs
+        #: each node on this many at a time (see :mod:`patcher.graph.per_image`).
+        self.fixed_batch = fixed_batch(graph, initializers)
 
         nodes = list(graph.node)
         names = unique_node_names(nodes)
@@ -223,7 +236,7 @@ class ShadowGraph(torch.nn.Module):
                 self._run_step(step, env, hooks)
         finally:
             self.current_inputs = outer  # hooks read the inputs of the pass they run in
-        return tuple(env[n] for n in self.output_names)
+        return tuple(joined(env[n]) for n in self.output_names)
 
     def node_inputs(self, name: str, *inputs: torch.Tensor) -> tuple:
         """The input tensors node ``name`` receives when the graph runs on ``inputs`` (the
@@ -232,7 +245,7 @@ class ShadowGraph(torch.nn.Module):
         env = self._initial_env(inputs)
         for step in self._steps[:stop]:
             self._run_step(step, env, ())
-        return tuple(env[n] if n else None for n in self._steps[stop].info.inputs)
+        return tuple(joined(env[n]) if n else None for n in self._steps[stop].info.inputs)
 
     def run_until(self, name: str, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph up to and including node ``name``; return every live tensor.
@@ -244,21 +257,22 @@ class ShadowGraph(torch.nn.Module):
         env = self._initial_env(inputs)
         for step in self._steps[:stop + 1]:
             self._run_step(step, env, ())
-        return env
+        return _Env(env)
 
     def run_after(self, name: str, env: dict[str, torch.Tensor],
                   replace: "tuple[torch.Tensor, ...] | None" = None) -> tuple[torch.Tensor, ...]:
         """Resume from ``env`` (of :meth:`run_until`) after node ``name``, with its outputs
         optionally replaced. ``env`` is not modified, so it can be resumed again."""
         start = self._step_index(name)
-        env = dict(env)
+        pieces = getattr(env, "pieces", {})
+        env = {k: split(v, pieces[k]) if k in pieces else v for k, v in env.items()}
         if replace is not None:
             for out_name, value in zip(self._steps[start].info.outputs, replace):
                 if out_name:
-                    env[out_name] = value
+                    env[out_name] = split(value, pieces[out_name]) if out_name in pieces else value
         for step in self._steps[start + 1:]:
             self._run_step(step, env, ())
-        return tuple(env[n] for n in self.output_names)
+        return tuple(joined(env[n]) for n in self.output_names)
 
     def _step_index(self, name: str) -> int:
         for i, step in enumerate(self._steps):
@@ -275,12 +289,24 @@ class ShadowGraph(torch.nn.Module):
             env[name] = self.weights[idx]
         for name, key in self._buffer_key.items():
             env[name] = self._buffers[key]
-        env.update(zip(self.input_names, inputs))
+        env.update(zip(self.input_names, self._fixed_batch_pieces(inputs)))
         return env
 
-    def _run_step(self, step: "_Step", env: dict, hooks) -> None:
+    def _fixed_batch_pieces(self, inputs) -> tuple:
+        """The inputs as they are, or cut into pieces of the model's fixed batch size when a
+        pass holds more images than that (see :mod:`patcher.graph.per_image`)."""
+        fixed = self.fixed_batch
+        if fixed is None or not inputs or inputs[0].dim() < 2 or inputs[0].shape[0] == fixed:
+            return tuple(inputs)
+        count = int(inputs[0].shape[0])
+        if count % fixed:
+            raise ShadowExecutionError(f"the model fixes its batch at {fixed} image(s); "
+                                       f"{count} image(s) cannot be run {fixed} at a time")
+        pieces = count // fixed
+        return tuple(split(x, pieces) if x.dim() and x.shape[0] == count else x for x in inputs)
+
+    def _call(self, step: "_Step", args: list) -> tuple:
         info = step.info
-        args = [env[n] if n else None for n in info.inputs]
         try:
             out = step.fn(*args, **step.attrs)
         except RectifyError:
@@ -292,13 +318,24 @@ class ShadowGraph(torch.nn.Module):
             raise ShadowExecutionError(
                 f"node '{info.name}' ({info.op_type}) failed on inputs of shape "
                 f"[{shapes}]: {first}") from exc
-        if not isinstance(out, tuple):
-            out = (out,)
+        return out if isinstance(out, tuple) else (out,)
+
+    def _run_step(self, step: "_Step", env: dict, hooks) -> None:
+        info = step.info
+        args = [env[n] if n else None for n in info.inputs]
+        pieces = next((len(a) for a in args if isinstance(a, PerImage)), 0)
+        if pieces:  # a fixed-batch model: the node runs once per piece
+            outs = [self._call(step, [a[i] if isinstance(a, PerImage) else a for a in args])
+                    for i in range(pieces)]
+            out = tuple(PerImage(o[k] for o in outs) for k in range(len(outs[0])))
+        else:
+            out = self._call(step, args)
         for fn, wanted in hooks:
             if wanted is None or info.name in wanted:
-                replaced = fn(info, tuple(args), out)
+                replaced = fn(info, tuple(joined(a) for a in args),
+                              tuple(joined(o) for o in out))
                 if replaced is not None:
-                    out = tuple(replaced)
+                    out = tuple(split(r, pieces) if pieces else r for r in replaced)
         for out_name, value in zip(info.outputs, out):
             if out_name:
                 env[out_name] = value

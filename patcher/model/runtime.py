@@ -36,7 +36,30 @@ class RuntimeSession:
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model's first input fixes (an integer first dimension of an
+        input of rank 2 or more), or None when it is symbolic."""
+        inputs = self.session.get_inputs()
+        shape = inputs[0].shape if inputs else None
+        if shape and len(shape) >= 2 and isinstance(shape[0], int) and shape[0] > 0:
+            return shape[0]
+        return None
+
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Outputs for ``arrays``; a model whose batch is fixed at b runs b images at a time
+        (outputs joined along their first axis), and refuses a count that b does not divide."""
+        fixed = self.fixed_batch
+        count = arrays[0].shape[0] if arrays and getattr(arrays[0], "ndim", 0) else None
+        if fixed is None or count is None or count == fixed:
+            return self._run(arrays)
+        if count % fixed:
+            raise BadSamplesError(f"the model fixes its batch at {fixed} image(s); {count} "
+                                  f"image(s) cannot be run {fixed} at a time")
+        parts = [self._run([a[i:i + fixed] for a in arrays]) for i in range(0, count, fixed)]
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+    def _run(self, arrays) -> list[np.ndarray]:
         feeds = dict(zip(self.input_names, arrays))
         try:
             return self.session.run(None, feeds)
