@@ -132,6 +132,10 @@ def export(factory: str, weights: Path | None, input_shape: str, output: Path, k
                f"{'folded' if result.batchnorm_folded else 'kept'}; onnxruntime "
                f"({result.provider}) vs torch: max abs diff {result.max_abs_diff:.3g}, "
                f"top-1 agreement {result.top1_agreement:.0%}")
+    if result.fixed_batch is not None:
+        click.echo(f"note: the module hard-codes its batch, so the file fixes it at "
+                   f"{result.fixed_batch}; every verb runs it {result.fixed_batch} image(s) "
+                   "at a time")
 
 
 @main.command()
