@@ -24,6 +24,7 @@ from patcher.model.modelio import LOG, LoadedModel, sha256_file
 from patcher.progress import Remedy, note, warn
 from patcher.graph.parity import ParityResult, compare
 from patcher.rectify import LayerScore, RectifyConfig, RectifyResult, rectify
+from patcher.rectify.budget import preflight
 from patcher.rectify.locators import AttributionLocator, CausalLocator
 from patcher.rectify.workspace import Workspace
 from patcher.model.runtime import open_session
@@ -330,6 +331,9 @@ def patch_loaded(inputs: Inputs, out: Path, config: RectifyConfig, device: str =
     start = time.perf_counter() if start is None else start
     out = Path(out)
     check_output_path(out, inputs, force, writes)
+    calib = inputs.calib_x if inputs.calib_x is not None else inputs.eval_set.x
+    preflight(inputs.loaded.proto, "patch", len(inputs.eval_set.x), len(calib),
+              len(inputs.pairs), config, str(resolve_device(device)))
     model, pairs, eval_path = names
     with lock_output(out):
         return _patch_locked(inputs, model, pairs, eval_path, out, config, device, provider,

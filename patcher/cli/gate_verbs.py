@@ -35,6 +35,12 @@ from patcher.cli.common import (FRACTION, check_paths, commit_texts, data_reads,
               "pairs, checked on its given pairs).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
+@click.option("--latency-runs", type=click.IntRange(1, 10000), default=None,
+              help="Interleaved timed runs of each model for the latency check (default: "
+              "as many as fit in about 10 s from one timed forward, 5 to 50).")
+@click.option("--batch", type=click.IntRange(1, 4096), default=None,
+              help="Images per onnxruntime call (default: from the model's activation size, "
+              "so that a call's activations stay under 1 GB; at most 256).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Every figure, with a top-level \"passed\".")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
@@ -42,7 +48,8 @@ from patcher.cli.common import (FRACTION, check_paths, commit_texts, data_reads,
 @reports_errors
 def verify(patched: Path, base_path: Path, eval_path: Path, attack_path: Path | None,
            pairs_path: Path | None, max_accuracy_drop: float, max_asr: float, max_gap: float,
-           provider: str, json_path: str | None, junit_path: str | None) -> None:
+           provider: str, latency_runs: int | None, batch: int | None,
+           json_path: str | None, junit_path: str | None) -> None:
     """The release gate: is PATCHED safe to ship in place of --base? Checks that both files
     load and pass onnx.checker, that only Conv/Gemm/MatMul weight values changed and each
     change is declared in the provenance, and (under onnxruntime) accuracy, flip rate,
@@ -59,7 +66,8 @@ def verify(patched: Path, base_path: Path, eval_path: Path, attack_path: Path | 
     check_paths({**reads, **data_reads("--base", base), **data_reads("PATCHED", candidate)},
                  writes)
     report = run_verify(base, candidate, eval_path, attack_path,
-                        pairs_path, max_accuracy_drop, max_asr, max_gap, provider)
+                        pairs_path, max_accuracy_drop, max_asr, max_gap, provider,
+                        latency_runs=latency_runs, batch=batch)
     for check in report.checks:
         figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in check.figures.items()

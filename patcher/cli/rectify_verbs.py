@@ -11,6 +11,26 @@ from patcher.cli.common import (FRACTION, SEED, STEPS, Range, check_paths, json_
                                 write_json, main, reports_errors)
 
 
+class MemorySize(click.ParamType):
+    """A size in bytes written as 4G, 512M, 2.5GB or a plain number of bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from patcher.errors import RectifyError
+        from patcher.rectify.budget import parse_memory
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_memory(value)
+        except RectifyError as exc:
+            self.fail(str(exc).removeprefix("--max-memory "), param, ctx)
+
+
+MEMORY = MemorySize()
+
+
 @main.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Work folder, kept (default: a new temporary folder, removed at the end).")
@@ -83,6 +103,12 @@ def _rectify_options(fn):
                      "uniform sample; default: all). Faster on wide conv layers, less exact."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                      help="Cache key statistics here (keyed by model, layer and data hashes)."),
+        click.option("--exclude-layer", "exclude_layers", multiple=True, metavar="NAME",
+                     help="Leave this layer (node name) out: never ranked, no statistics, "
+                     "never edited. Repeatable."),
+        click.option("--max-memory", type=MEMORY, default=None,
+                     help="Refuse (exit 2) before any work when the up-front estimate of peak "
+                     "memory exceeds this size (e.g. 4G, 512M)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -108,6 +134,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
            transplant: str, transplant_count: int, heldout_count: int, attribution: str,
            allow_shared: bool, device: str, seed: int,
            statistics: str, stat_rows: int | None, cache_dir: str | None,
+           exclude_layers: tuple[str, ...], max_memory: int | None,
            eval_path: Path | None, json_path: str | None,
            method: str, top_fraction: float) -> None:
     """Rank MODEL's editable layers by editability (or causal effect) for the given
@@ -127,7 +154,14 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
                            transplant_count=transplant_count, heldout_count=heldout_count,
                            attribution_form=attribution, allow_shared=allow_shared,
                            cache_dir=cache_dir, causal_top_fraction=top_fraction,
-                           stat_rows=stat_rows, statistics=statistics)
+                           stat_rows=stat_rows, statistics=statistics,
+                           exclude_layers=tuple(exclude_layers), max_memory=max_memory)
+    from patcher.patch import resolve_device
+    from patcher.rectify.budget import preflight
+
+    preflight(inputs.loaded.proto, "locate", len(inputs.eval_set.x),
+              len(inputs.calib_x if inputs.calib_x is not None else inputs.eval_set.x),
+              len(inputs.pairs), config, str(resolve_device(device)))
     if method == "causal":
         _locate_causal(*locate_causal(inputs, config, device), json_path)
         return
@@ -219,7 +253,8 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
 def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, score: str,
           transplant: str, transplant_count: int, heldout_count: int, attribution: str,
           allow_shared: bool, device: str, seed: int,
-          statistics: str, stat_rows: int | None, cache_dir: str | None, eval_path: Path,
+          statistics: str, stat_rows: int | None, cache_dir: str | None,
+          exclude_layers: tuple[str, ...], max_memory: int | None, eval_path: Path,
           output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, objective: str,
           layer: str | None, care_neurons: int | None, solver: str, provider: str,
@@ -252,7 +287,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                            heldout_count=heldout_count, seed=seed, attribution_form=attribution,
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
                            stat_rows=stat_rows, statistics=statistics,
-                           care_neurons=care_neurons)
+                           care_neurons=care_neurons, exclude_layers=tuple(exclude_layers),
+                           max_memory=max_memory)
     extras: dict = {}
 
     def stage_reports(rep, outputs, staged_model: Path) -> None:

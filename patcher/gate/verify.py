@@ -207,6 +207,36 @@ def format_figures(figures: dict) -> str:
 
 
 #: The JUnit suite's name and the test cases' class name.
+#: verify's latency check, without --latency-runs: as many interleaved runs as fit in
+#: about this many seconds (from one timed forward), at least LATENCY_RUNS_MIN and at most
+#: LATENCY_RUNS_MAX.
+LATENCY_SECONDS = 10.0
+LATENCY_RUNS_MIN, LATENCY_RUNS_MAX = 5, 50
+#: Without --batch: images per onnxruntime call such that the model's activations (every
+#: float tensor of a forward, from shape inference) stay under this many bytes.
+BATCH_BYTES = 1 << 30
+BATCH_MAX = 256
+
+
+def default_batch(proto: ModelProto) -> int:
+    """Images per onnxruntime call: BATCH_BYTES over the activation bytes of one image
+    (1 to BATCH_MAX; 32 when shape inference cannot size the model)."""
+    from patcher.rectify.budget import model_footprint
+
+    try:
+        per_image = model_footprint(proto).activation_bytes
+    except Exception:  # onnx's shape inference raises its own types
+        return 32
+    return int(min(BATCH_MAX, max(1, BATCH_BYTES // max(per_image, 1))))
+
+
+def default_latency_runs(seconds_per_pair: float) -> int:
+    """Runs of the latency check: LATENCY_SECONDS over one base+patched pair of forwards,
+    within LATENCY_RUNS_MIN..LATENCY_RUNS_MAX."""
+    fit = int(LATENCY_SECONDS / max(seconds_per_pair, 1e-9))
+    return max(LATENCY_RUNS_MIN, min(LATENCY_RUNS_MAX, fit))
+
+
 JUNIT_SUITE = "onnx-rectify verify"
 JUNIT_CLASSNAME = "onnx_rectify.verify"
 
@@ -332,7 +362,7 @@ def check_provenance(patched: ModelProto, diff: ModelDiff) -> Check:
 def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None, pairs_path=None,
            max_accuracy_drop: float = MAX_ACCURACY_DROP, max_asr: float = MAX_ASR,
            max_gap: float = MAX_GAP, provider: str = "auto",
-           latency_runs: int = 50) -> VerifyReport:
+           latency_runs: int | None = None, batch: int | None = None) -> VerifyReport:
     """Run every check; sample files are validated against the base model first. The
     defaults are the gate's (:mod:`patcher.gate.defaults`), the ones ``patch`` aims for."""
     started, start = datetime.now(timezone.utc), time.perf_counter()
@@ -343,18 +373,23 @@ def verify(base: LoadedModel, patched: LoadedModel, eval_path, attack_path=None,
     pairs = load_pairs(pairs_path, spec, classes) if pairs_path else None
     return verify_sets(base, patched, ev, attack, pairs, max_accuracy_drop, max_asr, max_gap,
                        provider, latency_runs, names=(eval_path, attack_path, pairs_path),
+                       batch=batch,
                        started=(started, start))
 
 
 def verify_sets(base: LoadedModel, patched: LoadedModel, ev: LabelledSet,
                 attack: LabelledSet | None = None, pairs: Pairs | None = None,
                 max_accuracy_drop: float = MAX_ACCURACY_DROP, max_asr: float = MAX_ASR,
-                max_gap: float = MAX_GAP, provider: str = "auto", latency_runs: int = 50,
+                max_gap: float = MAX_GAP, provider: str = "auto",
+                latency_runs: int | None = None,
                 names: tuple = ("eval", "attack", "pairs"),
-                started: tuple[datetime, float] | None = None) -> VerifyReport:
+                started: tuple[datetime, float] | None = None,
+                batch: int | None = None) -> VerifyReport:
     """:func:`verify` on sample sets already checked against both models' classifier
     contract (the library API's arrays); ``names`` (eval, attack, pairs) are what
-    refusals call them."""
+    refusals call them. ``batch``: images per onnxruntime call (default
+    :func:`default_batch`, which bounds the memory); ``latency_runs``: interleaved timed
+    runs of the latency check (default :func:`default_latency_runs`)."""
     started, start = started or (datetime.now(timezone.utc), time.perf_counter())
     eval_path, attack_path, pairs_path = names
     thresholds = {"max_accuracy_drop": max_accuracy_drop, "max_asr": max_asr, "max_gap": max_gap}
@@ -393,7 +428,9 @@ def verify_sets(base: LoadedModel, patched: LoadedModel, ev: LabelledSet,
         for name in ("accuracy", "attack_success_rate", "pair_gap", "latency"):
             skipped.setdefault(name, "not run: onnxruntime cannot run the models")
         return finish(None)
-    lb, lp = predict(s_base, ev.x, label="base"), predict(s_new, ev.x, label="patched")
+    batch = batch or default_batch(base.proto)
+    lb = predict(s_base, ev.x, batch=batch, label="base")
+    lp = predict(s_new, ev.x, batch=batch, label="patched")
     for scores, model in ((lb, base), (lp, patched)):  # the class count the file may not state
         check_scores(scores, str(model.path or "model"),
                      {f"{eval_path}: 'y'": ev.y,
@@ -424,8 +461,10 @@ def verify_sets(base: LoadedModel, patched: LoadedModel, ev: LabelledSet,
     timed(Check("accuracy", not problems, figures, "; ".join(problems)))
     if attack is not None:
         keep = attack.y != attack.target
-        asr = float(np.mean(predict(s_new, attack.x[keep], label="attack").argmax(1) == attack.target))
-        asr_b = float(np.mean(predict(s_base, attack.x[keep], label="attack").argmax(1) == attack.target))
+        asr = float(np.mean(predict(s_new, attack.x[keep], batch=batch,
+                                    label="attack").argmax(1) == attack.target))
+        asr_b = float(np.mean(predict(s_base, attack.x[keep], batch=batch,
+                                      label="attack").argmax(1) == attack.target))
         timed(Check("attack_success_rate", asr <= max_asr,
                             {"base_asr": asr_b, "patched_asr": asr, "max_asr": max_asr},
                             f"ASR {asr:.2%} exceeds {max_asr:.2%}" if asr > max_asr else ""))
@@ -435,11 +474,16 @@ def verify_sets(base: LoadedModel, patched: LoadedModel, ev: LabelledSet,
         timed(Check("pair_gap", g_p <= max_gap,
                             {"base_gap": g_b, "patched_gap": g_p, "max_gap": max_gap},
                             f"pair gap {g_p:.4f} exceeds {max_gap}" if g_p > max_gap else ""))
-    sample = ev.x[: min(32, len(ev.x))]
+    sample = ev.x[: min(32, batch, len(ev.x))]
     times = {"base": [], "patched": []}
-    for sess in (s_base, s_new):  # warm-up
+    warm = 0.0  # warm-up; the last run of each model times one forward
+    for sess in (s_base, s_new):
         for _ in range(3):
+            t0 = time.perf_counter()
             sess.run(sample)
+        warm += time.perf_counter() - t0
+    if latency_runs is None:
+        latency_runs = default_latency_runs(warm)
     for _ in range(latency_runs):
         for key, sess in (("base", s_base), ("patched", s_new)):
             t0 = time.perf_counter()

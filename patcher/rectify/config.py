@@ -53,6 +53,8 @@ class RectifyConfig:
     gap: float = 0.001            # target pair gap delta
     max_rounds: int = 10
     layer: str | None = None      # force one edit at this layer
+    exclude_layers: tuple[str, ...] = ()  # never rank, gather statistics for or edit these
+    max_memory: int | None = None  # bytes: refuse when the up-front estimate exceeds it
     steps: int = 16               # IG steps
     ridge: float = 1e-2
     transplant: str = "paste"
@@ -110,6 +112,8 @@ def check_config(config: RectifyConfig) -> None:
     if config.objective == "attribution" and config.strategy != "dynamic":
         raise RectifyError(f"--objective attribution needs --strategy dynamic (silencing "
                            f"edits), not '{config.strategy}'")
+    if config.layer is not None and config.layer in config.exclude_layers:
+        raise RectifyError(f"--layer '{config.layer}' is also given to --exclude-layer")
     if config.care_objective not in ("rate", "ce"):
         raise RectifyError(f"unknown CARE objective '{config.care_objective}' (rate or ce)")
     if config.care_ranking not in ("care", "swap"):

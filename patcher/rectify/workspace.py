@@ -66,13 +66,23 @@ class Workspace:
         return next(l for l in self.layers if l.name == name)
 
     def _candidate_layers(self) -> list[EditableLayer]:
+        known = [l.name for l in self.graph.editable_layers]
+        excluded = set(self.config.exclude_layers)
+        unknown = [n for n in self.config.exclude_layers if n not in known]
+        if unknown:
+            raise RectifyError(f"--exclude-layer '{unknown[0]}' is not an editable layer of "
+                               f"this model (editable: {', '.join(known)})")
         layers = []
         for layer in self.graph.editable_layers:
+            if layer.name in excluded:
+                continue
             if layer.shared_with and not self.config.allow_shared:
                 continue
             if layer.orientation == "conv" and len(layer.shape) not in (3, 4):
                 continue
             layers.append(layer)
+        if not layers and excluded:
+            raise RectifyError("--exclude-layer leaves no editable layer that can be patched")
         if not layers:
             form = quantized_storage(self.graph.model.proto.graph.node)
             if form is not None:

@@ -1,0 +1,229 @@
+"""Options for real-size models (issue 21): --exclude-layer, the up-front estimate and
+--max-memory of locate/patch, verify's --latency-runs and --batch."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from patcher.cli import main
+from patcher.errors import RectifyError
+from patcher.rectify import RectifyConfig
+from patcher.rectify.budget import (Footprint, LayerKeys, check_memory, estimate,
+                                    model_footprint, parse_memory)
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "backdoor_cnn"
+MODEL, PAIRS, EVAL = SAMPLE / "model.onnx", SAMPLE / "pairs_n1.npz", SAMPLE / "eval.npz"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "patcher", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [l for l in proc.stderr.strip().splitlines() if "error" in l.lower()]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+# ---------------------------------------------------------------- sizes and the estimate
+
+@pytest.mark.parametrize("text, expected", [("4G", 4 << 30), ("512M", 512 << 20),
+                                            ("2.5GB", int(2.5 * 2 ** 30)), ("1000", 1000),
+                                            ("64kib", 64 << 10)])
+def test_memory_sizes_parse_in_binary_units(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "4X", "-1G", "G", "1e9", "nan", "2048T"])
+def test_memory_sizes_out_of_range_or_malformed_are_refused(text):
+    with pytest.raises(RectifyError, match="--max-memory"):
+        parse_memory(text)
+
+
+def _conv_gemm_model():
+    """x [N,3,8,8] -> Conv 4x3x3x3 (pad 1) -> Flatten -> Gemm 256x5: known MACs and bytes."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal((256, 5)).astype(np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "b"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                             ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                              [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_footprint_counts_macs_activations_and_key_widths_from_shapes():
+    fp = model_footprint(_conv_gemm_model())
+    assert fp.macs == 4 * 64 * 27 + 5 * 256           # out elements x key width, per layer
+    assert fp.activation_bytes == 4 * (256 + 256 + 5)  # conv out, flatten out, logits
+    assert fp.largest_activation == 4 * 256
+    assert fp.input_bytes == 4 * 3 * 64
+    assert fp.weight_bytes == 4 * (108 + 1280)
+    assert [(l.name, l.key_dim, l.rows, l.kernel) for l in fp.layers] == [
+        ("conv", 27, 64, 9), ("fc", 256, 1, 1)]
+
+
+def test_estimate_grows_with_eval_size_and_drops_excluded_wide_layers():
+    wide = LayerKeys("wide", 25088, 1)
+    fp = Footprint(macs=10 ** 9, activation_bytes=1 << 20, largest_activation=1 << 18,
+                   weight_bytes=1 << 20, input_bytes=600_000,
+                   layers=[LayerKeys("conv", 576, 196, 9), wide])
+    small, large = (estimate(fp, "patch", n, n, 1, RectifyConfig(), 1e10) for n in (100, 400))
+    assert large.seconds > small.seconds and large.peak_bytes > small.peak_bytes
+    assert small.memory_parts["exact statistics of the edited layer"] == 16 * 25088 ** 2
+    without = estimate(fp, "patch", 100, 100, 1, RectifyConfig(exclude_layers=("wide",)), 1e10)
+    assert without.memory_parts["exact statistics of the edited layer"] == 16 * 576 ** 2
+    assert without.peak_bytes < small.peak_bytes - 9 * 2 ** 30
+    assert estimate(fp, "locate", 100, 100, 1, RectifyConfig(), 1e10).seconds < small.seconds
+    check_memory(small, None)
+    check_memory(small, small.peak_bytes)
+    with pytest.raises(RectifyError, match=r"would need about .* GB .*--max-memory"):
+        check_memory(small, small.peak_bytes - 1)
+
+
+# ---------------------------------------------------------------- locate / patch
+
+def test_tiny_max_memory_refuses_before_any_work(tmp_path):
+    out = tmp_path / "p.onnx"
+    line = _one_line_error(_cli("patch", str(MODEL), "--pairs", str(PAIRS), "--eval", str(EVAL),
+                                "-o", str(out), "--max-memory", "1M", "--device", "cpu"))
+    assert "would need about" in line and "--max-memory 0.00 GB" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    line = _one_line_error(_cli("locate", str(MODEL), "--pairs", str(PAIRS), "--eval", str(EVAL),
+                                "--max-memory", "1M", "--device", "cpu"))
+    assert line.startswith("onnx-rectify: error: locate would need about")
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-3G"])
+def test_max_memory_values_out_of_range_exit_2(value):
+    result = CliRunner().invoke(main, ["locate", str(MODEL), "--pairs", str(PAIRS),
+                                       "--max-memory", value])
+    assert result.exit_code == 2 and "--max-memory" in result.output
+
+
+def test_locate_prints_the_estimate_and_honours_exclude_layer(tmp_path):
+    first = _cli("locate", str(MODEL), "--pairs", str(PAIRS), "--eval", str(EVAL),
+                 "--device", "cpu", "--json", str(tmp_path / "a.json"))
+    assert first.returncode == 0, first.stderr
+    assert "estimate: about" in first.stderr and "peak" in first.stderr
+    ranking = [r["layer"] for r in json.loads((tmp_path / "a.json").read_text())["ranking"]]
+    top, second = ranking[0], ranking[1]
+    again = _cli("locate", str(MODEL), "--pairs", str(PAIRS), "--eval", str(EVAL),
+                 "--device", "cpu", "--exclude-layer", top, "--exclude-layer", second,
+                 "--json", str(tmp_path / "b.json"))
+    assert again.returncode == 0, again.stderr
+    left = [r["layer"] for r in json.loads((tmp_path / "b.json").read_text())["ranking"]]
+    assert top not in left and second not in left
+    assert sorted(left) == sorted(set(ranking) - {top, second})
+
+
+def test_exclude_layer_unknown_or_also_forced_exit_2(tmp_path):
+    line = _one_line_error(_cli("locate", str(MODEL), "--pairs", str(PAIRS), "--device", "cpu",
+                                "--exclude-layer", "no_such_layer"))
+    assert "--exclude-layer 'no_such_layer' is not an editable layer" in line
+    from patcher.graph.shadow import ShadowGraph
+    from patcher.graph.support import load_supported_model
+
+    name = ShadowGraph(load_supported_model(MODEL)).editable_layers[0].name
+    out = tmp_path / "p.onnx"
+    line = _one_line_error(_cli("patch", str(MODEL), "--pairs", str(PAIRS), "--eval", str(EVAL),
+                                "-o", str(out), "--layer", name, "--exclude-layer", name,
+                                "--device", "cpu"))
+    assert f"--layer '{name}' is also given to --exclude-layer" in line
+    assert not out.exists()
+
+
+def test_excluded_layers_get_no_statistics_and_are_never_edited():
+    from patcher.graph.shadow import ShadowGraph
+    from patcher.graph.support import load_supported_model
+    from patcher.rectify.workspace import Workspace
+    from patcher.samples import InputSpec, load_labelled, load_pairs
+
+    proto = load_supported_model(MODEL)
+    spec = InputSpec.of(proto.proto)
+    pairs, ev = load_pairs(PAIRS, spec, None), load_labelled(EVAL, spec, None)
+    graph = ShadowGraph(proto)
+    names = [l.name for l in graph.editable_layers]
+    cfg = RectifyConfig(exclude_layers=tuple(names[:-1]))
+    ws = Workspace(graph, pairs, ev, None, cfg)
+    assert [l.name for l in ws.layers] == names[-1:]
+    with pytest.raises(RectifyError, match="leaves no editable layer"):
+        Workspace(graph, pairs, ev, None, RectifyConfig(exclude_layers=tuple(names)))
+
+
+# ---------------------------------------------------------------- verify
+
+@pytest.fixture()
+def same_model(tmp_path):
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(MODEL, copy)
+    return copy
+
+
+def _latency(tmp_path, *extra: str) -> dict:
+    out = tmp_path / f"v{len(extra)}.json"
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "copy.onnx"), "--base",
+                                       str(MODEL), "--eval", str(EVAL), "--provider", "cpu",
+                                       "--json", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    return next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "latency")
+
+
+def test_verify_latency_runs_given_and_default(tmp_path, same_model):
+    assert _latency(tmp_path, "--latency-runs", "3")["figures"]["runs"] == 3
+    from patcher.gate.verify import (LATENCY_RUNS_MAX, LATENCY_RUNS_MIN,
+                                     default_latency_runs)
+
+    runs = _latency(tmp_path)["figures"]["runs"]
+    assert LATENCY_RUNS_MIN <= runs <= LATENCY_RUNS_MAX
+    assert default_latency_runs(1e-6) == LATENCY_RUNS_MAX     # a tiny model: the cap
+    assert default_latency_runs(5.0) == LATENCY_RUNS_MIN      # 5 s per pair: the floor
+    assert default_latency_runs(0.5) == 20                    # 10 s / 0.5 s
+
+
+@pytest.mark.parametrize("option, value", [("--latency-runs", "0"), ("--batch", "0"),
+                                           ("--batch", "5000"), ("--latency-runs", "x")])
+def test_verify_option_ranges(tmp_path, same_model, option, value):
+    result = CliRunner().invoke(main, ["verify", str(same_model), "--base", str(MODEL),
+                                       "--eval", str(EVAL), option, value])
+    assert result.exit_code == 2 and option in result.output
+
+
+def test_verify_batch_bounds_every_onnxruntime_call(tmp_path, same_model, monkeypatch):
+    import patcher.gate.verify as verify_module
+    from patcher.graph.support import load_supported_model
+
+    seen = []
+    real = verify_module.predict
+
+    def recording(session, x, batch=256, **kw):
+        seen.append(batch)
+        return real(session, x, batch=batch, **kw)
+
+    monkeypatch.setattr(verify_module, "predict", recording)
+    base, copy = load_supported_model(MODEL), load_supported_model(same_model)
+    report = verify_module.verify(base, copy, EVAL, SAMPLE / "attack.npz", latency_runs=1,
+                                  batch=7, provider="cpu")
+    assert seen and set(seen) == {7}   # eval and attack sets, both models
+    assert {c.name for c in report.checks} >= {"accuracy", "attack_success_rate", "latency"}
+    seen.clear()
+    verify_module.verify(base, copy, EVAL, latency_runs=1, provider="cpu")
+    assert set(seen) == {verify_module.default_batch(base.proto)}
+    assert 1 <= seen[0] <= verify_module.BATCH_MAX
