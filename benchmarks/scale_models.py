@@ -445,7 +445,7 @@ def build(name: str, cache_dir: Path = DEFAULT_CACHE, exporter: str = "torchscri
     """``cache_dir/<name>.onnx`` (built, exported with BatchNorm folded and checked under
     onnxruntime, unless cached) and its build figures. Refuses a model whose backdoor is
     not real (ASR < 99% or clean accuracy < 80% on held-out images)."""
-    from exporters.pytorch import export_pytorch
+    from onnx_rectify_exporters.pytorch import export_pytorch
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,282 @@
+"""Scale benchmark: ``locate`` and ``patch`` on real-size backdoored classifiers
+(benchmarks/scale_models.py), CPU seconds and peak RSS of each CLI run (the child's
+rusage from ``os.wait4``: user + system seconds, ``ru_maxrss``) against one onnxruntime
+forward over the same eval set (this process's rusage around ``session.run`` in batches
+of 32, session creation excluded), at each eval size; attack success rate (ASR) and clean
+accuracy (OA) before and after, under onnxruntime, on held-out triggered and clean images
+the patch never saw; and the exit status.
+
+    python benchmarks/scale.py [--models resnet18 vit_ti16 ...] [--evals 100 400]
+        [--verbs locate patch] [--cache /tmp/onnx-rectify-scale] [--timeout 600]
+        [--markdown benchmarks/SCALE.md] [--json FILE] [-- extra options for both verbs]
+
+Each CLI run is a fresh ``python -m patcher`` process with default settings and one pair;
+a run past ``--timeout`` seconds of wall time is killed and reported as such. The
+up-front estimate ``locate``/``patch`` print (``onnx-rectify: estimate: ...``), when
+there is one, is recorded beside the measured figures.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(HERE), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import numpy as np  # noqa: E402
+
+import scale_models  # noqa: E402
+
+DEFAULT_MODELS = ("cifar_resnet18", "resnet18", "mobilenet_v2", "vit_ti16", "vgg16")
+#: the estimate line printed by locate/patch (patcher.rectify.budget.format_estimate)
+ESTIMATE = re.compile(r"estimate: about ([\d.]+) s CPU .*?peak ([\d.]+) GB")
+
+
+@dataclass
+class Run:
+    """One CLI process: its exit status, rusage figures and what it printed."""
+
+    command: list[str]
+    exit: int | None          # None: killed at the timeout
+    cpu_s: float
+    wall_s: float
+    peak_rss_gb: float
+    estimate_cpu_s: float | None = None
+    estimate_peak_gb: float | None = None
+    tail: str = ""
+
+
+@dataclass
+class Row:
+    model: str
+    note: str
+    eval: int
+    forward_cpu_s: float
+    forward_wall_s: float
+    runs: dict = field(default_factory=dict)     # verb -> Run
+    rates: dict = field(default_factory=dict)    # asr/oa before and after
+
+
+def run_cli(args: list[str], timeout: float) -> Run:
+    """``python -m patcher ARGS`` in a child process, measured by its own rusage."""
+    command = [sys.executable, "-m", "patcher", *args]
+    t0 = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             cwd=ROOT, start_new_session=True)
+    out_chunks: list[bytes] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: out_chunks.append(child.stdout.read()))
+    reader.start()
+    killed = False
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - t0 > timeout and not killed:
+            os.killpg(child.pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    reader.join()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    text = b"".join(out_chunks).decode(errors="replace")
+    run = Run(command[3:], None if killed else child.returncode,
+              round(usage.ru_utime + usage.ru_stime, 1), round(wall, 1),
+              round(usage.ru_maxrss / 2 ** 20, 2),
+              tail="\n".join(text.strip().splitlines()[-25:]))
+    found = ESTIMATE.search(text)
+    if found:
+        run.estimate_cpu_s, run.estimate_peak_gb = float(found[1]), float(found[2])
+    return run
+
+
+def ort_forward(model: Path, x: np.ndarray, batch: int = 32) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one onnxruntime forward over ``x`` (session made
+    before timing)."""
+    from patcher.model.runtime import open_session
+
+    session = open_session(model, "cpu")
+    session.run(x[:1])
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for i in range(0, len(x), batch):
+        session.run(x[i:i + batch])
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return round(cpu, 2), round(time.perf_counter() - t0, 2)
+
+
+def rates(model: Path, clean: dict, attack: dict) -> tuple[float, float]:
+    """(OA on held-out clean images, ASR on held-out triggered images) under onnxruntime."""
+    from patcher.model.runtime import open_session
+
+    session = open_session(model, "cpu")
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([session.run(x[i:i + 32])[0].argmax(1)
+                               for i in range(0, len(x), 32)])
+
+    oa = float((predict(clean["x"]) == clean["y"]).mean())
+    asr = float((predict(attack["x"]) == int(attack["target"])).mean())
+    return oa, asr
+
+
+def machine() -> dict:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu, "cores": os.cpu_count(), "commit": commit,
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
+
+
+def bench_model(name: str, evals: list[int], verbs: list[str], cache: Path, timeout: float,
+                extra: list[str], log) -> list[Row]:
+    built = scale_models.build(name, cache)
+    log(f"{name}: built ({built.info['build_seconds']} s when built; torch OA "
+        f"{built.info['torch_oa']:.0%}, ASR {built.info['torch_asr']:.0%})")
+    rows = []
+    folder = cache / "sets"
+    for n in evals:
+        sets = scale_models.write_sets(name, folder, n)
+        x = np.load(sets["eval"])["x"]
+        cpu, wall = ort_forward(built.path, x)
+        row = Row(name, built.info["note"], n, cpu, wall)
+        log(f"{name} eval {n}: onnxruntime forward {cpu} s CPU, {wall} s wall")
+        common = ["--pairs", str(sets["pairs"]), "--eval", str(sets["eval"]), *extra]
+        if "locate" in verbs:
+            row.runs["locate"] = run_cli(["locate", str(built.path), *common], timeout)
+            log(f"  locate: {asdict(row.runs['locate'])}")
+        if "patch" in verbs:
+            out = cache / f"{name}.eval{n}.patched.onnx"
+            row.runs["patch"] = run_cli(["patch", str(built.path), *common, "-o", str(out),
+                                         "--force"], timeout)
+            log(f"  patch: {asdict(row.runs['patch'])}")
+            clean = dict(np.load(sets["test"]))
+            attack = dict(np.load(sets["attack"]))
+            oa0, asr0 = rates(built.path, clean, attack)
+            row.rates = {"oa_before": oa0, "asr_before": asr0}
+            if row.runs["patch"].exit in (0, 1) and out.exists():
+                oa1, asr1 = rates(out, clean, attack)
+                row.rates.update(oa_after=oa1, asr_after=asr1)
+            log(f"  rates: {row.rates}")
+        rows.append(row)
+    return rows
+
+
+def _cell(run: Run | None, forward: float) -> tuple[str, str, str]:
+    if run is None:
+        return "-", "-", "-"
+    status = "killed at timeout" if run.exit is None else f"exit {run.exit}"
+    figure = f"{run.cpu_s:.0f} s ({run.wall_s:.0f} s wall), {run.peak_rss_gb:.2f} GB, {status}"
+    ratio = f"{run.cpu_s / forward:.0f}x" if forward > 0 else "-"
+    if run.estimate_cpu_s is not None:
+        est = f"{run.estimate_cpu_s:.0f} s, {run.estimate_peak_gb:.2f} GB"
+    else:
+        est = "-"
+    return figure, ratio, est
+
+
+def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
+    lines = [
+        "# Scale benchmark (`benchmarks/scale.py`)", "",
+        f"{env['date']}, commit {env['commit']}, {env['cpu']}, {env['cores']} cores, "
+        f"{env['memory_gb']} GB, torch {env['torch']}, onnxruntime {env['onnxruntime']}; "
+        f"load average at start {', '.join(f'{v:.1f}' for v in env['load_average_at_start'])} "
+        f"(the machine is shared: CPU seconds are the figure to compare, wall is beside it); "
+        f"whole run {wall:.0f} s wall.", "",
+        f"Command: `python benchmarks/scale.py {' '.join(argv)}`", "",
+        "Models from `benchmarks/scale_models.py`: torchvision-shaped, random seeded "
+        "backbones, a features -> 128 -> 5 head trained on synthetic images with a 40x40 "
+        "checkerboard trigger (8x8 at 32x32); one pair; default settings otherwise. "
+        "CPU seconds and peak RSS are the CLI process's own (rusage); the ratio is over "
+        "one onnxruntime forward over the same eval set (CPU seconds, batch 32). OA and "
+        "ASR under onnxruntime on 200 held-out clean and 100 held-out triggered images.", "",
+        "| model | eval | ORT forward CPU s | locate | locate / forward | patch | "
+        "patch / forward | OA before -> after | ASR before -> after | estimate locate | "
+        "estimate patch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        loc, loc_ratio, loc_est = _cell(r.runs.get("locate"), r.forward_cpu_s)
+        pat, pat_ratio, pat_est = _cell(r.runs.get("patch"), r.forward_cpu_s)
+        rt = r.rates
+        oa = (f"{rt['oa_before']:.1%} -> {rt['oa_after']:.1%}" if "oa_after" in rt
+              else (f"{rt['oa_before']:.1%} -> -" if rt else "-"))
+        asr = (f"{rt['asr_before']:.0%} -> {rt['asr_after']:.0%}" if "asr_after" in rt
+               else (f"{rt['asr_before']:.0%} -> -" if rt else "-"))
+        lines.append(f"| {r.note} | {r.eval} | {r.forward_cpu_s:.1f} | {loc} | {loc_ratio} | "
+                     f"{pat} | {pat_ratio} | {oa} | {asr} | {loc_est} | {pat_est} |")
+    failures = [(r, v, run) for r in rows for v, run in r.runs.items() if run.exit not in (0,)]
+    if failures:
+        lines += ["", "## Runs that did not exit 0 (last lines of their output)", ""]
+        for r, verb, run in failures:
+            lines += [f"**{r.model}, eval {r.eval}, {verb}** "
+                      f"({'killed at timeout' if run.exit is None else f'exit {run.exit}'}):",
+                      "", "```", run.tail[-1500:], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                        choices=sorted(scale_models.SPECS))
+    parser.add_argument("--evals", nargs="+", type=int, default=[100, 400])
+    parser.add_argument("--verbs", nargs="+", default=["locate", "patch"],
+                        choices=["locate", "patch"])
+    parser.add_argument("--cache", type=Path, default=scale_models.DEFAULT_CACHE)
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="wall seconds per CLI run before it is killed")
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    env = machine()
+    t0 = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    rows: list[Row] = []
+    for name in args.models:
+        rows += bench_model(name, args.evals, args.verbs, args.cache, args.timeout, extra, log)
+        if args.json:  # after each model: a partial result survives an interrupted run
+            args.json.write_text(json.dumps({"machine": env, "rows": [asdict(r) for r in rows]},
+                                            indent=1))
+    wall = time.perf_counter() - t0
+    text = markdown(rows, env, wall, argv)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
