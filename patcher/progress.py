@@ -3,10 +3,9 @@
 - **Progress bars** (``with progress(n, "attribution") as bar: bar.update(k)``): on a
   terminal one line, redrawn as the work moves and (by :func:`session`'s timer) every
   second with the elapsed time, so that a long batch still shows life; cleared when the
-  phase ends; between phases a transient line with the last phase and the elapsed time.
-  Off a terminal (a CI log) no bar is drawn.
-- **Heartbeat**: off a terminal, during a :func:`session`, one line at least every
-  ``interval`` seconds (``ONNX_RECTIFY_HEARTBEAT``, default 15; 0 turns it off) with the
+  phase ends. Off a terminal (a CI log) no bar is drawn.
+- **Heartbeat**: off a terminal (and on one while no bar is drawn: a pause between
+  phases), during a :func:`session`, one line at least every ``interval`` seconds (``ONNX_RECTIFY_HEARTBEAT``, default 15; 0 turns it off) with the
   elapsed time, the phase and how far it got. Checked at each bar update and by a timer
   thread (so a phase without updates still gets its lines); time comes from :data:`clock`,
   which tests replace.
@@ -38,9 +37,6 @@ PREFIX = "onnx-rectify"
 HEARTBEAT_SECONDS = 15.0
 #: Seconds between redraws of a bar on a terminal.
 REDRAW_SECONDS = 0.1
-#: On a terminal, after this many seconds with no bar and no line, a transient line says
-#: which phase ended last and the elapsed time (redrawn every second).
-IDLE_LINE_SECONDS = 2.0
 #: The time source (seconds); tests replace it with a fake clock.
 clock: Callable[[], float] = time.monotonic
 
@@ -152,31 +148,19 @@ def _where() -> str:
 
 
 def tick() -> None:
-    """Print a heartbeat line if one is due (off a terminal), or redraw the bar with the
-    elapsed time (on a terminal). Called at every bar update and by the session's timer."""
+    """Redraw the bar with the elapsed time (on a terminal), or else print a heartbeat line
+    if one is due: a whole line, never a transient one, so that results printed on
+    stdout later cannot land on it. Called at every bar update and by the session's
+    timer."""
     if _state.quiet:
         return
     with _lock:
-        if _on_terminal():
-            if _state.bars:
-                _state.bars[-1].draw()
-            elif _state.active and clock() - _state.last_line >= IDLE_LINE_SECONDS:
-                _draw_idle()
+        if _on_terminal() and _state.bars:
+            _state.bars[-1].draw()
             return
         now = clock()
         if _state.active and _state.interval > 0 and now - _state.last_line >= _state.interval:
             _write(f"{PREFIX}: {_elapsed(now - _state.started)} elapsed: {_where()}")
-
-
-def _draw_idle() -> None:
-    """On a terminal, between phases: one transient line with the elapsed time (lock held)."""
-    text = f"{PREFIX}: {_where()}  {_elapsed(clock() - _state.started)}"
-    try:
-        _stream().write("\r\033[K" + text)
-        _stream().flush()
-    except (OSError, ValueError):
-        return
-    _state.drawn = True
 
 
 class _Bar:
