@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeGuard, Union
 
 import numpy as np
 import onnx
@@ -51,6 +51,7 @@ from patcher.patch import (Inputs, PatchReport, default_output, gather_inputs, l
                            patch_loaded, warn_completeness)
 from patcher.patch import locate as locate_layers
 from patcher.rectify import LayerScore, RectifyConfig
+from patcher.rectify.budget import parse_memory
 from patcher.rectify.config import OBJECTIVES, SCORE_MODES, STRATEGIES, TRANSPLANT_MODES
 from patcher.samples import (InputSpec, LabelledSet, Pairs, check_labelled, check_pairs,
                              classifier_contract, load_labelled, load_pairs, num_classes_of)
@@ -78,6 +79,11 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "stat_rows": (1, 1 << 24, False), "care_neurons": (1, 1 << 20, False),
     "top_fraction": (0.0, 1.0, True), "max_accuracy_drop": (0.0, 1.0, False),
     "max_asr": (0.0, 1.0, False), "max_gap": (0.0, 1.0, False), "batch": (1, 1024, False),
+    "latency_runs": (1, 10000, False),
+}
+#: Where a verb's option of the same name has another range.
+VERB_RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
+    "verify": {"batch": (1, 4096, False)},
 }
 #: The values each option with a fixed set of them accepts (the CLI's choices).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -87,18 +93,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "solver": ("closed", "iterative"), "method": ("attribution", "causal"),
 }
 _INTEGERS = {"max_rounds", "steps", "transplant_count", "heldout_count", "seed", "stat_rows",
-             "care_neurons", "batch"}
+             "care_neurons", "batch", "latency_runs"}
 
 
-def _check_options(options: dict[str, Any]) -> None:
+def _check_options(options: dict[str, Any], verb: str = "") -> None:
     """Refuse an option outside its range or choices (a one-line RectifyError, exit 2)."""
+    ranges = {**RANGES, **VERB_RANGES.get(verb, {})}
     for name, value in options.items():
         if name in CHOICES:
             if value not in CHOICES[name]:
                 raise RectifyError(f"{name}={value!r}: expected one of "
                                    f"{', '.join(repr(c) for c in CHOICES[name])}")
-        elif name in RANGES and value is not None:
-            low, high, open_low = RANGES[name]
+        elif name in ranges and value is not None:
+            low, high, open_low = ranges[name]
             whole = name in _INTEGERS
             kinds = (int, np.integer) if whole else (int, float, np.integer, np.floating)
             if isinstance(value, bool) or not isinstance(value, kinds) or \
@@ -110,7 +117,7 @@ def _check_options(options: dict[str, Any]) -> None:
                                    f"{'(' if open_low else '['}{low}, {high}]")
 
 
-def _is_path(value: object) -> bool:
+def _is_path(value: object) -> TypeGuard[str | os.PathLike[str]]:
     return isinstance(value, (str, os.PathLike))
 
 
@@ -190,6 +197,31 @@ def _inputs(model: ModelSource, pairs: PairsSource, eval: LabelledSource | None,
     return gather_inputs(loaded, classes, p, ev, calib_x, attack_set, reads, names), attack_set
 
 
+def _names(layers: Sequence[str]) -> tuple[str, ...]:
+    """Layer names as a tuple (one name given as a string is one name)."""
+    names = (layers,) if isinstance(layers, str) else tuple(layers)
+    if not all(isinstance(n, str) for n in names):
+        raise RectifyError(f"exclude_layers={layers!r}: expected layer (node) names")
+    return names
+
+
+def _memory(size: int | str | None) -> int | None:
+    """``max_memory`` in bytes: an integer, or a size such as "4G" or "512M"."""
+    if size is None:
+        return None
+    if isinstance(size, str):
+        try:
+            return parse_memory(size)
+        except RectifyError:
+            raise RectifyError(f"max_memory={size!r}: not a size (e.g. 4G, 512M, 2.5GB, or "
+                               "bytes as an integer)") from None
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or \
+            not 1 <= size < 2 ** 50:
+        raise RectifyError(f"max_memory={size!r}: expected bytes (1 to 2^50) or a size such "
+                           "as 4G")
+    return int(size)
+
+
 def _config(**options: Any) -> RectifyConfig:
     """The RectifyConfig of these options (the API's names, the config's fields)."""
     if "top_fraction" in options:
@@ -244,6 +276,8 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
           allow_shared: bool = _CONFIG.allow_shared, seed: int = _CONFIG.seed,
           statistics: str = _CONFIG.statistics, stat_rows: int | None = _CONFIG.stat_rows,
           cache_dir: str | os.PathLike[str] | None = _CONFIG.cache_dir,
+          exclude_layers: Sequence[str] = _CONFIG.exclude_layers,
+          max_memory: int | str | None = _CONFIG.max_memory,
           device: str = "auto", provider: str = "auto", force: bool = False,
           show_progress: bool | None = _CONFIG.show_progress,
           log: Callable[[str], None] | None = None) -> PatchResult:
@@ -264,6 +298,7 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
                         transplant_count=transplant_count, heldout_count=heldout_count,
                         attribution_form=attribution_form, seed=seed, statistics=statistics,
                         stat_rows=stat_rows, device=device, provider=provider))
+    excluded, memory = _names(exclude_layers), _memory(max_memory)
     start = time.perf_counter()
     inputs, attack_set = _inputs(model, pairs, eval, calib, attack)
     config = _config(strategy=strategy, objective=objective, budget=budget, gap=gap,
@@ -273,12 +308,13 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
                      allow_shared=allow_shared,
                      cache_dir=None if cache_dir is None else str(cache_dir), solver=solver,
                      stat_rows=stat_rows, statistics=statistics, care_neurons=care_neurons,
+                     exclude_layers=excluded, max_memory=memory,
                      show_progress=show_progress)
     rates: dict[str, float] = {}
 
     def measure_attack(report: PatchReport, outputs, staged_model: Path) -> None:
         """ASR of the input and of the written file (staged, before it is renamed)."""
-        if attack_set is None:
+        if attack_set is None or attack_set.target is None:
             return
         base = inputs.loaded.path or inputs.loaded.proto.SerializeToString()
         for key, source in (("before", base), ("after", staged_model)):
@@ -339,6 +375,8 @@ def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | Non
            allow_shared: bool = _CONFIG.allow_shared, seed: int = _CONFIG.seed,
            statistics: str = _CONFIG.statistics, stat_rows: int | None = _CONFIG.stat_rows,
            cache_dir: str | os.PathLike[str] | None = _CONFIG.cache_dir,
+           exclude_layers: Sequence[str] = _CONFIG.exclude_layers,
+           max_memory: int | str | None = _CONFIG.max_memory,
            device: str = "auto", show_progress: bool | None = _CONFIG.show_progress
            ) -> LocateResult:
     """Rank ``model``'s editable layers for ``pairs`` (``onnx-rectify locate``). The key
@@ -347,6 +385,7 @@ def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | Non
                         transplant=transplant, transplant_count=transplant_count,
                         heldout_count=heldout_count, attribution_form=attribution_form, seed=seed,
                         statistics=statistics, stat_rows=stat_rows, device=device))
+    excluded, memory = _names(exclude_layers), _memory(max_memory)
     start = time.perf_counter()
     inputs, _ = _inputs(model, pairs, eval, calib, None)
     config = _config(steps=steps, score=score, transplant=transplant, seed=seed,
@@ -354,6 +393,7 @@ def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | Non
                      attribution_form=attribution_form, allow_shared=allow_shared,
                      cache_dir=None if cache_dir is None else str(cache_dir),
                      top_fraction=top_fraction, stat_rows=stat_rows, statistics=statistics,
+                     exclude_layers=excluded, max_memory=memory,
                      show_progress=show_progress)
     if method == "causal":
         effects, ranking = locate_causal(inputs, config, device)
@@ -366,15 +406,18 @@ def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | Non
 def verify(patched: ModelSource, *, base: ModelSource, eval: LabelledSource,  # noqa: A002
            attack: AttackSource | None = None, pairs: PairsSource | None = None,
            max_accuracy_drop: float = MAX_ACCURACY_DROP, max_asr: float = MAX_ASR,
-           max_gap: float = MAX_GAP, provider: str = "auto") -> VerifyReport:
+           max_gap: float = MAX_GAP, provider: str = "auto", latency_runs: int | None = None,
+           batch: int | None = None) -> VerifyReport:
     """The release gate (``onnx-rectify verify``): is ``patched`` safe to ship in place of
     ``base``? Only Conv/Gemm/MatMul weight values may differ, each change declared in the
     provenance; under onnxruntime the accuracy drop on ``eval`` is at most
     ``max_accuracy_drop``, the attack success rate on ``attack`` at most ``max_asr``, the
-    pair gap on ``pairs`` at most ``max_gap``. ``report.passed`` is the verdict;
-    ``report.checks`` the figures; ``report.junit()`` and ``report.as_dict()`` the CI forms."""
+    pair gap on ``pairs`` at most ``max_gap``. ``latency_runs`` (timed runs of each model)
+    and ``batch`` (images per onnxruntime call) default to what fits the model, as the CLI's.
+    ``report.passed`` is the verdict; ``report.checks`` the figures; ``report.junit()`` and
+    ``report.as_dict()`` the CI forms."""
     _check_options(dict(max_accuracy_drop=max_accuracy_drop, max_asr=max_asr, max_gap=max_gap,
-                        provider=provider))
+                        provider=provider, latency_runs=latency_runs, batch=batch), "verify")
     base_model, candidate = _load(base, "base"), _load(patched, "patched")
     spec, classes = classifier_contract(base_model.proto, _source_name(base, "base"))
     classifier_contract(candidate.proto, _source_name(patched, "patched"))
@@ -385,7 +428,8 @@ def verify(patched: ModelSource, *, base: ModelSource, eval: LabelledSource,  # 
     names = (_source_name(eval, "eval"), _source_name(attack, "attack"),
              _source_name(pairs, "pairs"))
     return verify_sets(base_model, candidate, ev, attack_set, pair_set, max_accuracy_drop,
-                       max_asr, max_gap, provider, names=names)
+                       max_asr, max_gap, provider, latency_runs=latency_runs, names=names,
+                       batch=batch)
 
 
 def inspect(model: ModelSource, *, parity: bool = True, seed: int = 0, batch: int = 2,
@@ -396,7 +440,7 @@ def inspect(model: ModelSource, *, parity: bool = True, seed: int = 0, batch: in
     rather than refused) and, with ``parity``, whether the shadow graph matches
     onnxruntime on seeded random input (``summary.parity.passed``). ``input_shapes`` gives
     inputs with symbolic dimensions a concrete shape."""
-    _check_options(dict(seed=seed, batch=batch, provider=provider))
+    _check_options(dict(seed=seed, batch=batch, provider=provider), "inspect")
     if not (_is_path(model) or isinstance(model, onnx.ModelProto)):
         raise BadModelError(f"model: expected a path or an onnx.ModelProto, got "
                             f"{type(model).__name__}")

@@ -97,6 +97,9 @@ def test_verify_and_locate_take_paths_or_arrays_alike(files, tmp_path):
     assert set(ranked.layers) == {"/classifier.0/Gemm", "/classifier.2/Gemm",
                                   "/features.0.0/Conv", "/features.2.0/Conv",
                                   "/features.3.0/Conv"}
+    fewer = api.locate(folder / "model.onnx", folder / "pairs.npz", eval=folder / "eval.npz",
+                       exclude_layers="/classifier.2/Gemm", max_memory="64G", **options)
+    assert fewer.layers == [n for n in ranked.layers if n != "/classifier.2/Gemm"]
 
 
 def test_inspect_describes_a_path_or_a_model_proto(files):
@@ -149,17 +152,16 @@ def test_options_are_keyword_only_with_the_cli_defaults(verb):
         if verb == "inspect" and name == "parity":  # the CLI's flag says the opposite
             assert param.default is True and cli_default(command, cli["no_parity"]) is False
             continue
-        if verb == "inspect" and name == "input_shapes":
-            assert param.default is None and cli["input_shapes"].multiple
-            continue
         option = cli[CLI_NAME.get(name, name)]
         if option.required:
             assert param.default is pyinspect.Parameter.empty, name
         else:
             default = cli_default(command, option)
-            if option.multiple:
-                default = default or None
-            assert param.default == default, (name, param.default, default)
+            if option.multiple:  # a repeatable option: none given is an empty list
+                given = default if isinstance(default, (list, tuple)) else ()  # click: UNSET
+                assert tuple(param.default or ()) == tuple(given), name
+            else:
+                assert param.default == default, (name, param.default, default)
         compared += 1
     assert compared >= 3
     api_names = {CLI_NAME.get(n, n) for n in params} | {"no_parity"}
@@ -195,7 +197,8 @@ def test_ranges_and_choices_are_the_clis(verb):
         if isinstance(kind, click.Choice):
             assert tuple(kind.choices) == tuple(api.CHOICES[name]), name
         elif isinstance(kind, (click.IntRange, click.FloatRange)):
-            assert api.RANGES[name] == (kind.min, kind.max, bool(kind.min_open)), name
+            ranges = {**api.RANGES, **api.VERB_RANGES.get(verb, {})}
+            assert ranges[name] == (kind.min, kind.max, bool(kind.min_open)), name
             assert not kind.max_open
 
 
@@ -208,11 +211,14 @@ def test_ranges_and_choices_are_the_clis(verb):
     ({"seed": True}, "seed=True: expected an integer"),
     ({"strategy": "fast"}, "strategy='fast': expected one of 'dynamic', "),
     ({"device": "tpu"}, "device='tpu': expected one of 'auto', 'cpu', 'cuda'"),
+    ({"max_memory": "lots"}, "max_memory='lots': not a size (e.g. 4G"),
+    ({"max_memory": 0}, "max_memory=0: expected bytes"),
+    ({"exclude_layers": [3]}, "exclude_layers=[3]: expected layer (node) names"),
 ])
 def test_bad_options_are_refused_in_one_line(files, options, message):
     folder, _ = files
-    with pytest.raises(RectifyError) as info:
-        api.patch(folder / "model.onnx", folder / "pairs.npz", folder / "eval.npz",
+    with pytest.raises(RectifyError) as info:  # before anything is read: no such model
+        api.patch(folder / "missing.onnx", folder / "pairs.npz", folder / "eval.npz",
                   **options)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
     assert info.value.exit_code == 2
@@ -287,3 +293,29 @@ def test_a_model_that_is_neither_a_path_nor_a_proto_is_refused(files):
             call()
     with pytest.raises(BadModelError, match="no such file"):
         api.inspect(folder / "missing.onnx")
+
+
+def test_inspect_lists_unsupported_nodes_instead_of_refusing():
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Hardmax", ["h"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["n", 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["n", 3])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=8)
+    summary = api.inspect(model)
+    assert summary.unsupported == ["Hardmax (domain ai.onnx, opset 17) at node 'Hardmax_1'"]
+    assert summary.parity is None and summary.op_histogram == {"MatMul": 1, "Hardmax": 1}
+
+
+def test_patcher_patch_is_the_api_and_still_the_pipeline_module():
+    import patcher.patch as pipeline
+
+    assert patcher.patch is pipeline and callable(pipeline)
+    assert pipeline.load_inputs and pipeline.COMPLETENESS_LIMIT  # the module's own names
+    assert pyinspect.signature(patcher.patch) == pyinspect.signature(api.patch)
+    assert {"patch", "locate", "verify", "inspect", "PatchResult",
+            "LocateResult"} <= set(patcher.__all__)
