@@ -1,5 +1,5 @@
-"""The README's Python example runs as written (from the repository root) and prints what
-its comment says."""
+"""The README's Python example (the library API, patcher.patch) runs as written (from the
+repository root) and prints what its comment says."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +18,8 @@ def python_blocks() -> list[str]:
 def test_the_readme_python_example_runs_and_prints_what_it_says():
     blocks = python_blocks()
     assert blocks, "the README has no Python example"
+    assert any("patcher.patch(" in block for block in blocks), \
+        "the README's Python example does not show the library API (patcher.patch)"
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
