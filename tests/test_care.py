@@ -225,6 +225,9 @@ def test_default_site_is_the_flattened_map_and_pooled_features_are_refused():
         default_unit_site(pooled, pooled.editable_layers, x)
     with pytest.raises(RectifyError, match="graph input"):
         unit_site(graph, graph.layer("A"), x)
+    mlp = _mlp()  # A reads the model input: CARE's units are those B reads
+    site = default_unit_site(mlp, mlp.editable_layers, torch.zeros(1, 6))
+    assert site.consumer.name == "B" and not site.spatial and site.units == 8
 
 
 def test_unit_rankings_give_nothing_to_a_unit_that_cannot_reach_the_output():

@@ -256,6 +256,9 @@ class UnitSite:
     spatial: bool
     #: how the feature map reaches the consumer, in words
     path: str
+    #: the units come from a pooling op (one per channel) / straight from the model input
+    pooled: bool = False
+    from_input: bool = False
 
 
 def _data_input(graph: ShadowGraph, layer: EditableLayer) -> str:
@@ -310,10 +313,12 @@ def unit_site(graph: ShadowGraph, layer: EditableLayer, probe: torch.Tensor) -> 
     else:
         spatial = (node is None or node.op_type not in POOLING_OPS) and source.dim() >= 3 \
             and int(np.prod(source.shape[2:])) > 1
-    origin = f"{node.op_type} '{node.name}'" if node is not None else "the input"
-    path = f"{origin} output {list(source.shape[1:])}" + \
+    origin = f"{node.op_type} '{node.name}' output" if node is not None else "the model input"
+    path = f"{origin} {list(source.shape[1:])}" + \
         (f" through {' -> '.join(reversed(steps))}" if steps else "")
-    return UnitSite(layer, tensor, producer.name, axis, int(value.shape[axis]), spatial, path)
+    return UnitSite(layer, tensor, producer.name, axis, int(value.shape[axis]), spatial, path,
+                    pooled=node is not None and node.op_type in POOLING_OPS,
+                    from_input=node is None)
 
 
 class SiteRunner:
@@ -452,18 +457,23 @@ def unit_effects(graph: ShadowGraph, site: UnitSite, triggered: torch.Tensor,
 @torch.no_grad()
 def default_unit_site(graph: ShadowGraph, layers: list[EditableLayer],
                       probe: torch.Tensor) -> UnitSite:
-    """CARE's site: the units feeding the first dense (Gemm/MatMul) layer of ``layers``, when
-    they are a spatially resolved feature map. A dense layer that reads pooled channels has
-    no such units (a multiplier per channel x position there is not a weight edit):
-    RectifyError, naming what to pass instead."""
-    dense = [l for l in layers if l.op in ("Gemm", "MatMul")]
-    if not dense:
-        raise RectifyError("CARE does not apply: the model has no editable dense layer whose "
-                           "input units CARE could repair (pass --layer NAME)")
-    site = unit_site(graph, dense[0], probe)
-    if not site.spatial:
-        raise RectifyError(f"CARE does not apply by default: the first dense layer "
-                           f"'{dense[0].name}' reads {site.path}, pooled features with no "
-                           "spatially resolved units; pass --layer NAME to repair the input "
-                           "units of another layer")
-    return site
+    """CARE's site: the units feeding the first dense (Gemm/MatMul) layer of ``layers`` that
+    reads hidden units (not the model input): a flattened feature map (spatially resolved
+    units, as CARE cuts a CNN) or a hidden dense layer's units (an MLP). A dense layer that
+    reads pooled channels has no spatial units a weight edit could scale: RectifyError,
+    naming what to pass instead."""
+    for layer in (l for l in layers if l.op in ("Gemm", "MatMul")):
+        try:
+            site = unit_site(graph, layer, probe)
+        except RectifyError:  # the model input itself, or a tensor read elsewhere too
+            continue
+        if site.from_input:
+            continue
+        if site.pooled:
+            raise RectifyError(f"CARE does not apply by default: the first dense layer "
+                               f"'{layer.name}' reads {site.path}, pooled features with no "
+                               "spatially resolved units; pass --layer NAME to repair the "
+                               "input units of another layer")
+        return site
+    raise RectifyError("CARE does not apply: no editable dense layer reads hidden units "
+                       "CARE could repair (pass --layer NAME)")
