@@ -229,11 +229,12 @@ def progress(length: int, label: str, enabled: bool | None = None) -> Iterator:
 def session(quiet: bool = False, verbose: bool = False,
             interval: float | None = None) -> Iterator[None]:
     """One verb's run: :func:`configure`, and a timer thread that calls :func:`tick` every
-    second (or every ``interval`` when shorter) until the run ends."""
+    quarter second (or every ``interval`` when shorter) until the run ends."""
     configure(quiet, verbose, interval)
     _state.active = True
     stop = threading.Event()
-    period = min(1.0, _state.interval) if _state.interval > 0 else 1.0
+    # a quarter second: a due line comes within it (a bar's clock still moves per second)
+    period = min(0.25, _state.interval) if _state.interval > 0 else 0.25
     timer = None
     if not quiet:
         def beat() -> None:
