@@ -241,6 +241,27 @@ def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render(paths: list[Path]) -> str:
+    """One markdown table from several --json results (the first one's machine line; each
+    file's own date, commit and load average listed below the table)."""
+    rows, runs = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        env = data["machine"]
+        runs.append(f"- `{Path(path).name}`: {env['date']}, commit {env['commit']}, load "
+                    f"average at start {', '.join(f'{v:.1f}' for v in env['load_average_at_start'])}"
+                    f", {data.get('wall_s', 0):.0f} s wall: `python benchmarks/scale.py "
+                    f"{' '.join(data.get('argv', []))}`")
+        for r in data["rows"]:
+            r["runs"] = {verb: Run(**run) for verb, run in r["runs"].items()}
+            rows.append(Row(**r))
+    first = json.loads(Path(paths[0]).read_text())
+    text = markdown(rows, first["machine"], sum(json.loads(Path(p).read_text()).get("wall_s", 0)
+                                                for p in paths), ["--render", *map(str, paths)])
+    return text + "\nRuns (one process per model, run one after another or side by side):\n\n" \
+        + "\n".join(runs) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -257,7 +278,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="wall seconds per CLI run before it is killed")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--render", type=Path, nargs="+", default=None,
+                        help="only write the markdown of these --json files (runs made "
+                        "separately, e.g. one model at a time), in order")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.render:
+        text = render(args.render)
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text)
+        return 0
     env = machine()
     t0 = time.perf_counter()
 
@@ -268,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         rows += bench_model(name, args.evals, args.verbs, args.cache, args.timeout, extra, log)
         if args.json:  # after each model: a partial result survives an interrupted run
-            args.json.write_text(json.dumps({"machine": env, "rows": [asdict(r) for r in rows]},
-                                            indent=1))
+            args.json.write_text(json.dumps({"machine": env, "argv": argv,
+                                             "wall_s": time.perf_counter() - t0,
+                                             "rows": [asdict(r) for r in rows]}, indent=1))
     wall = time.perf_counter() - t0
     text = markdown(rows, env, wall, argv)
     print(text)

@@ -13,20 +13,22 @@ What it counts, per image (:func:`model_footprint`):
 Time (:func:`estimate`): forward-equivalents x macs / the machine's measured rate
 (:func:`machine_rate`, a timed matmul in this process's CPU seconds, times
 :data:`EFFICIENCY`). Forward-equivalents: the statistics pass over the calibration
-images (:data:`STATISTICS_FORWARDS` each), the IG passes (steps x (pairs + transplanted
-fit images), forward and backward: 3 each), the gap measurements on the held-out
-transplanted images, and for ``patch`` an accuracy pass per expected round plus verify's
-two onnxruntime passes.
+images (:data:`STATISTICS_FORWARDS` each), the IG passes (steps x pairs, forward and
+backward: 3 each), the gap measurements on the transplanted images, and for ``patch``
+an accuracy pass and a gap pass per expected round (:data:`EXPECTED_ROUNDS`) plus
+verify's two onnxruntime passes over the eval images.
 
 Peak memory: a fixed runtime (:data:`RUNTIME_BYTES`: Python, torch, onnxruntime), three
 copies of the weights (the proto, the shadow graph, the written copy), the data (eval and
-calibration images, transplanted sets), the largest of the working sets: an IG chunk
-(:data:`IG_CHUNK` images x activation_bytes x 2, activations and their gradients), an
-accuracy batch (:data:`EVAL_BATCH` x 2 largest activations) and a statistics batch
-(:data:`STAT_BATCH` x rows x d float32 keys of the widest layer); plus the statistics
+calibration images, transplanted sets), the largest of the working sets: an IG block
+(the pairs times min(steps, :data:`IG_CHUNK` // pairs) steps, x activation_bytes x
+:data:`BACKWARD_COPIES`, activations and their gradients), an
+accuracy batch (batch x 2 largest activations) and a statistics batch (batch x rows x d
+float32 keys of the widest layer; batch: ``config.batch``, else EVAL_BATCH bounded by
+:data:`BATCH_MEMORY`); plus the statistics
 kept for ranking (two float64 copies per layer: d^2 exact, or channels^2 + kernel^2 + d
-Kronecker-factored for a spatial conv) and the exact d x d statistics of the widest
-layer that may be edited.
+Kronecker-factored for a spatial conv) and, for ``patch``, the exact d x d statistics of
+the widest layer that may be edited.
 
 Both are estimates (how close they come is measured by ``benchmarks/scale.py`` and
 written in ``benchmarks/SCALE.md``); the refusal is for the case where the estimate is
@@ -48,15 +50,21 @@ from patcher.graph.support import node_names
 from patcher.progress import status
 from patcher.rectify.config import EVAL_BATCH, RectifyConfig
 
-#: Python + torch + onnxruntime resident before any model is read.
-RUNTIME_BYTES = 450 << 20
-#: Images per IG chunk (patcher.analysis.attribution's ``chunk``).
+#: Python + torch + onnxruntime resident before any model is read (255 MB measured
+#: after the imports, plus sessions and allocator slack).
+RUNTIME_BYTES = 300 << 20
+#: Interpolation points per IG block (patcher.analysis.attribution's ``chunk``): a block
+#: holds max(1, IG_CHUNK // n) steps of all n pairs.
 IG_CHUNK = 64
-#: Calibration images per statistics batch (patcher.analysis.moments.iterate_batches).
-STAT_BATCH = 128
-#: Forward-equivalents per calibration image for the key statistics (the forward and
-#: the key products).
-STATISTICS_FORWARDS = 2.0
+#: Bytes kept per activation byte in a forward+backward (activations and gradients).
+BACKWARD_COPIES = 1.5
+#: Without --batch, images per forward such that 4 x the largest activation of each stays
+#: under this (the workspace's default batch).
+BATCH_MEMORY = 256 << 20
+#: Forward-equivalents per calibration image for the key statistics (the forward, the
+#: key products and the factored statistics' eigenvalue correction: about 5 on ResNet-18
+#: at 224, issue 21).
+STATISTICS_FORWARDS = 5.0
 #: Rounds of the dynamic loop that ``patch`` is expected to run (an estimate, not a limit).
 EXPECTED_ROUNDS = 2
 #: Share of the timed matmul rate that a whole model's convolutions reach.
@@ -269,8 +277,7 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     n_calib = min(n_calib, config.calib_limit)
     transplanted = 0 if config.transplant == "none" else min(
         n_calib, config.transplant_count + config.heldout_count)
-    fit = n_pairs + (0 if config.transplant == "none" else config.transplant_count)
-    forwards = n_calib * STATISTICS_FORWARDS + 3 * config.steps * fit + 2 * transplanted
+    forwards = n_calib * STATISTICS_FORWARDS + 3 * config.steps * n_pairs + transplanted
     if verb == "patch":
         forwards += EXPECTED_ROUNDS * (n_eval + transplanted) + 2 * n_eval
     seconds = STARTUP_SECONDS + forwards * fp.macs / (rate * EFFICIENCY)
@@ -281,16 +288,20 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     parts = {
         "runtime": RUNTIME_BYTES,
         "weights (3 copies)": 3 * fp.weight_bytes,
-        "images": fp.input_bytes * (2 * n_eval + n_calib + 2 * transplanted + 2 * n_pairs),
+        "images": fp.input_bytes * (max(n_eval, n_calib) + 2 * transplanted + 2 * n_pairs),
         "statistics kept for ranking": sum(l.statistics_bytes(config.statistics)
                                            for l in layers),
-        "exact statistics of the edited layer":
-            max((16 * l.key_dim ** 2 for l in layers), default=0),
     }
+    if verb == "patch":
+        parts["exact statistics of the edited layer"] = max(
+            (16 * l.key_dim ** 2 for l in layers), default=0)
+    ig_images = min(config.steps, max(1, IG_CHUNK // max(n_pairs, 1))) * n_pairs
+    batch = getattr(config, "batch", None) or min(
+        EVAL_BATCH, max(1, BATCH_MEMORY // max(4 * fp.largest_activation, 1)))
     working = {
-        "IG chunk": IG_CHUNK * fp.activation_bytes * 2,
-        "accuracy batch": min(EVAL_BATCH, max(n_eval, 1)) * fp.largest_activation * 2,
-        "statistics batch": (min(STAT_BATCH, max(n_calib, 1)) * widest.rows * widest.key_dim * 4
+        "IG block": int(ig_images * fp.activation_bytes * BACKWARD_COPIES),
+        "accuracy batch": min(batch, max(n_eval, 1)) * fp.largest_activation * 2,
+        "statistics batch": (min(batch, max(n_calib, 1)) * widest.rows * widest.key_dim * 4
                              if widest else 0),
     }
     name = max(working, key=working.get)
