@@ -288,3 +288,135 @@ def test_transplant_of_a_global_blend_recovers_the_blend_on_other_images():
     assert np.abs(ghost - expect).max() > 0.1  # what plain adding would have given
     noise = np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1).astype(np.float32)
     assert blend_weight(noise, x) < 0.05
+
+
+# --------------------------------------------------------------- loop: reuse, stopping, exit
+def _gemm_classifier(tmp_path):
+    """Two dense layers (fc1 -> Relu -> fc2), symbolic batch; 40 inputs with labels."""
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1)]
+    model = make_model(nodes, [value_info("x", ["n", 5])], [value_info("y", ["n", 3])],
+                       {"w1": _w(6, 5), "w2": _w(3, 6)})
+    path = tmp_path / "g.onnx"
+    path.write_bytes(model.SerializeToString())
+    x = RNG.standard_normal((40, 5)).astype(np.float32)
+    y = ShadowGraph.from_onnx(path)(torch.from_numpy(x))[0].argmax(1).numpy()
+    return path, x, y
+
+
+class _NoChange:
+    """An edit kind whose one candidate changes nothing (a zero delta): always rejected
+    as too small."""
+
+    def propose(self, ws, layer):
+        from patcher.rectify.editkinds import Candidate, CandidateGroup
+
+        zero = torch.zeros_like(ws.graph.weight(layer.weight))
+        yield CandidateGroup(iter([Candidate(layer, {layer.weight: zero}, [], 0.0)]))
+
+    def kept(self, ws, candidate):
+        pass
+
+
+def test_a_rejected_round_recomputes_nothing(tmp_path, monkeypatch):
+    """After a round that kept nothing the weights are unchanged: the next round takes the
+    next layer of the same ranking (no second IG pass, no second statistics pass)."""
+    from importlib import import_module
+
+    locators = import_module("patcher.rectify.locators")
+    statcache = import_module("patcher.rectify.statcache")
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.locators import AttributionLocator
+    from patcher.rectify.loop import Plan, run
+    from patcher.rectify.objectives import GapObjective
+    from patcher.rectify.workspace import Workspace
+    from patcher.samples import LabelledSet, Pairs
+
+    path, x, y = _gemm_classifier(tmp_path)
+    calls = {"ig": 0, "statistics": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(locators, "layer_integrated_gradients",
+                        counting("ig", locators.layer_integrated_gradients))
+    monkeypatch.setattr(statcache, "collect_moments",
+                        counting("statistics", statcache.collect_moments))
+    pairs = Pairs(x[:2] + 2.0, x[:2], y[:2])
+    ws = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None,
+                   RectifyConfig(transplant="none"))
+    plan = Plan(AttributionLocator(), _NoChange(), GapObjective(ws, 0.0, False), rounds=3)
+    base = plan.objective.measure()
+    out = run(ws, plan, ws.base_accuracy(), base, lambda msg: None)
+    assert [r.kept for r in out.rounds] == [False, False]  # both layers tried, then none left
+    assert sorted(r.layer for r in out.rounds) == ["fc1", "fc2"]
+    assert calls == {"ig": 1, "statistics": 1}
+
+
+class _Gaps:
+    """A workspace stand-in whose gaps() returns the given (delta*, tau) in turn."""
+
+    def __init__(self, eval_images: int, *gaps) -> None:
+        self.gap_source, self.eval_x, self._gaps = "held-out pairs", np.zeros((eval_images, 1)), \
+            iter(gaps)
+
+    def gaps(self):
+        return next(self._gaps)
+
+
+@pytest.mark.parametrize("eval_images, base_tau, tau, reached", [
+    (100, 0.99, 0.005, True),    # at most 1% of its base: the effect is gone
+    (100, 0.99, 0.0005, True),   # at most --gap 0.001
+    (100, 0.99, 0.02, False),    # 2% of its base, and worth 2 eval images
+    (1000, 0.99, 0.009, True),   # under 1% of 0.99
+    (1000, 0.99, 0.012, False),
+    (10, 0.99, 0.05, True),      # removing it all would pay for half of one eval image
+    (10, 0.05, 0.05, False),     # ... but nothing was removed yet: the loop must start
+])
+def test_the_loop_stops_when_the_corruptions_effect_is_gone(eval_images, base_tau, tau,
+                                                             reached):
+    from patcher.rectify.objectives import GapObjective
+
+    objective = GapObjective(_Gaps(eval_images, (0.9, base_tau), (0.3, tau)), 0.001, True)
+    base, now = objective.measure(), objective.measure()
+    assert not objective.reached(base)
+    assert objective.reached(now) == reached
+    assert objective.met(now, True, True) == reached  # the exit status: the same rule
+    assert not objective.met(now, True, False)         # never beyond the budget
+    if reached:
+        assert objective.note_reached(now).startswith("stopping: ")
+
+
+def test_without_a_target_class_the_gap_alone_decides():
+    from patcher.rectify.objectives import GapObjective
+
+    objective = GapObjective(_Gaps(100, (0.9, None), (0.002, None), (0.0005, None)), 0.001, True)
+    base, small, smaller = objective.measure(), objective.measure(), objective.measure()
+    assert not objective.reached(small) and not objective.met(small, True, True)
+    assert objective.reached(smaller) and objective.met(smaller, True, True)
+
+
+@pytest.mark.parametrize("final_tau, met, pair_gap, passed", [
+    (0.004, True, 0.02, True),     # tau's rule met: exit 0 although the pair's gap is 0.02
+    (0.3, False, 0.0005, False),   # tau's rule not met: exit 1 although the pair's gap is small
+    (None, False, 0.0005, True),   # no target class: the pairs' gap decides
+    (None, False, 0.02, False),
+])
+def test_patch_exit_status_is_judged_on_the_measure_the_loop_removes(final_tau, met, pair_gap,
+                                                                    passed):
+    from patcher.patch import Verification, _report
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.results import RectifyResult
+
+    result = RectifyResult("dynamic", 0.98, 0.97, 0.98, 0.01, met,
+                           base_target_gap=None if final_tau is None else 0.99,
+                           final_target_gap=final_tau)
+    verification = Verification("CPUExecutionProvider", 0.98, 0.98, 0.99, pair_gap,
+                                {"within_tolerance": True})
+    report = _report("m.onnx", "o.onnx", "p.npz", "e.npz", [], result, verification, {}, {},
+                     torch.device("cpu"), {}, RectifyConfig())
+    assert report.passed == passed

@@ -419,3 +419,84 @@ def test_the_conditioning_warning_prints_meaningful_numbers(cond, shown):
     finally:
         LOG.removeHandler(handler)
     assert len(records) == 1 and f"condition number {shown} at L" in records[0].getMessage()
+
+
+# --------------------------------------------------------------- streamed statistics paths
+def _double(shape):
+    return RNG_STREAM.standard_normal(shape)
+
+
+RNG_STREAM = np.random.default_rng(21)
+#: One float64 conv per case (so every path runs in float64): pointwise convs take the
+#: channel-covariance path, the others are unfolded by chunks (narrow keys in float64).
+STREAM_CASES = {
+    "pointwise": ({}, [3, 6, 9, 7], (5, 6, 1, 1)),
+    "pointwise_stride2": ({"strides": [2, 2]}, [3, 6, 9, 7], (5, 6, 1, 1)),
+    "pointwise_small_map": ({}, [4, 12, 2, 3], (5, 12, 1, 1)),  # fewer pixels than channels
+    "pointwise_padded": ({"pads": [1, 1, 1, 1]}, [2, 6, 5, 5], (5, 6, 1, 1)),  # unfolded
+    "depthwise": ({"group": 6, "pads": [1, 1, 1, 1]}, [3, 6, 8, 8], (6, 1, 3, 3)),
+    "grouped_strided": ({"group": 2, "strides": [2, 2], "pads": [0, 1, 1, 0]}, [3, 6, 9, 8],
+                        (4, 3, 3, 3)),
+    "wide_3x3": ({"pads": [1, 1, 1, 1]}, [2, 8, 6, 6], (4, 8, 3, 3)),  # Kd 72: float32 chunks
+}
+
+
+@pytest.mark.parametrize("case", sorted(STREAM_CASES))
+def test_streamed_statistics_equal_the_exact_sum_of_key_products(case, monkeypatch):
+    """sum k k^T by the streamed paths (pointwise channel covariance, chunked unfolding,
+    per-group keys) equals the float64 sum over the layer's unfolded keys; no unfolded
+    chunk is larger than CHUNK_BYTES unless one input alone is."""
+    import patcher.analysis.moments as moments_module
+    from onnx import TensorProto
+    from patcher.graph.keys import pointwise_pixels
+
+    attrs, shape, wshape = STREAM_CASES[case]
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="L", **attrs)
+    model = make_model([node], [value_info("x", shape, TensorProto.DOUBLE)],
+                       [value_info("y", None, TensorProto.DOUBLE)], {"w": _double(wshape)})
+    graph = ShadowGraph.from_onnx(model)
+    layer = graph.editable_layers[0]
+    x = torch.from_numpy(_double(shape))
+    reference = layer_keys(layer, x, graph.node_attributes("L")).reshape(-1, layer.key_dim)
+    monkeypatch.setattr(moments_module, "CHUNK_BYTES", 2 * reference[0].numel() * 4 *
+                        (reference.shape[0] // shape[0]))  # two inputs' keys per chunk
+    monkeypatch.setattr(moments_module, "CHUNK_ROWS", 16)
+    unfolded = []
+    real_layer_keys = moments_module.layer_keys
+    monkeypatch.setattr(moments_module, "layer_keys", lambda *a: unfolded.append(
+        real_layer_keys(*a)) or unfolded[-1])
+    m = collect_moments(graph, [layer], iterate_batches(x.numpy(), shape[0]),
+                        mode="exact")["L"]
+    torch.testing.assert_close(m.sum_kk, reference.T @ reference, rtol=1e-12, atol=1e-12)
+    assert m.count == reference.shape[0]
+    pointwise = pointwise_pixels(layer, x, graph.node_attributes("L")) is not None
+    assert pointwise == (case.startswith("pointwise") and case != "pointwise_padded")
+    if pointwise:
+        assert not unfolded  # nothing unfolded at all
+    else:
+        assert len(unfolded) == -(-shape[0] // 2)  # chunks of two inputs
+        assert max(k.numel() * 4 for k in unfolded) <= moments_module.CHUNK_BYTES
+
+
+def test_the_spectrum_sample_is_the_same_unfolded_whole_or_by_chunks(monkeypatch):
+    """The eigenvalue correction's seeded key sample, gathered chunk by chunk, gives the
+    spectrum that the whole batch's keys give."""
+    import patcher.analysis.moments as moments_module
+    from patcher.analysis.moments import KroneckerMoments, correct_spectra
+
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="L", pads=[1, 1, 1, 1])
+    model = make_model([node], [value_info("x", [4, 3, 8, 8])], [value_info("y", None)],
+                       {"w": RNG_STREAM.standard_normal((2, 3, 3, 3)).astype(np.float32)})
+    graph = ShadowGraph.from_onnx(model)
+    layer = graph.editable_layers[0]
+    x = RNG_STREAM.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    monkeypatch.setattr(moments_module, "SPECTRUM_ROWS", 50)
+    spectra = []
+    for chunk_bytes in (1 << 30, 64 * 27 * 4):  # whole batch; one input per chunk
+        monkeypatch.setattr(moments_module, "CHUNK_BYTES", chunk_bytes)
+        moments = collect_moments(graph, [layer], iterate_batches(x, 4), mode="kronecker")
+        assert isinstance(moments["L"], KroneckerMoments)
+        correct_spectra(graph, [layer], moments, iterate_batches(x, 4))
+        assert moments["L"].spectrum_count == 50
+        spectra.append(moments["L"].spectrum())
+    torch.testing.assert_close(spectra[0], spectra[1], rtol=1e-6, atol=1e-9)

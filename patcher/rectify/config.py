@@ -55,6 +55,9 @@ class RectifyConfig:
     layer: str | None = None      # force one edit at this layer
     exclude_layers: tuple[str, ...] = ()  # never rank, gather statistics for or edit these
     max_memory: int | None = None  # bytes: refuse when the up-front estimate exceeds it
+    #: inputs per forward in the statistics, accuracy, gap and fit passes (None: from the
+    #: model's activation size, :func:`patcher.rectify.workspace.default_batch`)
+    batch: int | None = None
     steps: int = 16               # IG steps
     ridge: float = 1e-2
     transplant: str = "paste"
@@ -121,6 +124,9 @@ def check_config(config: RectifyConfig) -> None:
     low, high = config.care_range
     if not low < high:
         raise RectifyError(f"CARE multiplier range {low}..{high} is empty")
+    if config.batch is not None and (isinstance(config.batch, bool) or
+                                     not isinstance(config.batch, int) or config.batch < 1):
+        raise RectifyError(f"batch must be a positive integer, not {config.batch!r}")
     if config.statistics not in STATISTICS_MODES:
         raise RectifyError(f"unknown statistics mode '{config.statistics}' "
                            f"({', '.join(STATISTICS_MODES)})")

@@ -103,10 +103,11 @@ class RankOneEditKind:
         corrupted, clean, _ = ws.fit
         attrs = ws.graph.node_attributes(layer.name)
         keys, residuals = [], []
-        for i in range(0, len(clean), 64):
+        step = max(1, ws.batch // 2)  # corrupted and clean inputs in one forward
+        for i in range(0, len(clean), step):
             with LayerTap(ws.graph, [layer]) as tap:
-                ws.graph(torch.cat([corrupted[i:i + 64], clean[i:i + 64]]))
-            n = len(clean[i:i + 64])
+                ws.graph(torch.cat([corrupted[i:i + step], clean[i:i + step]]))
+            n = len(clean[i:i + step])
             data, out = tap.inputs[layer.name], tap.outputs[layer.name]
             keys.append(layer_keys(layer, data[:n], attrs))
             values = layer_values(layer, out, attrs)

@@ -40,9 +40,11 @@ class StatisticsCache:
 
     def __init__(self, graph: ShadowGraph, layers: list[EditableLayer], calib_x: np.ndarray,
                  config: RectifyConfig, device: torch.device, timings: Timings,
-                 eval_labels: np.ndarray | None = None) -> None:
+                 eval_labels: np.ndarray | None = None, batch: int = 128) -> None:
         """``eval_labels``: the calibration inputs are the eval set, in order, with these
-        labels; the first statistics pass then also counts the accuracy."""
+        labels; the first statistics pass then also counts the accuracy. ``batch``: inputs
+        per forward."""
+        self.batch = batch
         self.graph, self.layers, self.calib_x = graph, layers, calib_x
         self.eval_labels = eval_labels
         self.config, self.device, self.timings = config, device, timings
@@ -133,12 +135,12 @@ class StatisticsCache:
 
         on_output: Callable | None = count if eval_labels is not None else None
         if missing:
-            fresh = collect_moments(self.graph, missing, iterate_batches(data, 128),
+            fresh = collect_moments(self.graph, missing, iterate_batches(data, self.batch),
                                     total=len(data), show_progress=self.config.show_progress,
                                     max_rows=self.config.stat_rows, seed=self.config.seed,
                                     mode=mode, on_output=on_output)
             correct_spectra(self.graph, missing, fresh,
-                            iterate_batches(data[:CORRECTION_IMAGES], 128),
+                            iterate_batches(data[:CORRECTION_IMAGES], self.batch),
                             total=min(len(data), CORRECTION_IMAGES),
                             show_progress=self.config.show_progress)
             moments.update(fresh)

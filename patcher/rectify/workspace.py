@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from patcher.graph.keys import stored_delta
-from patcher.graph.shadow import EditableLayer, ShadowGraph
+from patcher.graph.shadow import EditableLayer, ShadowExecutionError, ShadowGraph
 from patcher.graph.support import QUANTIZED_NOT_EDITABLE, quantized_storage
 from patcher.errors import RectifyError
 from patcher.progress import progress
@@ -22,6 +22,38 @@ from patcher.rectify.config import EVAL_BATCH, RectifyConfig, check_config
 from patcher.rectify.statcache import StatisticsCache, hits
 from patcher.rectify.timing import Timings
 from patcher.rectify.transplant import build_pair_sets
+
+
+#: What the activations of one batch may take (the default batch): the largest activation
+#: of one input, times ACTIVATION_COPIES live at once, times the batch, at most this.
+BATCH_MEMORY = 256 << 20
+ACTIVATION_COPIES = 4
+
+
+@torch.no_grad()
+def default_batch(graph: ShadowGraph, sample: torch.Tensor) -> int:
+    """Inputs per forward such that batch x ACTIVATION_COPIES x (the largest tensor one
+    input's forward computes) stays within BATCH_MEMORY; between 1 and EVAL_BATCH. One
+    forward of ``sample`` (a few inputs) measures the largest tensor (ResNet-18 at 224:
+    its 64 x 112 x 112 stem output, 3.2 MB per input, so 20 inputs; a 28x28 CNN:
+    EVAL_BATCH)."""
+    largest = 0
+
+    def measure(node, ins, outs):
+        nonlocal largest
+        for t in outs:
+            if isinstance(t, torch.Tensor):
+                largest = max(largest, t.numel() * t.element_size())
+
+    handle = graph.register_hook(measure)
+    try:
+        graph(sample)
+    except ShadowExecutionError:  # e.g. fewer inputs than a fixed batch: the old default
+        return EVAL_BATCH
+    finally:
+        handle.remove()
+    per_input = largest * ACTIVATION_COPIES / max(len(sample), 1)
+    return int(max(1, min(EVAL_BATCH, BATCH_MEMORY // max(per_input, 1))))
 
 
 class Workspace:
@@ -46,6 +78,8 @@ class Workspace:
         #: the calibration inputs are the whole eval set, in order (the default)
         self.calibrates_on_eval = calib_x is None and len(self.calib_x) == len(self.eval_x)
         self.layers = self._candidate_layers()
+        #: inputs per forward (--batch, or from the activation size): bounds peak memory
+        self.batch = config.batch or default_batch(self.graph, self.pair_clean[:8])
         self.target_class = self._flipped_to(pairs)
         sets = build_pair_sets(pairs, self.eval_x, self.eval_y, len(self.calib_x),
                                self.target_class, config)
@@ -54,7 +88,7 @@ class Workspace:
         self.gap_source = sets.gap_source
         self.statistics = StatisticsCache(
             self.graph, self.layers, self.calib_x, config, self.device, self.timings,
-            self.eval_y if self.calibrates_on_eval else None)
+            self.eval_y if self.calibrates_on_eval else None, batch=self.batch)
         #: eval images the last accuracy pass saw (fewer when it stopped early)
         self.last_evaluated = len(self.eval_x)
 
@@ -106,7 +140,9 @@ class Workspace:
         """The corruption's target class, if it has one: the class the model predicts for
         more than half of the corrupted inputs while their label is another (a backdoor's
         target). Scattered misclassifications (a spurious pattern, leakage) name none."""
-        logits = self.graph(self.pair_corrupted)[0].reshape(len(pairs), -1)
+        logits = torch.cat([self.graph(self.pair_corrupted[i:i + self.batch])[0]
+                            .reshape(len(self.pair_corrupted[i:i + self.batch]), -1)
+                            for i in range(0, len(pairs), self.batch)])
         predicted = logits.argmax(1).cpu().numpy()
         flips = [int(p) for p, y in zip(predicted, pairs.label) if p != y]
         if not flips:
@@ -119,8 +155,8 @@ class Workspace:
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax over the classes, one row per input."""
         out = []
-        for i in range(0, len(x), 256):
-            logits = self.graph(x[i:i + 256])[0]
+        for i in range(0, len(x), self.batch):
+            logits = self.graph(x[i:i + self.batch])[0]
             out.append(torch.softmax(logits.reshape(len(logits), -1), 1))
         return torch.cat(out)
 
@@ -157,9 +193,9 @@ class Workspace:
         correct, total = 0, len(self.eval_x)
         self.last_evaluated = total
         with progress(total, "evaluating", self.config.show_progress) as bar:
-            for i in range(0, total, EVAL_BATCH):
-                xb = torch.from_numpy(self.eval_x[i:i + EVAL_BATCH]).to(self.device)
-                correct += hits(self.graph(xb)[0], self.eval_y[i:i + EVAL_BATCH])
+            for i in range(0, total, self.batch):
+                xb = torch.from_numpy(self.eval_x[i:i + self.batch]).to(self.device)
+                correct += hits(self.graph(xb)[0], self.eval_y[i:i + self.batch])
                 bar.update(len(xb))
                 seen = i + len(xb)
                 if at_least is not None and seen < total and \
