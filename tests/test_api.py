@@ -319,3 +319,17 @@ def test_patcher_patch_is_the_api_and_still_the_pipeline_module():
     assert pyinspect.signature(patcher.patch) == pyinspect.signature(api.patch)
     assert {"patch", "locate", "verify", "inspect", "PatchResult",
             "LocateResult"} <= set(patcher.__all__)
+
+
+def test_every_keyword_a_library_warning_names_is_a_keyword_of_the_api():
+    """Warnings name their remedies by keyword (progress.Remedy); each is one a caller of
+    patch or locate can pass."""
+    import re
+
+    package = Path(patcher.__file__).parent
+    named = {m for p in package.rglob("*.py") if p.parent.name != "cli"
+             for m in re.findall(r"Remedy\(\s*\"(\w+)\"", p.read_text())}
+    assert named, "no Remedy found: the warnings' wording moved"
+    accepted = set(pyinspect.signature(api.patch).parameters) | set(
+        pyinspect.signature(api.locate).parameters)
+    assert named <= accepted, named - accepted
