@@ -36,6 +36,7 @@ from patcher.imagedata.trigger import Trigger
 from patcher.model.modelio import LoadedModel
 from patcher.model.paths import Outputs
 from patcher.model.runtime import open_session
+from patcher.progress import progress
 from patcher.samples import MAX_SAMPLE_BYTES, InputSpec
 
 PAIRS_FROM = ("fooled", "any")
@@ -120,36 +121,48 @@ def build_sets(model: LoadedModel, folder: ImageFolder, prep: Preprocessing,
     wanted = _wanted(counts, len(folder), target is not None)
     # per split: (position, clean, corrupted, label, clean prediction, corrupted prediction)
     taken: dict[str, list] = {k: [] for k in wanted}
-    seen = fooled_seen = 0
+    counters = {"seen": 0, "fooled": 0}
     order = np.random.default_rng(seed).permutation(len(folder))
-    for start in range(0, len(order), CHUNK):
-        if all(len(taken[k]) >= wanted[k] for k in wanted):
-            break
-        chunk = order[start:start + CHUNK]
-        pixels = np.stack([read_pixels(folder.files[i], prep) for i in chunk])
-        clean = prep.to_input(pixels)
-        corrupted = prep.to_input(trigger.apply(pixels))
-        said_clean = _predict(session, clean, spec.dtype)
-        said_corrupted = _predict(session, corrupted, spec.dtype)
-        labels = folder.labels[chunk] if folder.labels is not None else said_clean
-        for row, position in enumerate(chunk):
-            label = int(labels[row])
-            seen += 1
-            fooled = bool(said_clean[row] == label and said_corrupted[row] != label)
-            fooled_seen += fooled and label != target
-            item = (int(position), clean[row], corrupted[row], label,
-                    int(said_clean[row]), int(said_corrupted[row]))
-            if label != target and len(taken["pairs"]) < wanted["pairs"] and \
-                    (pairs_from == "any" or fooled):
-                taken["pairs"].append(item)
-                continue
-            open_splits = [name for name in ("attack", "eval")
-                           if len(taken[name]) < wanted[name] and
-                           (name == "eval" or label != target)]
-            if open_splits:  # the split least filled, as a share of what it wants
-                taken[min(open_splits, key=lambda n: len(taken[n]) / wanted[n])].append(item)
-    _check_taken(taken, wanted, folder, seen, fooled_seen, pairs_from, target)
-    return _as_sets(taken, folder, target, seen)
+    with progress(len(order), "reading images") as bar:
+        for start in range(0, len(order), CHUNK):
+            if all(len(taken[k]) >= wanted[k] for k in wanted):
+                break
+            chunk = order[start:start + CHUNK]
+            _take(chunk, folder, prep, trigger, session, spec, taken, wanted, target,
+                  pairs_from, counters)
+            bar.update(len(chunk))
+    _check_taken(taken, wanted, folder, counters["seen"], counters["fooled"], pairs_from,
+                 target)
+    return _as_sets(taken, folder, target, counters["seen"])
+
+
+def _take(chunk: np.ndarray, folder: ImageFolder, prep: Preprocessing, trigger: Trigger,
+          session, spec: InputSpec, taken: dict, wanted: dict, target: int | None,
+          pairs_from: str, counters: dict) -> None:
+    """Decode ``chunk`` (positions in the folder), run the model on each image clean and
+    with the trigger, and put each image in the split that wants it (module docstring)."""
+    pixels = np.stack([read_pixels(folder.files[i], prep) for i in chunk])
+    clean = prep.to_input(pixels)
+    corrupted = prep.to_input(trigger.apply(pixels))
+    said_clean = _predict(session, clean, spec.dtype)
+    said_corrupted = _predict(session, corrupted, spec.dtype)
+    labels = folder.labels[chunk] if folder.labels is not None else said_clean
+    for row, position in enumerate(chunk):
+        label = int(labels[row])
+        counters["seen"] += 1
+        fooled = bool(said_clean[row] == label and said_corrupted[row] != label)
+        counters["fooled"] += fooled and label != target
+        item = (int(position), clean[row], corrupted[row], label,
+                int(said_clean[row]), int(said_corrupted[row]))
+        if label != target and len(taken["pairs"]) < wanted["pairs"] and \
+                (pairs_from == "any" or fooled):
+            taken["pairs"].append(item)
+            continue
+        open_splits = [name for name in ("attack", "eval")
+                       if len(taken[name]) < wanted[name] and
+                       (name == "eval" or label != target)]
+        if open_splits:  # the split least filled, as a share of what it wants
+            taken[min(open_splits, key=lambda n: len(taken[n]) / wanted[n])].append(item)
 
 
 def _wanted(counts: Counts, images: int, with_attack: bool) -> dict[str, int]:
