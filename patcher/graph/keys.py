@@ -163,24 +163,37 @@ def layer_values(layer: EditableLayer, output: torch.Tensor, attrs: dict) -> tor
 ROW_KEYED = ("gemm", "gemm_transposed", "matmul_right")
 
 
-def probe_row_layout(graph: ShadowGraph, layer: EditableLayer,
-                     inputs: tuple) -> tuple[int, bool]:
-    """Which leading axis of ``layer``'s data input carries the images, found by running the
-    graph up to the layer on two images, one of them all NaN (each way round): the rows that
-    turn NaN are that image's (rows that depend on no image, a class token before attention,
-    may sit anywhere). Returns (axis, inner): the axis holds (image, token) rows when
-    ``inner`` is False, (token, image) rows when True (a token-major [T*B, D] or [T, B, D]
-    input, as in nn.MultiheadAttention's exports). Raises UnsupportedOpError when no
-    axis fits."""
+def probe_row_layouts(graph: ShadowGraph, layers: list[EditableLayer],
+                      inputs: tuple) -> dict[str, "tuple[int, bool] | str"]:
+    """Which leading axis of each layer's data input carries the images, found by running the
+    graph on two images, one of them all NaN (each way round; two passes for all layers): the
+    rows that turn NaN are that image's (rows that depend on no image, a class token before
+    attention, may sit anywhere). A layout is (axis, inner): the axis holds (image, token)
+    rows when ``inner`` is False, (token, image) rows when True (a token-major [T*B, D] or
+    [T, B, D] input, as in nn.MultiheadAttention's exports); where no axis fits, the
+    one-line reason instead."""
     first = [x[:1] for x in inputs]
     blank = torch.full_like(first[0], float("nan"))
     others = [torch.cat([x, x]) for x in first[1:]]
-    rows = []
+    names = [l.name for l in layers]
+    passes = []
     with torch.no_grad():
         for probe in (torch.cat([first[0], blank]), torch.cat([blank, first[0]])):
-            data = graph.node_inputs(layer.name, probe, *others)[data_input_index(layer)]
-            rows.append(torch.isnan(data).any(dim=-1))
-    of_second, of_first = rows
+            passes.append(graph.node_inputs(names, probe, *others))
+    layouts: dict[str, "tuple[int, bool] | str"] = {}
+    for layer in layers:
+        rows = [torch.isnan(p[layer.name][data_input_index(layer)]).any(dim=-1) for p in passes]
+        layouts[layer.name] = _layout(*rows) or (
+            f"layer '{layer.name}': cannot tell which rows of its input "
+            f"{list(passes[0][layer.name][data_input_index(layer)].shape)} belong to which image")
+    return layouts
+
+
+def _layout(of_second: torch.Tensor, of_first: torch.Tensor) -> "tuple[int, bool] | None":
+    """The (axis, inner) whose second half (or odd entries) holds every row that depends on
+    the second image and none of the first's."""
+    if not (of_second.any() and of_first.any()):
+        return None
     for axis, size in enumerate(of_second.shape):
         if size % 2:
             continue
@@ -190,16 +203,14 @@ def probe_row_layout(graph: ShadowGraph, layer: EditableLayer,
             shape = [1] * of_second.dim()
             shape[axis] = size
             second = (which == 1).reshape(shape).expand_as(of_second)
-            if (of_second.any() and of_first.any() and not (of_second & ~second).any()
-                    and not (of_first & second).any()):
+            if not (of_second & ~second).any() and not (of_first & second).any():
                 return axis, inner
-    raise UnsupportedOpError(f"layer '{layer.name}': cannot tell which rows of its input "
-                             f"{list(data.shape)} belong to which image")
+    return None
 
 
 def sample_major(t: torch.Tensor, layout: tuple[int, bool], batch: int) -> torch.Tensor:
     """Rows of ``t`` (leading axes, last axis the features) regrouped as [batch, P, D] by a
-    layout of :func:`probe_row_layout`: one image per entry of the first axis."""
+    layout of :func:`probe_row_layouts`: one image per entry of the first axis."""
     axis, inner = layout
     size = t.shape[axis]
     split = (size // batch, batch) if inner else (batch, size // batch)
@@ -208,38 +219,52 @@ def sample_major(t: torch.Tensor, layout: tuple[int, bool], batch: int) -> torch
     return t.reshape(batch, -1, t.shape[-1])
 
 
+def _grouped_already(graph: ShadowGraph, layer: EditableLayer, t: torch.Tensor,
+                     batch: int) -> bool:
+    """Whether a row-keyed layer's input or output ``t`` needs no regrouping: another kind
+    of layer, one row per image ([batch, D]), or a Gemm with transA (keys are columns)."""
+    if layer.orientation not in ROW_KEYED or (t.dim() == 2 and t.shape[0] == batch):
+        return True
+    return (layer.orientation.startswith("gemm")
+            and bool(graph.node_attributes(layer.name).get("transA")))
+
+
 def image_rows(graph: ShadowGraph, layer: EditableLayer, data: torch.Tensor,
                out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A row-keyed layer's data and output as [batch, tokens, D] (each token a key row) when
     they are not already [batch, D]: a MatMul on [B, T, D] or [T, B, D] tokens, a Gemm on
-    [T*B, D] rows. The layout is probed once per layer and kept on the graph."""
+    [T*B, D] rows. The layout is probed once (all such layers together) and kept on the
+    graph."""
     inputs = getattr(graph, "current_inputs", None)
-    if layer.orientation not in ROW_KEYED or not inputs or inputs[0].dim() == 0:
+    if not inputs or inputs[0].dim() == 0:
         return data, out
     batch = int(inputs[0].shape[0])
-    if data.dim() == 2 and data.shape[0] == batch:
-        return data, out
-    if layer.orientation.startswith("gemm") and graph.node_attributes(layer.name).get("transA"):
+    if _grouped_already(graph, layer, data, batch):
         return data, out
     if batch == 1:
         return data.reshape(1, -1, data.shape[-1]), out.reshape(1, -1, out.shape[-1])
     layouts = graph.__dict__.setdefault("row_layouts", {})
-    if layer.name not in layouts:
-        layouts[layer.name] = probe_row_layout(graph, layer, inputs)
+    if layer.name not in layouts:  # every row-keyed layer of the graph, in two passes
+        pending = [l for l in graph.editable_layers
+                   if l.orientation in ROW_KEYED and l.name not in layouts]
+        layouts.update(probe_row_layouts(graph, pending, inputs))
     layout = layouts[layer.name]
+    if isinstance(layout, str):
+        raise UnsupportedOpError(layout)
     return sample_major(data, layout, batch), sample_major(out, layout, batch)
 
 
 def image_rows_of(graph: ShadowGraph, layer: EditableLayer, t: torch.Tensor,
                   batch: int) -> torch.Tensor:
-    """``t`` (the layer's output or its gradient, from a pass over ``batch`` images) as
-    :func:`image_rows` gives it, by the layout found earlier (unchanged when none was)."""
-    layout = getattr(graph, "row_layouts", {}).get(layer.name)
-    if layout is not None:
-        return sample_major(t, layout, batch)
-    if layer.orientation in ROW_KEYED and batch == 1 and t.dim() >= 2 and t.shape[0] != 1:
+    """``t`` (the layer's output or its gradient, from a pass over ``batch`` images) grouped
+    as :func:`image_rows` groups the output, by the layout it found (a row-keyed layer's
+    output has its input's leading axes)."""
+    if _grouped_already(graph, layer, t, batch):
+        return t
+    if batch == 1:
         return t.reshape(1, -1, t.shape[-1])
-    return t
+    layout = getattr(graph, "row_layouts", {}).get(layer.name)
+    return sample_major(t, layout, batch) if isinstance(layout, tuple) else t
 
 
 class LayerTap:

@@ -238,14 +238,19 @@ class ShadowGraph(torch.nn.Module):
             self.current_inputs = outer  # hooks read the inputs of the pass they run in
         return tuple(joined(env[n]) for n in self.output_names)
 
-    def node_inputs(self, name: str, *inputs: torch.Tensor) -> tuple:
-        """The input tensors node ``name`` receives when the graph runs on ``inputs`` (the
-        graph runs up to that node only; hooks are not called)."""
-        stop = self._step_index(name)
+    def node_inputs(self, names: Iterable[str], *inputs: torch.Tensor) -> dict[str, tuple]:
+        """The input tensors each node of ``names`` receives when the graph runs on
+        ``inputs`` (it runs up to the last of them only; hooks are not called)."""
+        wanted = set(names)
+        stop = max(self._step_index(n) for n in wanted)
         env = self._initial_env(inputs)
-        for step in self._steps[:stop]:
+        found: dict[str, tuple] = {}
+        for step in self._steps[:stop + 1]:
+            if step.info.name in wanted:
+                found[step.info.name] = tuple(joined(env[n]) if n else None
+                                              for n in step.info.inputs)
             self._run_step(step, env, ())
-        return tuple(joined(env[n]) if n else None for n in self._steps[stop].info.inputs)
+        return found
 
     def run_until(self, name: str, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the graph up to and including node ``name``; return every live tensor.
