@@ -1,7 +1,8 @@
 """Patching shipped precisions: int8 in place vs fp32 vs "patch fp32, then quantize again".
 
     python benchmarks/quantized.py [--samples backdoor_cnn,backdoor_resnet] [--pairs 1]
-                                   [--json FILE] [--markdown FILE]
+                                   [--forms qdq,qoperator] [--no-fp16]
+                                   [--json FILE [--merge]] [--markdown FILE]
 
 For each sample (samples/<name>/model_int8_qdq.onnx, model_int8_qoperator.onnx and, where it
 exists, model_fp16.onnx, written by samples/quantized.py) every row runs the command a user
@@ -75,7 +76,8 @@ def _figures(path: Path, folder: Path) -> dict:
     return quantized.measure(path, folder)
 
 
-def bench_sample(name: str, n: int, work: Path) -> list[dict]:
+def bench_sample(name: str, n: int, work: Path, forms=("qdq", "qoperator"),
+                 fp16_row: bool = True) -> list[dict]:
     folder = ROOT / "samples" / name
     calibration = np.load(folder / "eval.npz")["x"][:quantized.CALIBRATION_IMAGES]
     rows = []
@@ -84,7 +86,7 @@ def bench_sample(name: str, n: int, work: Path) -> list[dict]:
     base = _figures(folder / "model.onnx", folder)
     rows.append({"sample": name, "row": "fp32", **fp32, "base": base,
                  "patched": _figures(fp32_out, folder) if fp32_out.exists() else None})
-    for form in ("qdq", "qoperator"):
+    for form in forms:
         source = folder / quantized.VARIANTS[form]
         out = work / f"{name}_{form}_patched.onnx"
         run = _run_patch(source, folder, n, out)
@@ -100,7 +102,7 @@ def bench_sample(name: str, n: int, work: Path) -> list[dict]:
             rows.append({"sample": name, "row": f"fp32 -> int8 {form}",
                          "base": row["base"], "patched": _figures(requant, folder)})
     fp16 = folder / quantized.VARIANTS["fp16"]
-    if fp16.exists():
+    if fp16_row and fp16.exists():
         out = work / f"{name}_fp16_patched.onnx"
         run = _run_patch(fp16, folder, n, out)
         rows.append({"sample": name, "row": "fp16 keep-io", **run, "base": _figures(fp16, folder),
@@ -140,14 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", default="backdoor_cnn,backdoor_resnet")
     parser.add_argument("--pairs", type=int, default=1, choices=(1, 5, 20))
+    parser.add_argument("--forms", default="qdq,qoperator")
+    parser.add_argument("--no-fp16", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--merge", action="store_true",
+                        help="replace the rows of the same sample and row in --json, keep the rest")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.samples.split(","):
-            rows += bench_sample(name, args.pairs, Path(tmp))
+            rows += bench_sample(name, args.pairs, Path(tmp), tuple(args.forms.split(",")),
+                                 not args.no_fp16)
             print(markdown(rows, args.pairs), flush=True)
+    if args.json and args.merge and args.json.exists():
+        fresh = {(r["sample"], r["row"]) for r in rows}
+        old = json.loads(args.json.read_text())
+        rows = [r for r in old if (r["sample"], r["row"]) not in fresh] + rows
+        order = {name: i for i, name in enumerate(args.samples.split(","))}
+        rank = ["fp32", "int8 qdq", "fp32 -> int8 qdq", "int8 qoperator",
+                "fp32 -> int8 qoperator", "fp16 keep-io"]
+        rows.sort(key=lambda r: (order.get(r["sample"], -1), r["sample"], rank.index(r["row"])))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     if args.markdown:
