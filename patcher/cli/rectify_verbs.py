@@ -338,6 +338,13 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                    f"is judged on it): {r.base_target_gap:.4f} -> {r.final_target_gap:.4f}"
                    + (f" ({r.stopped.removeprefix('stopping: ')})" if r.stopped else ""))
     if not report.passed:
+        if not v.parity.get("within_tolerance", False):  # not a gap failure: say what it is
+            click.echo("onnx-rectify: warning: parity FAILED: the shadow graph and onnxruntime "
+                       "disagree on the written file beyond tolerance ("
+                       + _parity_figures(v.parity) + "); the edit's figures were computed in "
+                       "the shadow graph and may not hold under onnxruntime; the model was "
+                       "written", err=True)
+            sys.exit(1)
         if r.objective == "attribution":
             click.echo("onnx-rectify: warning: no edit lowered the attribution share within "
                        "--budget on the written file; the best model found was written", err=True)
@@ -349,6 +356,18 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
             click.echo("onnx-rectify: warning: the pairs' gap did not meet --gap within --budget on "
                        "the written file; the best model found was written", err=True)
         sys.exit(1)
+
+
+def _parity_figures(parity: dict) -> str:
+    """The parity figures of a verification, as text: steps or relative difference, top-1."""
+    if parity.get("max_steps") is not None:
+        what = (f"max diff {parity['max_steps']:.3g} output quantization step(s), tolerance "
+                f"{parity.get('step_tolerance')}")
+    else:
+        what = (f"max rel diff {parity.get('max_rel_diff', float('nan')):.3g}, rtol "
+                f"{parity.get('rtol')}")
+    top1 = parity.get("top1_agreement")
+    return what + ("" if top1 is None else f", top-1 agreement {top1:.0%}")
 
 
 class _RoundTable:
