@@ -500,3 +500,40 @@ def test_the_spectrum_sample_is_the_same_unfolded_whole_or_by_chunks(monkeypatch
         assert moments["L"].spectrum_count == 50
         spectra.append(moments["L"].spectrum())
     torch.testing.assert_close(spectra[0], spectra[1], rtol=1e-6, atol=1e-9)
+
+
+def test_a_wide_dense_layer_keeps_its_keys_and_its_factored_c_is_the_exact_one(monkeypatch):
+    """A Gemm wider than WIDE_KEY_DIM keeps its key rows, not a d x d sum: its whitening,
+    solve and inverse (an operator, as edits use it) equal the dense exact statistics', with
+    fewer keys than inputs (C singular, the ridge decides)."""
+    import patcher.analysis.moments as moments_module
+    from patcher.analysis.moments import KeyRows
+    from patcher.analysis.stats import LayerStatistics, LowRankStatistics, statistics_from_moments
+    from patcher.edits.rankone import solve_rank_one
+
+    d = 40
+    node = helper.make_node("Gemm", ["x", "w"], ["y"], name="L", transB=1)
+    model = make_model([node], [value_info("x", ["n", d])], [value_info("y", None)],
+                       {"w": RNG_STREAM.standard_normal((3, d)).astype(np.float32)})
+    graph = ShadowGraph.from_onnx(model)
+    layer = graph.editable_layers[0]
+    x = RNG_STREAM.standard_normal((12, d)).astype(np.float32)
+    exact = collect_moments(graph, [layer], iterate_batches(x, 5), total=12, mode="exact")["L"]
+    monkeypatch.setattr(moments_module, "WIDE_KEY_DIM", 16)
+    assert moments_module.statistics_kind(layer, "auto") == "low-rank"
+    rows = collect_moments(graph, [layer], iterate_batches(x, 5), total=12)["L"]
+    assert isinstance(rows, KeyRows) and tuple(rows.rows.shape) == (12, d) and rows.count == 12
+    dense = LayerStatistics.from_moments("L", exact)
+    low = statistics_from_moments("L", rows)
+    assert isinstance(low, LowRankStatistics) and low.basis.shape == (d, 12)
+    assert low.ridge_value == pytest.approx(dense.ridge_value, rel=1e-9)
+    b = torch.from_numpy(RNG_STREAM.standard_normal((3, 2, d)))
+    torch.testing.assert_close(low.solve_rows(b), dense.solve_rows(b), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(low.whiten_rows(b).flatten(1).norm(dim=1),
+                               dense.whiten_rows(b).flatten(1).norm(dim=1), rtol=1e-7, atol=1e-9)
+    keys = torch.from_numpy(RNG_STREAM.standard_normal((4, 1, 1, d)))
+    residual = torch.from_numpy(RNG_STREAM.standard_normal((4, 1, 1, 3)))
+    a = solve_rank_one("L", "w", keys, residual, dense.inverse)
+    b_edit = solve_rank_one("L", "w", keys, residual, low.inverse.to(torch.float64))
+    torch.testing.assert_close(b_edit.direction, a.direction, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(b_edit.magnitude, a.magnitude, rtol=1e-6, atol=1e-9)

@@ -64,6 +64,13 @@ CHUNK_BYTES = 64 << 20
 #: Largest key dimension whose exact statistics are computed: a float64 C of 8 GiB, and the
 #: same again for its eigen-decomposition (memory and an O(d^3) factorisation).
 MAX_KEY_DIM = 1 << 15
+#: Gemm and MatMul layers with more inputs than this (a flattened 25,088-wide VGG feature
+#: map: 5 GB per float64 d x d copy) keep their keys as float32 rows instead of the d x d
+#: sum: C = K^T K / n in that factored form costs n x d (:class:`KeyRows`,
+#: :class:`patcher.analysis.stats.LowRankStatistics`), exact while every key is kept.
+WIDE_KEY_DIM = 8192
+#: ... and keep at most this many keys (a seeded uniform sample beyond: C is then estimated).
+MAX_KEY_ROWS = 2048
 #: How C is computed per layer: "exact" everywhere, "kronecker" for every conv with a
 #: spatial kernel, or "auto": Kronecker-factored where the exact products would cost more
 #: than the conv itself (key dimension Kd above the output channels per group).
@@ -92,6 +99,8 @@ def statistics_kind(layer: EditableLayer, mode: str = "auto") -> str:
     conv: Kd > M / g."""
     if mode not in STATISTICS_MODES:
         raise ValueError(f"unknown statistics mode '{mode}' ({', '.join(STATISTICS_MODES)})")
+    if layer.orientation != "conv" and layer.key_dim > WIDE_KEY_DIM:
+        return "low-rank"  # in every mode: the keys themselves, not a d x d matrix
     if mode == "exact" or kernel_offsets(layer) == 1 or layer.key_dim == kernel_offsets(layer):
         return "exact"  # nothing to factor: a 1x1 kernel, or one input channel per group
     if mode == "kronecker":
@@ -183,6 +192,33 @@ class KeyMoments:
     @property
     def second_moment(self) -> torch.Tensor:
         return self.sum_kk / max(self.count, 1)
+
+
+@dataclass
+class KeyRows:
+    """The keys of a wide Gemm/MatMul layer themselves, as float32 rows (C = K^T K / rows,
+    kept factored), and the number of keys they stand for."""
+
+    parts: list = field(default_factory=list)
+    count: int = 0
+
+    def add(self, keys: torch.Tensor, count: int | None = None) -> None:
+        flat = keys.reshape(-1, keys.shape[-1])
+        self.parts.append(flat.to(torch.float32 if flat.dtype != torch.float64 else flat.dtype))
+        self.count += flat.shape[0] if count is None else count
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """All kept key rows [rows, d] (one tensor)."""
+        if len(self.parts) > 1:
+            self.parts = [torch.cat(self.parts)]
+        return self.parts[0]
+
+    def merge(self, other: "KeyRows") -> "KeyRows":
+        return KeyRows([self.rows, other.rows.to(self.rows.device)], self.count + other.count)
+
+    def to(self, device) -> "KeyRows":
+        return KeyRows([p.to(device) for p in self.parts], self.count)
 
 
 def rotate_keys(mats: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
@@ -328,7 +364,7 @@ def check_key_dims(layers: list[EditableLayer], mode: str = "exact") -> None:
     key_dim x key_dim matrix, and its factorisations) would exceed :data:`MAX_KEY_DIM`."""
     from patcher.errors import NumericalError
 
-    big = [l for l in layers if statistics_kind(l, mode) != "kronecker" and
+    big = [l for l in layers if statistics_kind(l, mode) == "exact" and
            l.key_dim > MAX_KEY_DIM]
     if big:
         l = max(big, key=lambda layer: layer.key_dim)
@@ -357,6 +393,8 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
     for l in layers:
         if statistics_kind(l, mode) == "kronecker":
             moments[l.name] = KroneckerMoments.empty(l, device)
+        elif statistics_kind(l, mode) == "low-rank":
+            moments[l.name] = KeyRows()
         else:
             moments[l.name] = KeyMoments(torch.zeros(l.key_dim, l.key_dim, dtype=torch.float64,
                                                      device=device))
@@ -370,17 +408,20 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
         if isinstance(target, KroneckerMoments):
             target.add(layer, data, attrs[layer.name])
             return
-        if not (max_rows and total):
+        cap = max_rows
+        if isinstance(target, KeyRows):
+            cap = min(max_rows or MAX_KEY_ROWS, MAX_KEY_ROWS)
+        if not (cap and total):
             pixels = pointwise_pixels(layer, data, attrs[layer.name])
             if pixels is not None:  # a 1x1 conv: the channels' covariance, nothing unfolded
                 target.add_channels(pixels)
                 return
         for flat in key_chunks(layer, data, attrs[layer.name]):
-            if max_rows and total:
+            if cap and total:
                 per_input = (conv_key_count(layer, attrs[layer.name], tuple(data.shape[2:]))
                              if layer.orientation == "conv" else
                              flat.shape[0] / max(current["batch"], 1))
-                share = max_rows / (per_input * total)
+                share = cap / (per_input * total)
                 if share < 1:
                     keep = max(1, round(share * flat.shape[0]))
                     pick = torch.randperm(flat.shape[0], generator=generator)[:keep]

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patcher.analysis.moments import (DEFAULT_RIDGE, KeyMoments, KroneckerMoments, rotate_keys,
-                                      threads_for)
+from patcher.analysis.moments import (DEFAULT_RIDGE, KeyMoments, KeyRows, KroneckerMoments,
+                                      rotate_keys, threads_for)
 from patcher.graph.shadow import EditableLayer
 
 #: Up to this key dimension the condition number is exact (eigenvalues); above it, the
@@ -124,9 +124,91 @@ class KroneckerStatistics:
         return rotate_keys(y, self.channel_vectors.T, self.offset_vectors.T).reshape(b.shape)
 
 
-def statistics_from_moments(name: str, moments: "KeyMoments | KroneckerMoments",
+@dataclass
+class LowRankStatistics:
+    """C = K^T K / n from the kept key rows K [n, d] of a wide layer, as V diag(e) V^T
+    (V [d, r] orthonormal, r <= n, from the eigen-decomposition of the n x n Gram matrix
+    K K^T / n), never as a d x d matrix. With lambda = ridge * mean(diag C) = ridge * sum(e)/d:
+
+        C_reg^-1 x   = V diag(1 / (e + lambda)) V^T x + (x - V V^T x) / lambda
+        C_reg^-1/2 x = V diag((e + lambda)^-1/2) V^T x + (x - V V^T x) / sqrt(lambda)
+
+    Exact (C itself, factored) when every key was kept; memory d x r instead of d^2."""
+
+    layer: str
+    ridge: float
+    basis: torch.Tensor = field(repr=False, default=None)        # V [d, r], float64
+    eigenvalues: torch.Tensor = field(repr=False, default=None)  # e [r]
+    condition_number: float = float("nan")
+    condition_estimated: bool = True
+    ridge_value: float = 0.0
+    kind: str = "low-rank"
+
+    @classmethod
+    def from_moments(cls, layer: str, moments: KeyRows, ridge: float = DEFAULT_RIDGE
+                     ) -> "LowRankStatistics":
+        k = moments.rows.to(torch.float64)
+        n, d = k.shape
+        gram = (k @ k.T) / max(n, 1)
+        evals, vecs = torch.linalg.eigh((gram + gram.T) * 0.5)
+        keep = evals > evals.max().clamp_min(1e-300) * 1e-12
+        evals, vecs = evals[keep], vecs[:, keep]
+        basis = (k.T @ vecs) / torch.sqrt(evals * max(n, 1))[None, :]
+        lam = ridge * max(float(evals.sum()) / d, 1e-12)
+        # the regularised C's condition number (C itself is singular when n < d)
+        cond = float((evals.max() + lam) / lam) if evals.numel() else 1.0
+        return cls(layer, ridge, basis, evals, cond, True, lam)
+
+    def _apply(self, b: torch.Tensor, power: float) -> torch.Tensor:
+        """Rows of B times C_reg^power (power -1 or -1/2), B [..., d]."""
+        flat = b.reshape(-1, b.shape[-1]).to(self.basis.dtype)
+        proj = flat @ self.basis
+        inside = (proj * (self.eigenvalues + self.ridge_value) ** power) @ self.basis.T
+        return (inside + (flat - proj @ self.basis.T) * self.ridge_value ** power
+                ).reshape(b.shape)
+
+    def whiten_rows(self, b: torch.Tensor) -> torch.Tensor:
+        """B Z^T with Z = C_reg^-1/2 (symmetric): ||B Z^T||_F^2 = tr(B C_reg^-1 B^T)."""
+        return self._apply(b, -0.5)
+
+    def solve_rows(self, b: torch.Tensor) -> torch.Tensor:
+        """B C_reg^-1 for B [..., d]."""
+        return self._apply(b, -1.0)
+
+    @property
+    def inverse(self) -> "LowRankInverse":
+        """C_reg^-1 as an operator (``inverse @ X``), never a d x d matrix."""
+        return LowRankInverse(self)
+
+
+class LowRankInverse:
+    """C_reg^-1 of :class:`LowRankStatistics` for ``inverse @ X`` (X [d] or [d, q]) and
+    ``.to(device or dtype)``, as edits use a dense inverse."""
+
+    def __init__(self, stats: LowRankStatistics) -> None:
+        self.stats = stats
+        self.shape = (stats.basis.shape[0], stats.basis.shape[0])
+        self.dtype = stats.basis.dtype
+
+    def to(self, *args, **kwargs) -> "LowRankInverse":
+        device = next((a for a in args if isinstance(a, (str, torch.device))),
+                      kwargs.get("device"))
+        if device is None:
+            return self
+        s = self.stats
+        return LowRankInverse(LowRankStatistics(s.layer, s.ridge, s.basis.to(device),
+                                                s.eigenvalues.to(device), s.condition_number,
+                                                s.condition_estimated, s.ridge_value))
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stats.solve_rows(x.T).T if x.dim() == 2 else self.stats.solve_rows(x)
+
+
+def statistics_from_moments(name: str, moments: "KeyMoments | KroneckerMoments | KeyRows",
                             ridge: float = DEFAULT_RIDGE
-                            ) -> "LayerStatistics | KroneckerStatistics":
+                            ) -> "LayerStatistics | KroneckerStatistics | LowRankStatistics":
+    if isinstance(moments, KeyRows):
+        return LowRankStatistics.from_moments(name, moments, ridge)
     if isinstance(moments, KroneckerMoments):
         return KroneckerStatistics.from_moments(name, moments, ridge)
     return LayerStatistics.from_moments(name, moments, ridge)
@@ -168,6 +250,8 @@ class MomentCache:
                         KeyMoments(torch.from_numpy(data["channels_sum"]), int(data["channels_count"])),
                         KeyMoments(torch.from_numpy(data["offsets_sum"]), int(data["offsets_count"])),
                         spectrum, count, basis)
+                if "key_rows" in data:
+                    return KeyRows([torch.from_numpy(data["key_rows"])], int(data["count"]))
                 return KeyMoments(torch.from_numpy(data["sum_kk"]), int(data["count"]))
         except (OSError, ValueError, KeyError):
             return None
@@ -191,6 +275,8 @@ class MomentCache:
                      channels_count=np.int64(m.channels.count),
                      offsets_sum=m.offsets.sum_kk.cpu().numpy(),
                      offsets_count=np.int64(m.offsets.count), **extra)
+        elif isinstance(m, KeyRows):
+            np.savez(buf, key_rows=m.rows.cpu().numpy(), count=np.int64(m.count))
         else:
             np.savez(buf, sum_kk=m.sum_kk.cpu().numpy(), count=np.int64(m.count))
         write_bytes_atomic(self._path(model_hash, layer, data_key), buf.getvalue())

@@ -80,7 +80,7 @@ class StatisticsCache:
         if not self.stats:
             self.compute()
         st = self.stats[layer.name]
-        if st.kind == "exact":
+        if st.kind in ("exact", "low-rank"):  # a wide layer's C is only kept factored
             return st
         if layer.name not in self.exact_stats:
             self.exact_stats.update(self._statistics([layer], "exact"))
