@@ -84,6 +84,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
 #: Where a verb's option of the same name has another range.
 VERB_RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
     "verify": {"batch": (1, 4096, False)},
+    "patch": {"batch": (1, 4096, False)},
+    "locate": {"batch": (1, 4096, False)},
 }
 #: The values each option with a fixed set of them accepts (the CLI's choices).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -278,6 +280,7 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
           cache_dir: str | os.PathLike[str] | None = _CONFIG.cache_dir,
           exclude_layers: Sequence[str] = _CONFIG.exclude_layers,
           max_memory: int | str | None = _CONFIG.max_memory,
+          batch: int | None = _CONFIG.batch,
           device: str = "auto", provider: str = "auto", force: bool = False,
           show_progress: bool | None = _CONFIG.show_progress,
           log: Callable[[str], None] | None = None) -> PatchResult:
@@ -297,7 +300,8 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
                         steps=steps, score=score, transplant=transplant,
                         transplant_count=transplant_count, heldout_count=heldout_count,
                         attribution_form=attribution_form, seed=seed, statistics=statistics,
-                        stat_rows=stat_rows, device=device, provider=provider))
+                        stat_rows=stat_rows, device=device, provider=provider, batch=batch),
+                   "patch")
     excluded, memory = _names(exclude_layers), _memory(max_memory)
     start = time.perf_counter()
     inputs, attack_set = _inputs(model, pairs, eval, calib, attack)
@@ -308,7 +312,7 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
                      allow_shared=allow_shared,
                      cache_dir=None if cache_dir is None else str(cache_dir), solver=solver,
                      stat_rows=stat_rows, statistics=statistics, care_neurons=care_neurons,
-                     exclude_layers=excluded, max_memory=memory,
+                     exclude_layers=excluded, max_memory=memory, batch=batch,
                      show_progress=show_progress)
     rates: dict[str, float] = {}
 
@@ -377,6 +381,7 @@ def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | Non
            cache_dir: str | os.PathLike[str] | None = _CONFIG.cache_dir,
            exclude_layers: Sequence[str] = _CONFIG.exclude_layers,
            max_memory: int | str | None = _CONFIG.max_memory,
+           batch: int | None = _CONFIG.batch,
            device: str = "auto", show_progress: bool | None = _CONFIG.show_progress
            ) -> LocateResult:
     """Rank ``model``'s editable layers for ``pairs`` (``onnx-rectify locate``). The key
@@ -384,7 +389,8 @@ def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | Non
     _check_options(dict(method=method, top_fraction=top_fraction, steps=steps, score=score,
                         transplant=transplant, transplant_count=transplant_count,
                         heldout_count=heldout_count, attribution_form=attribution_form, seed=seed,
-                        statistics=statistics, stat_rows=stat_rows, device=device))
+                        statistics=statistics, stat_rows=stat_rows, device=device, batch=batch),
+                   "locate")
     excluded, memory = _names(exclude_layers), _memory(max_memory)
     start = time.perf_counter()
     inputs, _ = _inputs(model, pairs, eval, calib, None)
@@ -393,7 +399,7 @@ def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | Non
                      attribution_form=attribution_form, allow_shared=allow_shared,
                      cache_dir=None if cache_dir is None else str(cache_dir),
                      top_fraction=top_fraction, stat_rows=stat_rows, statistics=statistics,
-                     exclude_layers=excluded, max_memory=memory,
+                     exclude_layers=excluded, max_memory=memory, batch=batch,
                      show_progress=show_progress)
     if method == "causal":
         effects, ranking = locate_causal(inputs, config, device)

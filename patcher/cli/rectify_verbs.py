@@ -109,6 +109,10 @@ def _rectify_options(fn):
         click.option("--max-memory", type=MEMORY, default=None,
                      help="Refuse (exit 2) before any work when the up-front estimate of peak "
                      "memory exceeds this size (e.g. 4G, 512M)."),
+        click.option("--batch", type=click.IntRange(1, 4096), default=None,
+                     help="Inputs per forward in the statistics, accuracy and gap passes "
+                     "(bounds peak memory; default: from the model's largest activation, "
+                     "at most 128)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -134,7 +138,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
            transplant: str, transplant_count: int, heldout_count: int, attribution: str,
            allow_shared: bool, device: str, seed: int,
            statistics: str, stat_rows: int | None, cache_dir: str | None,
-           exclude_layers: tuple[str, ...], max_memory: int | None,
+           exclude_layers: tuple[str, ...], max_memory: int | None, batch: int | None,
            eval_path: Path | None, json_path: str | None,
            method: str, top_fraction: float) -> None:
     """Rank MODEL's editable layers by editability (or causal effect) for the given
@@ -155,7 +159,8 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
                            attribution_form=attribution, allow_shared=allow_shared,
                            cache_dir=cache_dir, causal_top_fraction=top_fraction,
                            stat_rows=stat_rows, statistics=statistics,
-                           exclude_layers=tuple(exclude_layers), max_memory=max_memory)
+                           exclude_layers=tuple(exclude_layers), max_memory=max_memory,
+                           batch=batch)
     from patcher.patch import resolve_device
     from patcher.rectify.budget import preflight
 
@@ -254,8 +259,8 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
           transplant: str, transplant_count: int, heldout_count: int, attribution: str,
           allow_shared: bool, device: str, seed: int,
           statistics: str, stat_rows: int | None, cache_dir: str | None,
-          exclude_layers: tuple[str, ...], max_memory: int | None, eval_path: Path,
-          output: Path | None,
+          exclude_layers: tuple[str, ...], max_memory: int | None, batch: int | None,
+          eval_path: Path, output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, objective: str,
           layer: str | None, care_neurons: int | None, solver: str, provider: str,
           report_path: str | None, report_dir: Path | None, attack_path: Path | None,
@@ -288,7 +293,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
                            stat_rows=stat_rows, statistics=statistics,
                            care_neurons=care_neurons, exclude_layers=tuple(exclude_layers),
-                           max_memory=max_memory)
+                           max_memory=max_memory, batch=batch)
     extras: dict = {}
 
     def stage_reports(rep, outputs, staged_model: Path) -> None:
