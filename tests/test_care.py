@@ -327,3 +327,17 @@ def test_care_strategy_end_to_end_is_declared_and_passes_verify(trojaned, tmp_pa
     verify = CliRunner().invoke(main, ["verify", str(out), "--base", str(model), "--eval",
                                        str(trojaned / "eval.npz"), "--max-accuracy-drop", "0.05"])
     assert "PASS  provenance" in verify.output, verify.output
+
+
+def test_a_dense_consumers_batched_unit_sweep_equals_one_pass_per_variant():
+    graph = ShadowGraph.from_onnx(_feature_model())
+    x = torch.from_numpy(RNG.random((7, 2, 6, 6)).astype(np.float32))
+    runner = SiteRunner(graph, unit_site(graph, graph.layer("D"), x[:1]), x)
+    assert runner.linear
+    sweeps = [(3, torch.linspace(-1, 2, 3)[:, None].expand(3, 7)),
+              (100, torch.rand(2, 7))]
+    with torch.no_grad():
+        batched = runner.sweep(sweeps)
+        for (u, values), got in zip(sweeps, batched):
+            one = torch.cat([runner.logits_with([u], v[:, None]) for v in values])
+            assert got.shape == (len(values) * 7, 3) and torch.allclose(got, one, atol=1e-5)

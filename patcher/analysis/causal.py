@@ -378,6 +378,42 @@ class SiteRunner:
             out.append(logits.reshape(len(logits), -1))
         return torch.cat(out)
 
+    def sweep(self, unit_values: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Logits for each (unit u, values [V, n]): row block v sets u alone to values[v]
+        (one input per column), [V * n, classes] each. A dense consumer on one batch of
+        inputs runs every unit's variants in one resumed pass (its output is linear in the
+        unit); otherwise, or when the layers after it read other tensors of the batch, one
+        pass per variant."""
+        if self.linear and len(self.envs) == 1 and len(self.units) > 1:
+            try:
+                return self._sweep_linear(unit_values)
+            except RuntimeError:  # the part after the consumer reads batch-sized tensors
+                pass
+        out = []
+        for u, values in unit_values:
+            shape = (1,) * (self.units.dim() - 1)
+            out.append(torch.cat([self.logits_with([u], v.reshape((-1,) + shape)
+                                                   .expand_as(self.units.narrow(
+                                                       self.site.axis, u, 1)))
+                                  for v in values]))
+        return out
+
+    def _sweep_linear(self, unit_values) -> list[torch.Tensor]:
+        env, base = self.envs[0], self.base[0]
+        n = len(base)
+        index = torch.as_tensor([u for u, _ in unit_values], device=base.device)
+        values = torch.stack([v for _, v in unit_values]).to(base.dtype)     # [U, V, n]
+        change = values - self.units.index_select(1, index).T[:, None, :]    # [U, V, n]
+        rows = self.key_rows.index_select(0, index)                          # [U, N]
+        value = base[None, None] + change[..., None] * rows[:, None, None, :]
+        flat = value.reshape(-1, base.shape[-1])
+        replace = tuple(flat if name == self.out_name else env.get(name)
+                        for name in self.outputs)
+        logits = self.graph.run_after(self.stop, env, replace)[0]
+        logits = logits.reshape(len(flat), -1)
+        per_unit = values.shape[1] * n
+        return [logits[i * per_unit:(i + 1) * per_unit] for i in range(len(unit_values))]
+
     def logits(self) -> torch.Tensor:
         """The model's logits on ``x``."""
         return self.logits_with([], self.units.index_select(self.site.axis, torch.zeros(
@@ -435,21 +471,34 @@ def unit_effects(graph: ShadowGraph, site: UnitSite, triggered: torch.Tensor,
     low, high = flat_clean.min(1).values, flat_clean.max(1).values
     steps = torch.linspace(0, 1, values, dtype=torch.float64)
     care, swap = np.zeros(site.units), np.zeros(site.units)
-    units, axis = runner.units, site.axis
+    flat_units = runner.units.movedim(site.axis, 0).reshape(site.units, len(triggered), -1)
+    flat_twins = clean_units.movedim(site.axis, 0).reshape(site.units, len(triggered), -1)
+    n = len(triggered)
+    width = runner.base[0][0].numel()  # what one resumed row holds: at most 2^24 numbers
+    chunk = max(1, (1 << 24) // max(1, (values + 1) * n * width))
     with progress(site.units, "unit effects", show_progress) as bar:
+        for first in range(0, site.units, chunk):
+            batch = []
+            for u in range(first, min(first + chunk, site.units)):
+                grid = (low[u] + steps * (high[u] - low[u])).to(runner.units.dtype)
+                sweep = grid[:, None].expand(values, n)
+                if flat_units.shape[2] == 1:  # the twin's own value, per input
+                    sweep = torch.cat([sweep, flat_twins[u, :, 0][None]])
+                batch.append((u, sweep))
+            for (u, _), logits in zip(batch, runner.sweep(batch)):
+                p = misbehaviour_probability(logits, labels.repeat(len(logits) // n),
+                                             target).reshape(-1, n)
+                curve = p[:values].mean(1)
+                care[u] = float(curve.max() - curve.min())
+                if len(p) > values:
+                    removed = float((base - p[values]).sum())
+                    swap[u] = removed / total if total > 1e-12 else 0.0
+            bar.update(len(batch))
+    if flat_units.shape[2] > 1:  # a unit spans positions (a channel): swap one at a time
         for u in range(site.units):
-            own = units.index_select(axis, torch.tensor([u], device=units.device))
-            curve = []
-            for a in (low[u] + steps * (high[u] - low[u])).tolist():
-                p = misbehaviour_probability(runner.logits_with([u], torch.full_like(own, a)),
-                                             labels, target)
-                curve.append(float(p.mean()))
-            care[u] = max(curve) - min(curve)
-            twin = clean_units.index_select(axis, torch.tensor([u], device=units.device))
-            removed = float((base - misbehaviour_probability(runner.logits_with([u], twin),
-                                                             labels, target)).sum())
-            swap[u] = removed / total if total > 1e-12 else 0.0
-            bar.update(1)
+            twin = clean_units.index_select(site.axis, torch.tensor([u], device=base.device))
+            p = misbehaviour_probability(runner.logits_with([u], twin), labels, target)
+            swap[u] = float((base - p).sum()) / total if total > 1e-12 else 0.0
     order = lambda s: [int(i) for i in np.argsort(-s, kind="stable")]  # noqa: E731
     return UnitEffects(care, swap, order(care), order(swap))
 
