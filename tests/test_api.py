@@ -333,3 +333,20 @@ def test_every_keyword_a_library_warning_names_is_a_keyword_of_the_api():
     accepted = set(pyinspect.signature(api.patch).parameters) | set(
         pyinspect.signature(api.locate).parameters)
     assert named <= accepted, named - accepted
+
+
+def test_the_api_and_the_cli_with_their_defaults_write_the_same_model(files, tmp_path):
+    """Behaviour, not only signatures: the verb and the function, each with only the model,
+    the data and the strategy given, write the same weights and pass or fail alike."""
+    from click.testing import CliRunner
+
+    folder, _ = files
+    by_api = api.patch(folder / "model.onnx", folder / "pairs.npz", folder / "eval.npz",
+                       out=tmp_path / "api.onnx", **QUICK)
+    outcome = CliRunner().invoke(main, [
+        "patch", str(folder / "model.onnx"), "--pairs", str(folder / "pairs.npz"), "--eval",
+        str(folder / "eval.npz"), "--strategy", "static", "-o", str(tmp_path / "cli.onnx"),
+        "--quiet"])
+    assert outcome.exit_code == (0 if by_api.passed else 1), outcome.output
+    a, b = (weights(onnx.load(str(tmp_path / name))) for name in ("api.onnx", "cli.onnx"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
