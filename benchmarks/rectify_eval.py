@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from patcher.errors import RectifyError  # noqa: E402
 from patcher.gate import metrics  # noqa: E402
 from patcher.model.modelio import load_model  # noqa: E402
 from patcher.rectify import RectifyConfig, rectify  # noqa: E402
@@ -90,14 +91,15 @@ class Scenario:
 
 def run_one(sc: Scenario, n: int, config: RectifyConfig, tmp: Path, quick: bool) -> dict:
     graph = ShadowGraph(sc.loaded)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = rectify(graph, sc.pairs(n), sc.eval, None, config)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     proto, _ = apply_deltas(sc.loaded, result.deltas)
     out = tmp / f"{sc.name}_{n}_{config.strategy}_{config.transplant}_{config.layer or ''}.onnx".replace("/", "_")
     save_model(proto, sc.loaded, out)
     row = sc.measure(out, quick)
-    row.update(seconds=seconds, layers=[r.layer for r in result.rounds if r.kept],
+    row.update(seconds=seconds, cpu_seconds=cpu, tensors=len(result.deltas),
+               layers=[r.layer for r in result.rounds if r.kept],
                rounds=len(result.rounds), met_target=result.met_target)
     return row
 
@@ -152,7 +154,7 @@ def add_causal(results: dict, names: list[str]) -> None:
 def markdown(results: dict) -> str:
     """The paper's table layout per scenario: method x n, with OA and the fault's measure."""
     names = {"trained": "trained model", "finetune": "fine-tune last layer",
-             "care": "CARE (causal neurons, particle swarm)",
+             "care": "CARE (units feeding the first dense layer, particle swarm)",
              "static": "static (last layer, transplant)", "static-plain": "static (last layer, plain)",
              "dynamic": "dynamic (transplant, default)", "dynamic-plain": "dynamic (plain)",
              "dynamic-attribution": "dynamic, `--objective attribution` (silencing)"}
@@ -168,10 +170,16 @@ def markdown(results: dict) -> str:
         out.append("| method | n | " + " | ".join(c for c, _ in cols) + " | edited layers | seconds |")
         out.append("|---|---|" + "---|" * len(cols) + "---|---|")
         for r in rows:
+            if "refused" in r:
+                out.append(f"| {names.get(r['strategy'], r['strategy'])} | {r['n'] or '-'} | "
+                           f"refused: {r['refused']} |" + " |" * (len(cols) + 1))
+                continue
             vals = " | ".join(f"{100 * r[k]:.2f}%" if k != "leakage" else f"{r[k]:.3f}"
                               for _, k in cols)
             layers = ", ".join(dict.fromkeys(r.get("layers", []))) or "-"
             secs = f"{r['seconds']:.1f}" if "seconds" in r else "-"
+            if "cpu_seconds" in r:
+                secs += f" ({r['cpu_seconds']:.0f} CPU)"
             out.append(f"| {names.get(r['strategy'], r['strategy'])} | {r['n'] or '-'} | {vals} | "
                        f"{layers} | {secs} |")
         loc = results.get("localisation", {}).get(scenario)
@@ -280,7 +288,11 @@ def main() -> None:
             print(name, "trained", json.dumps(base), flush=True)
             for n in [int(v) for v in args.n.split(",")]:
                 for strat in args.strategies.split(","):
-                    row = run_one(sc, n, RectifyConfig(**STRATEGIES[strat]), tmp, args.quick)
+                    try:
+                        row = run_one(sc, n, RectifyConfig(**STRATEGIES[strat]), tmp,
+                                      args.quick)
+                    except RectifyError as err:  # a strategy that does not apply: say so
+                        row = {"refused": str(err)}
                     results["rows"].append({"scenario": name, "n": n, "strategy": strat, **row})
                     print(name, n, strat, json.dumps(row), flush=True)
             if not args.no_localisation:
