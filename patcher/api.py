@@ -329,7 +329,8 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
              _source_name(eval, "eval"))
     if out is not None:
         report = patch_loaded(inputs, Path(out), config, device, provider, force, log,
-                              names=names, stage_reports=measure_attack, start=start)
+                              names=names, stage_reports=measure_attack, start=start,
+                              out_label="out")
         return _patch_result(report, rates, Path(out), None)
     with tempfile.TemporaryDirectory(prefix="onnx-rectify-") as work:
         written = Path(work) / (default_output(Path(str(names[0]))).name

@@ -257,18 +257,19 @@ def default_output(model: Path) -> Path:
 
 
 def check_output_path(out: Path, inputs: Inputs, force: bool,
-                      writes: dict[str, Path | None] | None = None) -> None:
+                      writes: dict[str, Path | None] | None = None, label: str = "-o") -> None:
     """Refuse (exit 2), before any work, an output that is an input file or another output
     (by device and inode), that exists without ``force``, that is a special file, or whose
-    folder is missing or cannot be written. ``writes``: the run's other outputs by flag."""
+    folder is missing or cannot be written. ``writes``: the run's other outputs by flag;
+    ``label``: what refusals call the output (the CLI's ``-o``, the API's ``out``)."""
     data = out.with_name(f"{out.name}.data")
     reads = inputs.reads or {f"input {f.name}": f for f in inputs.files}
-    check_outputs(reads, {"-o": out, "-o's data file": data, **(writes or {})})
-    check_output_file("-o", out, force)
+    check_outputs(reads, {label: out, f"{label}'s data file": data, **(writes or {})})
+    check_output_file(label, out, force)
     if inputs.loaded.external and os.path.lexists(data) and not force:
         raise OutputError(f"{out}: its data file {out.name}.data exists; pass --force to "
                           "overwrite it")
-    check_output_file("-o's data file", data)
+    check_output_file(f"{label}'s data file", data)
 
 
 #: Stages extra outputs (reports) of a patch run: (report, outputs, staged model path).
@@ -323,14 +324,15 @@ def patch_loaded(inputs: Inputs, out: Path, config: RectifyConfig, device: str =
                  names: tuple = ("model", "pairs", "eval"),
                  writes: dict[str, Path | None] | None = None,
                  stage_reports: StageReports | None = None,
-                 start: float | None = None) -> PatchReport:
+                 start: float | None = None, out_label: str = "-o") -> PatchReport:
     """:func:`patch` on inputs already loaded and checked (by :func:`load_inputs`, or the
     library API's in-memory models and arrays); ``names`` (model, pairs, eval) stand for
-    them in the report, ``start`` is when loading began (for the timings)."""
+    them in the report, ``start`` is when loading began (for the timings), ``out_label``
+    names the output in refusals."""
     log = log or (lambda msg: None)
     start = time.perf_counter() if start is None else start
     out = Path(out)
-    check_output_path(out, inputs, force, writes)
+    check_output_path(out, inputs, force, writes, out_label)
     calib = inputs.calib_x if inputs.calib_x is not None else inputs.eval_set.x
     preflight(inputs.loaded.proto, "patch", len(inputs.eval_set.x), len(calib),
               len(inputs.pairs), config, str(resolve_device(device)))

@@ -350,3 +350,13 @@ def test_the_api_and_the_cli_with_their_defaults_write_the_same_model(files, tmp
     assert outcome.exit_code == (0 if by_api.passed else 1), outcome.output
     a, b = (weights(onnx.load(str(tmp_path / name))) for name in ("api.onnx", "cli.onnx"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_an_output_that_is_an_input_is_refused_naming_the_keywords(files):
+    folder, _ = files
+    before = (folder / "eval.npz").read_bytes()
+    with pytest.raises(RectifyError, match=r"^out \(.*eval\.npz\) and eval \(.*\) are the same "
+                       r"file: the output would overwrite an input file; choose another out$"):
+        api.patch(folder / "model.onnx", folder / "pairs.npz", folder / "eval.npz",
+                  out=folder / "eval.npz", force=True, **QUICK)
+    assert (folder / "eval.npz").read_bytes() == before
