@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from exporters import export_pytorch
+from onnx_rectify_exporters import export_pytorch
 from patcher.cli import main
 from patcher.gate import metrics
 from patcher.graph.keys import LayerTap, layer_keys
@@ -210,3 +210,75 @@ def test_locate_and_patch_remove_the_vit_backdoor(backdoored_vit, tmp_path):
     after = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
     assert changed and set(changed) <= {l.weight for l in layers}
+
+
+class BertAttention(nn.Module):
+    """BERT-style self-attention (separate query/key/value Linears, heads by view/permute,
+    scores scaled by 1/sqrt(head size)): the pattern onnxruntime's optimizer fuses into
+    com.microsoft.Attention."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head = heads, dim // heads
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), \
+            nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def _split(self, x):
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head).permute(0, 2, 1, 3)
+
+    def forward(self, x):
+        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / float(self.head) ** 0.5
+        context = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous()
+        b, t = context.shape[:2]
+        return self.out(context.view(b, t, -1))
+
+
+class BertBlock(nn.Module):
+    """A post-LN BERT layer (fused into SkipLayerNormalization and BiasGelu)."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.attention = BertAttention(dim, heads)
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+
+    def forward(self, x):
+        x = self.ln1(x + self.attention(x))
+        return self.ln2(x + self.fc2(nn.functional.gelu(self.fc1(x))))
+
+
+def test_onnxruntime_transformer_optimizer_output_runs(tmp_path):
+    """A BERT-style ViT through onnxruntime's transformer optimizer: its com.microsoft
+    Attention, SkipLayerNormalization and BiasGelu nodes run in the shadow graph as under
+    onnxruntime, and the remaining MatMuls stay editable layers with tokens as key rows."""
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer",
+                                    reason="onnxruntime without its transformers tools")
+    torch.manual_seed(0)
+    net = TinyViT(dim=32, depth=2, heads=2, mlp=64)
+    net.layers = nn.Sequential(*[BertBlock(32, 2, 64) for _ in range(2)])
+    export_pytorch(net, torch.zeros(1, 1, 8, 8), tmp_path / "bert.onnx")
+    optimized = optimizer.optimize_model(str(tmp_path / "bert.onnx"), model_type="bert",
+                                         num_heads=2, hidden_size=32, opt_level=0)
+    model = optimized.model
+    model.ir_version = min(model.ir_version, 10)
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
+    assert {("com.microsoft", "Attention"), ("com.microsoft", "SkipLayerNormalization"),
+            ("com.microsoft", "BiasGelu")} <= ops, ops
+    path = tmp_path / "optimized.onnx"
+    onnx.save(model, str(path))
+    graph = ShadowGraph.from_onnx(str(path))
+    x = np.random.default_rng(2).random((4, 1, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        got = graph(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(got, open_session(str(path), "cpu").run(x)[0], rtol=1e-4,
+                               atol=1e-5)
+    matmuls = [l for l in graph.editable_layers if l.op == "MatMul"]
+    assert len(matmuls) >= 4
+    with torch.no_grad(), LayerTap(graph, matmuls) as tap:
+        graph(torch.from_numpy(x))
+    for layer in matmuls:
+        keys = layer_keys(layer, tap.inputs[layer.name], graph.node_attributes(layer.name))
+        assert keys.shape == (4, 17, 1, layer.key_dim), layer.name
