@@ -162,11 +162,18 @@ def test_export_cli_both_exporters_and_the_shadow_graph_matches(backdoored_vit, 
     assert weights["head.weight"] == "Gemm"
 
 
-def test_tokens_are_key_rows_of_their_own_image(backdoored_vit):
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_tokens_are_key_rows_of_their_own_image(backdoored_vit, tmp_path, exporter):
     """Each token of each image is one key row, whatever layout the export gives the layer's
     input ([T, B, D] before in_proj, [T*B, D] rows before out_proj): the keys of a batch are
     the keys of its images taken one at a time."""
-    graph = ShadowGraph.from_onnx(str(backdoored_vit / "model.onnx"))
+    path = backdoored_vit / "model.onnx"
+    if exporter == "dynamo":
+        net = tiny_vit()
+        net.load_state_dict(torch.load(backdoored_vit / "vit.pt", weights_only=True))
+        path = tmp_path / "dynamo.onnx"
+        export_pytorch(net, torch.zeros(1, 1, 8, 8), path, exporter="dynamo")
+    graph = ShadowGraph.from_onnx(str(path))
     layers = [l for l in graph.editable_layers if l.op in ("MatMul", "Gemm")]
     x = torch.from_numpy(np.load(backdoored_vit / "eval.npz")["x"][:3])
 
