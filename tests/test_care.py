@@ -221,7 +221,7 @@ def test_default_site_is_the_flattened_map_and_pooled_features_are_refused():
     graph = ShadowGraph.from_onnx(_feature_model())
     assert default_unit_site(graph, graph.editable_layers, x).consumer.name == "D"
     pooled = ShadowGraph.from_onnx(_feature_model(pool=True))
-    with pytest.raises(RectifyError, match="pooled features"):
+    with pytest.raises(RectifyError, match="pooled channels"):
         default_unit_site(pooled, pooled.editable_layers, x)
     with pytest.raises(RectifyError, match="graph input"):
         unit_site(graph, graph.layer("A"), x)
