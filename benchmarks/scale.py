@@ -155,7 +155,8 @@ def machine() -> dict:
 
 
 def bench_model(name: str, evals: list[int], verbs: list[str], cache: Path, timeout: float,
-                extra: list[str], log) -> list[Row]:
+                extra: list[str], log, done=lambda row: None) -> list[Row]:
+    """The rows of one model, one per eval size; ``done(row)`` after each."""
     built = scale_models.build(name, cache)
     log(f"{name}: built ({built.info['build_seconds']} s when built; torch OA "
         f"{built.info['torch_oa']:.0%}, ASR {built.info['torch_asr']:.0%})")
@@ -185,6 +186,7 @@ def bench_model(name: str, evals: list[int], verbs: list[str], cache: Path, time
                 row.rates.update(oa_after=oa1, asr_after=asr1)
             log(f"  rates: {row.rates}")
         rows.append(row)
+        done(row)
     return rows
 
 
@@ -295,12 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     rows: list[Row] = []
-    for name in args.models:
-        rows += bench_model(name, args.evals, args.verbs, args.cache, args.timeout, extra, log)
-        if args.json:  # after each model: a partial result survives an interrupted run
+
+    def save(row: Row) -> None:  # after each row: a partial result survives an interruption
+        rows.append(row)
+        if args.json:
             args.json.write_text(json.dumps({"machine": env, "argv": argv,
                                              "wall_s": time.perf_counter() - t0,
                                              "rows": [asdict(r) for r in rows]}, indent=1))
+
+    for name in args.models:
+        bench_model(name, args.evals, args.verbs, args.cache, args.timeout, extra, log, save)
     wall = time.perf_counter() - t0
     text = markdown(rows, env, wall, argv)
     print(text)
