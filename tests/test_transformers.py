@@ -289,3 +289,19 @@ def test_onnxruntime_transformer_optimizer_output_runs(tmp_path):
     for layer in matmuls:
         keys = layer_keys(layer, tap.inputs[layer.name], graph.node_attributes(layer.name))
         assert keys.shape == (4, 17, 1, layer.key_dim), layer.name
+
+
+def test_patch_of_the_dynamo_export(backdoored_vit, tmp_path):
+    """The same backdoored ViT exported by the dynamo exporter patches as well."""
+    net = tiny_vit()
+    net.load_state_dict(torch.load(backdoored_vit / "vit.pt", weights_only=True))
+    model = tmp_path / "dynamo.onnx"
+    export_pytorch(net, torch.zeros(1, 1, 8, 8), model, exporter="dynamo")
+    assert _asr(model, backdoored_vit) >= 0.9
+    out = tmp_path / "patched.onnx"
+    result = CliRunner().invoke(main, ["patch", str(model), "--pairs",
+                                       str(backdoored_vit / "pairs.npz"), "--eval",
+                                       str(backdoored_vit / "eval.npz"), "-o", str(out)])
+    assert result.exit_code in (0, 1), result.output
+    assert _asr(out, backdoored_vit) <= 0.1, result.output
+    assert _acc(model, backdoored_vit) - _acc(out, backdoored_vit) <= 0.03
