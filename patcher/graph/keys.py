@@ -12,7 +12,10 @@ Every editable layer is viewed through a *canonical* weight W_c of shape
 | MatMul W @ x     | W [M, K]           | W                       | a column of x                        |
 
 Keys come out as [n, P, G, Kd]: n samples, P positions per sample, G groups
-(1 except grouped Conv); values as [n, P, G, V/G], the layer output in the
+(1 except grouped Conv); a row-keyed layer (Gemm, MatMul x @ W) on tokens has one position
+per token, whatever layout the export gives its input ([B, T, D], [T, B, D], [T*B, D]
+rows: :func:`image_rows` regroups them per image); values as [n, P, G, V/G], the layer
+output in the
 canonical value space (Gemm's alpha divided out, bias and beta*C left in: they
 cancel in every difference of values).
 """
