@@ -194,13 +194,19 @@ def _cell(run: Run | None, forward: float) -> tuple[str, str, str]:
     if run is None:
         return "-", "-", "-"
     status = "killed at timeout" if run.exit is None else f"exit {run.exit}"
-    figure = f"{run.cpu_s:.0f} s ({run.wall_s:.0f} s wall), {run.peak_rss_gb:.2f} GB, {status}"
-    ratio = f"{run.cpu_s / forward:.0f}x" if forward > 0 else "-"
+    more = "> " if run.exit is None else ""  # a killed run: what it had used by then
+    figure = (f"{more}{run.cpu_s:.0f} s ({run.wall_s:.0f} s wall), {more}"
+              f"{run.peak_rss_gb:.2f} GB, {status}")
+    ratio = f"{more}{run.cpu_s / forward:.0f}x" if forward > 0 else "-"
     if run.estimate_cpu_s is not None:
         est = f"{run.estimate_cpu_s:.0f} s, {run.estimate_peak_gb:.2f} GB"
     else:
         est = "-"
     return figure, ratio, est
+
+
+def _without_heartbeats(text: str) -> str:
+    return "\n".join(l for l in text.splitlines() if " elapsed: " not in l)
 
 
 def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
@@ -239,7 +245,7 @@ def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
         for r, verb, run in failures:
             lines += [f"**{r.model}, eval {r.eval}, {verb}** "
                       f"({'killed at timeout' if run.exit is None else f'exit {run.exit}'}):",
-                      "", "```", run.tail[-1500:], "```", ""]
+                      "", "```", _without_heartbeats(run.tail)[-1500:], "```", ""]
     return "\n".join(lines) + "\n"
 
 
