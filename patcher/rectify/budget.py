@@ -258,6 +258,7 @@ class Estimate:
     forwards: float          # forward-equivalent images
     memory_parts: dict[str, int]
     clock: str = "CPU"       # what the seconds are: CPU time, or GPU wall time
+    widest_key: str = ""     # the layer with the widest key, and its width
 
     def line(self) -> str:
         """The one-line form printed before the work."""
@@ -306,7 +307,10 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     }
     name = max(working, key=working.get)
     parts[name] = working[name]
-    return Estimate(verb, seconds, int(sum(parts.values())), forwards, parts)
+    widest_key = max(layers, key=lambda l: l.key_dim, default=None)
+    return Estimate(verb, seconds, int(sum(parts.values())), forwards, parts,
+                    widest_key=(f"{widest_key.name}, d = {widest_key.key_dim}"
+                                if widest_key else ""))
 
 
 def check_memory(est: Estimate, limit: int | None) -> None:
@@ -318,7 +322,8 @@ def check_memory(est: Estimate, limit: int | None) -> None:
         f"{est.verb} would need about {est.peak_bytes / 2 ** 30:.2f} GB at its peak "
         f"(largest part: {largest}, {format_bytes(est.memory_parts[largest])}), more than "
         f"--max-memory {limit / 2 ** 30:.2f} GB; fewer eval/calibration images, "
-        f"--exclude-layer for a wide layer or --layer may fit")
+        f"--exclude-layer for a wide layer (widest key: {est.widest_key or '-'}) or --layer "
+        f"may fit")
 
 
 def preflight(proto: onnx.ModelProto, verb: str, n_eval: int, n_calib: int, n_pairs: int,
