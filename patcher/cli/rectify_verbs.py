@@ -230,14 +230,15 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
 @click.option("--strategy", type=click.Choice(["dynamic", "static", "finetune", "care"]),
               default="dynamic", show_default=True, help="dynamic: the paper's loop; static: "
               "one edit at the last layer; finetune: fine-tune the last layer; care: CARE's "
-              "causal neuron repair (particle swarm).")
+              "repair (multipliers on the units feeding the first dense layer, particle "
+              "swarm).")
 @click.option("--objective", type=click.Choice(["prediction", "attribution"]),
               default="prediction", show_default=True, help="prediction: remove the "
               "corruption's effect on the output (backdoor, spurious pattern); attribution: "
               "lower the share of input attribution on the corrupted region (feature "
               "leakage) with silencing edits (--strategy dynamic; --gap is not used).")
 @click.option("--care-neurons", type=click.IntRange(1, 1 << 20), default=None,
-              help="--strategy care: neurons to repair (default: 10% of the layer's).")
+              help="--strategy care: units to repair (default: 5).")
 @click.option("--layer", default=None, help="Force one edit at this layer (node name).")
 @click.option("--solver", type=click.Choice(["closed", "iterative"]), default="closed",
               show_default=True, help="Rank-one solve: closed-form least squares, or the "
