@@ -219,3 +219,25 @@ def test_the_fp16_keep_io_sample_patches_with_exit_0(tmp_path):
     oa0, _ = _oa_asr(source)
     oa, asr = _oa_asr(out)
     assert asr <= 0.02 and oa >= oa0 - 0.005, (oa0, oa, asr)
+
+
+def test_a_parity_failure_is_reported_as_one(tmp_path, monkeypatch):
+    """When the written file's shadow graph and onnxruntime disagree, patch says parity
+    failed (with its figures) and exits 1, instead of blaming the gap."""
+    import dataclasses
+
+    import patcher.patch
+
+    real = patcher.patch.compare
+    monkeypatch.setattr(patcher.patch, "compare", lambda *a, **k: dataclasses.replace(
+        real(*a, **k), within_tolerance=False))
+    out = tmp_path / "patched.onnx"
+    result = CliRunner().invoke(main, ["patch", str(FILES["qdq"]), "--pairs",
+                                       str(CNN / "pairs_n1.npz"), "--eval",
+                                       str(CNN / "eval.npz"), "-o", str(out), "--strategy",
+                                       "static", "--device", "cpu", "--provider", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "onnx-rectify: warning: parity FAILED" in result.output
+    assert "output quantization step(s)" in result.output and "top-1 agreement" in result.output
+    assert "did not meet --gap" not in result.output and "gap did not" not in result.output
+    assert out.exists()  # the model is written, as for any exit 1
