@@ -124,8 +124,8 @@ def _changed_int_tensors(a: Path, b: Path) -> dict[str, int]:
 
 
 def markdown(rows: list[dict], n: int) -> str:
-    lines = [f"| sample | row | exit | OA before | OA after | ASR before | ASR after | "
-             f"target met | wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sample | row | exit | OA before | OA after | ASR before | ASR after | "
+             "target met | wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, b = r.get("patched") or {}, r["base"]
         pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
