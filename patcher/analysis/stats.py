@@ -63,6 +63,13 @@ class LayerStatistics:
         return cls(layer, ridge, chol, cond, estimated, lam)
 
     @property
+    def solver(self) -> "CholeskyInverse":
+        """C_reg^-1 as an operator (``solver @ X`` by two triangular solves, O(d^2 q)),
+        which is all an edit needs: forming the inverse costs O(d^3) (ResNet-18 at 224,
+        d = 4608: about 100 s of a 2-core patch per edited layer)."""
+        return CholeskyInverse(self.cholesky)
+
+    @property
     def inverse(self) -> torch.Tensor:
         """C_reg^-1 from the Cholesky factor, formed on first use."""
         if self._inverse is None:
@@ -80,6 +87,26 @@ class LayerStatistics:
         """B C_reg^-1 for B [..., Kd]."""
         flat = b.reshape(-1, b.shape[-1]).to(self.cholesky.dtype)
         return torch.cholesky_solve(flat.T, self.cholesky).T.reshape(b.shape)
+
+
+class CholeskyInverse:
+    """C_reg^-1 X from the Cholesky factor L of C_reg, for ``operator @ X`` (X [d] or
+    [d, q]) and ``.to(device or dtype)``, as edits use a dense inverse."""
+
+    def __init__(self, cholesky: torch.Tensor) -> None:
+        self.cholesky = cholesky
+        self.shape, self.dtype = tuple(cholesky.shape), cholesky.dtype
+
+    def to(self, *args, **kwargs) -> "CholeskyInverse":
+        device = next((a for a in args if isinstance(a, (str, torch.device))),
+                      kwargs.get("device"))
+        return self if device is None else CholeskyInverse(self.cholesky.to(device))
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        rhs = x.to(self.cholesky.dtype)
+        with threads_for(self.cholesky.shape[0]):
+            out = torch.cholesky_solve(rhs if rhs.dim() == 2 else rhs[:, None], self.cholesky)
+        return out if x.dim() == 2 else out[:, 0]
 
 
 @dataclass
@@ -178,6 +205,11 @@ class LowRankStatistics:
     @property
     def inverse(self) -> "LowRankInverse":
         """C_reg^-1 as an operator (``inverse @ X``), never a d x d matrix."""
+        return LowRankInverse(self)
+
+    @property
+    def solver(self) -> "LowRankInverse":
+        """The same operator (:attr:`LayerStatistics.solver`'s interface)."""
         return LowRankInverse(self)
 
 

@@ -86,6 +86,27 @@ def _rank_entry(layer: EditableLayer, delta: torch.Tensor, kind: str, rank: int 
     return (layer.weight, delta.to(torch.float64).cpu(), entry)
 
 
+class _Captured(Exception):
+    """Ends a forward pass once the tapped layer has run (nothing downstream is needed)."""
+
+
+def _layer_io(ws: Workspace, layer: EditableLayer, x: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's data input and output for ``x``; the forward stops after the layer."""
+    seen: list = []
+
+    def grab(_layer, data, out):
+        seen.extend((data, out))
+        raise _Captured
+
+    with LayerTap(ws.graph, [layer], on_capture=grab):
+        try:
+            ws.graph(x)
+        except _Captured:
+            pass
+    return seen[0], seen[1]
+
+
 class RankOneEditKind:
     """The closed-form rank-one edit mapping the fit pairs' corrupted keys to clean values
     (:func:`patcher.edits.rankone.solve_rank_one`, with the layer's exact C^-1), or the
@@ -105,10 +126,9 @@ class RankOneEditKind:
         keys, residuals = [], []
         step = max(1, ws.batch // 2)  # corrupted and clean inputs in one forward
         for i in range(0, len(clean), step):
-            with LayerTap(ws.graph, [layer]) as tap:
-                ws.graph(torch.cat([corrupted[i:i + step], clean[i:i + step]]))
+            data, out = _layer_io(ws, layer, torch.cat([corrupted[i:i + step],
+                                                        clean[i:i + step]]))
             n = len(clean[i:i + step])
-            data, out = tap.inputs[layer.name], tap.outputs[layer.name]
             keys.append(layer_keys(layer, data[:n], attrs))
             values = layer_values(layer, out, attrs)
             residuals.append(values[n:] - values[:n])
@@ -118,7 +138,7 @@ class RankOneEditKind:
                                             epochs=cfg.solver_epochs, seed=cfg.seed)
         else:
             edit = solve_rank_one(layer.name, layer.weight, torch.cat(keys),
-                                  torch.cat(residuals), statistics.inverse.to(ws.device))
+                                  torch.cat(residuals), statistics.solver.to(ws.device))
         ws.timings.add("edit", start)
         return edit
 
@@ -174,7 +194,7 @@ class SilencingEditKind:
         if pair_weight + eval_weight == 0:
             raise NumericalError(f"layer '{layer.name}': the corrupted and clean keys are "
                                  "identical here")
-        inverse = ws.statistics.for_edit(layer).inverse.to(ws.device)
+        inverse = ws.statistics.for_edit(layer).solver.to(ws.device)
         directions = []
         if pair_weight > 0:
             directions.append(("the pairs", silencing_direction(
