@@ -205,6 +205,21 @@ def _cell(run: Run | None, forward: float) -> tuple[str, str, str]:
     return figure, ratio, est
 
 
+def _extra_options(row: Row) -> str:
+    """The options a row's runs were given beyond the benchmark's own."""
+    for run in row.runs.values():
+        words, extra, skip = list(run.command[2:]), [], False
+        for word in words:
+            if skip:
+                skip = False
+            elif word in ("--pairs", "--eval", "-o"):
+                skip = True
+            elif word != "--force":
+                extra.append(word)
+        return " ".join(extra)
+    return ""
+
+
 def _without_heartbeats(text: str) -> str:
     return "\n".join(l for l in text.splitlines() if " elapsed: " not in l)
 
@@ -215,8 +230,8 @@ def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
         f"{env['date']}, commit {env['commit']}, {env['cpu']}, {env['cores']} cores, "
         f"{env['memory_gb']} GB, torch {env['torch']}, onnxruntime {env['onnxruntime']}; "
         f"load average at start {', '.join(f'{v:.1f}' for v in env['load_average_at_start'])} "
-        f"(the machine is shared: CPU seconds are the figure to compare, wall is beside it); "
-        f"whole run {wall:.0f} s wall.", "",
+        f"(the machine is shared: CPU seconds are the figure to compare, wall is beside it)"
+        + (f"; whole run {wall:.0f} s wall." if wall >= 0 else "; runs listed below."), "",
         f"Command: `python benchmarks/scale.py {' '.join(argv)}`", "",
         "Models from `benchmarks/scale_models.py`: torchvision-shaped, random seeded "
         "backbones, a features -> 128 -> 5 head trained on synthetic images with a 40x40 "
@@ -237,7 +252,8 @@ def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
               else (f"{rt['oa_before']:.1%} -> -" if rt else "-"))
         asr = (f"{rt['asr_before']:.0%} -> {rt['asr_after']:.0%}" if "asr_after" in rt
                else (f"{rt['asr_before']:.0%} -> -" if rt else "-"))
-        lines.append(f"| {r.note} | {r.eval} | {r.forward_cpu_s:.1f} | {loc} | {loc_ratio} | "
+        options = _extra_options(r)
+        lines.append(f"| {r.note}{f' (`{options}`)' if options else ''} | {r.eval} | {r.forward_cpu_s:.1f} | {loc} | {loc_ratio} | "
                      f"{pat} | {pat_ratio} | {oa} | {asr} | {loc_est} | {pat_est} |")
     failures = [(r, v, run) for r in rows for v, run in r.runs.items() if run.exit not in (0,)]
     if failures:
@@ -264,8 +280,7 @@ def render(paths: list[Path]) -> str:
             r["runs"] = {verb: Run(**run) for verb, run in r["runs"].items()}
             rows.append(Row(**r))
     first = json.loads(Path(paths[0]).read_text())
-    text = markdown(rows, first["machine"], sum(json.loads(Path(p).read_text()).get("wall_s", 0)
-                                                for p in paths), ["--render", *map(str, paths)])
+    text = markdown(rows, first["machine"], -1.0, ["--render", *map(str, paths)])
     return text + "\nRuns (one process per model, run one after another or side by side):\n\n" \
         + "\n".join(runs) + "\n"
 
