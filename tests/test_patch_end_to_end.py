@@ -338,7 +338,7 @@ def test_rounds_record_the_target_class_gap_and_spend_accuracy_only_for_it(troja
                                                                           monkeypatch):
     """On a backdoor the loop steers its accuracy spending by tau = mean p_t(x~) - p_t(x) on
     held-out transplanted pairs, not by the gap: once the backdoor is gone (tau below 0.5
-    here), tau only fades (made to fall 10% per measurement from 0.01), and rounds that
+    here), tau only fades (made to fall 10% per measurement from 0.2), and rounds that
     shrink it that little but cost accuracy are rejected. Every kept round cost at most the
     tau it removed; the report records tau per round."""
     from patcher.rectify.workspace import Workspace
@@ -351,7 +351,7 @@ def test_rounds_record_the_target_class_gap_and_spend_accuracy_only_for_it(troja
         value, tau = real_gaps(self)
         if tau < 0.5:  # the backdoor is gone: from now on tau only fades
             self.fades = getattr(self, "fades", 0) + 1
-            tau = 0.01 * 0.9 ** self.fades
+            tau = 0.2 * 0.9 ** self.fades  # above the loop's "effect gone" share of the base
         return value, tau
 
     monkeypatch.setattr(Workspace, "gaps", gaps_with_tau_fading)
