@@ -326,32 +326,65 @@ def test_attribute_tensor_in_external_data_inside_the_folder_loads(tmp_path, wor
 
 
 # ---------------------------------------------------------------- class 7: huge layers
-def test_layer_too_wide_for_its_statistics_is_refused(tmp_path):
-    from patcher.analysis.moments import MAX_KEY_DIM
-
-    width = MAX_KEY_DIM + 8
+def _wide_layer_case(tmp_path, kind: str, width: int) -> tuple[Path, Path, Path]:
+    """A one-layer classifier whose layer has ``width`` inputs per output: a Gemm on a flat
+    input, or a Conv with a 4x4 kernel over a 4x4 input (then Flatten); pairs and eval."""
     rng = np.random.default_rng(0)
-    w = (rng.standard_normal((3, width)) * 0.01).astype(np.float32)
+    if kind == "dense":
+        shape = [width]
+        w = (rng.standard_normal((3, width)) * 0.01).astype(np.float32)
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)]
+    else:
+        channels = width // 16
+        shape = [channels, 4, 4]
+        w = (rng.standard_normal((3, channels, 4, 4)) * 0.01).astype(np.float32)
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="fc"),
+                 helper.make_node("Flatten", ["c"], ["y"], name="flat")]
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], "wide",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *shape])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(3, np.float32), "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     path = save(model, tmp_path / "m.onnx")
-    clean = rng.random((2, width), dtype=np.float32)
+    clean = rng.random((2, *shape), dtype=np.float32)
     corrupted = clean.copy()
-    corrupted[:, :8] = 1.0
+    corrupted.reshape(2, -1)[:, :8] = 1.0
     np.savez(tmp_path / "pairs.npz", corrupted=corrupted, clean=clean, label=np.array([0, 1]))
-    np.savez(tmp_path / "eval.npz", x=rng.random((4, width), dtype=np.float32),
+    np.savez(tmp_path / "eval.npz", x=rng.random((4, *shape), dtype=np.float32),
              y=np.array([0, 1, 2, 0]))
+    return path, tmp_path / "pairs.npz", tmp_path / "eval.npz"
+
+
+def test_conv_too_wide_for_its_exact_statistics_is_refused(tmp_path):
+    """A Conv is ranked from factored (Kronecker) statistics, but its edit needs the exact
+    float64 d x d matrix: past MAX_KEY_DIM, locate ranks it and patch refuses before that
+    matrix is allocated, naming the layer and its width; nothing is written."""
+    from patcher.analysis.moments import MAX_KEY_DIM
+
+    width = MAX_KEY_DIM + 16
+    path, pairs, eval_set = _wide_layer_case(tmp_path, "conv", width)
     before = snapshot(tmp_path)
-    for args in (["locate", str(path), "--pairs", str(tmp_path / "pairs.npz"), *FAST],
-                 ["patch", str(path), "--pairs", str(tmp_path / "pairs.npz"), "--eval",
-                  str(tmp_path / "eval.npz"), "-o", str(tmp_path / "out.onnx"), *FAST]):
-        assert_refused(run(args), "layer 'fc'", str(width), str(MAX_KEY_DIM), progress=True)
-        assert snapshot(tmp_path) == before
+    located = run(["locate", str(path), "--pairs", str(pairs), *FAST])
+    assert located.exit_code == 0 and "fc" in located.stdout, located.stderr
+    # transplanted pairs (the default): on these random weights the pairs' own gap is < 0
+    patched = run(["patch", str(path), "--pairs", str(pairs), "--eval", str(eval_set),
+                   "-o", str(tmp_path / "out.onnx"), "--steps", "4", "--device", "cpu"])
+    assert_refused(patched, "layer 'fc'", str(width), str(MAX_KEY_DIM), progress=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_dense_layer_wider_than_exact_statistics_is_ranked_from_its_key_rows(tmp_path):
+    """A dense layer that wide keeps its key rows instead of a d x d matrix (low-rank
+    statistics): locate ranks it, and nothing is written beside the inputs."""
+    from patcher.analysis.moments import MAX_KEY_DIM
+
+    path, pairs, eval_set = _wide_layer_case(tmp_path, "dense", MAX_KEY_DIM + 8)
+    before = snapshot(tmp_path)
+    outcome = run(["locate", str(path), "--pairs", str(pairs), "--eval", str(eval_set), *FAST])
+    assert outcome.exit_code == 0, outcome.stderr
+    assert "fc" in outcome.stdout and "Traceback" not in outcome.stderr
+    assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------- class 5: memory
