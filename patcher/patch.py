@@ -334,10 +334,10 @@ def patch_loaded(inputs: Inputs, out: Path, config: RectifyConfig, device: str =
     out = Path(out)
     check_output_path(out, inputs, force, writes, out_label)
     calib = inputs.calib_x if inputs.calib_x is not None else inputs.eval_set.x
-    preflight(inputs.loaded.proto, "patch", len(inputs.eval_set.x), len(calib),
-              len(inputs.pairs), config, str(resolve_device(device)))
     model, pairs, eval_path = names
-    with lock_output(out):
+    with lock_output(out):  # a second run on -o is refused before the estimate is printed
+        preflight(inputs.loaded.proto, "patch", len(inputs.eval_set.x), len(calib),
+                  len(inputs.pairs), config, str(resolve_device(device)))
         return _patch_locked(inputs, model, pairs, eval_path, out, config, device, provider,
                              force, log, start, stage_reports)
 
