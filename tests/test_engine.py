@@ -423,3 +423,51 @@ def test_patch_exit_status_is_judged_on_the_measure_the_loop_removes(final_tau, 
     report = _report("m.onnx", "o.onnx", "p.npz", "e.npz", [], result, verification, {}, {},
                      torch.device("cpu"), {}, RectifyConfig())
     assert report.passed == passed
+
+
+def test_transplanted_pairs_that_lose_the_corruption_give_way_to_the_pairs(tmp_path,
+                                                                            monkeypatch):
+    """When the transplanted gap set carries (almost) none of the pairs' own gap, the
+    workspace fits and judges on the pairs themselves and warns; when it carries the gap,
+    the transplanted sets stay."""
+    import logging
+    from importlib import import_module
+
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.transplant import PairSets
+    from patcher.rectify.workspace import Workspace
+    from patcher.samples import LabelledSet, Pairs
+
+    workspace_module = import_module("patcher.rectify.workspace")
+    path, x, y = _gemm_classifier(tmp_path)
+    pairs = Pairs(x[:2] + 2.0, x[:2], y[:2])
+    real = workspace_module.build_pair_sets
+
+    def lost(*args, **kwargs):  # the "transplanted" corrupted images are the clean ones
+        sets = real(*args, **kwargs)
+        _, clean, labels = sets.gap
+        return PairSets(sets.fit, (clean, clean, labels), sets.gap_source)
+
+    class Kept(logging.Handler):  # the logger may not propagate (the CLI sets it so)
+        def emit(self, record):
+            records.append(record)
+
+    logger, handler = logging.getLogger("onnx_rectify"), Kept(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        for builder, falls_back in ((real, False), (lost, True)):
+            monkeypatch.setattr(workspace_module, "build_pair_sets", builder)
+            records = []
+            ws = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None,
+                           RectifyConfig(transplant="paste"))
+            _check_fallback(ws, records, pairs, falls_back)
+    finally:
+        logger.removeHandler(handler)
+
+
+def _check_fallback(ws, records, pairs, falls_back: bool) -> None:
+    warned = [r for r in records if "transplanted trigger" in r.getMessage()]
+    assert ws.gap_source.startswith("pairs") == falls_back, ws.gap_source
+    assert bool(warned) == falls_back
+    if falls_back:
+        assert len(ws.fit[0]) == len(pairs) and len(ws.gap_sets[0]) == len(pairs)
