@@ -471,3 +471,19 @@ def _check_fallback(ws, records, pairs, falls_back: bool) -> None:
     assert bool(warned) == falls_back
     if falls_back:
         assert len(ws.fit[0]) == len(pairs) and len(ws.gap_sets[0]) == len(pairs)
+
+
+@pytest.mark.parametrize("keep", ["budget"])
+def test_a_drop_equal_to_the_budget_is_within_it(keep):
+    """0.99 - 0.98 is 0.010000000000000009 in floats: a round that costs exactly the budget
+    (one image in a hundred) is kept, one that costs more is not."""
+    from types import SimpleNamespace
+
+    from patcher.rectify.loop import judge
+
+    for new_accuracy, kept in ((0.98, True), (0.97, False)):
+        ws = SimpleNamespace(config=SimpleNamespace(budget=0.01),
+                             accuracy=lambda at_least=None, a=new_accuracy: a)
+        plan = SimpleNamespace(keep=keep, objective=None)
+        verdict = judge(ws, plan, SimpleNamespace(reason="edit"), None, None, 0.99, 0.99, "")
+        assert verdict.kept == kept, (new_accuracy, verdict)

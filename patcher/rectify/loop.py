@@ -85,6 +85,11 @@ class Outcome:
     stopped: str = ""
 
 
+#: Accuracies are counts over the eval set: a drop equal to the budget (0.99 - 0.98 vs 0.01)
+#: must not fail on the float rounding of the subtraction.
+ACCURACY_EPS = 1e-9
+
+
 def judge(ws: Workspace, plan: Plan, candidate: Candidate, before: Measure, after: Measure,
           accuracy: float, base_accuracy: float, note: str) -> Verdict:
     """The keep rule for a candidate already applied and measured (``after``)."""
@@ -96,7 +101,7 @@ def judge(ws: Workspace, plan: Plan, candidate: Candidate, before: Measure, afte
     if plan.keep == "budget":
         new_acc = ws.accuracy()
         drop = base_accuracy - new_acc
-        if drop <= budget:
+        if drop <= budget + ACCURACY_EPS:
             return Verdict(True, candidate.reason, new_acc, drop, None)
         return Verdict(False, f"accuracy drop {drop:.2%} over budget {budget:.2%}; rolled back",
                        new_acc, drop, None, "costly")
@@ -107,7 +112,7 @@ def judge(ws: Workspace, plan: Plan, candidate: Candidate, before: Measure, afte
     drop = base_accuracy - new_acc
     evaluated = ws.last_evaluated if ws.last_evaluated < len(ws.eval_x) else None
     bound = "at least " if evaluated is not None else ""
-    if drop > budget or accuracy - new_acc > affordable + 1e-9:
+    if drop > budget + ACCURACY_EPS or accuracy - new_acc > affordable + ACCURACY_EPS:
         reason = objective.note_costly(before, after, accuracy - new_acc, drop, affordable,
                                        budget, bound)
         kept, failure = False, "costly"
