@@ -27,8 +27,10 @@ use; their ranges are the CLI's.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -96,6 +98,43 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 _INTEGERS = {"max_rounds", "steps", "transplant_count", "heldout_count", "seed", "stat_rows",
              "care_neurons", "batch", "latency_runs"}
+
+
+#: CLI flags whose keyword differs from the flag spelled with underscores
+_KEYWORD_OF_FLAG = {"attribution": "attribution_form", "exclude-layer": "exclude_layers",
+                    "input-shape": "input_shapes", "no-parity": "parity=False"}
+#: flags that are switches: their keyword is said with its value
+_SWITCHES = {"force", "allow_shared"}
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
+
+
+def _keyword_text(message: str) -> str:
+    """``message`` with the CLI's flags (``--allow-shared``) named as this API's keyword
+    arguments (``allow_shared=True``)."""
+    def keyword(match: re.Match) -> str:
+        flag = match.group(1)
+        name = _KEYWORD_OF_FLAG.get(flag, flag.replace("-", "_"))
+        return f"{name}=True" if name in _SWITCHES else name
+
+    return _FLAG.sub(keyword, message)
+
+
+def _keyword_errors(fn: Callable) -> Callable:
+    """Refusals raised under ``fn`` name keyword arguments, not CLI flags (the library's
+    checks are shared with the CLI, which names its flags)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RectifyError as exc:
+            text = str(exc)
+            said = _keyword_text(text)
+            if said == text:
+                raise
+            exc.args = (said, *exc.args[1:])
+            raise
+
+    return wrapper
 
 
 def _check_options(options: dict[str, Any], verb: str = "") -> None:
@@ -264,6 +303,7 @@ class PatchResult:
         return self.accuracy_before - self.accuracy_after
 
 
+@_keyword_errors
 def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # noqa: A002
           out: str | os.PathLike[str] | None = None,
           calib: LabelledSource | None = None, attack: AttackSource | None = None,
@@ -370,6 +410,7 @@ class LocateResult:
         return [entry.layer for entry in self.ranking]
 
 
+@_keyword_errors
 def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | None = None,  # noqa: A002
            calib: LabelledSource | None = None, method: str = "attribution",
            top_fraction: float = _CONFIG.causal_top_fraction,
@@ -410,6 +451,7 @@ def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | Non
     return LocateResult(method, ranking, ranking, time.perf_counter() - start)
 
 
+@_keyword_errors
 def verify(patched: ModelSource, *, base: ModelSource, eval: LabelledSource,  # noqa: A002
            attack: AttackSource | None = None, pairs: PairsSource | None = None,
            max_accuracy_drop: float = MAX_ACCURACY_DROP, max_asr: float = MAX_ASR,
@@ -439,6 +481,7 @@ def verify(patched: ModelSource, *, base: ModelSource, eval: LabelledSource,  # 
                        batch=batch)
 
 
+@_keyword_errors
 def inspect(model: ModelSource, *, parity: bool = True, seed: int = 0, batch: int = 2,
             provider: str = "auto",
             input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelSummary:

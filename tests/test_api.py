@@ -360,3 +360,26 @@ def test_an_output_that_is_an_input_is_refused_naming_the_keywords(files):
         api.patch(folder / "model.onnx", folder / "pairs.npz", folder / "eval.npz",
                   out=folder / "eval.npz", force=True, **QUICK)
     assert (folder / "eval.npz").read_bytes() == before
+
+
+def test_refusals_name_keyword_arguments_not_cli_flags(files, tmp_path):
+    """The checks are shared with the CLI, which names its flags; through the API the same
+    refusals name the keyword arguments (``layer``, ``force=True``)."""
+    from patcher.api import _keyword_text
+
+    assert _keyword_text("pass --force to overwrite it") == "pass force=True to overwrite it"
+    assert _keyword_text("--exclude-layer 'x' is not an editable layer; --attribution "
+                         "path") == "exclude_layers 'x' is not an editable layer; " \
+                                    "attribution_form path"
+    folder, _ = files
+    out = tmp_path / "taken.onnx"
+    out.write_bytes(b"an earlier result")
+    with pytest.raises(RectifyError) as refused:
+        patcher.patch(folder / "model.onnx", folder / "pairs.npz", folder / "eval.npz", out=out,
+                      **QUICK)
+    assert "force=True" in str(refused.value) and "--" not in str(refused.value)
+    assert out.read_bytes() == b"an earlier result"
+    with pytest.raises(RectifyError) as unknown:
+        patcher.patch(folder / "model.onnx", folder / "pairs.npz", folder / "eval.npz",
+                      layer="no_such_layer", **QUICK)
+    assert str(unknown.value).startswith("layer 'no_such_layer'"), str(unknown.value)
