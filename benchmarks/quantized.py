@@ -3,6 +3,8 @@
     python benchmarks/quantized.py [--samples backdoor_cnn,backdoor_resnet] [--pairs 1]
                                    [--forms qdq,qoperator] [--no-fp16]
                                    [--json FILE [--merge]] [--markdown FILE]
+    python benchmarks/quantized.py --generalisation mnist-mlp-whitepatch,... [--cache DIR]
+                                   [--forms qdq,qoperator] [--json FILE --merge]
 
 For each sample (samples/<name>/model_int8_qdq.onnx, model_int8_qoperator.onnx and, where it
 exists, model_fp16.onnx, written by samples/quantized.py) every row runs the command a user
@@ -18,6 +20,14 @@ Rows:
 * ``fp32 -> int8 <form>``: the patched model.onnx quantized again by onnxruntime with the
   sample's calibration (what a user does today);
 * ``fp16 keep-io``: model_fp16.onnx patched (float16 weights, float32 input/output).
+
+``--generalisation CASES`` (comma-separated names from benchmarks/generalisation.py, or
+``all``) does the same for that benchmark's unseen trojaned models instead of the samples:
+each case is built by ``generalisation.build_case`` (seeded, full epochs, one torch thread)
+into ``--cache``/<case> unless model.onnx and its npz files are already there, quantized
+with the samples' quantizer and calibration (``quantize_int8``, eval.npz x[:100], cached
+beside it as model_int8_<form>.onnx), and only the ``int8 <form>`` rows are run (sample
+column: the case's name).
 
 Each row records the exit status, wall and CPU seconds of the patch process (CPU: user +
 system of the child), and OA/ASR before and after. Targets (issue 18): int8, n = 1: ASR <= 2%
@@ -76,6 +86,67 @@ def _figures(path: Path, folder: Path) -> dict:
     return quantized.measure(path, folder)
 
 
+def _int8_row(name: str, source: Path, folder: Path, n: int, out: Path, form: str) -> dict:
+    """Patch the int8 file ``source`` in place with the CLI and measure it (the ``int8 <form>``
+    row)."""
+    run = _run_patch(source, folder, n, out)
+    row = {"sample": name, "row": f"int8 {form}", **run, "base": _figures(source, folder),
+           "patched": _figures(out, folder) if out.exists() else None}
+    if out.exists():
+        row["same_nodes_and_dtypes"] = _signature(source) == _signature(out)
+        row["int8_tensors_changed"] = _changed_int_tensors(source, out)
+    return row
+
+
+def _judge(rows: list[dict]) -> list[dict]:
+    for row in rows:
+        p, b = row.get("patched"), row["base"]
+        if p is not None:
+            row["oa_drop"] = b["clean_accuracy"] - p["clean_accuracy"]
+            row["meets_target"] = (p["attack_success_rate"] <= MAX_ASR
+                                   and row["oa_drop"] <= MAX_DROP)
+    return rows
+
+
+def _case_ready(folder: Path) -> bool:
+    names = ("model.onnx", "eval.npz", "test.npz", "attack.npz", "pairs_n1.npz", "pairs_n5.npz")
+    return all((folder / f).exists() for f in names)
+
+
+def bench_generalisation(case_name: str, n: int, work: Path, cache: Path,
+                         forms=("qdq", "qoperator")) -> list[dict]:
+    """The ``int8 <form>`` rows for one unseen trojaned model of benchmarks/generalisation.py,
+    built (or reused) under ``cache``/<case> and quantized there."""
+    import torch
+
+    import generalisation
+
+    case = next(c for c in generalisation.CASES if c.name == case_name)
+    folder = cache / case_name
+    build = None
+    if not _case_ready(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(1)
+        build = generalisation.build_case(case, folder, quick=False)
+    calibration = np.load(folder / "eval.npz")["x"][:quantized.CALIBRATION_IMAGES]
+    fp32 = _figures(folder / "model.onnx", folder)
+    print(f"== {case_name}: fp32 OA {fp32['clean_accuracy']:.2%} "
+          f"ASR {fp32['attack_success_rate']:.2%}", flush=True)
+    rows = []
+    for form in forms:
+        source = folder / quantized.VARIANTS[form]
+        if not source.exists():
+            quantized.quantize_int8(folder / "model.onnx", source, calibration, form)
+        row = _int8_row(case_name, source, folder, n, work / f"{case_name}_{form}_patched.onnx",
+                        form)
+        row["fp32_base"] = fp32
+        row["build_seconds"] = build["build_seconds"] if build else None
+        row["trojaned"] = (row["base"]["clean_accuracy"] >= generalisation.MIN_OA
+                           and row["base"]["attack_success_rate"] >= generalisation.MIN_ASR)
+        rows.append(row)
+    return _judge(rows)
+
+
 def bench_sample(name: str, n: int, work: Path, forms=("qdq", "qoperator"),
                  fp16_row: bool = True) -> list[dict]:
     folder = ROOT / "samples" / name
@@ -88,13 +159,7 @@ def bench_sample(name: str, n: int, work: Path, forms=("qdq", "qoperator"),
                  "patched": _figures(fp32_out, folder) if fp32_out.exists() else None})
     for form in forms:
         source = folder / quantized.VARIANTS[form]
-        out = work / f"{name}_{form}_patched.onnx"
-        run = _run_patch(source, folder, n, out)
-        row = {"sample": name, "row": f"int8 {form}", **run, "base": _figures(source, folder),
-               "patched": _figures(out, folder) if out.exists() else None}
-        if out.exists():
-            row["same_nodes_and_dtypes"] = _signature(source) == _signature(out)
-            row["int8_tensors_changed"] = _changed_int_tensors(source, out)
+        row = _int8_row(name, source, folder, n, work / f"{name}_{form}_patched.onnx", form)
         rows.append(row)
         if fp32_out.exists():
             requant = quantized.quantize_int8(fp32_out, work / f"{name}_fp32_{form}.onnx",
@@ -107,13 +172,7 @@ def bench_sample(name: str, n: int, work: Path, forms=("qdq", "qoperator"),
         run = _run_patch(fp16, folder, n, out)
         rows.append({"sample": name, "row": "fp16 keep-io", **run, "base": _figures(fp16, folder),
                      "patched": _figures(out, folder) if out.exists() else None})
-    for row in rows:
-        p, b = row.get("patched"), row["base"]
-        if p is not None:
-            row["oa_drop"] = b["clean_accuracy"] - p["clean_accuracy"]
-            row["meets_target"] = (p["attack_success_rate"] <= MAX_ASR
-                                   and row["oa_drop"] <= MAX_DROP)
-    return rows
+    return _judge(rows)
 
 
 def _changed_int_tensors(a: Path, b: Path) -> dict[str, int]:
@@ -123,16 +182,22 @@ def _changed_int_tensors(a: Path, b: Path) -> dict[str, int]:
             if ta[k].dtype.kind in "iu" and not np.array_equal(ta[k], tb[k])}
 
 
+def _yes_no(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
+
+
 def markdown(rows: list[dict], n: int) -> str:
     lines = ["| sample | row | exit | OA before | OA after | ASR before | ASR after | "
-             "target met | wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "target met | same nodes/dtypes | wall s | CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, b = r.get("patched") or {}, r["base"]
         pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
         lines.append(f"| {r['sample']} | {r['row']} | {r.get('exit', '-')} | "
                      f"{pct(b['clean_accuracy'])} | {pct(p.get('clean_accuracy'))} | "
                      f"{pct(b['attack_success_rate'])} | {pct(p.get('attack_success_rate'))} | "
-                     f"{'yes' if r.get('meets_target') else 'no'} | {r.get('wall_s', '-')} | "
+                     f"{'yes' if r.get('meets_target') else 'no'} | "
+                     f"{_yes_no(r.get('same_nodes_and_dtypes'))} | {r.get('wall_s', '-')} | "
                      f"{r.get('cpu_s', '-')} |")
     return "\n".join(lines) + f"\n\n(n = {n} pair; OA on test.npz, ASR on attack.npz, " \
         "onnxruntime CPU at its default optimisation level.)\n"
@@ -148,10 +213,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true",
                         help="replace the rows of the same sample and row in --json, keep the rest")
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--generalisation", metavar="CASES",
+                        help="benchmarks/generalisation.py case names (comma-separated, or "
+                             "'all') instead of --samples: int8 rows only")
+    parser.add_argument("--cache", type=Path,
+                        default=Path(tempfile.gettempdir()) / "onnx-rectify-quantized-cases",
+                        help="where --generalisation builds (or finds) each case's folder")
     args = parser.parse_args(argv)
     rows = []
+    cases: list[str] = []
+    if args.generalisation:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import generalisation
+
+        known = [c.name for c in generalisation.CASES]
+        cases = known if args.generalisation == "all" else args.generalisation.split(",")
+        unknown = sorted(set(cases) - set(known))
+        if unknown:
+            parser.error(f"unknown cases: {', '.join(unknown)}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.samples.split(","):
+        for name in cases:
+            rows += bench_generalisation(name, args.pairs, Path(tmp), args.cache,
+                                         tuple(args.forms.split(",")))
+            print(markdown(rows, args.pairs), flush=True)
+        for name in ([] if cases else args.samples.split(",")):
             rows += bench_sample(name, args.pairs, Path(tmp), tuple(args.forms.split(",")),
                                  not args.no_fp16)
             print(markdown(rows, args.pairs), flush=True)
@@ -159,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh = {(r["sample"], r["row"]) for r in rows}
         old = json.loads(args.json.read_text())
         rows = [r for r in old if (r["sample"], r["row"]) not in fresh] + rows
-        order = {name: i for i, name in enumerate(args.samples.split(","))}
+        order = {name: i for i, name in enumerate(cases or args.samples.split(","))}
         rank = ["fp32", "int8 qdq", "fp32 -> int8 qdq", "int8 qoperator",
                 "fp32 -> int8 qoperator", "fp16 keep-io"]
         rows.sort(key=lambda r: (order.get(r["sample"], -1), r["sample"], rank.index(r["row"])))
