@@ -54,7 +54,8 @@ from patcher.patch import (Inputs, PatchReport, default_output, gather_inputs, l
 from patcher.patch import locate as locate_layers
 from patcher.rectify import LayerScore, RectifyConfig
 from patcher.rectify.budget import parse_memory
-from patcher.rectify.config import OBJECTIVES, SCORE_MODES, STRATEGIES, TRANSPLANT_MODES
+from patcher.rectify.config import (CARE_OBJECTIVES, CARE_RANKINGS, OBJECTIVES, SCORE_MODES,
+                                    STRATEGIES, TRANSPLANT_MODES)
 from patcher.samples import (InputSpec, LabelledSet, Pairs, check_labelled, check_pairs,
                              classifier_contract, load_labelled, load_pairs, num_classes_of)
 
@@ -81,7 +82,11 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "stat_rows": (1, 1 << 24, False), "care_neurons": (1, 1 << 20, False),
     "top_fraction": (0.0, 1.0, True), "max_accuracy_drop": (0.0, 1.0, False),
     "max_asr": (0.0, 1.0, False), "max_gap": (0.0, 1.0, False), "batch": (1, 1024, False),
-    "latency_runs": (1, 10000, False),
+    "latency_runs": (1, 10000, False), "care_min_multiplier": (-1000.0, 1000.0, False),
+    "care_max_multiplier": (-1000.0, 1000.0, False), "care_triggered": (0, 100000, False),
+    "care_eval": (1, 100000, False), "care_alpha": (0.0, 1.0, False),
+    "care_particles": (1, 1000, False), "care_iterations": (0, 10000, False),
+    "care_patience": (1, 10000, False),
 }
 #: Where a verb's option of the same name has another range.
 VERB_RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
@@ -95,9 +100,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "transplant": TRANSPLANT_MODES, "attribution_form": ("ig", "path"),
     "statistics": tuple(STATISTICS_MODES), "strategy": STRATEGIES, "objective": OBJECTIVES,
     "solver": ("closed", "iterative"), "method": ("attribution", "causal"),
+    "care_objective": CARE_OBJECTIVES, "care_ranking": CARE_RANKINGS,
 }
 _INTEGERS = {"max_rounds", "steps", "transplant_count", "heldout_count", "seed", "stat_rows",
-             "care_neurons", "batch", "latency_runs"}
+             "care_neurons", "batch", "latency_runs", "care_triggered", "care_eval",
+             "care_particles", "care_iterations", "care_patience"}
 
 
 #: CLI flags whose keyword differs from the flag spelled with underscores
@@ -267,6 +274,9 @@ def _config(**options: Any) -> RectifyConfig:
     """The RectifyConfig of these options (the API's names, the config's fields)."""
     if "top_fraction" in options:
         options["causal_top_fraction"] = options.pop("top_fraction")
+    if "care_min_multiplier" in options:
+        options["care_range"] = (float(options.pop("care_min_multiplier")),
+                                 float(options.pop("care_max_multiplier")))
     return RectifyConfig(**options)
 
 
@@ -310,7 +320,15 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
           budget: float = MAX_ACCURACY_DROP, gap: float = PATCH_GAP,
           max_rounds: int = _CONFIG.max_rounds, strategy: str = _CONFIG.strategy,
           objective: str = _CONFIG.objective, layer: str | None = _CONFIG.layer,
-          care_neurons: int | None = _CONFIG.care_neurons, solver: str = _CONFIG.solver,
+          care_neurons: int | None = _CONFIG.care_neurons,
+          care_min_multiplier: float = _CONFIG.care_range[0],
+          care_max_multiplier: float = _CONFIG.care_range[1],
+          care_triggered: int = _CONFIG.care_triggered, care_eval: int = _CONFIG.care_eval,
+          care_objective: str = _CONFIG.care_objective, care_alpha: float = _CONFIG.care_alpha,
+          care_ranking: str = _CONFIG.care_ranking,
+          care_particles: int = _CONFIG.care_particles,
+          care_iterations: int = _CONFIG.care_iterations,
+          care_patience: int = _CONFIG.care_patience, solver: str = _CONFIG.solver,
           steps: int = _CONFIG.steps, score: str = _CONFIG.score,
           transplant: str = _CONFIG.transplant, transplant_count: int = _CONFIG.transplant_count,
           heldout_count: int = _CONFIG.heldout_count,
@@ -335,13 +353,21 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
     ``result.model``. ``attack`` adds the attack success rate before and after. ``log``
     receives the loop's lines (rounds, decisions). Options are the CLI's.
     """
+    care = dict(care_min_multiplier=care_min_multiplier, care_max_multiplier=care_max_multiplier,
+                care_triggered=care_triggered, care_eval=care_eval,
+                care_objective=care_objective, care_alpha=care_alpha, care_ranking=care_ranking,
+                care_particles=care_particles, care_iterations=care_iterations,
+                care_patience=care_patience)
     _check_options(dict(budget=budget, gap=gap, max_rounds=max_rounds, strategy=strategy,
                         objective=objective, care_neurons=care_neurons, solver=solver,
                         steps=steps, score=score, transplant=transplant,
                         transplant_count=transplant_count, heldout_count=heldout_count,
                         attribution_form=attribution_form, seed=seed, statistics=statistics,
-                        stat_rows=stat_rows, device=device, provider=provider, batch=batch),
-                   "patch")
+                        stat_rows=stat_rows, device=device, provider=provider, batch=batch,
+                        **care), "patch")
+    if not care_min_multiplier < care_max_multiplier:
+        raise RectifyError(f"care_min_multiplier={care_min_multiplier!r}: must be below "
+                           f"care_max_multiplier={care_max_multiplier!r}")
     excluded, memory = _names(exclude_layers), _memory(max_memory)
     start = time.perf_counter()
     inputs, attack_set = _inputs(model, pairs, eval, calib, attack)
@@ -353,7 +379,7 @@ def patch(model: ModelSource, pairs: PairsSource, eval: LabelledSource, *,  # no
                      cache_dir=None if cache_dir is None else str(cache_dir), solver=solver,
                      stat_rows=stat_rows, statistics=statistics, care_neurons=care_neurons,
                      exclude_layers=excluded, max_memory=memory, batch=batch,
-                     show_progress=show_progress)
+                     show_progress=show_progress, **care)
     rates: dict[str, float] = {}
 
     def measure_attack(report: PatchReport, outputs, staged_model: Path) -> None:

@@ -252,6 +252,7 @@ class Range(click.FloatRange):
 SEED = click.IntRange(0, 2**32 - 1)
 STEPS = click.IntRange(1, 1024)
 FRACTION = Range(0.0, 1.0)
+CARE_MULTIPLIER = Range(-1000.0, 1000.0)  # patch --care-min/max-multiplier
 MAX_DIM = 1 << 16  # each dimension of --input-shape
 MAX_ELEMENTS = 1 << 27  # elements of one --input-shape input (512 MiB of float32)
 

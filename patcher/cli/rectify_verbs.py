@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from patcher.gate.defaults import MAX_ACCURACY_DROP, MAX_GAP, PATCH_GAP
-from patcher.cli.common import (FRACTION, SEED, STEPS, Range, check_paths, json_text,
-                                write_json, main, reports_errors)
+from patcher.cli.common import (CARE_MULTIPLIER, FRACTION, SEED, STEPS, Range, check_paths,
+                                json_text, write_json, main, reports_errors)
 
 
 class MemorySize(click.ParamType):
@@ -239,6 +239,33 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               "leakage) with silencing edits (--strategy dynamic; --gap is not used).")
 @click.option("--care-neurons", type=click.IntRange(1, 1 << 20), default=None,
               help="--strategy care: units to repair (default: 5).")
+@click.option("--care-min-multiplier", type=CARE_MULTIPLIER, default=-10.0, show_default=True,
+              help="--strategy care: lowest multiplier the swarm may put on a unit (the "
+              "original's -10; below 0 flips the unit's sign).")
+@click.option("--care-max-multiplier", type=CARE_MULTIPLIER, default=10.0, show_default=True,
+              help="--strategy care: highest multiplier (above --care-min-multiplier).")
+@click.option("--care-triggered", type=click.IntRange(0, 100000), default=1000,
+              show_default=True, help="--strategy care: eval images outside the target "
+              "class that receive a pair's corruption and join the pairs in the triggered "
+              "set (0: the pairs only).")
+@click.option("--care-eval", type=click.IntRange(1, 100000), default=1000,
+              show_default=True, help="--strategy care: clean eval images in the swarm's "
+              "objective (at most).")
+@click.option("--care-objective", type=click.Choice(["rate", "ce"]), default="rate",
+              show_default=True, help="--strategy care: rate: CARE's (1 - alpha) x attack "
+              "rate + alpha x (1 - accuracy); ce: cross-entropy on both sets.")
+@click.option("--care-alpha", type=FRACTION, default=0.2, show_default=True,
+              help="--strategy care: weight of the accuracy loss in the rate objective.")
+@click.option("--care-ranking", type=click.Choice(["care", "swap"]), default="care",
+              show_default=True, help="--strategy care: which ranking picks the units: "
+              "care (CARE's score) or swap (ours: the share removed by the clean twin's "
+              "value).")
+@click.option("--care-particles", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="--strategy care: particles of the swarm.")
+@click.option("--care-iterations", type=click.IntRange(0, 10000), default=100,
+              show_default=True, help="--strategy care: most swarm iterations.")
+@click.option("--care-patience", type=click.IntRange(1, 10000), default=20, show_default=True,
+              help="--strategy care: stop after this many iterations without gain.")
 @click.option("--layer", default=None, help="Force one edit at this layer (node name).")
 @click.option("--solver", type=click.Choice(["closed", "iterative"]), default="closed",
               show_default=True, help="Rank-one solve: closed-form least squares, or the "
@@ -263,7 +290,10 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
           exclude_layers: tuple[str, ...], max_memory: int | None, batch: int | None,
           eval_path: Path, output: Path | None,
           budget: float, gap_target: float, max_rounds: int, strategy: str, objective: str,
-          layer: str | None, care_neurons: int | None, solver: str, provider: str,
+          layer: str | None, care_neurons: int | None, care_min_multiplier: float,
+          care_max_multiplier: float, care_triggered: int, care_eval: int,
+          care_objective: str, care_alpha: float, care_ranking: str, care_particles: int,
+          care_iterations: int, care_patience: int, solver: str, provider: str,
           report_path: str | None, report_dir: Path | None, attack_path: Path | None,
           force: bool) -> None:
     """Patch MODEL's weights (rank-one edits; CARE's neuron rows with --strategy care) and
@@ -275,6 +305,7 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
     --budget), 1 when not (the best model found is still written), 2 for bad input."""
     from patcher.patch import patch as run_patch
     from patcher.rectify import RectifyConfig
+    from patcher.rectify.config import check_config
 
     from patcher.patch import default_output
 
@@ -294,7 +325,13 @@ def patch(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, sc
                            allow_shared=allow_shared, cache_dir=cache_dir, solver=solver,
                            stat_rows=stat_rows, statistics=statistics,
                            care_neurons=care_neurons, exclude_layers=tuple(exclude_layers),
-                           max_memory=max_memory, batch=batch)
+                           max_memory=max_memory, batch=batch,
+                           care_range=(care_min_multiplier, care_max_multiplier),
+                           care_triggered=care_triggered, care_eval=care_eval,
+                           care_objective=care_objective, care_alpha=care_alpha,
+                           care_ranking=care_ranking, care_particles=care_particles,
+                           care_iterations=care_iterations, care_patience=care_patience)
+    check_config(config)  # e.g. an empty CARE multiplier range: refused before any work
     extras: dict = {}
 
     def stage_reports(rep, outputs, staged_model: Path) -> None:

@@ -39,6 +39,11 @@ TRANSPLANT_MODES = ("paste", "add", "none")
 CARE_SHRINK = (1.0, 0.75, 0.5, 0.25)
 #: CARE: units repaired when --care-neurons is not given (the original repairs its top 5).
 CARE_UNITS = 5
+#: CARE: what the swarm minimises (patcher.edits.care): "rate", CARE's (1 - alpha) x
+#: misbehaviour rate + alpha x accuracy loss; "ce", our cross-entropy objective.
+CARE_OBJECTIVES = ("rate", "ce")
+#: CARE: which unit ranking picks the units: CARE's score, or ours (clean-twin swap).
+CARE_RANKINGS = ("care", "swap")
 SCORE_MODES = ("whitened", "inverse")
 #: Eval images per forward in accuracy passes (also how often a pass checks whether its
 #: verdict is already certain).
@@ -117,13 +122,14 @@ def check_config(config: RectifyConfig) -> None:
                            f"edits), not '{config.strategy}'")
     if config.layer is not None and config.layer in config.exclude_layers:
         raise RectifyError(f"--layer '{config.layer}' is also given to --exclude-layer")
-    if config.care_objective not in ("rate", "ce"):
+    if config.care_objective not in CARE_OBJECTIVES:
         raise RectifyError(f"unknown CARE objective '{config.care_objective}' (rate or ce)")
-    if config.care_ranking not in ("care", "swap"):
+    if config.care_ranking not in CARE_RANKINGS:
         raise RectifyError(f"unknown CARE ranking '{config.care_ranking}' (care or swap)")
     low, high = config.care_range
     if not low < high:
-        raise RectifyError(f"CARE multiplier range {low}..{high} is empty")
+        raise RectifyError(f"CARE multiplier range {low}..{high} is empty: "
+                           "--care-min-multiplier must be below --care-max-multiplier")
     if config.batch is not None and (isinstance(config.batch, bool) or
                                      not isinstance(config.batch, int) or config.batch < 1):
         raise RectifyError(f"batch must be a positive integer, not {config.batch!r}")
