@@ -341,3 +341,104 @@ def test_a_dense_consumers_batched_unit_sweep_equals_one_pass_per_variant():
         for (u, values), got in zip(sweeps, batched):
             one = torch.cat([runner.logits_with([u], v[:, None]) for v in values])
             assert got.shape == (len(values) * 7, 3) and torch.allclose(got, one, atol=1e-5)
+
+
+# --- CARE's options on the command line and in the API -------------------------------------
+
+CARE_FLAGS = ["--care-min-multiplier", "-2.5", "--care-max-multiplier", "3", "--care-triggered",
+              "7", "--care-eval", "50", "--care-objective", "ce", "--care-alpha", "0.1",
+              "--care-ranking", "swap", "--care-particles", "6", "--care-iterations", "4",
+              "--care-patience", "2", "--care-neurons", "3"]
+CARE_FIELDS = {"care_range": (-2.5, 3.0), "care_triggered": 7, "care_eval": 50,
+               "care_objective": "ce", "care_alpha": 0.1, "care_ranking": "swap",
+               "care_particles": 6, "care_iterations": 4, "care_patience": 2, "care_neurons": 3}
+
+
+def test_care_flags_reach_the_rectify_config(trojaned, tmp_path, monkeypatch):  # noqa: F811
+    import importlib
+
+    from patcher.rectify import RectifyConfig
+
+    pipeline = importlib.import_module("patcher.patch")
+    seen: list[RectifyConfig] = []
+
+    def stop(model, pairs, eval_path, calib, out, config, *args, **kwargs):
+        seen.append(config)
+        raise RectifyError("stopped by the test")
+
+    monkeypatch.setattr(pipeline, "patch", stop)
+    result = patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "o.onnx",
+                       "--strategy", "care", *CARE_FLAGS)
+    assert result.exit_code == 2 and "stopped by the test" in result.stderr, result.output
+    assert {k: getattr(seen[0], k) for k in CARE_FIELDS} == CARE_FIELDS
+    defaults = RectifyConfig()
+    result = patch_cli(trojaned / "model.onnx", trojaned, tmp_path / "o.onnx")
+    assert {k: getattr(seen[1], k) for k in CARE_FIELDS} == \
+        {k: getattr(defaults, k) for k in CARE_FIELDS}
+
+
+def test_care_keywords_reach_the_rectify_config():
+    from patcher.api import _config
+
+    keywords = {k: v for k, v in CARE_FIELDS.items() if k != "care_range"}
+    config = _config(care_min_multiplier=-2.5, care_max_multiplier=3, **keywords)
+    assert {k: getattr(config, k) for k in CARE_FIELDS} == CARE_FIELDS
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--care-alpha", "1.5"], "Invalid value for '--care-alpha'"),
+    (["--care-max-multiplier", "1e4"], "Invalid value for '--care-max-multiplier'"),
+    (["--care-min-multiplier", "nan"], "Invalid value for '--care-min-multiplier'"),
+    (["--care-triggered", "-1"], "Invalid value for '--care-triggered'"),
+    (["--care-particles", "0"], "Invalid value for '--care-particles'"),
+    (["--care-objective", "mse"], "Invalid value for '--care-objective'"),
+    (["--care-ranking", "ig"], "Invalid value for '--care-ranking'"),
+    (["--care-min-multiplier", "3", "--care-max-multiplier", "2"],
+     "CARE multiplier range 3.0..2.0 is empty: --care-min-multiplier must be below"),
+])
+def test_bad_care_options_are_refused_in_one_line(trojaned, tmp_path, flags, message):  # noqa: F811
+    out = tmp_path / "o.onnx"
+    result = patch_cli(trojaned / "model.onnx", trojaned, out, "--strategy", "care", *flags)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnx-rectify: error: "), result.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.output and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"care_alpha": 2}, "care_alpha=2: expected a value in [0.0, 1.0]"),
+    ({"care_iterations": 1.5}, "care_iterations=1.5: expected an integer"),
+    ({"care_ranking": "ig"}, "care_ranking='ig': expected one of 'care', 'swap'"),
+    ({"care_min_multiplier": 4, "care_max_multiplier": 4},
+     "care_min_multiplier=4: must be below care_max_multiplier=4"),
+])
+def test_bad_care_keywords_are_refused_before_anything_is_read(tmp_path, options, message):
+    import patcher
+
+    with pytest.raises(RectifyError) as info:  # no such model: the options are checked first
+        patcher.patch(tmp_path / "missing.onnx", tmp_path / "p.npz", tmp_path / "e.npz",
+                      strategy="care", **options)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_a_care_run_obeys_its_multiplier_range_ranking_and_triggered_set(trojaned,  # noqa: F811
+                                                                         tmp_path):
+    out = tmp_path / "care.onnx"
+    result = patch_cli(trojaned / "model.onnx", trojaned, out, "--strategy", "care",
+                       "--gap", "0.05", "--care-min-multiplier", "0.25",
+                       "--care-max-multiplier", "0.75", "--care-triggered", "0",
+                       "--care-ranking", "swap", "--care-neurons", "2",
+                       "--care-iterations", "3", "--care-particles", "4")
+    assert result.exit_code in (0, 1), result.output
+    edits = read_provenance(onnx.load(str(out)))["edits"]
+    assert edits, result.output
+    pairs = len(np.load(trojaned / "pairs.npz")["label"])
+    for e in edits:
+        assert e["kind"] == "care" and e["ranking"] == "swap" and len(e["units"]) == 2
+        assert e["units"] == e["swap_top"]
+        assert e["triggered"] == pairs  # the pairs only
+        # the found multipliers lie in the box; a shrunk share lies between them and 1
+        assert all(0.25 - 1e-6 <= m <= 1.0 + 1e-6 for m in e["multipliers"]), e["multipliers"]
