@@ -27,7 +27,8 @@ each case is built by ``generalisation.build_case`` (seeded, full epochs, one to
 into ``--cache``/<case> unless model.onnx and its npz files are already there, quantized
 with the samples' quantizer and calibration (``quantize_int8``, eval.npz x[:100], cached
 beside it as model_int8_<form>.onnx), and only the ``int8 <form>`` rows are run (sample
-column: the case's name).
+column: the case's name), with ``--fp32`` also the ``fp32`` row (the case's model.onnx
+patched the same way, for comparison).
 
 Each row records the exit status, wall and CPU seconds of the patch process (CPU: user +
 system of the child), and OA/ASR before and after. Targets (issue 18): int8, n = 1: ASR <= 2%
@@ -114,7 +115,7 @@ def _case_ready(folder: Path) -> bool:
 
 
 def bench_generalisation(case_name: str, n: int, work: Path, cache: Path,
-                         forms=("qdq", "qoperator")) -> list[dict]:
+                         forms=("qdq", "qoperator"), fp32_row: bool = False) -> list[dict]:
     """The ``int8 <form>`` rows for one unseen trojaned model of benchmarks/generalisation.py,
     built (or reused) under ``cache``/<case> and quantized there."""
     import torch
@@ -133,6 +134,11 @@ def bench_generalisation(case_name: str, n: int, work: Path, cache: Path,
     print(f"== {case_name}: fp32 OA {fp32['clean_accuracy']:.2%} "
           f"ASR {fp32['attack_success_rate']:.2%}", flush=True)
     rows = []
+    if fp32_row:
+        out = work / f"{case_name}_fp32_patched.onnx"
+        rows.append({"sample": case_name, "row": "fp32", **_run_patch(folder / "model.onnx",
+                                                                        folder, n, out),
+                     "base": fp32, "patched": _figures(out, folder) if out.exists() else None})
     for form in forms:
         source = folder / quantized.VARIANTS[form]
         if not source.exists():
@@ -219,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "onnx-rectify-quantized-cases",
                         help="where --generalisation builds (or finds) each case's folder")
+    parser.add_argument("--fp32", action="store_true",
+                        help="with --generalisation: also the fp32 row (model.onnx patched)")
     args = parser.parse_args(argv)
     rows = []
     cases: list[str] = []
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:
             rows += bench_generalisation(name, args.pairs, Path(tmp), args.cache,
-                                         tuple(args.forms.split(",")))
+                                         tuple(f for f in args.forms.split(",") if f), args.fp32)
             print(markdown(rows, args.pairs), flush=True)
         for name in ([] if cases else args.samples.split(",")):
             rows += bench_sample(name, args.pairs, Path(tmp), tuple(args.forms.split(",")),
