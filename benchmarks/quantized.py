@@ -28,7 +28,9 @@ into ``--cache``/<case> unless model.onnx and its npz files are already there, q
 with the samples' quantizer and calibration (``quantize_int8``, eval.npz x[:100], cached
 beside it as model_int8_<form>.onnx), and only the ``int8 <form>`` rows are run (sample
 column: the case's name), with ``--fp32`` also the ``fp32`` row (the case's model.onnx
-patched the same way, for comparison).
+patched the same way, for comparison), with ``--twin`` a ``clean twin`` row (the case trained
+without poisoned images, quantized per ``--forms``, not patched: the share of triggered images
+a model that never learned the backdoor sends to the target).
 
 Each row records the exit status, wall and CPU seconds of the patch process (CPU: user +
 system of the child), and OA/ASR before and after. Targets (issue 18): int8, n = 1: ASR <= 2%
@@ -115,7 +117,8 @@ def _case_ready(folder: Path) -> bool:
 
 
 def bench_generalisation(case_name: str, n: int, work: Path, cache: Path,
-                         forms=("qdq", "qoperator"), fp32_row: bool = False) -> list[dict]:
+                         forms=("qdq", "qoperator"), fp32_row: bool = False,
+                         twin: bool = False) -> list[dict]:
     """The ``int8 <form>`` rows for one unseen trojaned model of benchmarks/generalisation.py,
     built (or reused) under ``cache``/<case> and quantized there."""
     import torch
@@ -150,7 +153,34 @@ def bench_generalisation(case_name: str, n: int, work: Path, cache: Path,
         row["trojaned"] = (row["base"]["clean_accuracy"] >= generalisation.MIN_OA
                            and row["base"]["attack_success_rate"] >= generalisation.MIN_ASR)
         rows.append(row)
+    if twin:
+        rows.append(_twin_row(case, folder, calibration, forms or ("qdq", "qoperator")))
     return _judge(rows)
+
+
+def _twin_row(case, folder: Path, calibration: np.ndarray, forms) -> dict:
+    """The case's clean twin (same architecture, data, seed and epochs, no poisoned image),
+    built (or reused) in ``folder``/clean_twin and quantized like the case: OA on test.npz and
+    the share of the case's triggered images it sends to the target, fp32 and per form."""
+    import dataclasses
+
+    import torch
+
+    import generalisation
+
+    out = folder / "clean_twin"
+    if not (out / "model.onnx").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(1)
+        generalisation.build_case(dataclasses.replace(case, poison_rate=0.0), out, quick=False)
+    figures = {"fp32": _figures(out / "model.onnx", folder)}
+    for form in forms:
+        path = out / quantized.VARIANTS[form]
+        if not path.exists():
+            quantized.quantize_int8(out / "model.onnx", path, calibration, form)
+        figures[form] = _figures(path, folder)
+    return {"sample": case.name, "row": "clean twin", "base": figures["fp32"],
+            "twin": figures}
 
 
 def bench_sample(name: str, n: int, work: Path, forms=("qdq", "qoperator"),
@@ -202,7 +232,7 @@ def markdown(rows: list[dict], n: int) -> str:
         lines.append(f"| {r['sample']} | {r['row']} | {r.get('exit', '-')} | "
                      f"{pct(b['clean_accuracy'])} | {pct(p.get('clean_accuracy'))} | "
                      f"{pct(b['attack_success_rate'])} | {pct(p.get('attack_success_rate'))} | "
-                     f"{'yes' if r.get('meets_target') else 'no'} | "
+                     f"{_yes_no(r.get('meets_target'))} | "
                      f"{_yes_no(r.get('same_nodes_and_dtypes'))} | {r.get('wall_s', '-')} | "
                      f"{r.get('cpu_s', '-')} |")
     return "\n".join(lines) + f"\n\n(n = {n} pair; OA on test.npz, ASR on attack.npz, " \
@@ -227,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where --generalisation builds (or finds) each case's folder")
     parser.add_argument("--fp32", action="store_true",
                         help="with --generalisation: also the fp32 row (model.onnx patched)")
+    parser.add_argument("--twin", action="store_true",
+                        help="with --generalisation: also the clean twin's figures, fp32 and "
+                             "quantized per --forms (not patched)")
     args = parser.parse_args(argv)
     rows = []
     cases: list[str] = []
@@ -242,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:
             rows += bench_generalisation(name, args.pairs, Path(tmp), args.cache,
-                                         tuple(f for f in args.forms.split(",") if f), args.fp32)
+                                         tuple(f for f in args.forms.split(",") if f), args.fp32,
+                                         args.twin)
             print(markdown(rows, args.pairs), flush=True)
         for name in ([] if cases else args.samples.split(",")):
             rows += bench_sample(name, args.pairs, Path(tmp), tuple(args.forms.split(",")),
@@ -254,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in old if (r["sample"], r["row"]) not in fresh] + rows
         order = {name: i for i, name in enumerate(cases or args.samples.split(","))}
         rank = ["fp32", "int8 qdq", "fp32 -> int8 qdq", "int8 qoperator",
-                "fp32 -> int8 qoperator", "fp16 keep-io"]
+                "fp32 -> int8 qoperator", "fp16 keep-io", "clean twin"]
         rows.sort(key=lambda r: (order.get(r["sample"], -1), r["sample"], rank.index(r["row"])))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
