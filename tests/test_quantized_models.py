@@ -10,8 +10,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
+from onnx_rectify_samples.quantized import keep_io_fp16  # the samples' fp16 keep-io form
 from patcher.gate.summary import format_summary, summarize
 from patcher.graph.parity import (FP16_ATOL, FP16_RTOL, QUANT_STEPS, compare, compute_dtype,
                                   output_steps)
@@ -189,31 +190,8 @@ def test_residual_network_quantized_matches_onnxruntime(tmp_path):
         assert top1 >= 0.99 and steps is not None and steps <= QUANT_STEPS + 1e-3, (fmt, steps)
 
 
-def _keep_io_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """float16 weights and computation, float32 input and output (keep_io_types style)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    for i, t in enumerate(g.initializer):
-        if t.data_type == TensorProto.FLOAT:
-            half = numpy_helper.to_array(t).astype(np.float16)
-            g.initializer[i].CopyFrom(numpy_helper.from_array(half, t.name))
-    inp, out = g.input[0].name, g.output[0].name
-    for n in g.node:
-        n.input[:] = [f"{inp}_fp16" if x == inp else x for x in n.input]
-        n.output[:] = [f"{out}_fp16" if x == out else x for x in n.output]
-    nodes = ([helper.make_node("Cast", [inp], [f"{inp}_fp16"], name="cast_in",
-                               to=TensorProto.FLOAT16)] + list(g.node)
-             + [helper.make_node("Cast", [f"{out}_fp16"], [out], name="cast_out",
-                                 to=TensorProto.FLOAT)])
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.value_info[:]
-    return m
-
-
 def test_fp16_model_with_float32_io_gets_float16_tolerances():
-    proto = _keep_io_fp16(onnx.load(str(SAMPLE / "model.onnx")))
+    proto = keep_io_fp16(onnx.load(str(SAMPLE / "model.onnx")))
     assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert compute_dtype(proto) == np.float16
     data = proto.SerializeToString()

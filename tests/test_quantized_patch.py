@@ -241,3 +241,23 @@ def test_a_parity_failure_is_reported_as_one(tmp_path, monkeypatch):
     assert "output quantization step(s)" in result.output and "top-1 agreement" in result.output
     assert "did not meet --gap" not in result.output and "gap did not" not in result.output
     assert out.exists()  # the model is written, as for any exit 1
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int32])
+def test_integer_values_are_written_in_the_field_the_tensor_uses(dtype):
+    """An int8/uint8 weight or int32 bias stored in int32_data (not raw_data) keeps that
+    field when the write-back replaces its values; one in raw_data keeps raw_data."""
+    from onnx import helper
+
+    from patcher.model.writeback import set_tensor_values
+
+    values = np.array([[1, 2], [3, 4]], dtype)
+    typed = helper.make_tensor("t", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [2, 2],
+                               values.reshape(-1).tolist())
+    raw = numpy_helper.from_array(values, "r")
+    new = np.array([[5, 6], [7, 8]], dtype)
+    for tensor in (typed, raw):
+        set_tensor_values(tensor, new)
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), new)
+    assert not typed.raw_data and list(typed.int32_data) == [5, 6, 7, 8]
+    assert raw.raw_data and not raw.int32_data

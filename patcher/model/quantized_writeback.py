@@ -28,7 +28,8 @@ from onnx import ModelProto, TensorProto, numpy_helper
 from patcher.errors import NumericalError
 from patcher.model.modelio import LoadedModel
 from patcher.model.tensors import named_tensors
-from patcher.model.writeback import WrittenTensor, apply_deltas, record_provenance
+from patcher.model.writeback import (WrittenTensor, apply_deltas, record_provenance,
+                                     set_tensor_values)
 
 #: Integer ranges of the weight types.
 RANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255)}
@@ -149,27 +150,10 @@ def delta_error(intended: np.ndarray, written: np.ndarray) -> dict:
     return {"relative_error": rel, "first_singular_value_share": share}
 
 
-def _set_ints(tensor: TensorProto, values: np.ndarray) -> None:
-    """Store integer values in the tensor's own dtype and field."""
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    values = np.ascontiguousarray(values.astype(dtype))
-    if tensor.raw_data or not tensor.int32_data:
-        tensor.raw_data = values.tobytes()
-        del tensor.int32_data[:]
-    else:
-        del tensor.int32_data[:]
-        tensor.int32_data.extend(values.reshape(-1).astype(np.int64).tolist())
-
-
-def _set_floats(tensor: TensorProto, values: np.ndarray) -> None:
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    values = np.ascontiguousarray(values.astype(dtype))
-    if tensor.raw_data or not tensor.float_data:
-        tensor.raw_data = values.tobytes()
-        del tensor.float_data[:]
-    else:
-        del tensor.float_data[:]
-        tensor.float_data.extend(values.reshape(-1).tolist())
+def _set_values(tensor: TensorProto, values: np.ndarray) -> None:
+    """Store ``values`` in the tensor's own dtype and field (see :func:`set_tensor_values`)."""
+    set_tensor_values(tensor, values.astype(onnx.helper.tensor_dtype_to_np_dtype(
+        tensor.data_type)))
 
 
 def _write_one(by_name: dict, info: QuantizedStorage, delta: np.ndarray) -> list[dict]:
@@ -195,7 +179,7 @@ def _write_one(by_name: dict, info: QuantizedStorage, delta: np.ndarray) -> list
     axis = info.axis if scale.size > 1 else None
     result = requantize(q, scale, zero, axis, delta, lo, hi)
     steps = result.q - q.astype(np.int64)
-    _set_ints(wt, result.q)
+    _set_values(wt, result.q)
     error = delta_error(delta, result.written_delta)
     records = [{"kind": "quantized-writeback", "layer": info.layer, "weight": info.weight,
                 "role": "weight", "form": info.form, "units": "steps",
@@ -206,7 +190,7 @@ def _write_one(by_name: dict, info: QuantizedStorage, delta: np.ndarray) -> list
                 "max_abs_error": float(np.abs(result.written_delta - delta).max()), **error}]
     if not result.rescaled:
         return records
-    _set_floats(by_name[info.scale], result.scale)
+    _set_values(by_name[info.scale], result.scale)
     ratio = (scale.astype(np.float64).reshape(-1) / result.scale.astype(np.float64).reshape(-1))
     records.append({"kind": "quantized-writeback", "layer": info.layer, "weight": info.scale,
                     "role": "weight scale", "form": info.form, "units": "value",
@@ -218,7 +202,7 @@ def _write_one(by_name: dict, info: QuantizedStorage, delta: np.ndarray) -> list
         b = numpy_helper.to_array(bt).astype(np.int64)
         factor = ratio if ratio.size == b.size else np.full(b.shape, float(ratio[0]))
         new_b = np.clip(np.rint(b * factor), *INT32).astype(np.int64)
-        _set_ints(bt, new_b)
+        _set_values(bt, new_b)
         records.append({"kind": "quantized-writeback", "layer": info.layer, "weight": info.bias,
                         "role": "bias (int32, requantized for the rescaled channels)",
                         "form": info.form, "units": "steps",
@@ -237,7 +221,7 @@ def _write_one(by_name: dict, info: QuantizedStorage, delta: np.ndarray) -> list
             else:
                 new_bs = np.float32(x_scale) * new_w[:1]
             new_bs = new_bs.reshape(old_bs.shape)
-            _set_floats(st, new_bs)
+            _set_values(st, new_bs)
             records.append({"kind": "quantized-writeback", "layer": info.layer,
                             "weight": info.bias_scale, "role": "bias scale", "form": info.form,
                             "units": "value",

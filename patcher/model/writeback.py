@@ -42,6 +42,11 @@ def _numpy_dtype(tensor: TensorProto):
     return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
 
 
+#: Integer types whose typed field is int32_data.
+_INT32_DATA = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
+               TensorProto.INT32)
+
+
 def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
     """Replace a tensor's values in place, keeping its name, dims, dtype and field
     (raw_data, or the typed field the exporter used)."""
@@ -58,6 +63,9 @@ def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
     elif tensor.data_type == TensorProto.DOUBLE:
         del tensor.double_data[:]
         tensor.double_data.extend(values.reshape(-1).astype(np.float64).tolist())
+    elif tensor.data_type in _INT32_DATA:  # int8/uint8 weights, int32 biases (quantized)
+        del tensor.int32_data[:]
+        tensor.int32_data.extend(values.reshape(-1).astype(np.int64).tolist())
     else:
         raise NumericalError(f"tensor '{tensor.name}': cannot write values of type "
                              f"{TensorProto.DataType.Name(tensor.data_type)}")
