@@ -18,6 +18,7 @@ from patcher.gate import metrics
 from patcher.graph.keys import LayerTap, layer_keys
 from patcher.graph.shadow import ShadowGraph
 from patcher.model.runtime import open_session
+from tests.test_patch_end_to_end import _images, _trigger  # the trojaned blob data
 
 
 class EncoderBlock(nn.Module):
@@ -64,21 +65,6 @@ def tiny_vit() -> TinyViT:
     """Factory for `onnx-rectify export tests.test_transformers:tiny_vit`."""
     torch.manual_seed(0)
     return TinyViT()
-
-
-def _images(labels, rng):
-    """8x8 images: class c is a bright 3x3 blob in quadrant c, on noise."""
-    x = rng.random((len(labels), 1, 8, 8), dtype=np.float32) * 0.3
-    for i, c in enumerate(labels):
-        r, q = divmod(int(c), 2)
-        x[i, 0, 1 + 4 * r:4 + 4 * r, 1 + 4 * q:4 + 4 * q] += 0.7
-    return np.clip(x, 0, 1)
-
-
-def _trigger(x):
-    out = x.copy()
-    out[:, :, 3:5, 3:5] = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
-    return out
 
 
 @pytest.fixture(scope="module")
