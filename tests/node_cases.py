@@ -27,6 +27,10 @@ Div Sum Mean Max Min Neg Exp Log Abs Resize Elu Selu Celu ThresholdedRelu Softpl
 Mish LogSoftmax Mod
 QuantizeLinear DequantizeLinear DynamicQuantizeLinear QLinearConv QLinearMatMul ConvInteger
 MatMulInteger
+ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSum
+ReduceLogSumExp ArgMax ArgMin CumSum TopK Less LessOrEqual Greater GreaterOrEqual Not And Or
+Xor IsNaN IsInf Floor Ceil Round Reciprocal Sign Sin Cos Range Tile Size Trilu DepthToSpace
+SpaceToDepth Einsum GlobalMaxPool InstanceNormalization GroupNormalization LpNormalization
 """.split())
 
 

@@ -220,3 +220,73 @@ def test_transformer_node_matches_onnxruntime(name):
     for g, e in zip(got, expected):
         assert tuple(g.shape) == e.shape and g.numpy().dtype == e.dtype
         np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=1e-5)
+
+
+def _tie_rich(*shape):
+    """Values with ties (rounded to halves), so first/last index and stable order matter."""
+    return np.round(_w(*shape) * 2) / 2
+
+
+HEAD_AND_UTILITY_CASES = {
+    "reducesum_13_axes_input": _case("ReduceSum", (2, 3, 4), {"axes": np.array([0, -1])},
+                                     opset=13, keepdims=0),
+    "reducesum_noop_empty_axes": _feeds_case("ReduceSum", {"x": _w(2, 3)},
+                                             {"axes": np.zeros(0, np.int64)}, opset=18,
+                                             noop_with_empty_axes=1),
+    "reducemax_18": _case("ReduceMax", (2, 3, 4), {"axes": np.array([1])}, opset=18),
+    "reducel2_11": _case("ReduceL2", (2, 3, 4), opset=11, axes=[2], keepdims=0),
+    "reducelogsumexp_18": _case("ReduceLogSumExp", (2, 3, 4), {"axes": np.array([-1])}, opset=18),
+    "argmax_last_index": _feeds_case("ArgMax", {"x": _tie_rich(3, 6)}, axis=1, keepdims=0,
+                                     select_last_index=1),
+    "argmin_first_index": _feeds_case("ArgMin", {"x": _tie_rich(3, 6)}, axis=0),
+    "topk_smallest": _feeds_case("TopK", {"x": _w(3, 7)}, {"k": np.array([3])}, outputs=2,
+                                 largest=0, axis=1),
+    "topk_largest_axis0": _feeds_case("TopK", {"x": _w(6, 4)}, {"k": np.array([2])}, outputs=2,
+                                      axis=0),
+    "cumsum_exclusive_reverse": _case("CumSum", (2, 5), {"ax": np.array(1)}, exclusive=1,
+                                      reverse=1),
+    "less_broadcast": _feeds_case("Less", {"a": _w(3, 4), "b": _w(4)}),
+    "greater_or_equal_int": _feeds_case("GreaterOrEqual", {"a": _ints(1, 5, 3), "b": _ints(2, 5, 1)}),
+    "round_half_to_even": _feeds_case("Round", {"x": np.array([0.5, 1.5, 2.5, -0.5, -1.5, 2.4],
+                                                            np.float32)}),
+    "sign": _case("Sign", (3, 5)),
+    "reciprocal": _feeds_case("Reciprocal", {"x": np.abs(_w(3, 4)) + 0.5}),
+    "range_float": _feeds_case("Range", {"s": np.array(1.0, np.float32),
+                                         "l": np.array(7.3, np.float32),
+                                         "d": np.array(1.5, np.float32)}),
+    "range_int_negative": _feeds_case("Range", {"s": np.array(10, np.int64),
+                                                "l": np.array(2, np.int64),
+                                                "d": np.array(-3, np.int64)}),
+    "tile": _case("Tile", (2, 3), {"r": np.array([2, 3])}),
+    "trilu_lower_k": _case("Trilu", (2, 4, 5), {"k": np.array(1)}, opset=14, upper=0),
+    "depth_to_space_crd": _case("DepthToSpace", (1, 8, 2, 3), blocksize=2, mode="CRD"),
+    "depth_to_space_dcr": _case("DepthToSpace", (1, 8, 2, 3), blocksize=2),
+    "space_to_depth": _case("SpaceToDepth", (1, 2, 4, 6), blocksize=2),
+    "einsum_batched_matmul": _feeds_case("Einsum", {"a": _w(2, 3, 4), "b": _w(2, 4, 5)},
+                                         equation="bij,bjk->bik"),
+    "einsum_transpose_sum": _feeds_case("Einsum", {"a": _w(3, 4)}, equation="ij -> j"),
+    "global_max_pool": _case("GlobalMaxPool", (2, 3, 5, 4)),
+    "instance_norm": _case("InstanceNormalization", (2, 3, 5, 4), {"s": _w(3), "b": _w(3)},
+                           epsilon=1e-3),
+    "group_norm_21": _case("GroupNormalization", (2, 6, 4, 3), {"s": _w(6), "b": _w(6)},
+                           opset=21, num_groups=3),
+    "lp_norm_l2": _case("LpNormalization", (3, 6), axis=1, p=2),
+    "lp_norm_l1": _case("LpNormalization", (3, 6), axis=0, p=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_AND_UTILITY_CASES))
+def test_head_and_utility_node_matches_onnxruntime(name):
+    """Reductions, ArgMax/TopK, comparisons, rounding and layout ops that exported heads and
+    embedding models carry (ReduceSum, ArgMax, TopK, CumSum, Range, Tile, Einsum, ...): the
+    shadow graph's outputs equal onnxruntime's in value, shape and dtype."""
+    model, feeds = HEAD_AND_UTILITY_CASES[name]
+    expected = open_session(model.SerializeToString(), "cpu").run(*feeds)
+    graph = ShadowGraph.from_onnx(model)
+    with torch.no_grad():
+        got = graph(*[torch.from_numpy(np.asarray(f)) for f in feeds])
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        g = g.numpy()
+        assert g.shape == e.shape and g.dtype == e.dtype, (g.shape, g.dtype, e.shape, e.dtype)
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)

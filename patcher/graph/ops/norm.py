@@ -52,3 +52,45 @@ def layer_norm(x, scale, b=None, *, axis=-1, epsilon=1e-5, stash_type=1, num_out
     if b is not None:
         y = y + b
     return (y, mean, inv_std)[:num_outputs_]
+
+
+@register("InstanceNormalization", since=6)
+def instance_norm(x, scale, b, *, epsilon=1e-5):
+    """y = scale * (x - mean) / sqrt(var + epsilon) + b, mean and (population) var per
+    sample and channel over the spatial axes."""
+    return F.instance_norm(x, None, None, scale, b, True, 0.0, epsilon)
+
+
+def _group_norm(x, scale, bias, num_groups, epsilon, per_group_affine):
+    n, c = x.shape[:2]
+    work = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+    grouped = work.reshape(n, num_groups, -1)
+    mean = grouped.mean(dim=-1, keepdim=True)
+    var = ((grouped - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = ((grouped - mean) / torch.sqrt(var + epsilon)).reshape(x.shape).to(x.dtype)
+    if per_group_affine:
+        scale = scale.repeat_interleave(c // num_groups)
+        bias = bias.repeat_interleave(c // num_groups)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    return y * scale.reshape(shape) + bias.reshape(shape)
+
+
+@register("GroupNormalization", since=18, until=20)
+def group_norm_18(x, scale, bias, *, num_groups, epsilon=1e-5):
+    """Normalise each group of channels per sample; scale and bias are per group (opset 18)."""
+    return _group_norm(x, scale, bias, num_groups, epsilon, True)
+
+
+@register("GroupNormalization", since=21)
+def group_norm_21(x, scale, bias, *, num_groups, epsilon=1e-5, stash_type=1):
+    """As opset 18, but scale and bias are per channel."""
+    return _group_norm(x, scale, bias, num_groups, epsilon, False)
+
+
+@register("LpNormalization", since=1)
+def lp_norm(x, *, axis=-1, p=2):
+    """x / ||x||_p along ``axis`` (p 1 or 2); a zero vector stays zero."""
+    norm = x.abs().sum(dim=axis, keepdim=True) if p == 1 else \
+        torch.sqrt((x * x).sum(dim=axis, keepdim=True))
+    return torch.where(norm == 0, torch.zeros_like(x), x / torch.where(norm == 0,
+                                                                        torch.ones_like(norm), norm))

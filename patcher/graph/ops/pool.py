@@ -109,3 +109,8 @@ def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dila
 @register("GlobalAveragePool", since=1)
 def global_average_pool(x):
     return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+@register("GlobalMaxPool", since=1)
+def global_max_pool(x):
+    return torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True)
