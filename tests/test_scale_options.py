@@ -227,3 +227,71 @@ def test_verify_batch_bounds_every_onnxruntime_call(tmp_path, same_model, monkey
     verify_module.verify(base, copy, EVAL, latency_runs=1, provider="cpu")
     assert set(seen) == {verify_module.default_batch(base.proto)}
     assert 1 <= seen[0] <= verify_module.BATCH_MAX
+
+
+# ---------------------------------------------------------------- wide layers' edits
+
+def test_principal_direction_of_few_wide_keys_equals_the_dense_iteration():
+    """With fewer keys than key dimensions the rank-one direction is found through the
+    Q x Q Gram matrix (no Kd x Kd matrix): same unit vector as the dense power iteration,
+    also with a low-rank C_reg^-1 operator (Woodbury) in place of the dense inverse."""
+    import torch
+
+    from patcher.analysis.moments import KeyRows
+    from patcher.analysis.stats import LayerStatistics, LowRankStatistics
+    from patcher.analysis.moments import KeyMoments
+    from patcher.edits import rankone
+
+    gen = torch.Generator().manual_seed(0)
+    d, n, q = 300, 40, 6
+    calib = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    keys = torch.randn(q, d, generator=gen, dtype=torch.float64)
+    weights = torch.rand(q, generator=gen, dtype=torch.float64) + 0.1
+    low = LowRankStatistics.from_moments("wide", KeyRows([calib.clone()], n))
+    dense = LayerStatistics.from_moments("wide", KeyMoments(calib.T @ calib, n))
+    assert torch.allclose(low.solver @ keys.T, dense.solver @ keys.T, rtol=1e-8, atol=1e-10)
+    a = dense.inverse @ (keys.T * weights)
+    # the reference: power iteration on the d x d matrix A A^T from A 1
+    v = a.sum(1) / a.sum(1).norm()
+    for _ in range(500):
+        v = (a @ (a.T @ v)); v = v / v.norm()
+    for operator in (dense.inverse, low.solver):
+        got = rankone.principal_direction(operator, keys, weights)
+        assert got.shape == (d,)
+        assert abs(float(got @ v)) > 1 - 1e-8, float(got @ v)
+    # Q >= Kd still takes the dense iteration and agrees with the SVD
+    small = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    got = rankone.principal_direction(torch.eye(3, dtype=torch.float64), small,
+                                      torch.ones(8, dtype=torch.float64))
+    top = torch.linalg.svd(small.T)[0][:, 0]
+    assert abs(float(got @ top)) > 1 - 1e-8
+
+
+def test_rank_one_edit_of_a_wide_dense_layer_forms_no_square_matrix(monkeypatch):
+    """solve_rank_one on a 12,000-wide key with a low-rank C: no tensor of Kd x Kd elements
+    is ever made (torch.outer/matmul results checked by size), and the edit fits the pairs."""
+    import torch
+
+    from patcher.analysis.moments import KeyRows
+    from patcher.analysis.stats import LowRankStatistics
+    from patcher.edits import rankone
+
+    gen = torch.Generator().manual_seed(1)
+    d, n, q, v = 12_000, 64, 5, 7
+    low = LowRankStatistics.from_moments(
+        "wide", KeyRows([torch.randn(n, d, generator=gen)], n))
+    keys = torch.randn(q, 1, 1, d, generator=gen)
+    residual = torch.randn(q, 1, 1, v, generator=gen)
+    biggest = {"elements": 0}
+    real_matmul = torch.Tensor.__matmul__
+
+    def watched(x, y):
+        out = real_matmul(x, y)
+        biggest["elements"] = max(biggest["elements"], out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", watched)
+    edit = rankone.solve_rank_one("wide", "w", keys, residual, low.solver)
+    assert biggest["elements"] < d * d // 100, biggest
+    assert edit.direction.shape == (d,) and edit.magnitude.shape == (v,)
+    assert edit.fit_residual_after < edit.fit_residual_before

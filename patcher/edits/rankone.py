@@ -43,13 +43,23 @@ class RankOneEdit:
         return float(self.magnitude.norm() * self.direction.norm())
 
 
-def principal_direction(c_inv: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
+def principal_direction(c_inv, keys: torch.Tensor, weights: torch.Tensor,
                         iterations: int = 100) -> torch.Tensor:
-    """Unit top left-singular vector of A = C^-1 K^T diag(w) (power iteration on A A^T)."""
+    """Unit top left-singular vector of A = C^-1 K^T diag(w), A [Kd, Q].
+
+    Power iteration on A A^T, started at A 1. With fewer keys than key dimensions
+    (Q < Kd: a wide dense layer's few pairs) it runs in the key space instead: every
+    iterate is v = A x, and A A^T (A x) = A (G x) with the Q x Q Gram matrix G = A^T A,
+    so x_{t+1} = G x_t / ||A G x_t|| (||A x||^2 = x^T G x) gives the same iterates while
+    never forming a Kd x Kd matrix (25,088^2 float64 = 5 GB for a flattened VGG input).
+    ``c_inv`` is a dense C_reg^-1 or an operator with ``c_inv @ X`` (the statistics'
+    ``solver``)."""
     a = c_inv @ (keys.T * weights)  # [Kd, Q]
     if a.shape[1] == 1:
         v = a[:, 0]
         return v / v.norm().clamp_min(1e-300)
+    if a.shape[1] < a.shape[0]:
+        return _principal_direction_by_gram(a, iterations)
     gram = a @ a.T
     v = a.sum(1) if a.sum(1).norm() > 0 else torch.ones(a.shape[0], dtype=a.dtype)
     v = v / v.norm().clamp_min(1e-300)
@@ -64,6 +74,33 @@ def principal_direction(c_inv: torch.Tensor, keys: torch.Tensor, weights: torch.
             break
         v = nxt
     return v
+
+
+def _principal_direction_by_gram(a: torch.Tensor, iterations: int) -> torch.Tensor:
+    """:func:`principal_direction`'s iteration in the coordinates x of v = A x (Q < Kd):
+    memory Kd x Q + Q x Q. Norms and the stopping test are taken of A x through G:
+    ||A x||^2 = x^T G x, ||A x' - A x||^2 = (x' - x)^T G (x' - x)."""
+    gram = a.T @ a                                                  # G [Q, Q]
+
+    def length(x: torch.Tensor) -> torch.Tensor:
+        return (x @ gram @ x).clamp_min(0).sqrt()
+
+    x = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
+    if float(length(x)) == 0:  # A 1 = 0: start from G's top eigenvector instead
+        x = torch.linalg.eigh(gram)[1][:, -1]
+    x = x / length(x).clamp_min(1e-300)
+    for _ in range(iterations):
+        nxt = gram @ x
+        norm = length(nxt)
+        if norm == 0:
+            break
+        nxt = nxt / norm
+        if length(nxt - x) < 1e-10:
+            x = nxt
+            break
+        x = nxt
+    v = a @ x
+    return v / v.norm().clamp_min(1e-300)
 
 
 def solve_rank_one(layer: str, weight: str, keys: torch.Tensor, residual: torch.Tensor,
