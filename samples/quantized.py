@@ -9,6 +9,9 @@ Writes, beside the sample's model.onnx:
   activations, MinMax calibration);
 * ``model_int8_qoperator.onnx``: the same in QOperator form (QLinearConv, com.microsoft QGemm,
   QLinearAdd, QLinearGlobalAveragePool);
+* ``model_int8_dynamic.onnx``: ``quantize_dynamic`` (int8 weights, per-tensor for ConvInteger
+  and per-column for MatMulInteger with ``per_channel=True``; uint8 activations quantized at
+  run time by DynamicQuantizeLinear; no calibration);
 * with ``--fp16``, ``model_fp16.onnx``: every float initializer in float16, a Cast after the
   input and before the output (onnxconverter-common's ``keep_io_types=True`` form);
 
@@ -32,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 #: Variant file names by format.
 VARIANTS = {"qdq": "model_int8_qdq.onnx", "qoperator": "model_int8_qoperator.onnx",
-            "fp16": "model_fp16.onnx"}
+            "dynamic": "model_int8_dynamic.onnx", "fp16": "model_fp16.onnx"}
 CALIBRATION_IMAGES = 100
 
 
@@ -55,6 +58,20 @@ def quantize_int8(source: Path, out: Path, calibration: np.ndarray, fmt: str) ->
         staged = Path(tmp) / "model.onnx"
         quantize_static(str(source), str(staged), Reader(), quant_format=form,
                         per_channel=True)
+        model = onnx.load(str(staged))
+    onnx.save(model, str(out))
+    return out
+
+
+def quantize_dynamic_int8(source: Path, out: Path) -> Path:
+    """``source`` quantized by onnxruntime's ``quantize_dynamic`` (int8 weights of every Conv,
+    MatMul and Gemm, per channel where the quantizer supports it)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "model.onnx"
+        quantize_dynamic(str(source), str(staged), per_channel=True,
+                         weight_type=QuantType.QInt8)
         model = onnx.load(str(staged))
     onnx.save(model, str(out))
     return out
@@ -108,6 +125,9 @@ def write_variants(folder: Path, fp16: bool = False) -> dict:
     for fmt in ("qdq", "qoperator"):
         path = quantize_int8(source, folder / VARIANTS[fmt], calibration, fmt)
         figures[fmt] = {"file": path.name, "bytes": path.stat().st_size, **measure(path, folder)}
+    path = quantize_dynamic_int8(source, folder / VARIANTS["dynamic"])
+    figures["dynamic"] = {"file": path.name, "bytes": path.stat().st_size,
+                          **measure(path, folder)}
     if fp16:
         path = folder / VARIANTS["fp16"]
         onnx.save(keep_io_fp16(onnx.load(str(source))), str(path))

@@ -21,6 +21,7 @@ from onnx import ModelProto, numpy_helper
 from patcher.errors import BadModelError
 from patcher.gate.defaults import MAX_ACCURACY_DROP, MAX_ASR, MAX_GAP
 from patcher.gate.metrics import pair_gap, predict
+from patcher.graph.quantized_layers import dynamic_weight_scales
 from patcher.model.modelio import LoadedModel
 from patcher.model.tensors import named_tensors
 from patcher.model.runtime import open_session
@@ -32,8 +33,10 @@ from patcher.version import __version__
 EDITABLE_WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (1,), "MatMul": (0, 1)}
 #: Inputs of a quantized layer a write-back in the stored precision may change (weight, its
 #: scale, the int32 bias), and of a DequantizeLinear whose output is an editable weight or a
-#: Conv/Gemm bias (QDQ: the int8 weight or int32 bias, and its scale).
-QUANTIZED_WEIGHT_INPUTS = {"QLinearConv": (3, 4, 8), "QLinearMatMul": (3, 4), "QGemm": (3, 4, 6)}
+#: Conv/Gemm bias (QDQ: the int8 weight or int32 bias, and its scale). A dynamic layer's
+#: weight scale is read by a Mul: graph/quantized_layers.dynamic_weight_scales finds it.
+QUANTIZED_WEIGHT_INPUTS = {"QLinearConv": (3, 4, 8), "QLinearMatMul": (3, 4), "QGemm": (3, 4, 6),
+                           "ConvInteger": (1,), "MatMulInteger": (1,)}
 DEQUANTIZED_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1)}
 
 
@@ -161,6 +164,8 @@ def _quantized_slots(graph, consumers: dict) -> dict[str, list[str]]:
             if uses and all(k in DEQUANTIZED_INPUTS.get(op, ()) for _, op, k in uses):
                 for inp in node.input[:2]:
                     slots.setdefault(inp, []).extend(n for n, _, _ in uses)
+    for scale, layer in dynamic_weight_scales(graph).items():
+        slots.setdefault(scale, []).append(layer)
     return slots
 
 

@@ -6,7 +6,12 @@ A quantized file stores a layer's weight as int8/uint8 ``q`` with a scale ``s`` 
 
 * **QDQ**: ``Conv/Gemm/MatMul(x, DequantizeLinear(q, s, z), DequantizeLinear(b32, s_b, 0))``;
 * **QOperator**: ``QLinearConv``, ``QLinearMatMul`` and com.microsoft ``QGemm`` with the int8
-  weight and int32 bias as inputs; the bias has no scale of its own (it is ``x_scale * s``).
+  weight and int32 bias as inputs; the bias has no scale of its own (it is ``x_scale * s``);
+* **dynamic** (onnxruntime's ``quantize_dynamic``): ``(x_q, x_s, x_z) =
+  DynamicQuantizeLinear(x)``, ``y = Mul(Cast<float>(ConvInteger/MatMulInteger(x_q, q, x_z,
+  z)), Mul(x_s, s))``, then a float ``Add`` of the bias. The weight scale ``s`` is only ever
+  read by that scales ``Mul``: ``y = conv(x_q - x_z, q - z) * x_s * s``, which is the float
+  op on the dequantized input and weight.
 
 The analysis copy (:func:`analysis_model`) folds each such weight into a float initializer
 named like the int8 tensor, and turns each QOperator layer into
@@ -14,10 +19,12 @@ named like the int8 tensor, and turns each QOperator layer into
 every activation keeps its quantize/dequantize pair (fake-quant with straight-through
 gradients in the shadow graph): dropping those pairs would drop the clamps that stand for the
 quantizer's removed ReLUs. Node names are kept (unnamed nodes get their default names
-``<op>_<index>`` of the file), so a layer of the copy is named as in the file. A delta on a
-folded weight is written back in the stored precision by
-:mod:`patcher.model.quantized_writeback`. Dynamically quantized layers (ConvInteger,
-MatMulInteger) are not folded.
+``<op>_<index>`` of the file), so a layer of the copy is named as in the file. A dynamic
+layer becomes ``Conv/MatMul(DequantizeLinear(x_q, x_s, x_z), W)`` writing the output Mul's
+tensor (the Cast, that Mul and the scales Mul, read by nothing else, are dropped), so the
+activation stays fake-quantized by DynamicQuantizeLinear with straight-through gradients.
+A delta on a folded weight is written back in the stored precision by
+:mod:`patcher.model.quantized_writeback`.
 """
 from __future__ import annotations
 
@@ -32,6 +39,9 @@ from patcher.model.modelio import LoadedModel
 #: Integer weight types a layer may be stored in.
 WEIGHT_TYPES = {TensorProto.INT8: "int8", TensorProto.UINT8: "uint8"}
 
+#: Ops of onnxruntime's quantize_dynamic whose int8 weight (input 1) becomes editable.
+DYNAMIC_OPS = ("ConvInteger", "MatMulInteger")
+
 #: QOperator ops whose weight becomes editable: (weight input, scale, zero point, bias or None)
 QOPERATOR_SLOTS = {"QLinearConv": (3, 4, 5, 8), "QLinearMatMul": (3, 4, 5, None),
                    "QGemm": (3, 4, 5, 6)}
@@ -43,17 +53,19 @@ class QuantizedWeight:
 
     ``axis`` is the axis of a per-channel scale (None: one scale for the tensor);
     ``bias_scale`` is the QDQ bias DequantizeLinear's scale (None in QOperator, where the
-    bias scale is implicitly ``input_scale * scale``)."""
+    bias scale is implicitly ``input_scale * scale``). In the ``dynamic`` form the input
+    scale is computed at run time (None) and the bias is a float Add of its own."""
 
     layer: str
-    form: str  # "QDQ" or "QOperator"
-    op: str  # the file's op: Conv/Gemm/MatMul (QDQ), QLinearConv/QLinearMatMul/QGemm
+    form: str  # "QDQ", "QOperator" or "dynamic"
+    op: str  # the file's op: Conv/Gemm/MatMul (QDQ), QLinearConv/QLinearMatMul/QGemm,
+    #          ConvInteger/MatMulInteger (dynamic)
     weight: str
     dtype: str
     scale: str
     zero_point: str | None
     axis: int | None
-    input_scale: str
+    input_scale: str | None
     bias: str | None = None
     bias_scale: str | None = None
     alpha: float = 1.0
@@ -201,6 +213,16 @@ def analysis_model(loaded: LoadedModel) -> QuantizedAnalysis | None:
                 replace[i] = [rewired]
                 forms.add("QDQ")
                 break
+        elif op in DYNAMIC_OPS and node.domain in ("", "ai.onnx"):
+            wiring = dynamic_wiring(i, nodes, inits, producer, consumers)
+            if wiring is None or not int_weight(node.input[1]):
+                continue
+            replacement, float_inits, qw = _fold_dynamic(node, names[i], wiring, inits, taken)
+            replace[i] = replacement
+            drop.update(wiring.dropped)
+            new_inits.update(float_inits)
+            weights[qw.weight] = qw
+            forms.add("dynamic")
         elif op in QOPERATOR_SLOTS and node.domain in (("com.microsoft",) if op == "QGemm"
                                                        else ("", "ai.onnx")):
             folded = _fold_qoperator(node, names[i], inits, int_weight, taken)
@@ -236,7 +258,7 @@ def analysis_model(loaded: LoadedModel) -> QuantizedAnalysis | None:
     infos = [v for v in copy.graph.value_info if v.name not in stale]
     del copy.graph.value_info[:]
     copy.graph.value_info.extend(infos)
-    form = "QOperator" if "QOperator" in forms else "QDQ"
+    form = next(f for f in ("QOperator", "dynamic", "QDQ") if f in forms)
     return QuantizedAnalysis(
         LoadedModel(copy, None, f"{loaded.sha256 or 'in-memory'}:float-analysis", {}),
         weights, form)
@@ -311,6 +333,118 @@ def _fold_qoperator(node, name: str, inits: dict, int_weight, taken: set[str]):
                          zero_point=zname, axis=axis, input_scale=x_scale, bias=bname,
                          alpha=alpha, writable=tuple(writable))
     return nodes, float_inits, qw
+
+
+@dataclass(frozen=True)
+class DynamicWiring:
+    """How ``quantize_dynamic`` wired one ConvInteger/MatMulInteger node (see the module
+    docstring): its quantized input and the DynamicQuantizeLinear outputs it comes with, the
+    weight scale initializer, the float tensor the output Mul writes, and the glue nodes
+    (Cast, output Mul, scales Mul when nothing else reads it) the analysis copy drops."""
+
+    x_quantized: str
+    x_scale: str
+    x_zero_point: str
+    weight_scale: str
+    output: str
+    dropped: tuple[int, ...]
+
+
+def _only(uses: "list[int] | None") -> int | None:
+    return uses[0] if uses is not None and len(uses) == 1 else None
+
+
+def dynamic_wiring(i: int, nodes: list, inits: dict, producer: dict, consumers: dict
+                   ) -> DynamicWiring | None:
+    """The wiring of ConvInteger/MatMulInteger node ``i`` when it is quantize_dynamic's
+    (constant int8/uint8 weight in input 1 with a constant zero point, input from a
+    DynamicQuantizeLinear, output through Cast to float and a Mul by ``x_scale * s`` with
+    ``s`` a float initializer read by that Mul alone), else None."""
+    node = nodes[i]
+    xq, wq, xz, wz = (list(node.input) + ["", "", "", ""])[:4]
+    if len(node.output) != 1 or wq not in inits or (wz and wz not in inits):
+        return None
+    d = producer.get(xq)
+    if d is None or nodes[d].op_type != "DynamicQuantizeLinear" or len(nodes[d].output) < 3:
+        return None
+    dql = nodes[d]
+    if dql.output[0] != xq or xz != dql.output[2]:
+        return None
+    cast_i = _only(consumers.get(node.output[0]))
+    if cast_i is None or nodes[cast_i].op_type != "Cast" or \
+            int(_attr(nodes[cast_i], "to", 0)) != TensorProto.FLOAT:
+        return None
+    mul_i = _only(consumers.get(nodes[cast_i].output[0]))
+    if mul_i is None or nodes[mul_i].op_type != "Mul" or len(nodes[mul_i].input) != 2:
+        return None
+    mul = nodes[mul_i]
+    scales = mul.input[1] if mul.input[0] == nodes[cast_i].output[0] else mul.input[0]
+    sm_i = producer.get(scales)
+    if sm_i is None or nodes[sm_i].op_type != "Mul" or dql.output[1] not in nodes[sm_i].input:
+        return None
+    pair = list(nodes[sm_i].input)
+    if len(pair) != 2 or pair.count(dql.output[1]) != 1:
+        return None
+    ws = pair[1] if pair[0] == dql.output[1] else pair[0]
+    if ws not in inits or inits[ws].data_type != TensorProto.FLOAT or \
+            consumers.get(ws) != [sm_i]:
+        return None
+    q, s = _array(wq, inits), _array(ws, inits)
+    channels = q.shape[0] if node.op_type == "ConvInteger" else q.shape[-1] if q.ndim else 1
+    z = _array(wz, inits) if wz else None
+    if s.size not in (1, channels) or (z is not None and z.size not in (1, s.size)) or \
+            (node.op_type == "MatMulInteger" and q.ndim != 2):
+        return None
+    dropped = (cast_i, mul_i) + ((sm_i,) if consumers.get(scales) == [mul_i] else ())
+    return DynamicWiring(xq, dql.output[1], dql.output[2], ws, mul.output[0], dropped)
+
+
+def _fold_dynamic(node, name: str, wiring: DynamicWiring, inits: dict, taken: set[str]):
+    """A dynamic layer as ``Conv/MatMul(DequantizeLinear(x_q, x_s, x_z), W)`` writing the
+    output Mul's tensor, W = (q - z) * s as a float initializer named like q."""
+    op = node.op_type
+    wname = node.input[1]
+    zname = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    q = _array(wname, inits)
+    scale = _array(wiring.weight_scale, inits)
+    zero = _array(zname, inits) if zname else None
+    axis = None if scale.size == 1 else (0 if op == "ConvInteger" else q.ndim - 1)
+    float_inits = {wname: _float_init(wname, dequantize(q, scale, zero, axis))}
+    x_deq = _fresh(f"{name}_input_dequantized", taken)
+    nodes = [helper.make_node("DequantizeLinear", [wiring.x_quantized, wiring.x_scale,
+                                                   wiring.x_zero_point], [x_deq],
+                              name=_fresh(f"{name}_input_DequantizeLinear", taken))]
+    core = helper.make_node("Conv" if op == "ConvInteger" else "MatMul", [x_deq, wname],
+                            [wiring.output], name=name)
+    if op == "ConvInteger":
+        core.attribute.extend(node.attribute)
+    nodes.append(core)
+    qw = QuantizedWeight(layer=name, form="dynamic", op=op, weight=wname,
+                         dtype=WEIGHT_TYPES[inits[wname].data_type], scale=wiring.weight_scale,
+                         zero_point=zname, axis=axis, input_scale=None,
+                         writable=(wname, wiring.weight_scale))
+    return nodes, float_inits, qw
+
+
+def dynamic_weight_scales(graph) -> dict[str, str]:
+    """Weight scale initializer -> the ConvInteger/MatMulInteger layer (node name, default
+    ``<op>_<index>``) it scales, for every layer wired as quantize_dynamic wires it."""
+    nodes = list(graph.node)
+    names = node_names(nodes)
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for inp in node.input:
+            if inp:
+                consumers.setdefault(inp, []).append(i)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    out = {}
+    for i, node in enumerate(nodes):
+        if node.op_type in DYNAMIC_OPS and node.domain in ("", "ai.onnx"):
+            wiring = dynamic_wiring(i, nodes, inits, producer, consumers)
+            if wiring is not None:
+                out[wiring.weight_scale] = names[i]
+    return out
 
 
 def editable_copy(loaded: LoadedModel) -> tuple[LoadedModel, dict[str, QuantizedWeight]]:

@@ -47,12 +47,15 @@ def quantized_storage(nodes) -> str | None:
     return next((f for f in ("QOperator", "dynamic-quantization", "QDQ") if f in forms), None)
 
 
-#: What to say where a quantized model has no editable layer (QDQ and QOperator int8 weights
-#: are editable through graph/quantized_layers; dynamically quantized ones are not).
-QUANTIZED_NOT_EDITABLE = ("editing dynamically quantized weights (ConvInteger, MatMulInteger) "
-                          "is not supported yet (quantize with quantize_static, QDQ or "
-                          "QOperator, whose int8 weights can be edited; or patch the float "
-                          "model and quantize it again)")
+#: What to say where a quantized model has no editable layer (graph/quantized_layers edits
+#: QDQ and QOperator int8 weights and quantize_dynamic's ConvInteger/MatMulInteger as it
+#: wires them; not onnxruntime's fused forms or 4-bit MatMulNBits).
+QUANTIZED_NOT_EDITABLE = ("no quantized weight is stored in a form that can be edited yet "
+                          "(editable: QDQ and QOperator int8 weights, and ConvInteger/"
+                          "MatMulInteger as quantize_dynamic wires them; not onnxruntime's "
+                          "fused DynamicQuantizeMatMul/MatMulIntegerToFloat or MatMulNBits): "
+                          "quantize the float model again without saving onnxruntime's "
+                          "optimised graph, or patch the float model and quantize it again")
 
 
 def node_opset(domain: str, opset: int, opsets: Mapping[str, int] | None = None) -> int:

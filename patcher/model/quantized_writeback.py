@@ -45,7 +45,7 @@ class QuantizedStorage(Protocol):
     scale: str
     zero_point: str | None
     axis: int | None
-    input_scale: str
+    input_scale: str | None
     bias: str | None
     bias_scale: str | None
 
