@@ -504,6 +504,21 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_overrides(items: list[str], ap: argparse.ArgumentParser) -> dict:
+    """KEY=VALUE strings -> RectifyConfig field overrides, values typed like the field's
+    default (int, float, bool or str)."""
+    fields = {f.name: f for f in dataclasses.fields(RectifyConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            ap.error(f"--set {item!r}: expected KEY=VALUE with KEY a RectifyConfig field")
+        default = getattr(RectifyConfig(), key)
+        kind = type(default) if default is not None else str
+        out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -514,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip training each case's clean (never poisoned) twin")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--strategies", default=None,
+                    help="comma-separated subset of dynamic,static,finetune (default: all)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a RectifyConfig field in every run (repeatable), e.g. "
+                         "attribution_form=path; recorded in the results")
     ap.add_argument("--keep", type=Path, default=None,
                     help="write the case folders here instead of a temporary folder")
     args = ap.parse_args(argv)
@@ -522,9 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - {c.name for c in CASES}
     if unknown:
         ap.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    overrides = parse_overrides(args.overrides, ap)
+    strategies = set(args.strategies.split(",")) if args.strategies else None
+    runs = [(label, n, make) for label, n, make in RUNS if strategies is None or label in strategies]
     torch.set_num_threads(1)
     started = time.perf_counter()
-    results = {"quick": args.quick, "cases": []}
+    results = {"quick": args.quick, "cases": [], "overrides": overrides}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         for case in (c for c in CASES if c.name in names):
@@ -548,9 +571,9 @@ def main(argv: list[str] | None = None) -> int:
                 rec["status"] = "not trojaned enough"
                 continue
             rec["status"], rec["rows"] = "patched", []
-            for strategy, n, make in RUNS:
+            for strategy, n, make in runs:
                 try:
-                    row = run_patch(folder, n, make(), strategy)
+                    row = run_patch(folder, n, dataclasses.replace(make(), **overrides), strategy)
                 except Exception as exc:
                     row = {"error": f"{type(exc).__name__}: {exc}", "oa": float("nan"),
                            "asr": float("nan"), "layers": [], "rounds": 0, "seconds": 0.0}
