@@ -116,7 +116,26 @@ CASES = {
     "dynamic_quantize_all_zero": _model("DynamicQuantizeLinear",
                                         {"x": np.zeros((2, 3), np.float32)}, {}, opset=11,
                                         outputs=("y", "ys", "yz")),
-    # MatMulInteger / ConvInteger
+    "dynamic_quantize_negative": _model("DynamicQuantizeLinear", {"x": -np.abs(X) - 0.5},
+                                        {}, opset=11, outputs=("y", "ys", "yz")),
+    # opset 21 forms: blocked uint8 (both ops, both axes), output_dtype, per tensor / per axis
+    "quantize_21_blocked_uint8": _model(
+        "QuantizeLinear", {"x": X.reshape(6, 36)},
+        {"s": np.abs(RNG.standard_normal((6, 9))).astype(np.float32) * 0.05 + 0.01,
+         "z": _q((6, 9), np.uint8)}, opset=21, axis=1, block_size=4),
+    "dequantize_21_blocked_uint8_axis0": _model(
+        "DequantizeLinear", {"x": _q((8, 5))},
+        {"s": np.abs(RNG.standard_normal((2, 5))).astype(np.float32) * 0.05,
+         "z": _q((2, 5), np.uint8)}, opset=21, axis=0, block_size=4),
+    "quantize_21_output_dtype_int8": _model("QuantizeLinear", {"x": X}, {"s": _s(0.04)},
+                                            opset=21, output_dtype=TensorProto.INT8),
+    "quantize_21_per_tensor_uint8": _model("QuantizeLinear", {"x": X},
+                                           {"s": _s(0.04), "z": _z(100)}, opset=21),
+    "dequantize_21_per_axis_uint8": _model(
+        "DequantizeLinear", {"x": _q((2, 3, 4))}, {"s": _s(0.1, 0.2, 0.3),
+                                                   "z": _z([1, 128, 255])}, opset=21, axis=1),
+    # MatMulInteger / ConvInteger (onnxruntime 1.31's CPU kernels refuse a per-channel
+    # ConvInteger weight zero point and a per-row MatMulInteger A zero point: not cased)
     "matmul_integer_uint8": _model("MatMulInteger", {"a": _q((5, 33))},
                                    {"b": _q((33, 7)), "az": _z(120), "bz": _z(131)}, opset=10),
     "matmul_integer_uint8_int8_per_column": _model(
