@@ -137,14 +137,16 @@ def test_inspect_passes_parity_on_quantized_models(quantized, fmt):
     assert "parity     PASS" in text
     form = {"qdq": "QDQ", "qoperator": "QOperator", "dynamic": "dynamic-quantization"}[fmt]
     assert summary.quantized == form
-    if fmt == "dynamic":  # not editable yet: said so
-        assert f"the weights are stored quantized ({form})" in text
-        assert summary.editable_layers == []
-        return
     # the int8 layers are editable, and the table says how each is stored
     assert [l["weight"] for l in summary.editable_layers] == [
         f"{n}.weight_quantized" for n in ("features.0.0", "features.2.0", "features.3.0",
                                           "classifier.0", "classifier.2")]
+    if fmt == "dynamic":  # quantize_dynamic's defaults: per-tensor; the bias is a float Add
+        assert all(l["storage"] == "int8 per-tensor" and l["quantized"]["form"] == "dynamic"
+                   and l["quantized"]["bias"] is None for l in summary.editable_layers)
+        assert "stored dynamic int8 per-tensor: classifier.0.weight_quantized, scale " \
+               "classifier.0.weight_scale" in text
+        return
     assert all(l["storage"] == "int8 per-channel" and l["quantized"]["form"] == form
                and l["quantized"]["bias"] for l in summary.editable_layers)
     assert f"stored {form} int8 per-channel (axis 0): classifier.0.weight_quantized, scale " \
@@ -152,14 +154,40 @@ def test_inspect_passes_parity_on_quantized_models(quantized, fmt):
 
 
 @pytest.mark.parametrize("verb", ["locate", "patch"])
-def test_patching_a_dynamically_quantized_model_is_refused_saying_why(quantized, verb, tmp_path):
-    """Dynamically quantized weights cannot be edited yet: locate and patch say so and what to
-    do (exit 2, one line), rather than that the model has no editable layer."""
+def test_patching_onnxruntimes_fused_dynamic_form_is_refused_saying_why(verb, tmp_path):
+    """onnxruntime's optimiser saves a dynamic model with DynamicQuantizeMatMul (its int8
+    weight no longer behind MatMulInteger/Cast/Mul): it runs, but its weights cannot be
+    edited yet; locate and patch say so and what to do (exit 2, one line)."""
+    import onnxruntime
     from click.testing import CliRunner
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization import quantize_dynamic
 
     from patcher.cli import main
 
-    args = [verb, str(quantized["dynamic"]), "--pairs", str(SAMPLE / "pairs_n1.npz"),
+    # an MLP on the sample's images: every layer becomes DynamicQuantizeMatMul once fused
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.05).astype(np.float32), n)
+             for n, s in (("w1", (784, 32)), ("b1", (32,)), ("w2", (32, 10)), ("b2", (10,)))]
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["f"], name="flatten"),
+         helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2")], "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "mlp.onnx"))
+    quantize_dynamic(str(tmp_path / "mlp.onnx"), str(tmp_path / "dynamic.onnx"))
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    onnxruntime.InferenceSession(str(tmp_path / "dynamic.onnx"), options,
+                                 providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "DynamicQuantizeMatMul" in ops and not ops & {"MatMulInteger", "Gemm", "MatMul"}
+    args = [verb, options.optimized_model_filepath, "--pairs", str(SAMPLE / "pairs_n1.npz"),
             "--eval", str(SAMPLE / "eval.npz")]
     if verb == "patch":
         args += ["-o", str(tmp_path / "p.onnx")]
@@ -168,11 +196,10 @@ def test_patching_a_dynamically_quantized_model_is_refused_saying_why(quantized,
     lines = [l for l in result.output.splitlines() if l.strip()]
     # one error line, the last (an estimate line may precede it)
     assert [l for l in lines if l.startswith("onnx-rectify: error:")] == lines[-1:]
-    assert lines[-1:] == ["onnx-rectify: error: the model's weights are stored quantized "
-                     "(dynamic-quantization): editing dynamically quantized weights "
-                     "(ConvInteger, MatMulInteger) is not supported yet (quantize with "
-                     "quantize_static, QDQ or QOperator, whose int8 weights can be edited; or "
-                     "patch the float model and quantize it again)"], result.output
+    assert lines[-1].startswith("onnx-rectify: error: the model's weights are stored "
+                                "quantized (dynamic-quantization): no quantized weight is "
+                                "stored in a form that can be edited yet"), result.output
+    assert "DynamicQuantizeMatMul" in lines[-1] and "patch the float model" in lines[-1]
     assert not (tmp_path / "p.onnx").exists()
 
 
