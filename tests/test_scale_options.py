@@ -295,3 +295,38 @@ def test_rank_one_edit_of_a_wide_dense_layer_forms_no_square_matrix(monkeypatch)
     assert biggest["elements"] < d * d // 100, biggest
     assert edit.direction.shape == (d,) and edit.magnitude.shape == (v,)
     assert edit.fit_residual_after < edit.fit_residual_before
+
+
+def test_rank_one_edit_of_many_conv_keys_equals_the_dense_solve():
+    """Many keys (Q >= Kd: a conv at 224 has 12,544 per image) are folded by chunks into
+    M = K^T diag(w^2) K and C^-1 M C^-1 instead of the Kd x Q matrix A and float64 copies
+    of every key: the edit equals the dense reference (A A^T power iteration, Lambda by
+    least squares per group), also with chunks much smaller than the keys."""
+    import torch
+
+    from patcher.analysis.moments import KeyMoments
+    from patcher.analysis.stats import LayerStatistics
+    from patcher.edits import rankone
+
+    gen = torch.Generator().manual_seed(2)
+    n, p, g, kd, vg = 3, 50, 2, 12, 4
+    calib = torch.randn(500, kd, generator=gen, dtype=torch.float64)
+    stats = LayerStatistics.from_moments("conv", KeyMoments(calib.T @ calib, 500))
+    keys = torch.randn(n, p, g, kd, generator=gen)
+    residual = torch.randn(n, p, g, vg, generator=gen)
+    # the dense reference: the power iteration on A A^T with A = C^-1 K^T diag(w) formed
+    k64, r64 = keys.to(torch.float64), residual.to(torch.float64)
+    w = r64.reshape(-1, vg).norm(dim=1)
+    v = rankone.principal_direction(stats.inverse, k64.reshape(-1, kd), w)
+    a = torch.einsum("npgk,k->npg", k64, v)
+    lam = torch.einsum("npg,npgv->gv", a, r64) / (a * a).sum(dim=(0, 1))[:, None]
+    for chunk in (rankone.SOLVE_CHUNK_BYTES, 8 * kd * 7):
+        rankone.SOLVE_CHUNK_BYTES, saved = chunk, rankone.SOLVE_CHUNK_BYTES
+        try:
+            edit = rankone.solve_rank_one("conv", "w", keys, residual, stats.solver)
+        finally:
+            rankone.SOLVE_CHUNK_BYTES = saved
+        sign = float(torch.sign(edit.direction @ v))
+        assert torch.allclose(edit.direction * sign, v, atol=1e-9)
+        assert torch.allclose(edit.magnitude * sign, lam.reshape(-1), rtol=1e-6, atol=1e-9)
+        assert edit.fit_residual_after < edit.fit_residual_before

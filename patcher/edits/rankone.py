@@ -103,20 +103,73 @@ def _principal_direction_by_gram(a: torch.Tensor, iterations: int) -> torch.Tens
     return v / v.norm().clamp_min(1e-300)
 
 
+#: Key rows converted to float64 at once by :func:`solve_rank_one` (chunks of about 64 MiB):
+#: a conv early in a 224-pixel network has 12,544 keys per image, and 40 fit pairs' keys
+#: in float64 with their weighted copies took several GB at once.
+SOLVE_CHUNK_BYTES = 64 << 20
+
+
+def _row_chunks(rows: int, width: int):
+    step = max(1, SOLVE_CHUNK_BYTES // max(8 * width, 1))
+    for i in range(0, rows, step):
+        yield slice(i, min(rows, i + step))
+
+
+def _direction_by_key_moments(c_inv, flat_k: torch.Tensor, weights: torch.Tensor,
+                              iterations: int = 100) -> torch.Tensor:
+    """:func:`principal_direction` for many keys (Q >= Kd) without A [Kd, Q]: A A^T =
+    C^-1 M C^-1 with M = K^T diag(w^2) K summed over chunks of keys, started at
+    A 1 = C^-1 K^T w; the same iterates as the dense form, in Kd x Kd memory."""
+    kd = flat_k.shape[1]
+    moment = torch.zeros(kd, kd, dtype=torch.float64, device=flat_k.device)
+    start = torch.zeros(kd, dtype=torch.float64, device=flat_k.device)
+    for part in _row_chunks(flat_k.shape[0], kd):
+        weighted = flat_k[part].to(torch.float64) * weights[part, None]
+        moment += weighted.T @ weighted
+        start += weighted.sum(0)
+    left = c_inv @ moment                    # C^-1 M
+    gram = c_inv @ left.T                    # C^-1 M C^-1 (M symmetric)
+    gram = (gram + gram.T) * 0.5
+    v = c_inv @ start
+    if v.norm() == 0:
+        v = torch.ones(kd, dtype=torch.float64, device=flat_k.device)
+    v = v / v.norm().clamp_min(1e-300)
+    for _ in range(iterations):
+        nxt = gram @ v
+        norm = nxt.norm()
+        if norm == 0:
+            break
+        nxt = nxt / norm
+        if (nxt - v).norm() < 1e-10:
+            v = nxt
+            break
+        v = nxt
+    return v
+
+
 def solve_rank_one(layer: str, weight: str, keys: torch.Tensor, residual: torch.Tensor,
-                   c_inv: torch.Tensor) -> RankOneEdit:
-    """Closed-form rank-one edit from corrupted keys [n, P, G, Kd] and residuals [n, P, G, Vg]."""
-    keys = keys.to(torch.float64)
+                   c_inv) -> RankOneEdit:
+    """Closed-form rank-one edit from corrupted keys [n, P, G, Kd] and residuals [n, P, G, Vg].
+
+    ``c_inv``: C_reg^-1, dense or an operator (``c_inv @ X``: the statistics' ``solver``,
+    a Cholesky solve or, for a wide dense layer, the low-rank Woodbury form). Memory is
+    bounded by the keys themselves (kept in their dtype; converted to float64 by chunks)
+    plus a Kd x min(Kd, Q) matrix (Q = n P G key rows)."""
     residual = residual.to(torch.float64)
-    c_inv = c_inv.to(torch.float64)
-    groups = keys.shape[2]
+    if torch.is_tensor(c_inv):
+        c_inv = c_inv.to(torch.float64)
     flat_k = keys.reshape(-1, keys.shape[-1])
     weights = residual.reshape(-1, residual.shape[-1]).norm(dim=1)
     if float(weights.sum()) == 0:
         raise NumericalError(f"layer '{layer}': the corrupted and clean values are identical "
                              "here; nothing to edit")
-    d = principal_direction(c_inv, flat_k, weights)
-    a = torch.einsum("npgk,k->npg", keys, d)                       # [n, P, G]
+    if flat_k.shape[0] < flat_k.shape[1]:  # few keys (a wide dense layer): A [Kd, Q] is small
+        d = principal_direction(c_inv, flat_k.to(torch.float64), weights)
+    else:
+        d = _direction_by_key_moments(c_inv, flat_k, weights)
+    a = torch.cat([flat_k[part].to(torch.float64) @ d
+                   for part in _row_chunks(flat_k.shape[0], flat_k.shape[1])])
+    a = a.reshape(keys.shape[:3])                                   # [n, P, G]
     denom = (a * a).sum(dim=(0, 1))                                 # [G]
     lam = torch.einsum("npg,npgv->gv", a, residual) / denom.clamp_min(1e-300)[:, None]
     if not torch.isfinite(lam).all() or not torch.isfinite(d).all():
