@@ -119,5 +119,22 @@ def write_report(patch_report: dict, out_dir: Path, verify_report: dict | None =
 
     write_text_atomic(out_dir / "index.html",
                       _page(patch_report, verify_report, chart, pair_rows, attack_rows, notes,
-                            verify_note))
+                            verify_note, stored_precision(files["output"])))
     return out_dir / "index.html"
+
+
+def stored_precision(path: Path | None) -> list[dict]:
+    """The written model's records of edits written in a stored precision (int8 weights:
+    provenance entries of kind ``quantized-writeback``); [] when there is no written model,
+    it cannot be read, or it has none."""
+    if path is None:
+        return []
+    from patcher.model.modelio import load_model
+    from patcher.model.writeback import read_provenance
+
+    try:
+        prov = read_provenance(load_model(path, warn=False).proto) or {}
+    except RectifyError:
+        return []
+    return [e for e in prov.get("edits") or []
+            if isinstance(e, dict) and e.get("kind") == "quantized-writeback"]

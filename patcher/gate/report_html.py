@@ -115,8 +115,20 @@ def _heat_rows(rows: list[_Row], headings: list[str]) -> str:
     return "".join(out)
 
 
+def _stored_rows(records: list[dict]) -> str:
+    """The int8 write-back table: each tensor the edit changed in its stored precision."""
+    body = [[f'<code class="id">{_esc(r.get("weight"))}</code>', _esc(r.get("role")),
+             _esc(r.get("form")), _esc(r.get("steps_changed", "-")),
+             _esc(r.get("max_steps", "-")), _esc(_num(r.get("delta_norm"), ".4g")),
+             _esc(r.get("units")), _esc(_num(r.get("relative_error"), ".3g")),
+             _esc(r.get("option", "-"))] for r in records]
+    return _table(["tensor", "role", "form", "values changed", "max steps", "‖Δ‖", "units",
+                   "relative error of Δ", "scales"], body, {3, 4, 5, 7})
+
+
 def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_rows, attack_rows,
-          heat_notes: list[str], verify_note: str = "") -> str:
+          heat_notes: list[str], verify_note: str = "",
+          stored: list[dict] | None = None) -> str:
     from patcher.version import __version__
 
     res = rep.get("result") or {}
@@ -180,6 +192,13 @@ def _page(rep: dict, verify_report: dict | None, chart_file: str | None, pair_ro
                  f'{measure} {_esc(_num(res.get("base_gap")))}.</p>')
     else:
         h.append('<p class="note">No rounds were run.</p>')
+
+    if stored:
+        h.append("<h2>Written in the stored precision</h2>")
+        h.append('<p class="note">The model stores these weights quantized: the edit was '
+                 'written back as integers (steps of each value\'s scale), with new scales only '
+                 'where it would saturate; relative error ‖Δ written − Δ‖ / ‖Δ‖.</p>')
+        h.append(_stored_rows(stored))
 
     h.append("<h2>Editability scores per layer</h2>")
     if chart_file:
