@@ -1,7 +1,7 @@
 """CARE beside our strategies on the generalisation benchmark's unseen trojaned models.
 
     python benchmarks/care_compare.py [--cases a,b] [--strategies care,static,finetune]
-                                      [--n 1,5] [--json FILE] [--markdown FILE]
+                                      [--n 1,5] [--json FILE] [--markdown FILE] [--cache DIR]
 
 Each case of ``benchmarks/generalisation.py`` is built again (seeded: the same trojaned
 model as the stored run, checked by its OA and ASR before patching), patched with
@@ -34,17 +34,22 @@ from patcher.rectify import RectifyConfig  # noqa: E402
 STORED = ROOT / "benchmarks" / "generalisation_results.json"
 RESULTS = ROOT / "benchmarks" / "care_compare_results.json"
 ORDER = ("dynamic", "static", "care", "finetune")
+CASE_FILES = ("model.onnx", "eval.npz", "test.npz", "attack.npz", "pairs_n1.npz", "pairs_n5.npz")
 
 
-def run(names: list[str], strategies: list[str], ns: list[int]) -> list[dict]:
-    """Fresh rows for the cases ``names``."""
+def run(names: list[str], strategies: list[str], ns: list[int],
+        cache: Path | None = None) -> list[dict]:
+    """Fresh rows for the cases ``names``; with ``cache``, each case is built into
+    ``cache``/<case> unless its model.onnx and npz files are already there."""
     stored = {c["name"]: c for c in json.loads(STORED.read_text())["cases"]}
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in (c for c in CASES if c.name in names):
-            folder = Path(tmp) / case.name
-            folder.mkdir()
-            build_case(case, folder, quick=False)
+            folder = (cache or Path(tmp)) / case.name
+            built = all((folder / f).exists() for f in CASE_FILES)
+            if not built:
+                folder.mkdir(parents=True, exist_ok=True)
+                build_case(case, folder, quick=False)
             before = measure(folder / "model.onnx", folder)
             old = stored.get(case.name, {}).get("before")
             same = old is not None and abs(old["oa"] - before["oa"]) < 1e-9 \
@@ -124,11 +129,14 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--render", action="store_true", help="only render --json")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="build the cases here, or reuse them when already built")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not args.render:
         names = args.cases.split(",") if args.cases else [c.name for c in CASES]
-        fresh = run(names, args.strategies.split(","), [int(v) for v in args.n.split(",")])
+        fresh = run(names, args.strategies.split(","), [int(v) for v in args.n.split(",")],
+                    args.cache)
         data = merged(fresh, args.json)
         args.json.write_text(json.dumps(data, indent=2, default=float) + "\n")
     else:

@@ -14,7 +14,8 @@ from onnx import helper
 
 import onnxruntime as ort
 
-from patcher.edits.care import care_repair, shrunk, unit_scale_delta
+from patcher.edits.care import (PENALTY, RATE_DONE, care_repair, grown_repair, shrunk,
+                                unit_scale_delta)
 from patcher.analysis.causal import (SiteRunner, default_unit_site, layer_causal_effects,
                                      neuron_causal_effects, rank_agreement, swap_probabilities,
                                      unit_effects, unit_site)
@@ -272,6 +273,88 @@ def test_the_rate_objective_counts_argmax_hits_and_weighs_accuracy():
     assert len(searched.swarm.history) <= 15
     assert np.all(np.abs(searched.multipliers) <= 10.0)
     assert np.allclose(shrunk(searched.multipliers, 0.5) - 1, 0.5 * (searched.multipliers - 1))
+
+
+def _site_case(n: int = 40):
+    """The feature model, its D site, inputs whose first half is 'triggered', the target
+    (the commonest prediction there) and labels for the clean half."""
+    graph = ShadowGraph.from_onnx(_feature_model())
+    x = torch.from_numpy(RNG.random((n, 2, 6, 6)).astype(np.float32))
+    with torch.no_grad():
+        predicted = graph(x)[0].argmax(1)
+    site = unit_site(graph, graph.layer("D"), x[:1])
+    target = int(predicted[:n // 2].mode().values)
+    return graph, site, x, predicted, target
+
+
+def test_the_agreement_guard_bounds_changed_clean_predictions_not_accuracy():
+    """guard="agreement": the penalty is PENALTY x (share of clean predictions that differ
+    from the model's - max_drop)+, so a repair that breaks some clean predictions and fixes
+    as many pays for the broken ones, where the accuracy guard sees no loss."""
+    graph, site, x, predicted, target = _site_case()
+    triggered, clean = x[:20], x[20:]
+    labels = torch.full((20,), 2, dtype=torch.long)
+    units, m = [3, 40, 77, 100], np.array([-8.0, 9.0, -7.0, 6.0])
+    runner = SiteRunner(graph, site, torch.cat([triggered, clean]))
+    with torch.no_grad():
+        moved = runner.scaled_logits(units, m).argmax(1)
+    changed = moved[20:] != predicted[20:]
+    assert changed.any(), "the multipliers must change some clean predictions"
+    # labels: half the changed predictions were right before, half become right after
+    eval_y = predicted[20:].clone()
+    flips = torch.nonzero(changed).flatten()
+    eval_y[flips[::2]] = moved[20:][flips[::2]]
+    rate = float((moved[:20] == target).double().mean())
+    error = float((moved[20:] != eval_y).double().mean())
+    error0 = float((predicted[20:] != eval_y).double().mean())
+    share = float(changed.double().mean())
+    for guard, over in (("agreement", share), ("accuracy", error - error0)):
+        repair = care_repair(graph, site, units, triggered, labels, clean, eval_y, target,
+                             particles=1, iterations=0, start=m, guard=guard, max_drop=0.0)
+        expect = 0.8 * rate + 0.2 * error + PENALTY * max(0.0, over)
+        assert repair.objective_after == pytest.approx(expect)
+    assert share > error - error0  # the two guards differ on this repair
+    with pytest.raises(RectifyError, match="unknown CARE guard"):
+        care_repair(graph, site, units, triggered, labels, clean, eval_y, target, guard="x")
+
+
+def test_the_fidelity_term_adds_the_clean_kl_divergence_from_the_model():
+    graph, site, x, predicted, target = _site_case()
+    labels = torch.full((20,), 2, dtype=torch.long)
+    units, m = [3, 40], np.array([2.0, -1.0])
+    plain = care_repair(graph, site, units, x[:20], labels, x[20:], predicted[20:], target,
+                        particles=1, iterations=0, start=m, max_drop=1.0)
+    kept = care_repair(graph, site, units, x[:20], labels, x[20:], predicted[20:], target,
+                       particles=1, iterations=0, start=m, max_drop=1.0, fidelity=0.5)
+    runner = SiteRunner(graph, site, x[20:])
+    with torch.no_grad():
+        p0 = torch.log_softmax(runner.logits().double(), 1)
+        p1 = torch.log_softmax(runner.scaled_logits(units, m).double(), 1)
+    kl = float((p0.exp() * (p0 - p1)).sum(1).mean())
+    assert kl > 0 and kept.objective_after == pytest.approx(plain.objective_after + 0.5 * kl)
+
+
+def test_growing_the_repaired_units_starts_from_the_last_best_and_stops_when_it_stalls():
+    """k along the schedule, each search starting at the previous best (so the objective
+    never rises), the units a prefix of the order; growing stops once the rate is at
+    most RATE_DONE or stops falling (a stalled step is not taken)."""
+    graph, site, x, predicted, target = _site_case()
+    labels = torch.full((20,), 2, dtype=torch.long)
+    order = list(range(0, 144, 3))
+    best, steps = grown_repair(graph, site, order, (1, 2, 4, 8, 16), x[:20], labels, x[20:],
+                               predicted[20:], target, particles=6, iterations=4, seed=3)
+    values = [s.objective_after for s in steps]
+    assert all(b <= a + 1e-12 for a, b in zip(values, values[1:]))
+    assert [s.units for s in steps] == [1, 2, 4, 8, 16][:len(steps)]
+    assert best.units == order[:len(best.units)]
+    rates = [s.rate_after for s in steps]
+    last_taken = [s.units for s in steps].index(len(best.units))
+    assert best.rate_after == rates[last_taken]
+    if len(steps) < 5:  # it stopped early: done, or the step after the best stalled
+        assert rates[last_taken] <= RATE_DONE or len(steps) == last_taken + 2
+    fixed, only = grown_repair(graph, site, order, (3,), x[:20], labels, x[20:],
+                               predicted[20:], target, particles=4, iterations=2)
+    assert len(only) == 1 and fixed.units == order[:3]
 
 
 def test_the_swarm_starts_spread_over_the_box_with_one_particle_at_the_start():

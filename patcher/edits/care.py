@@ -42,6 +42,8 @@ from patcher.graph.shadow import EditableLayer, ShadowGraph
 from patcher.progress import progress
 
 OBJECTIVES = ("rate", "ce")
+#: what the guard bounds: the clean accuracy lost, or the share of clean predictions changed
+GUARDS = ("accuracy", "agreement")
 #: per unit of error over max_drop: a wall next to objective values of order 1
 PENALTY = 100.0
 
@@ -96,7 +98,9 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
                 target: int | None, bounds: tuple[float, float] = (-10.0, 10.0),
                 objective: str = "rate", alpha: float = 0.2, max_drop: float = 0.005,
                 particles: int = 20, iterations: int = 100, patience: int = 20,
-                seed: int = 0, show_progress: bool | None = None) -> CareRepair:
+                seed: int = 0, show_progress: bool | None = None,
+                start: np.ndarray | None = None, guard: str = "accuracy",
+                fidelity: float = 0.0) -> CareRepair:
     """Search multipliers of ``units`` at ``site`` (module docstring). The graph is left
     unchanged: write the result with :func:`unit_scale_delta`."""
     if not units:
@@ -108,29 +112,39 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
     if min(units) < 0 or max(units) >= site.units:
         raise RectifyError(f"CARE at '{site.consumer.name}': unit index out of range "
                            f"(it has {site.units})")
+    if guard not in GUARDS:
+        raise RectifyError(f"unknown CARE guard '{guard}' ({', '.join(GUARDS)})")
     runner = SiteRunner(graph, site, torch.cat([triggered, eval_x]))
     n_t = len(triggered)
     y = torch.cat([triggered_labels, eval_y]).to(runner.units.device)
+    identity = np.ones(len(units))
+    logits0 = runner.scaled_logits(units, identity).to(torch.float64)[n_t:]
+    predicted0, logp0 = logits0.argmax(1), torch.log_softmax(logits0, 1)
 
-    def terms(m: np.ndarray) -> tuple[float, float, float, float]:
+    def terms(m: np.ndarray) -> tuple[float, float, float, float, float]:
         logits = runner.scaled_logits(units, m).to(torch.float64)
         predicted = logits.argmax(1)
         trig = predicted[:n_t]
         bad = (trig == target) if target is not None else (trig != y[:n_t])
         rate = float(bad.to(torch.float64).mean())
-        error = float((predicted[n_t:] != y[n_t:]).to(torch.float64).mean()) \
-            if len(y) > n_t else 0.0
+        clean = len(y) > n_t
+        error = float((predicted[n_t:] != y[n_t:]).to(torch.float64).mean()) if clean else 0.0
+        changed = float((predicted[n_t:] != predicted0).to(torch.float64).mean()) \
+            if clean else 0.0
         nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-        clean_nll = float(nll[n_t:].mean()) if len(y) > n_t else 0.0
-        return rate, error, float(nll[:n_t].mean()), clean_nll
+        clean_nll = float(nll[n_t:].mean()) if clean else 0.0
+        kl = float((logp0.exp() * (logp0 - torch.log_softmax(logits[n_t:], 1))).sum(1).mean()) \
+            if clean and fidelity else 0.0
+        return rate, error, float(nll[:n_t].mean()), clean_nll, changed, kl
 
-    identity = np.ones(len(units))
-    rate0, error0, fit0, clean0 = terms(identity)
+    rate0, error0, fit0, clean0, _, _ = terms(identity)
 
     def value(m: np.ndarray) -> float:
-        rate, error, fit, clean = terms(m)
+        rate, error, fit, clean, changed, kl = terms(m)
         core = ((1 - alpha) * rate + alpha * error) if objective == "rate" else fit + clean
-        return core + PENALTY * max(0.0, error - error0 - max_drop)
+        core += fidelity * kl
+        over = (error - error0) if guard == "accuracy" else changed
+        return core + PENALTY * max(0.0, over - max_drop)
 
     with progress(particles * (iterations + 1), "particle swarm", show_progress) as bar:
         def swarm_values(positions: np.ndarray) -> np.ndarray:
@@ -139,9 +153,10 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
 
         result = particle_swarm(swarm_values, np.full(len(units), bounds[0]),
                                 np.full(len(units), bounds[1]), particles=particles,
-                                iterations=iterations, seed=seed, start=identity,
+                                iterations=iterations, seed=seed,
+                                start=identity if start is None else start,
                                 patience=patience)
-    rate1, error1, _, _ = terms(result.best)
+    rate1, error1, _, _, _, _ = terms(result.best)
     before = ((1 - alpha) * rate0 + alpha * error0) if objective == "rate" else fit0 + clean0
     return CareRepair(site.consumer.name, list(units), result.best, before, result.best_value,
                       rate0, rate1, 1 - error0, 1 - error1, result)
@@ -150,3 +165,57 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
 def shrunk(multipliers: np.ndarray, t: float) -> np.ndarray:
     """The multipliers a share ``t`` of the way from the identity: 1 + t (m - 1)."""
     return 1.0 + t * (np.asarray(multipliers, dtype=np.float64) - 1.0)
+
+
+#: the share of the eval images held out of the search, to judge its accuracy
+HELD_OUT = 1 / 3
+#: the share of the search's clean predictions a repair may change (at most half the
+#: budget): the guard bounds changed predictions, not accuracy, as an accuracy bound on the
+#: images searched on lets broken predictions be paid for by fixed ones that do not carry
+#: over to other images
+MAX_CHANGED = 0.01
+#: weight of the clean images' mean KL divergence from the model's own predictions
+FIDELITY = 0.1
+#: units repaired in turn when their number is not given: the search grows k along this
+#: schedule (each search starting from the previous best) while the trigger survives
+GROWTH = (5, 10, 20, 40, 80)
+#: the triggered-set rate at which growing stops
+RATE_DONE = 0.005
+#: growing also stops when a step lowers the rate by less than this
+RATE_GAIN = 0.001
+
+
+@dataclass
+class GrowthStep:
+    units: int
+    rate_after: float
+    accuracy_after: float
+    objective_after: float
+    iterations: int
+
+
+def grown_repair(graph: ShadowGraph, site: UnitSite, order: list[int], schedule, *args,
+                 **kwargs) -> tuple[CareRepair, list[GrowthStep]]:
+    """:func:`care_repair` on the top k units of ``order`` for k along ``schedule``; the
+    search for k starts from the best multipliers for the k before (the new units at 1),
+    so the objective never rises from one k to the next. Stops once the triggered-set
+    rate is at most RATE_DONE or a step lowers it by less than RATE_GAIN (that step's
+    repair is then not taken: fewer units, same rate). ``args``/``kwargs``: those of
+    :func:`care_repair` after ``units``."""
+    sizes = sorted({min(int(k), site.units) for k in schedule})
+    best: CareRepair | None = None
+    steps: list[GrowthStep] = []
+    for k in sizes:
+        start = np.ones(k)
+        if best is not None:
+            start[:len(best.units)] = best.multipliers
+        repair = care_repair(graph, site, list(order[:k]), *args, start=start, **kwargs)
+        steps.append(GrowthStep(k, repair.rate_after, repair.accuracy_after,
+                                repair.objective_after, len(repair.swarm.history)))
+        if best is not None and repair.rate_after > best.rate_after - RATE_GAIN:
+            break
+        best = repair
+        if repair.rate_after <= RATE_DONE:
+            break
+    assert best is not None
+    return best, steps
