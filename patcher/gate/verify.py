@@ -67,14 +67,25 @@ class ModelDiff:
         return not self.tensors and not self.structural
 
 
-def numerical_rank(delta: np.ndarray, rel_tol: float = 1e-5) -> int:
-    """Singular values above rel_tol x the largest (float32 storage rounding stays below)."""
+def numerical_rank(delta: np.ndarray, rel_tol: float = 1e-5, floor: float = 0.0) -> int:
+    """Singular values above rel_tol x the largest (float32 storage rounding stays below) and
+    above ``floor`` (see :func:`rounding_floor`)."""
     if delta.size == 0 or not np.any(delta):
         return 0
     mat = delta.reshape(delta.shape[0], -1).astype(np.float64) if delta.ndim > 1 else \
         delta.reshape(1, -1).astype(np.float64)
     sv = np.linalg.svd(mat, compute_uv=False)
-    return int((sv > rel_tol * sv[0]).sum())
+    return int((sv > max(rel_tol * sv[0], floor)).sum())
+
+
+def rounding_floor(stored: np.ndarray) -> float:
+    """An upper bound on the spectral norm of the error of storing a tensor in its (float)
+    dtype: ||E||_2 <= ||E||_F <= ||ulp(stored) / 2||_F. Rounding an edited float16/bfloat16
+    weight to its dtype adds such a full-rank E to a rank-one delta; singular values below
+    this bound are not evidence of rank. 0 for integer tensors (counted in steps)."""
+    if stored.dtype.kind != "f":
+        return 0.0
+    return float(np.linalg.norm(np.spacing(np.abs(stored)).astype(np.float64))) / 2
 
 
 def _node_signature(node: onnx.NodeProto) -> str:
@@ -142,7 +153,8 @@ def diff_models(a: ModelProto, b: ModelProto) -> ModelDiff:
         if quantized is not None:  # a weight stored quantized, its scale, its int32 bias
             editable, feeds = True, feeds + [f for f in quantized if f not in feeds]
         result.tensors.append(TensorDiff(name, list(va.shape), float(np.linalg.norm(delta)),
-                                         float(np.abs(delta).max()), numerical_rank(delta),
+                                         float(np.abs(delta).max()),
+                                         numerical_rank(delta, floor=rounding_floor(vb)),
                                          feeds, editable,
                                          "steps" if va.dtype.kind in "iu" else "value",
                                          int(np.count_nonzero(delta))))
