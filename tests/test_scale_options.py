@@ -324,9 +324,13 @@ def test_rank_one_edit_of_many_conv_keys_equals_the_dense_solve():
         rankone.SOLVE_CHUNK_BYTES, saved = chunk, rankone.SOLVE_CHUNK_BYTES
         try:
             edit = rankone.solve_rank_one("conv", "w", keys, residual, stats.solver)
+            pieces = rankone.solve_rank_one("conv", "w", [keys[:1], keys[1:]], residual,
+                                            stats.solver)
         finally:
             rankone.SOLVE_CHUNK_BYTES = saved
         sign = float(torch.sign(edit.direction @ v))
         assert torch.allclose(edit.direction * sign, v, atol=1e-9)
         assert torch.allclose(edit.magnitude * sign, lam.reshape(-1), rtol=1e-6, atol=1e-9)
         assert edit.fit_residual_after < edit.fit_residual_before
+        assert torch.allclose(pieces.direction, edit.direction, atol=1e-12)  # pieces along n
+        assert torch.allclose(pieces.magnitude, edit.magnitude, rtol=1e-10, atol=1e-12)

@@ -115,16 +115,28 @@ def _row_chunks(rows: int, width: int):
         yield slice(i, min(rows, i + step))
 
 
-def _direction_by_key_moments(c_inv, flat_k: torch.Tensor, weights: torch.Tensor,
+def _key_chunks(pieces: list[torch.Tensor]):
+    """(first row, float64 rows) of the key pieces [..., Kd] in order, by chunks of about
+    SOLVE_CHUNK_BYTES (row numbers count across the pieces)."""
+    first = 0
+    for piece in pieces:
+        flat = piece.reshape(-1, piece.shape[-1])
+        for part in _row_chunks(flat.shape[0], flat.shape[1]):
+            yield first + part.start, flat[part].to(torch.float64)
+        first += flat.shape[0]
+
+
+def _direction_by_key_moments(c_inv, pieces: list[torch.Tensor], weights: torch.Tensor,
                               iterations: int = 100) -> torch.Tensor:
     """:func:`principal_direction` for many keys (Q >= Kd) without A [Kd, Q]: A A^T =
     C^-1 M C^-1 with M = K^T diag(w^2) K summed over chunks of keys, started at
     A 1 = C^-1 K^T w; the same iterates as the dense form, in Kd x Kd memory."""
-    kd = flat_k.shape[1]
-    moment = torch.zeros(kd, kd, dtype=torch.float64, device=flat_k.device)
-    start = torch.zeros(kd, dtype=torch.float64, device=flat_k.device)
-    for part in _row_chunks(flat_k.shape[0], kd):
-        weighted = flat_k[part].to(torch.float64) * weights[part, None]
+    kd = pieces[0].shape[-1]
+    device = pieces[0].device
+    moment = torch.zeros(kd, kd, dtype=torch.float64, device=device)
+    start = torch.zeros(kd, dtype=torch.float64, device=device)
+    for first, rows in _key_chunks(pieces):
+        weighted = rows * weights[first:first + rows.shape[0], None]
         moment += weighted.T @ weighted
         start += weighted.sum(0)
     left = c_inv @ moment                    # C^-1 M
@@ -132,7 +144,7 @@ def _direction_by_key_moments(c_inv, flat_k: torch.Tensor, weights: torch.Tensor
     gram = (gram + gram.T) * 0.5
     v = c_inv @ start
     if v.norm() == 0:
-        v = torch.ones(kd, dtype=torch.float64, device=flat_k.device)
+        v = torch.ones(kd, dtype=torch.float64, device=device)
     v = v / v.norm().clamp_min(1e-300)
     for _ in range(iterations):
         nxt = gram @ v
@@ -147,29 +159,32 @@ def _direction_by_key_moments(c_inv, flat_k: torch.Tensor, weights: torch.Tensor
     return v
 
 
-def solve_rank_one(layer: str, weight: str, keys: torch.Tensor, residual: torch.Tensor,
-                   c_inv) -> RankOneEdit:
-    """Closed-form rank-one edit from corrupted keys [n, P, G, Kd] and residuals [n, P, G, Vg].
+def solve_rank_one(layer: str, weight: str, keys: "torch.Tensor | list[torch.Tensor]",
+                   residual: torch.Tensor, c_inv) -> RankOneEdit:
+    """Closed-form rank-one edit from corrupted keys [n, P, G, Kd] (or a list of such
+    pieces along n, so that the caller need not join them) and residuals [n, P, G, Vg].
 
     ``c_inv``: C_reg^-1, dense or an operator (``c_inv @ X``: the statistics' ``solver``,
     a Cholesky solve or, for a wide dense layer, the low-rank Woodbury form). Memory is
     bounded by the keys themselves (kept in their dtype; converted to float64 by chunks)
     plus a Kd x min(Kd, Q) matrix (Q = n P G key rows)."""
+    pieces = list(keys) if isinstance(keys, (list, tuple)) else [keys]
     residual = residual.to(torch.float64)
     if torch.is_tensor(c_inv):
         c_inv = c_inv.to(torch.float64)
-    flat_k = keys.reshape(-1, keys.shape[-1])
+    kd = pieces[0].shape[-1]
+    rows = sum(p.numel() // kd for p in pieces)
     weights = residual.reshape(-1, residual.shape[-1]).norm(dim=1)
     if float(weights.sum()) == 0:
         raise NumericalError(f"layer '{layer}': the corrupted and clean values are identical "
                              "here; nothing to edit")
-    if flat_k.shape[0] < flat_k.shape[1]:  # few keys (a wide dense layer): A [Kd, Q] is small
-        d = principal_direction(c_inv, flat_k.to(torch.float64), weights)
+    if rows < kd:  # few keys (a wide dense layer): A [Kd, Q] is small
+        flat = torch.cat([p.reshape(-1, kd) for p in pieces]).to(torch.float64)
+        d = principal_direction(c_inv, flat, weights)
     else:
-        d = _direction_by_key_moments(c_inv, flat_k, weights)
-    a = torch.cat([flat_k[part].to(torch.float64) @ d
-                   for part in _row_chunks(flat_k.shape[0], flat_k.shape[1])])
-    a = a.reshape(keys.shape[:3])                                   # [n, P, G]
+        d = _direction_by_key_moments(c_inv, pieces, weights)
+    a = torch.cat([chunk @ d for _, chunk in _key_chunks(pieces)])
+    a = a.reshape(residual.shape[:3])                               # [n, P, G]
     denom = (a * a).sum(dim=(0, 1))                                 # [G]
     lam = torch.einsum("npg,npgv->gv", a, residual) / denom.clamp_min(1e-300)[:, None]
     if not torch.isfinite(lam).all() or not torch.isfinite(d).all():

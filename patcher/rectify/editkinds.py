@@ -24,8 +24,8 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from patcher.analysis.causal import unit_effects, unit_site
-from patcher.edits.care import care_repair, shrunk, unit_scale_delta
+from patcher.analysis.causal import SiteRunner, unit_effects, unit_site
+from patcher.edits.care import FIDELITY, GROWTH, HELD_OUT, grown_repair, shrunk, unit_scale_delta
 from patcher.edits.finetune import finetune_in_place
 from patcher.edits.rankone import RankOneEdit, solve_rank_one, solve_rank_one_iterative
 from patcher.edits.silence import (SILENCE_SCALES, corruption_key_sums, output_signs,
@@ -33,7 +33,7 @@ from patcher.edits.silence import (SILENCE_SCALES, corruption_key_sums, output_s
 from patcher.errors import NumericalError
 from patcher.graph.keys import LayerTap, layer_keys, layer_values
 from patcher.graph.shadow import EditableLayer
-from patcher.rectify.config import CARE_SHRINK, CARE_UNITS
+from patcher.rectify.config import CARE_SHRINK
 from patcher.rectify.results import format_accuracy
 from patcher.rectify.transplant import transplant
 from patcher.rectify.workspace import Workspace
@@ -137,7 +137,7 @@ class RankOneEditKind:
                                             torch.cat(residuals), lr=cfg.solver_lr,
                                             epochs=cfg.solver_epochs, seed=cfg.seed)
         else:
-            edit = solve_rank_one(layer.name, layer.weight, torch.cat(keys),
+            edit = solve_rank_one(layer.name, layer.weight, keys,  # pieces: no joined copy
                                   torch.cat(residuals), statistics.solver.to(ws.device))
         ws.timings.add("edit", start)
         return edit
@@ -261,6 +261,26 @@ class SilencingEditKind:
                 f"accuracy {accuracy:.2%}")
 
 
+class HeldOutAccuracy:
+    """Accuracy drops of CARE repairs on the eval images the search never saw (``held``
+    indices; none: every drop is None)."""
+
+    def __init__(self, ws: Workspace, site, held: np.ndarray) -> None:
+        self.size = len(held)
+        if not self.size:
+            return
+        self.runner = SiteRunner(ws.graph, site, ws.tensor(ws.eval_x[held]))
+        self.labels = ws.tensor(ws.eval_y[held].astype(np.int64))
+        self.base = self.accuracy([], [])
+
+    def accuracy(self, units: list[int], multipliers) -> float:
+        predicted = self.runner.scaled_logits(units, multipliers).argmax(1)
+        return float((predicted == self.labels).to(torch.float64).mean())
+
+    def drop(self, units: list[int], multipliers) -> float | None:
+        return self.base - self.accuracy(units, multipliers) if self.size else None
+
+
 class CareEditKind:
     """CARE's repair at the units feeding a layer (:mod:`patcher.edits.care`): a triggered
     set transplanted from the pairs onto eval images, the units ranked by CARE's score and
@@ -286,6 +306,15 @@ class CareEditKind:
         clean = np.concatenate([pairs.clean, ws.eval_x[pick]])
         return ws.tensor(x), ws.tensor(y.astype(np.int64)), ws.tensor(clean)
 
+    def split_eval(self, ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
+        """Eval image indices (search, held out): a seeded HELD_OUT share of the eval set
+        never enters the search and judges its accuracy (none when fewer than 3 images);
+        the search uses at most ``care_eval`` of the rest."""
+        rng = np.random.default_rng(ws.config.seed + 1)
+        order = rng.permutation(len(ws.eval_x))
+        held = int(len(order) * HELD_OUT) if len(order) >= 3 else 0
+        return order[held:][:ws.config.care_eval], order[:held]
+
     def propose(self, ws: Workspace, layer: EditableLayer) -> Iterator[CandidateGroup]:
         cfg = ws.config
         start = time.perf_counter()
@@ -296,47 +325,66 @@ class CareEditKind:
         effects = unit_effects(ws.graph, site, triggered[:m], clean[:m], labels[:m], target,
                                cfg.care_values, cfg.show_progress)
         ws.timings.add("care_localisation", start)
-        k = min(cfg.care_neurons or CARE_UNITS, site.units)
+        schedule = (cfg.care_neurons,) if cfg.care_neurons else GROWTH
         order = effects.care_order if cfg.care_ranking == "care" else effects.swap_order
-        units = order[:k]
         start = time.perf_counter()
-        rng = np.random.default_rng(cfg.seed + 1)
-        pick = rng.permutation(len(ws.eval_x))[:cfg.care_eval]
-        repair = care_repair(ws.graph, site, units, triggered, labels,
-                             ws.tensor(ws.eval_x[pick]), ws.tensor(ws.eval_y[pick]), target,
-                             bounds=tuple(cfg.care_range), objective=cfg.care_objective,
-                             alpha=cfg.care_alpha, max_drop=cfg.budget / 2,
-                             particles=cfg.care_particles, iterations=cfg.care_iterations,
-                             patience=cfg.care_patience, seed=cfg.seed,
-                             show_progress=cfg.show_progress)
+        search, held = self.split_eval(ws)
+        repair, steps = grown_repair(
+            ws.graph, site, order, schedule, triggered, labels,
+            ws.tensor(ws.eval_x[search]), ws.tensor(ws.eval_y[search]), target,
+            bounds=tuple(cfg.care_range), objective=cfg.care_objective, alpha=cfg.care_alpha,
+            max_drop=cfg.budget / 2, guard="agreement", fidelity=FIDELITY,
+            particles=cfg.care_particles, iterations=cfg.care_iterations,
+            patience=cfg.care_patience, seed=cfg.seed, show_progress=cfg.show_progress)
         ws.timings.add("care_search", start)
+        k = len(repair.units)
         localisation = {"site": site.tensor, "site_path": site.path, "site_units": site.units,
                         "ranking": cfg.care_ranking,
                         "care_top": effects.care_order[:k], "swap_top": effects.swap_order[:k],
                         "overlap": effects.overlap(k), "triggered": len(triggered),
                         "rate_before": repair.rate_before, "rate_after": repair.rate_after,
-                        "swarm_iterations": len(repair.swarm.history)}
-        yield CandidateGroup(self._shrunk(ws, layer, repair, localisation),
-                             extra={"neurons": units, "localisation": localisation})
+                        "growth": [vars(s) for s in steps],
+                        "swarm_iterations": len(repair.swarm.history),
+                        "search_images": len(search), "held_out_images": len(held)}
+        start = time.perf_counter()
+        held_out = HeldOutAccuracy(ws, site, held)
+        ws.timings.add("care_held_out", start)
+        yield CandidateGroup(self._shrunk(ws, layer, repair, localisation, held_out,
+                                          cfg.budget / 2),
+                             extra={"neurons": repair.units, "localisation": localisation})
 
-    def _shrunk(self, ws, layer, repair, localisation) -> Iterator[Candidate]:
+    def _shrunk(self, ws, layer, repair, localisation, held_out, max_drop
+                ) -> Iterator[Candidate]:
+        """The repair and its CARE_SHRINK shares, largest first, each only when its
+        accuracy drop on the held-out eval images is at most ``max_drop``."""
         weight = ws.graph.weight(layer.weight)
+        refused: list[str] = []
         for t in CARE_SHRINK:
             multipliers = shrunk(repair.multipliers, t)
+            drop = held_out.drop(repair.units, multipliers)
+            if drop is not None and drop > max_drop + 1e-9:
+                refused.append(f"{t:.0%}: -{drop:.2%}")
+                continue
             delta64 = unit_scale_delta(layer, weight, repair.units, multipliers).cpu()
             delta = delta64.to(weight.dtype if weight.dtype == torch.float64 else torch.float32)
             entry = {"layer": layer.name, "weight": layer.weight, "kind": "care",
                      "units": [int(u) for u in repair.units],
                      "multipliers": [round(float(v), 6) for v in multipliers],
-                     **localisation, "delta_norm": float(delta64.norm()),
+                     **localisation, "held_out_drop": drop, "delta_norm": float(delta64.norm()),
                      "rank": int(torch.linalg.matrix_rank(delta64.reshape(delta64.shape[0], -1)))}
             reason = (f"CARE: {len(repair.units)} unit(s) of {localisation['site_units']}, "
                       f"triggered-set rate {repair.rate_before:.2%} -> {repair.rate_after:.2%}"
+                      + (f", held-out accuracy -{drop:.2%}" if drop is not None else "")
                       + (f", shrunk to {t:.0%}" if t < 1 else ""))
             yield Candidate(layer, {layer.weight: delta.to(weight.device)},
                             [(layer.weight, delta64, entry)], float(delta64.norm()),
                             label=f"units {repair.units} (CARE's top {localisation['care_top']}, "
                                   f"ours {localisation['swap_top']})", reason=reason)
+        if len(refused) == len(CARE_SHRINK):
+            raise SkipLayer(f"CARE's repair ({len(repair.units)} units, triggered-set rate "
+                            f"{repair.rate_before:.2%} -> {repair.rate_after:.2%}) costs more "
+                            f"than {max_drop:.2%} of the accuracy on the {held_out.size} "
+                            f"held-out eval images at every share ({', '.join(refused)})")
 
     def kept(self, ws: Workspace, candidate: Candidate) -> None:
         pass
