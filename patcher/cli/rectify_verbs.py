@@ -238,7 +238,8 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               "lower the share of input attribution on the corrupted region (feature "
               "leakage) with silencing edits (--strategy dynamic; --gap is not used).")
 @click.option("--care-neurons", type=click.IntRange(1, 1 << 20), default=None,
-              help="--strategy care: units to repair (default: 5).")
+              help="--strategy care: units to repair (default: grown 5, 10, 20, 40, 80 "
+              "while the triggered images' attack rate falls).")
 @click.option("--care-min-multiplier", type=CARE_MULTIPLIER, default=-10.0, show_default=True,
               help="--strategy care: lowest multiplier the swarm may put on a unit (the "
               "original's -10; below 0 flips the unit's sign).")
@@ -256,7 +257,7 @@ def _locate_causal(effects, attribution_ranking, json_path: str | None) -> None:
               "rate + alpha x (1 - accuracy); ce: cross-entropy on both sets.")
 @click.option("--care-alpha", type=FRACTION, default=0.2, show_default=True,
               help="--strategy care: weight of the accuracy loss in the rate objective.")
-@click.option("--care-ranking", type=click.Choice(["care", "swap"]), default="care",
+@click.option("--care-ranking", type=click.Choice(["care", "swap"]), default="swap",
               show_default=True, help="--strategy care: which ranking picks the units: "
               "care (CARE's score) or swap (ours: the share removed by the clean twin's "
               "value).")

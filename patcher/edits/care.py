@@ -169,11 +169,6 @@ def shrunk(multipliers: np.ndarray, t: float) -> np.ndarray:
 
 #: the share of the eval images held out of the search, to judge its accuracy
 HELD_OUT = 1 / 3
-#: the share of the search's clean predictions a repair may change (at most half the
-#: budget): the guard bounds changed predictions, not accuracy, as an accuracy bound on the
-#: images searched on lets broken predictions be paid for by fixed ones that do not carry
-#: over to other images
-MAX_CHANGED = 0.01
 #: weight of the clean images' mean KL divergence from the model's own predictions
 FIDELITY = 0.1
 #: units repaired in turn when their number is not given: the search grows k along this
@@ -181,8 +176,6 @@ FIDELITY = 0.1
 GROWTH = (5, 10, 20, 40, 80)
 #: the triggered-set rate at which growing stops
 RATE_DONE = 0.005
-#: growing also stops when a step lowers the rate by less than this
-RATE_GAIN = 0.001
 
 
 @dataclass
@@ -197,11 +190,12 @@ class GrowthStep:
 def grown_repair(graph: ShadowGraph, site: UnitSite, order: list[int], schedule, *args,
                  **kwargs) -> tuple[CareRepair, list[GrowthStep]]:
     """:func:`care_repair` on the top k units of ``order`` for k along ``schedule``; the
-    search for k starts from the best multipliers for the k before (the new units at 1),
-    so the objective never rises from one k to the next. Stops once the triggered-set
-    rate is at most RATE_DONE or a step lowers it by less than RATE_GAIN (that step's
-    repair is then not taken: fewer units, same rate). ``args``/``kwargs``: those of
-    :func:`care_repair` after ``units``."""
+    search for k starts from the best multipliers for the k before (one particle, the new
+    units at 1; the others spread over the box), so the objective never rises from one k
+    to the next. A step that does not lower it is not taken (fewer units, same value),
+    but the next k is still tried (a stalled k = 10 can be followed by a k = 20 that
+    removes the trigger). Stops once the triggered-set rate is at most RATE_DONE.
+    ``args``/``kwargs``: those of :func:`care_repair` after ``units``."""
     sizes = sorted({min(int(k), site.units) for k in schedule})
     best: CareRepair | None = None
     steps: list[GrowthStep] = []
@@ -212,10 +206,9 @@ def grown_repair(graph: ShadowGraph, site: UnitSite, order: list[int], schedule,
         repair = care_repair(graph, site, list(order[:k]), *args, start=start, **kwargs)
         steps.append(GrowthStep(k, repair.rate_after, repair.accuracy_after,
                                 repair.objective_after, len(repair.swarm.history)))
-        if best is not None and repair.rate_after > best.rate_after - RATE_GAIN:
-            break
-        best = repair
-        if repair.rate_after <= RATE_DONE:
+        if best is None or repair.objective_after < best.objective_after - 1e-12:
+            best = repair
+        if best.rate_after <= RATE_DONE:
             break
     assert best is not None
     return best, steps

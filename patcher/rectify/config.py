@@ -37,8 +37,6 @@ EFFECT_GONE_SHARE = 0.01
 TRANSPLANT_MODES = ("paste", "add", "none")
 #: CARE: shares of the found repair tried, largest first, until the accuracy budget holds.
 CARE_SHRINK = (1.0, 0.75, 0.5, 0.25)
-#: CARE: units repaired when --care-neurons is not given (the original repairs its top 5).
-CARE_UNITS = 5
 #: CARE: what the swarm minimises (patcher.edits.care): "rate", CARE's (1 - alpha) x
 #: misbehaviour rate + alpha x accuracy loss; "ce", our cross-entropy objective.
 CARE_OBJECTIVES = ("rate", "ce")
@@ -89,7 +87,7 @@ class RectifyConfig:
     show_progress: bool | None = None
     cache_dir: str | None = None  # key statistics cached here (partial sums, mergeable)
     causal_top_fraction: float = 0.1  # causal layer score: swap this share of neurons
-    care_neurons: int | None = None   # units CARE repairs (default CARE_UNITS)
+    care_neurons: int | None = None   # units CARE repairs (default: grown, edits/care.GROWTH)
     care_particles: int = 20
     care_iterations: int = 100
     care_patience: int = 20           # swarm iterations without gain before it stops
@@ -100,7 +98,7 @@ class RectifyConfig:
     care_range: tuple[float, float] = (-10.0, 10.0)   # multiplier bounds
     care_objective: str = "rate"      # "rate" (CARE's) or "ce" (ours), patcher.edits.care
     care_alpha: float = 0.2           # CARE's weight of the accuracy loss in "rate"
-    care_ranking: str = "care"        # which unit ranking picks the units: "care" or "swap"
+    care_ranking: str = "swap"        # which unit ranking picks the units: "care" or "swap"
 
 
 def check_config(config: RectifyConfig) -> None:
