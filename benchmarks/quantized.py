@@ -1,13 +1,13 @@
 """Patching shipped precisions: int8 in place vs fp32 vs "patch fp32, then quantize again".
 
     python benchmarks/quantized.py [--samples backdoor_cnn,backdoor_resnet] [--pairs 1]
-                                   [--forms qdq,qoperator] [--no-fp16]
+                                   [--forms qdq,qoperator,dynamic] [--no-fp16]
                                    [--json FILE [--merge]] [--markdown FILE]
     python benchmarks/quantized.py --generalisation mnist-mlp-whitepatch,... [--cache DIR]
                                    [--forms qdq,qoperator] [--json FILE --merge]
 
-For each sample (samples/<name>/model_int8_qdq.onnx, model_int8_qoperator.onnx and, where it
-exists, model_fp16.onnx, written by samples/quantized.py) every row runs the command a user
+For each sample (samples/<name>/model_int8_qdq.onnx, model_int8_qoperator.onnx,
+model_int8_dynamic.onnx and, where it exists, model_fp16.onnx, written by samples/quantized.py) every row runs the command a user
 runs, ``onnx-rectify patch MODEL --pairs pairs_n<N>.npz --eval eval.npz -o OUT`` with the
 CLI's defaults, as a subprocess, and measures the written file under onnxruntime (CPU,
 default optimisation level, i.e. the fused int8 kernels): OA on test.npz, ASR on attack.npz.
@@ -18,7 +18,8 @@ Rows:
   tensor names, dtypes and shapes as the input;
 * ``fp32``: model.onnx patched;
 * ``fp32 -> int8 <form>``: the patched model.onnx quantized again by onnxruntime with the
-  sample's calibration (what a user does today);
+  sample's calibration (what a user does today; ``dynamic``: quantize_dynamic, no
+  calibration);
 * ``fp16 keep-io``: model_fp16.onnx patched (float16 weights, float32 input/output).
 
 ``--generalisation CASES`` (comma-separated names from benchmarks/generalisation.py, or
@@ -31,6 +32,11 @@ column: the case's name), with ``--fp32`` also the ``fp32`` row (the case's mode
 patched the same way, for comparison), with ``--twin`` a ``clean twin`` row (the case trained
 without poisoned images, quantized per ``--forms``, not patched: the share of triggered images
 a model that never learned the backdoor sends to the target).
+
+A dynamically quantized model's activation scales come from each batch it is given (its
+DynamicQuantizeLinear takes the batch's min and max), so its rows also give OA/ASR with one
+image per run (``batch1``: what a deployment that classifies one image at a time sees);
+the main figures use metrics' batches of 256 like every other row.
 
 Each row records the exit status, wall and CPU seconds of the patch process (CPU: user +
 system of the child), and OA/ASR before and after. Targets (issue 18): int8, n = 1: ASR <= 2%
@@ -89,6 +95,28 @@ def _figures(path: Path, folder: Path) -> dict:
     return quantized.measure(path, folder)
 
 
+def _figures_batch1(path: Path, folder: Path) -> dict:
+    """OA on test.npz and ASR on attack.npz (images already of the target class left out, as
+    metrics.attack_success_rate does), one image per onnxruntime run (default optimisation)."""
+    from patcher.model.runtime import open_session
+
+    session = open_session(str(path), "cpu")
+    test, attack = np.load(folder / "test.npz"), np.load(folder / "attack.npz")
+    predict = lambda x: np.array([int(session.run(x[i:i + 1])[0].argmax())  # noqa: E731
+                                  for i in range(len(x))])
+    keep = attack["y"] != int(attack["target"])
+    return {"clean_accuracy": float(np.mean(predict(test["x"]) == test["y"])),
+            "attack_success_rate": float(np.mean(predict(attack["x"][keep])
+                                                 == int(attack["target"])))}
+
+
+def _requantize(patched: Path, out: Path, calibration: np.ndarray, form: str) -> Path:
+    """The patched fp32 model quantized again as the sample's ``form`` file was."""
+    if form == "dynamic":
+        return quantized.quantize_dynamic_int8(patched, out)
+    return quantized.quantize_int8(patched, out, calibration, form)
+
+
 def _int8_row(name: str, source: Path, folder: Path, n: int, out: Path, form: str) -> dict:
     """Patch the int8 file ``source`` in place with the CLI and measure it (the ``int8 <form>``
     row)."""
@@ -98,6 +126,9 @@ def _int8_row(name: str, source: Path, folder: Path, n: int, out: Path, form: st
     if out.exists():
         row["same_nodes_and_dtypes"] = _signature(source) == _signature(out)
         row["int8_tensors_changed"] = _changed_int_tensors(source, out)
+    if form == "dynamic":
+        row["batch1"] = {"base": _figures_batch1(source, folder),
+                         "patched": _figures_batch1(out, folder) if out.exists() else None}
     return row
 
 
@@ -145,7 +176,7 @@ def bench_generalisation(case_name: str, n: int, work: Path, cache: Path,
     for form in forms:
         source = folder / quantized.VARIANTS[form]
         if not source.exists():
-            quantized.quantize_int8(folder / "model.onnx", source, calibration, form)
+            _requantize(folder / "model.onnx", source, calibration, form)
         row = _int8_row(case_name, source, folder, n, work / f"{case_name}_{form}_patched.onnx",
                         form)
         row["fp32_base"] = fp32
@@ -177,7 +208,7 @@ def _twin_row(case, folder: Path, calibration: np.ndarray, forms) -> dict:
     for form in forms:
         path = out / quantized.VARIANTS[form]
         if not path.exists():
-            quantized.quantize_int8(out / "model.onnx", path, calibration, form)
+            _requantize(out / "model.onnx", path, calibration, form)
         figures[form] = _figures(path, folder)
     return {"sample": case.name, "row": "clean twin", "base": figures["fp32"],
             "twin": figures}
@@ -198,10 +229,13 @@ def bench_sample(name: str, n: int, work: Path, forms=("qdq", "qoperator"),
         row = _int8_row(name, source, folder, n, work / f"{name}_{form}_patched.onnx", form)
         rows.append(row)
         if fp32_out.exists():
-            requant = quantized.quantize_int8(fp32_out, work / f"{name}_fp32_{form}.onnx",
-                                              calibration, form)
+            requant = _requantize(fp32_out, work / f"{name}_fp32_{form}.onnx", calibration,
+                                  form)
             rows.append({"sample": name, "row": f"fp32 -> int8 {form}",
                          "base": row["base"], "patched": _figures(requant, folder)})
+            if form == "dynamic":
+                rows[-1]["batch1"] = {"base": row["batch1"]["base"],
+                                      "patched": _figures_batch1(requant, folder)}
     fp16 = folder / quantized.VARIANTS["fp16"]
     if fp16_row and fp16.exists():
         out = work / f"{name}_fp16_patched.onnx"
@@ -226,17 +260,23 @@ def markdown(rows: list[dict], n: int) -> str:
     lines = ["| sample | row | exit | OA before | OA after | ASR before | ASR after | "
              "target met | same nodes/dtypes | wall s | CPU s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     for r in rows:
         p, b = r.get("patched") or {}, r["base"]
-        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
         lines.append(f"| {r['sample']} | {r['row']} | {r.get('exit', '-')} | "
                      f"{pct(b['clean_accuracy'])} | {pct(p.get('clean_accuracy'))} | "
                      f"{pct(b['attack_success_rate'])} | {pct(p.get('attack_success_rate'))} | "
                      f"{_yes_no(r.get('meets_target'))} | "
                      f"{_yes_no(r.get('same_nodes_and_dtypes'))} | {r.get('wall_s', '-')} | "
                      f"{r.get('cpu_s', '-')} |")
+    one = [f"{r['sample']} {r['row']}: OA {pct(r['batch1']['base']['clean_accuracy'])} -> "
+           f"{pct((r['batch1']['patched'] or {}).get('clean_accuracy'))}, ASR "
+           f"{pct(r['batch1']['base']['attack_success_rate'])} -> "
+           f"{pct((r['batch1']['patched'] or {}).get('attack_success_rate'))}"
+           for r in rows if r.get("batch1")]
+    batch1 = ("\nOne image per run (dynamic rows): " + "; ".join(one) + ".\n") if one else ""
     return "\n".join(lines) + f"\n\n(n = {n} pair; OA on test.npz, ASR on attack.npz, " \
-        "onnxruntime CPU at its default optimisation level.)\n"
+        "onnxruntime CPU at its default optimisation level.)\n" + batch1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in old if (r["sample"], r["row"]) not in fresh] + rows
         order = {name: i for i, name in enumerate(cases or args.samples.split(","))}
         rank = ["fp32", "int8 qdq", "fp32 -> int8 qdq", "int8 qoperator",
-                "fp32 -> int8 qoperator", "fp16 keep-io", "clean twin"]
+                "fp32 -> int8 qoperator", "int8 dynamic", "fp32 -> int8 dynamic",
+                "fp16 keep-io", "clean twin"]
         rows.sort(key=lambda r: (order.get(r["sample"], -1), r["sample"], rank.index(r["row"])))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
