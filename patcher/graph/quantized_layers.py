@@ -2,7 +2,7 @@
 
 A quantized file stores a layer's weight as int8/uint8 ``q`` with a scale ``s`` and zero point
 ``z`` (per tensor, or per output channel along ``axis``); its float value is
-``W = (q - z) * s``. Two forms are recognised:
+``W = (q - z) * s``. Three forms are recognised:
 
 * **QDQ**: ``Conv/Gemm/MatMul(x, DequantizeLinear(q, s, z), DequantizeLinear(b32, s_b, 0))``;
 * **QOperator**: ``QLinearConv``, ``QLinearMatMul`` and com.microsoft ``QGemm`` with the int8

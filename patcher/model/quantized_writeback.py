@@ -7,7 +7,8 @@ gets a new scale ``s_c' = max(s_c, max(v) / (hi - z_c), min(v) / (lo - z_c))`` (
 saturates), and only that channel; its int32 bias is requantized
 ``b_c' = round(b_c * s_c / s_c')`` (the same as ``round(b_float / (x_scale * s_c'))``) and, in
 QDQ, the bias DequantizeLinear's scale becomes ``x_scale * s_c'`` (onnxruntime's fused
-kernels assume it). A per-tensor weight has one scale for all: both options (keep it and
+kernels assume it). A dynamically quantized layer (ConvInteger/MatMulInteger) has a float
+bias of its own and a run-time input scale: only its weight and weight scale are written. A per-tensor weight has one scale for all: both options (keep it and
 clamp, or raise it for the whole tensor) are measured and the one whose written weight is
 closer to ``W + dW`` (Frobenius norm) is taken, and said so. Zero points are kept.
 
