@@ -334,3 +334,34 @@ def test_rank_one_edit_of_many_conv_keys_equals_the_dense_solve():
         assert edit.fit_residual_after < edit.fit_residual_before
         assert torch.allclose(pieces.direction, edit.direction, atol=1e-12)  # pieces along n
         assert torch.allclose(pieces.magnitude, edit.magnitude, rtol=1e-10, atol=1e-12)
+
+
+def test_rank_one_edit_from_layer_inputs_unfolded_by_chunks_equals_the_held_keys(monkeypatch):
+    """UnfoldedKeys (the conv's inputs, unfolded a few images at a time whenever read) gives
+    the edit of the joined keys, also when every chunk holds a single image."""
+    import torch
+
+    from patcher.analysis import moments
+    from patcher.analysis.stats import statistics_from_moments
+    from patcher.edits import rankone
+    from patcher.graph.keys import layer_keys
+    from patcher.graph.shadow import ShadowGraph
+
+    graph = ShadowGraph.from_onnx(str(MODEL))
+    layer = next(l for l in graph.editable_layers if l.orientation == "conv")
+    attrs = graph.node_attributes(layer.name)
+    x = torch.from_numpy(np.load(EVAL)["x"][:24])
+    with torch.no_grad():
+        data = graph.node_inputs([layer.name], x)[layer.name][0]
+    calib = moments.collect_moments(graph, [layer], [x], total=len(x))[layer.name]
+    solver = statistics_from_moments(layer.name, calib).solver
+    keys = layer_keys(layer, data[:6], attrs)
+    residual = torch.randn(*keys.shape[:3], 3, generator=torch.Generator().manual_seed(0))
+    held = rankone.solve_rank_one(layer.name, layer.weight, keys, residual, solver)
+    for chunk in (moments.CHUNK_BYTES, 1):
+        monkeypatch.setattr(moments, "CHUNK_BYTES", chunk)
+        lazy = rankone.solve_rank_one(layer.name, layer.weight,
+                                      rankone.UnfoldedKeys(layer, [data[:2], data[2:6]], attrs),
+                                      residual, solver)
+        assert torch.allclose(lazy.direction, held.direction, atol=1e-10)
+        assert torch.allclose(lazy.magnitude, held.magnitude, rtol=1e-8, atol=1e-12)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from patcher.analysis.moments import key_chunks
 from patcher.errors import NumericalError
+from patcher.graph.shadow import EditableLayer
 
 
 @dataclass
@@ -115,7 +117,23 @@ def _row_chunks(rows: int, width: int):
         yield slice(i, min(rows, i + step))
 
 
-def _key_chunks(pieces: list[torch.Tensor]):
+class UnfoldedKeys:
+    """A layer's keys for stored layer inputs, unfolded a few inputs at a time each time
+    they are read (:func:`patcher.analysis.moments.key_chunks`: at most its CHUNK_BYTES
+    at once), in the order of ``layer_keys(...).reshape(-1, Kd)``. :func:`solve_rank_one`
+    reads them twice instead of holding every key: a conv early in a 224-pixel network
+    keeps 3 MB of input per image instead of 29 MB of keys."""
+
+    def __init__(self, layer: EditableLayer, inputs: list[torch.Tensor], attrs: dict) -> None:
+        self.layer, self.inputs, self.attrs = layer, inputs, attrs
+        self.key_dim = layer.key_dim
+
+    def __iter__(self):
+        for data in self.inputs:
+            yield from key_chunks(self.layer, data, self.attrs)
+
+
+def _key_chunks(pieces):
     """(first row, float64 rows) of the key pieces [..., Kd] in order, by chunks of about
     SOLVE_CHUNK_BYTES (row numbers count across the pieces)."""
     first = 0
@@ -126,16 +144,17 @@ def _key_chunks(pieces: list[torch.Tensor]):
         first += flat.shape[0]
 
 
-def _direction_by_key_moments(c_inv, pieces: list[torch.Tensor], weights: torch.Tensor,
+def _direction_by_key_moments(c_inv, pieces, weights: torch.Tensor,
                               iterations: int = 100) -> torch.Tensor:
     """:func:`principal_direction` for many keys (Q >= Kd) without A [Kd, Q]: A A^T =
     C^-1 M C^-1 with M = K^T diag(w^2) K summed over chunks of keys, started at
     A 1 = C^-1 K^T w; the same iterates as the dense form, in Kd x Kd memory."""
-    kd = pieces[0].shape[-1]
-    device = pieces[0].device
-    moment = torch.zeros(kd, kd, dtype=torch.float64, device=device)
-    start = torch.zeros(kd, dtype=torch.float64, device=device)
+    moment = start = None
     for first, rows in _key_chunks(pieces):
+        if moment is None:
+            kd, device = rows.shape[1], rows.device
+            moment = torch.zeros(kd, kd, dtype=torch.float64, device=device)
+            start = torch.zeros(kd, dtype=torch.float64, device=device)
         weighted = rows * weights[first:first + rows.shape[0], None]
         moment += weighted.T @ weighted
         start += weighted.sum(0)
@@ -159,21 +178,22 @@ def _direction_by_key_moments(c_inv, pieces: list[torch.Tensor], weights: torch.
     return v
 
 
-def solve_rank_one(layer: str, weight: str, keys: "torch.Tensor | list[torch.Tensor]",
-                   residual: torch.Tensor, c_inv) -> RankOneEdit:
-    """Closed-form rank-one edit from corrupted keys [n, P, G, Kd] (or a list of such
-    pieces along n, so that the caller need not join them) and residuals [n, P, G, Vg].
+def solve_rank_one(layer: str, weight: str, keys, residual: torch.Tensor, c_inv
+                   ) -> RankOneEdit:
+    """Closed-form rank-one edit from corrupted keys [n, P, G, Kd] and residuals
+    [n, P, G, Vg]. ``keys`` may also be pieces in row order (a list of tensors, or
+    :class:`UnfoldedKeys`, read twice), so that the caller need not hold them joined.
 
     ``c_inv``: C_reg^-1, dense or an operator (``c_inv @ X``: the statistics' ``solver``,
     a Cholesky solve or, for a wide dense layer, the low-rank Woodbury form). Memory is
     bounded by the keys themselves (kept in their dtype; converted to float64 by chunks)
     plus a Kd x min(Kd, Q) matrix (Q = n P G key rows)."""
-    pieces = list(keys) if isinstance(keys, (list, tuple)) else [keys]
+    pieces = [keys] if torch.is_tensor(keys) else keys
     residual = residual.to(torch.float64)
     if torch.is_tensor(c_inv):
         c_inv = c_inv.to(torch.float64)
-    kd = pieces[0].shape[-1]
-    rows = sum(p.numel() // kd for p in pieces)
+    kd = getattr(pieces, "key_dim", None) or pieces[0].shape[-1]
+    rows = residual.shape[0] * residual.shape[1] * residual.shape[2]
     weights = residual.reshape(-1, residual.shape[-1]).norm(dim=1)
     if float(weights.sum()) == 0:
         raise NumericalError(f"layer '{layer}': the corrupted and clean values are identical "

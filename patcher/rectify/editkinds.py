@@ -27,7 +27,8 @@ import torch
 from patcher.analysis.causal import SiteRunner, unit_effects, unit_site
 from patcher.edits.care import FIDELITY, GROWTH, HELD_OUT, grown_repair, shrunk, unit_scale_delta
 from patcher.edits.finetune import finetune_in_place
-from patcher.edits.rankone import RankOneEdit, solve_rank_one, solve_rank_one_iterative
+from patcher.edits.rankone import (RankOneEdit, UnfoldedKeys, solve_rank_one,
+                                   solve_rank_one_iterative)
 from patcher.edits.silence import (SILENCE_SCALES, corruption_key_sums, output_signs,
                                    silencing_direction, silencing_edit)
 from patcher.errors import NumericalError
@@ -123,13 +124,16 @@ class RankOneEditKind:
         start = time.perf_counter()
         corrupted, clean, _ = ws.fit
         attrs = ws.graph.node_attributes(layer.name)
-        keys, residuals = [], []
+        keys, inputs, residuals = [], [], []
         step = max(1, ws.batch // 2)  # corrupted and clean inputs in one forward
         for i in range(0, len(clean), step):
             data, out = _layer_io(ws, layer, torch.cat([corrupted[i:i + step],
                                                         clean[i:i + step]]))
             n = len(clean[i:i + step])
-            keys.append(layer_keys(layer, data[:n], attrs))
+            if cfg.solver == "iterative":
+                keys.append(layer_keys(layer, data[:n], attrs))
+            else:  # the layer's inputs; the closed form unfolds their keys by chunks
+                inputs.append(data[:n])
             values = layer_values(layer, out, attrs)
             residuals.append(values[n:] - values[:n])
         if cfg.solver == "iterative":
@@ -137,7 +141,7 @@ class RankOneEditKind:
                                             torch.cat(residuals), lr=cfg.solver_lr,
                                             epochs=cfg.solver_epochs, seed=cfg.seed)
         else:
-            edit = solve_rank_one(layer.name, layer.weight, keys,  # pieces: no joined copy
+            edit = solve_rank_one(layer.name, layer.weight, UnfoldedKeys(layer, inputs, attrs),
                                   torch.cat(residuals), statistics.solver.to(ws.device))
         ws.timings.add("edit", start)
         return edit
