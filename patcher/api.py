@@ -473,7 +473,7 @@ def locate(model: ModelSource, pairs: PairsSource, *, eval: LabelledSource | Non
         effects, ranking = locate_causal(inputs, config, device)
         return LocateResult(method, effects, ranking, time.perf_counter() - start)
     ranking = locate_layers(inputs, config, device)
-    warn_completeness(ranking)
+    warn_completeness(ranking, attribution_form)
     return LocateResult(method, ranking, ranking, time.perf_counter() - start)
 
 

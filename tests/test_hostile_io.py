@@ -374,21 +374,28 @@ def test_singular_key_covariance_is_regularised_and_said(tmp_path):
 
 
 def test_integrated_gradients_completeness_above_its_limit_is_said(tmp_path, monkeypatch):
+    """The paper's IG form: the error at an internal layer is the form's, nothing to act on,
+    so a --verbose note; the path form: too few steps, a warning naming --steps."""
     model = save(tiny_model(), tmp_path / "m.onnx")
     files = samples(tmp_path / "samples")
     monkeypatch.setattr(patcher.patch, "COMPLETENESS_LIMIT", -1.0)  # every error is above it
-    result = run(["locate", str(model), "--pairs", str(files["pairs"]), *FAST])
-    assert result.exit_code == 0, result.stderr
-    line = [l for l in result.stderr.splitlines() if "completeness error" in l]
-    assert len(line) == 1 and line[0].startswith("onnx-rectify: warning: ")  # as patch's
-    assert line[0].endswith("; use --attribution path")
-    result = run(["patch", str(model), "--pairs", str(files["pairs"]), "--eval",
-                  str(files["eval"]), "-o", str(tmp_path / "p.onnx"), "--max-rounds", "1",
-                  "--provider", "cpu", *FAST])
-    assert result.exit_code in (0, 1), result.stderr
-    line = [l for l in result.stderr.splitlines() if "completeness error" in l]
-    assert len(line) == 1 and line[0].startswith("onnx-rectify: warning: ")
-    assert line[0].endswith("; use --attribution path")
+    locate = ["locate", str(model), "--pairs", str(files["pairs"]), *FAST]
+    patch = ["patch", str(model), "--pairs", str(files["pairs"]), "--eval", str(files["eval"]),
+             "-o", str(tmp_path / "p.onnx"), "--max-rounds", "1", "--provider", "cpu", "--force",
+             *FAST]
+    for args in (locate, patch):
+        quiet_default = run(args)
+        assert quiet_default.exit_code in (0, 1), quiet_default.stderr
+        assert "completeness error" not in quiet_default.stderr
+        verbose = run(args + ["--verbose"])
+        line = [l for l in verbose.stderr.splitlines() if "completeness error" in l]
+        assert len(line) == 1 and line[0].startswith("onnx-rectify: note: "), verbose.stderr
+        assert "expected of the Integrated-Gradients form" in line[0]
+        path = run(args + ["--attribution", "path"])
+        assert path.exit_code in (0, 1), path.stderr
+        line = [l for l in path.stderr.splitlines() if "completeness error" in l]
+        assert len(line) == 1 and line[0].startswith("onnx-rectify: warning: ")
+        assert line[0].endswith("; raise --steps")
 
 
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.BFLOAT16])

@@ -143,8 +143,9 @@ def test_quiet_prints_only_the_result(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_RECTIFY_HEARTBEAT", "1")
     monkeypatch.setattr(progress, "clock", FakeClock())
     monkeypatch.setattr(patcher.patch, "COMPLETENESS_LIMIT", -1.0)  # a warning is due
-    loud = run(patch_args(model, files, tmp_path / "loud.onnx"))
-    quiet = run(patch_args(model, files, tmp_path / "quiet.onnx", "--quiet"))
+    loud = run(patch_args(model, files, tmp_path / "loud.onnx", "--attribution", "path"))
+    quiet = run(patch_args(model, files, tmp_path / "quiet.onnx", "--attribution", "path",
+                           "--quiet"))
     assert loud.exit_code == quiet.exit_code and quiet.exit_code in (0, 1)
     assert "onnx-rectify: warning:" in loud.stderr and "elapsed" in loud.stderr
     if quiet.exit_code == 0:
@@ -194,8 +195,9 @@ def test_a_warning_is_said_once_with_the_prefix_in_locate_and_patch(tiny, tmp_pa
     model, files = tiny
     monkeypatch.setattr(patcher.patch, "COMPLETENESS_LIMIT", -1.0)
     texts = []
-    for args in (["locate", str(model), "--pairs", str(files["pairs"]), *FAST],
-                 patch_args(model, files, tmp_path / "p.onnx")):
+    for args in (["locate", str(model), "--pairs", str(files["pairs"]), *FAST,
+                  "--attribution", "path"],
+                 patch_args(model, files, tmp_path / "p.onnx", "--attribution", "path")):
         result = run(args)
         assert result.exit_code in (0, 1), result.stderr
         lines = [l for l in result.stderr.splitlines() if "completeness" in l]
@@ -252,11 +254,11 @@ def test_the_library_names_config_fields_not_flags(monkeypatch):
         from patcher.rectify.results import LayerScore
 
         monkeypatch.setattr(patcher.patch, "COMPLETENESS_LIMIT", -1.0)
-        patcher.patch.warn_completeness([LayerScore("L", 1.0, completeness_error=0.5)])
+        patcher.patch.warn_completeness([LayerScore("L", 1.0, completeness_error=0.5)], "path")
     finally:
         progress.LOG.removeHandler(handler)
     assert len(records) == 1
-    assert records[0].getMessage().endswith("; set attribution_form='path'")
+    assert records[0].getMessage().endswith("; raise steps")
     assert "--" not in records[0].getMessage()
 
 

@@ -177,7 +177,7 @@ def locate(model: Path, pairs_path: Path, calib_path: Path | None, steps: int, s
     for i, s in enumerate(ranking, 1):
         click.echo(f"{i:>4}  {s.layer:<{width}}  {s.score:>12.5g}  {s.completeness_error:>21.3g}"
                    f"  {s.statistics}")
-    warn_completeness(ranking)  # the same one-line warning as patch's
+    warn_completeness(ranking, attribution)  # the same line as patch
     if json_path:
         write_json(json_path, {"method": "attribution", "ranking": [
             {"rank": i, "layer": s.layer, "score": s.score,
