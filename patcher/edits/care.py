@@ -20,13 +20,21 @@ identity (the original starts all at the identity, which stalls where the rate i
 around it), early stop after ``patience`` iterations without gain. Objective, minimised,
 over a triggered set T (transplanted triggers) and clean eval images E:
 
-    ``rate`` (CARE): (1 - alpha) r(T) + alpha (1 - acc(E)) + guard
-    ``ce`` (ours):   mean_T -log p_y(x~) + mean_E -log p_y(x) + guard
-    guard = PENALTY x max(0, err(E) - err_before(E) - max_drop)
+    ``rate`` (CARE): (1 - alpha) r(T) + alpha (1 - acc(E)) + fidelity KL(E) + guard
+    ``ce`` (ours):   mean_T -log p_y(x~) + mean_E -log p_y(x) + fidelity KL(E) + guard
+    guard ``accuracy``:  PENALTY x max(0, err(E) - err_before(E) - max_drop)
+    guard ``agreement``: PENALTY x max(0, changed(E) - max_drop)
+    KL(E) = mean_E sum_c p_c(x) (log p_c(x) - log p'_c(x))   (p: the model, p': repaired)
 
-with r the misbehaviour rate (argmax = the attack's target, or != the label without one).
-The guard is ours: at alpha 0.1-0.2 the original objective accepts repairs that suppress
-the target class for several points of accuracy.
+with r the misbehaviour rate (argmax = the attack's target, or != the label without one)
+and changed(E) the share of clean predictions that differ from the model's. The guard and
+the KL term are ours: at alpha 0.1-0.2 the original objective accepts repairs that
+suppress the target class for several points of accuracy, and an accuracy bound on the
+images searched on lets broken predictions be paid for by fixed ones, which do not carry
+over to other images (the agreement guard counts both).
+
+Growth (:func:`grown_repair`): without a given k, k runs along GROWTH, each search
+starting from the last best, until the triggered rate is at most RATE_DONE.
 """
 from __future__ import annotations
 
