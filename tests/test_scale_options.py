@@ -98,6 +98,32 @@ def test_estimate_grows_with_eval_size_and_drops_excluded_wide_layers():
         check_memory(small, small.peak_bytes - 1)
 
 
+def test_a_wide_dense_layer_is_estimated_by_its_key_rows_and_the_fit_is_counted():
+    """A Gemm wider than WIDE_KEY_DIM keeps at most MAX_KEY_ROWS float32 key rows (and a
+    float64 basis of the same size): the estimate counts those, not d^2 float64, and no
+    exact statistics for its edit; patch counts the rank-one fit's working set."""
+    from patcher.analysis.moments import MAX_KEY_ROWS
+
+    wide = LayerKeys("fc1", 25088, 1, dense=True, values=64)
+    conv = LayerKeys("conv", 144, 224 * 224, 9, values=16)
+    fp = Footprint(macs=10 ** 9, activation_bytes=1 << 20, largest_activation=1 << 18,
+                   weight_bytes=1 << 20, input_bytes=600_000, layers=[conv, wide])
+    est = estimate(fp, "patch", 100, 100, 1, RectifyConfig(), 1e10)
+    rows = min(MAX_KEY_ROWS, 100)
+    assert wide.statistics_bytes("auto", 100) == 20 * rows * 25088 + 16 * rows ** 2
+    assert est.memory_parts["statistics kept for ranking"] == (
+        wide.statistics_bytes("auto", 100) + conv.statistics_bytes("auto", 100))
+    assert est.memory_parts["exact statistics of the edited layer"] == 16 * 144 ** 2
+    assert est.peak_bytes < 4 << 30
+    fit = conv.fit_bytes(RectifyConfig().transplant_count)
+    assert fit > wide.fit_bytes(RectifyConfig().transplant_count)
+    assert est.memory_parts.get("rank-one fit", fit) == fit
+    assert "rank-one fit" not in estimate(fp, "locate", 100, 100, 1, RectifyConfig(),
+                                          1e10).memory_parts
+    # many calibration images: the rows stop at the cap
+    assert wide.key_rows(10 ** 6) == MAX_KEY_ROWS
+
+
 # ---------------------------------------------------------------- locate / patch
 
 def test_tiny_max_memory_refuses_before_any_work(tmp_path):

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import helper, shape_inference
 
+from patcher.analysis.moments import MAX_KEY_ROWS, WIDE_KEY_DIM
 from patcher.errors import RectifyError
 from patcher.graph.support import node_names
 from patcher.progress import status
@@ -102,15 +103,47 @@ class LayerKeys:
     key_dim: int
     rows: int
     kernel: int = 1  # kernel positions of a conv (1 for a dense layer or a 1x1 conv)
+    dense: bool = False  # a Gemm or MatMul (wide ones keep low-rank key rows)
+    values: int = 0      # output channels or features (the edit's value width)
 
-    def statistics_bytes(self, mode: str) -> int:
+    def low_rank(self) -> bool:
+        """Statistics kept as key rows (:data:`patcher.analysis.moments.WIDE_KEY_DIM`)."""
+        return self.dense and self.key_dim > WIDE_KEY_DIM
+
+    def key_rows(self, n_calib: int) -> int:
+        """Key rows a low-rank layer keeps: every key, at most MAX_KEY_ROWS."""
+        return max(1, min(MAX_KEY_ROWS, n_calib * self.rows))
+
+    def statistics_bytes(self, mode: str, n_calib: int = MAX_KEY_ROWS) -> int:
         """Bytes of the statistics kept for ranking, two float64 copies (C and its
         inverse root): d x d exact; for a spatial conv under ``auto``/``kronecker`` the two
-        Kronecker factors (channels^2 + kernel^2) and the eigenvalue correction (d)."""
+        Kronecker factors (channels^2 + kernel^2) and the eigenvalue correction (d); for
+        a wide dense layer its n key rows (float32, a float64 copy while factorised, and
+        the float64 basis V [d, n]: 20 n d) and the n x n Gram matrix and eigenvectors."""
+        if self.low_rank():
+            n = self.key_rows(n_calib)
+            return 20 * n * self.key_dim + 16 * n * n
         if self.kernel > 1 and mode != "exact":
             channels = self.key_dim // self.kernel
             return 16 * (channels ** 2 + self.kernel ** 2 + self.key_dim)
         return 16 * self.key_dim ** 2
+
+    def edit_statistics_bytes(self) -> int:
+        """The exact statistics an edit of this layer computes: C and its Cholesky factor
+        (16 d^2), none for a low-rank layer (its ranking statistics are exact)."""
+        return 0 if self.low_rank() else 16 * self.key_dim ** 2
+
+    def fit_bytes(self, fit_pairs: int) -> int:
+        """The rank-one fit's working set (:func:`patcher.edits.rankone.solve_rank_one`):
+        the fit pairs' layer inputs (float32, about d / kernel x rows per image), their values
+        (corrupted and clean, float32) and the residual's float64 copies (3 x 8 bytes), a
+        key chunk (64 MiB, float32 + float64 + weighted), and the Kd x Kd moment, C^-1 M and
+        the Gram matrix (or A [Kd, Q] when there are fewer keys than Kd)."""
+        q = fit_pairs * self.rows
+        inputs = fit_pairs * (self.key_dim // self.kernel) * self.rows * 4
+        values = q * max(self.values, 1) * (2 * 4 + 3 * 8)
+        square = 3 * 8 * self.key_dim * min(self.key_dim, q)
+        return inputs + values + 3 * (64 << 20) * (q > self.key_dim) + square
 
 
 @dataclass
@@ -200,7 +233,7 @@ def model_footprint(proto: onnx.ModelProto) -> Footprint:
             macs += math.prod(out) * key
             if weight is not None:
                 layers.append(LayerKeys(node_name, key, math.prod(out[2:]),
-                                        math.prod(w[2:])))
+                                        math.prod(w[2:]), values=w[0]))
         else:
             a = shapes.get(node.input[0])
             if not a:
@@ -209,8 +242,8 @@ def model_footprint(proto: onnx.ModelProto) -> Footprint:
             k = a[0] if (node.op_type == "Gemm" and trans_a) else a[-1]
             macs += math.prod(out) * k
             if weight is not None:
-                layers.append(LayerKeys(node_name, k,
-                                        max(1, math.prod(out[:-1]))))
+                layers.append(LayerKeys(node_name, k, max(1, math.prod(out[1:-1])),
+                                        dense=True, values=out[-1]))
     return Footprint(macs, act, largest, weight_bytes, input_bytes, layers)
 
 
@@ -290,12 +323,12 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
         "runtime": RUNTIME_BYTES,
         "weights (3 copies)": 3 * fp.weight_bytes,
         "images": fp.input_bytes * (max(n_eval, n_calib) + 2 * transplanted + 2 * n_pairs),
-        "statistics kept for ranking": sum(l.statistics_bytes(config.statistics)
+        "statistics kept for ranking": sum(l.statistics_bytes(config.statistics, n_calib)
                                            for l in layers),
     }
     if verb == "patch":
         parts["exact statistics of the edited layer"] = max(
-            (16 * l.key_dim ** 2 for l in layers), default=0)
+            (l.edit_statistics_bytes() for l in layers), default=0)
     ig_images = min(config.steps, max(1, IG_CHUNK // max(n_pairs, 1))) * n_pairs
     batch = getattr(config, "batch", None) or min(
         EVAL_BATCH, max(1, BATCH_MEMORY // max(4 * fp.largest_activation, 1)))
@@ -305,6 +338,10 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
         "statistics batch": (min(batch, max(n_calib, 1)) * widest.rows * widest.key_dim * 4
                              if widest else 0),
     }
+    if verb == "patch":
+        fit_pairs = config.transplant_count if config.transplant != "none" else n_pairs
+        working["rank-one fit"] = max((l.fit_bytes(max(fit_pairs, n_pairs)) for l in layers),
+                                      default=0)
     name = max(working, key=working.get)
     parts[name] = working[name]
     widest_key = max(layers, key=lambda l: l.key_dim, default=None)
