@@ -521,9 +521,11 @@ def default_unit_site(graph: ShadowGraph, layers: list[EditableLayer],
         if site.pooled:
             raise RectifyError(f"CARE does not apply by default: the first dense layer "
                                f"'{layer.name}' reads {site.path}, pooled channels with no "
-                               f"spatially resolved units; pass --layer {layer.name} to "
-                               "repair those channels anyway, or --layer NAME for the input "
-                               "units of another layer")
+                               "spatially resolved units (multipliers there cost accuracy or "
+                               "leave the backdoor: benchmarks/RECTIFY_RESULTS.md); use "
+                               f"--strategy dynamic, or pass --layer {layer.name} to repair "
+                               "those channels anyway, or --layer NAME for the input units of "
+                               "another layer")
         return site
     raise RectifyError("CARE does not apply: no editable dense layer reads hidden units "
                        "CARE could repair (pass --layer NAME)")
