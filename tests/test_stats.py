@@ -5,6 +5,7 @@ pass measures the base accuracy; an accuracy pass stops once its verdict is cert
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -181,7 +182,10 @@ def _rectifier(path, x, y, **config):
     return Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None, cfg)
 
 
-def test_an_edit_of_a_factored_layer_uses_its_exact_statistics(tmp_path):
+def test_an_edit_of_a_factored_layer_uses_its_exact_statistics(tmp_path, monkeypatch):
+    statcache = importlib.import_module("patcher.rectify.statcache")
+
+    monkeypatch.setattr(statcache, "MIN_SAMPLED_KEYS", 1 << 30)  # every key (no sample)
     path, x, y = _conv_classifier(tmp_path)
     exact = _rectifier(path, x, y, statistics="exact")
     factored = _rectifier(path, x, y, statistics="kronecker")
@@ -196,6 +200,31 @@ def test_an_edit_of_a_factored_layer_uses_its_exact_statistics(tmp_path):
     a, b = RankOneEditKind().fit(exact, conv), RankOneEditKind().fit(factored, conv)
     assert factored.statistics.exact_stats["conv"].kind == "exact"
     torch.testing.assert_close(a.delta, b.delta)
+
+
+def test_an_edits_exact_statistics_beyond_the_key_cap_use_a_sample(tmp_path, monkeypatch):
+    """Above exact_key_cap keys the edit's exact C comes from a seeded sample of them: the
+    edit is reproducible, differs from the one from every key, and fits the pairs about as
+    well (this toy's principal direction is ill-determined: its fit removes 12% of the
+    residual, so the deltas themselves are not compared)."""
+    statcache = importlib.import_module("patcher.rectify.statcache")
+    from patcher.rectify.editkinds import RankOneEditKind
+
+    path, x, y = _conv_classifier(tmp_path)
+    full = _rectifier(path, x, y, statistics="exact")
+    conv = next(l for l in full.layers if l.name == "conv")
+    keys = full.statistics.for_edit(conv).cholesky  # every key (--statistics exact)
+    monkeypatch.setattr(statcache, "MIN_SAMPLED_KEYS", 256)
+    monkeypatch.setattr(statcache, "KEYS_PER_DIM", 16)
+    cap = statcache.exact_key_cap(conv)
+    sampled, again = (_rectifier(path, x, y, statistics="kronecker") for _ in range(2))
+    a, b = RankOneEditKind().fit(full, conv), RankOneEditKind().fit(sampled, conv)
+    c = RankOneEditKind().fit(again, conv)
+    torch.testing.assert_close(b.delta, c.delta, rtol=0, atol=0)
+    assert keys is not None and cap < len(x) * 64  # fewer keys than the layer has
+    assert not torch.equal(a.delta, b.delta)
+    ratio = lambda e: e.fit_residual_after / e.fit_residual_before  # noqa: E731
+    assert ratio(b) < 1 and abs(ratio(a) - ratio(b)) < 0.1, (ratio(a), ratio(b))
 
 
 def test_the_statistics_pass_measures_the_base_accuracy(tmp_path):
@@ -266,11 +295,16 @@ def test_factored_statistics_are_cached_with_their_correction(tmp_path):
     # the spectrum comes back with the basis it was measured along, not a recomputed one
     assert torch.equal(second.stats["conv"].channel_vectors, first.stats["conv"].channel_vectors)
     assert torch.equal(second.stats["conv"].offset_vectors, first.stats["conv"].offset_vectors)
-    # exact statistics of the same layer are a different cache entry
+    # exact statistics of the same layer are a different cache entry; so are fc's, which
+    # --statistics exact sums over every key and the other modes over a capped sample
     third = _rectifier(path, x, y, statistics="exact",
                        cache_dir=str(tmp_path / "cache")).statistics
     third.compute()
-    assert third.cache_hits == 1 and third.stats["conv"].kind == "exact"
+    assert third.cache_hits == 0 and third.stats["conv"].kind == "exact"
+    fourth = _rectifier(path, x, y, statistics="exact",
+                        cache_dir=str(tmp_path / "cache")).statistics
+    fourth.compute()
+    assert fourth.cache_hits == 2
 
 
 @pytest.mark.parametrize("case", ["padded-strided", "grouped-dilated", "conv1d"])

@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from patcher.graph.keys import LayerTap, layer_keys, patch_coverage, pointwise_pixels
+from patcher.graph.keys import (LayerTap, layer_keys, patch_coverage, pointwise_pixels,
+                                sampled_conv_keys)
 from patcher.graph.shadow import EditableLayer, ShadowGraph
 from patcher.progress import progress
 
@@ -308,19 +309,13 @@ class KroneckerMoments:
         """Second moments of one batch's keys along U_A (x) U_B: sum of (U_A^T K U_B)^2."""
         _, ua, _, ub = self.basis()
         rows = conv_key_count(layer, attrs, tuple(data.shape[2:])) * data.shape[0]
-        pick = None
-        if rows > SPECTRUM_ROWS:  # a seeded uniform sample of the keys, unfolded by chunks
+        if rows > SPECTRUM_ROWS:  # a seeded uniform sample of the keys, gathered alone
             generator = torch.Generator(device="cpu").manual_seed(self.spectrum_count)
             pick = torch.randperm(rows, generator=generator)[:SPECTRUM_ROWS].sort().values
-        parts, first = [], 0
-        for keys in key_chunks(layer, data, attrs):
-            chunk = keys.reshape(-1, ua.shape[0], ub.shape[0])
-            if pick is not None:  # the sampled keys in this chunk (sums ignore their order)
-                inside = pick[(pick >= first) & (pick < first + chunk.shape[0])] - first
-                first += chunk.shape[0]
-                chunk = chunk[inside.to(chunk.device)]
-            parts.append(chunk)
-        mats = torch.cat(parts)
+            mats = sampled_conv_keys(layer, data, attrs, pick)
+        else:
+            mats = torch.cat(list(key_chunks(layer, data, attrs)))
+        mats = mats.reshape(-1, ua.shape[0], ub.shape[0])
         dtype = torch.float64 if mats.dtype == torch.float64 else torch.float32
         total = torch.zeros(ua.shape[0], ub.shape[0], dtype=torch.float64, device=ua.device)
         for i in range(0, mats.shape[0], CHUNK_ROWS):
@@ -377,16 +372,19 @@ def check_key_dims(layers: list[EditableLayer], mode: str = "exact") -> None:
 
 def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
                     total: int | None = None, label: str = "key statistics",
-                    show_progress: bool | None = None, max_rows: int | None = None,
+                    show_progress: bool | None = None,
+                    max_rows: "int | dict[str, int] | None" = None,
                     seed: int = 0, mode: str = "exact", on_output=None
                     ) -> dict[str, "KeyMoments | KroneckerMoments"]:
     """One forward pass per batch (an iterable of input tensors) feeds all layers' sums:
     :class:`KeyMoments`, or :class:`KroneckerMoments` where :func:`statistics_kind` says so
     for ``mode``. ``on_output(batch, outputs)`` sees every batch's graph outputs.
 
-    With ``max_rows`` and ``total`` (the number of inputs), each layer keeps a seeded
-    random share max_rows / (keys per input x total) of every batch's keys (exact
-    statistics only: the factored ones are cheap)."""
+    With ``max_rows`` (one cap for every layer, or a cap per layer name) and ``total``
+    (the number of inputs), each layer keeps a seeded random share max_rows / (keys per
+    input x total) of every batch's keys (exact statistics only: the factored ones are
+    cheap); a conv's sampled keys are gathered from its input
+    (:func:`patcher.graph.keys.sampled_conv_keys`), the others are never unfolded."""
     device = next((p.device for p in graph.parameters()), torch.device("cpu"))
     check_key_dims(layers, mode)
     moments: dict = {}
@@ -408,9 +406,18 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
         if isinstance(target, KroneckerMoments):
             target.add(layer, data, attrs[layer.name])
             return
-        cap = max_rows
+        cap = max_rows.get(layer.name) if isinstance(max_rows, dict) else max_rows
         if isinstance(target, KeyRows):
-            cap = min(max_rows or MAX_KEY_ROWS, MAX_KEY_ROWS)
+            cap = min(cap or MAX_KEY_ROWS, MAX_KEY_ROWS)
+        if cap and total and layer.orientation == "conv":
+            per_input = conv_key_count(layer, attrs[layer.name], tuple(data.shape[2:]))
+            rows = per_input * len(data)
+            keep = round(cap / (per_input * total) * rows)
+            if keep < rows:  # the sampled keys alone, gathered: nothing else is unfolded
+                pick = torch.randperm(rows, generator=generator)[:max(1, keep)].sort().values
+                target.add(sampled_conv_keys(layer, data, attrs[layer.name], pick))
+                return
+            cap = None  # the cap does not bind: every key
         if not (cap and total):
             pixels = pointwise_pixels(layer, data, attrs[layer.name])
             if pixels is not None:  # a 1x1 conv: the channels' covariance, nothing unfolded
@@ -485,6 +492,17 @@ def correct_spectra(graph: ShadowGraph, layers: list[EditableLayer], moments: di
                    "key statistics (eigenvalue correction)", total, show_progress)
 
 
+def graph_input(t: torch.Tensor) -> torch.Tensor:
+    """``t`` laid out as the shadow graph runs fastest: a 4-D (image batch) tensor in
+    channels-last memory order (same shape and values; convolutions keep that order for
+    their outputs). torch's CPU convolutions then run about 1.15x faster on ResNet-18 and
+    1.25-1.5x on MobileNetV2 at 224 (40 images, 2 cores, CPU seconds; logits equal within
+    1e-5); other tensors unchanged."""
+    if t.dim() == 4 and t.is_floating_point():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def iterate_batches(x: np.ndarray, batch: int = 128):
     for i in range(0, len(x), batch):
-        yield torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))
+        yield graph_input(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))

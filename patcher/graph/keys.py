@@ -84,6 +84,56 @@ def conv_keys(x: torch.Tensor, layer: EditableLayer, attrs: dict) -> torch.Tenso
     return cols.reshape(n, groups, ck // groups, positions).permute(0, 3, 1, 2)
 
 
+def conv_key_grid(layer: EditableLayer, attrs: dict, spatial: tuple[int, ...]
+                  ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(output positions per axis, strides, dilations, ONNX pads) of a conv's keys over an
+    input of ``spatial`` shape: key (py, px) reads padded pixels py*s + ky*d, px*s + kx*d."""
+    dims = len(spatial)
+    kernel = list(layer.shape[2:])
+    strides = list(attrs.get("strides") or [1] * dims)
+    dilations = list(attrs.get("dilations") or [1] * dims)
+    pads = resolve_pads(list(spatial), kernel, strides, dilations, attrs.get("pads"),
+                        attrs.get("auto_pad", "NOTSET"))
+    out = [(spatial[i] + pads[i] + pads[i + dims] - dilations[i] * (kernel[i] - 1) - 1)
+           // strides[i] + 1 for i in range(dims)]
+    return out, strides, dilations, pads
+
+
+def sampled_conv_keys(layer: EditableLayer, data: torch.Tensor, attrs: dict,
+                      picks: torch.Tensor) -> torch.Tensor:
+    """The keys numbered ``picks`` (indices into ``conv_keys(data).reshape(-1, Kd)``, i.e.
+    image-major, then position, then group) as rows [len(picks), Kd], gathered from the
+    padded input without unfolding the others: key (n, p, g) holds channels
+    g*C/g .. (g+1)*C/g - 1 of image n at pixels p*s + o*d for every kernel offset o."""
+    spatial = tuple(int(s) for s in data.shape[2:])
+    dims = len(spatial)
+    if dims not in (1, 2):
+        raise UnsupportedOpError(f"layer '{layer.name}': keys of {dims}-D convolutions")
+    out, strides, dilations, pads = conv_key_grid(layer, attrs, spatial)
+    if any(pads):
+        data = F.pad(data, torch_pad_list(pads))
+    groups = max(layer.groups, 1)
+    per_group = data.shape[1] // groups
+    positions = int(torch.tensor(out).prod())
+    picks = picks.to(data.device)
+    image = picks // (positions * groups)
+    position = (picks // groups) % positions
+    group = picks % groups
+    channels = group[:, None] * per_group + torch.arange(per_group, device=data.device)
+    kernel = list(layer.shape[2:])
+    if dims == 1:
+        at = position[:, None] * strides[0] + \
+            torch.arange(kernel[0], device=data.device) * dilations[0]
+        keys = data[image[:, None, None], channels[:, :, None], at[:, None, :]]
+    else:
+        py, px = position // out[1], position % out[1]
+        rows = py[:, None] * strides[0] + torch.arange(kernel[0], device=data.device) * dilations[0]
+        cols = px[:, None] * strides[1] + torch.arange(kernel[1], device=data.device) * dilations[1]
+        keys = data[image[:, None, None, None], channels[:, :, None, None],
+                    rows[:, None, :, None], cols[:, None, None, :]]
+    return keys.reshape(len(picks), -1)
+
+
 def pointwise_pixels(layer: EditableLayer, data: torch.Tensor, attrs: dict
                      ) -> torch.Tensor | None:
     """For a 1x1 (pointwise), ungrouped, unpadded convolution: the input pixels its keys

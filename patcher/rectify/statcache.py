@@ -24,6 +24,23 @@ from patcher.rectify.config import RectifyConfig
 from patcher.rectify.timing import Timings
 
 
+#: Exact key statistics (an edit's C, and under ``--statistics auto`` the ranking C of the
+#: layers it does not factor) use at most KEYS_PER_DIM x Kd keys of a layer, and never fewer
+#: than MIN_SAMPLED_KEYS: a seeded uniform sample beyond that (unless ``--stat-rows`` says
+#: otherwise). The ridge-regularised C needs far fewer keys than a large map has (ResNet-18
+#: at 224, 100 images: 313,600 keys of dimension 576 in a first-stage conv; a MobileNetV2
+#: depthwise conv at 112x112: 120 million keys of dimension 9); sampling error of C is
+#: about sqrt(Kd / keys) relative, 1/8 at this cap. The sampled keys are gathered from the
+#: layer's input (:func:`patcher.graph.keys.sampled_conv_keys`), never unfolded.
+KEYS_PER_DIM = 64
+MIN_SAMPLED_KEYS = 1 << 15
+
+
+def exact_key_cap(layer: EditableLayer) -> int:
+    """The most keys the exact statistics of ``layer`` use (see :data:`KEYS_PER_DIM`)."""
+    return max(KEYS_PER_DIM * layer.key_dim, MIN_SAMPLED_KEYS)
+
+
 def hits(logits: torch.Tensor, labels: np.ndarray) -> int:
     """How many rows of ``logits`` have their argmax at ``labels``."""
     pred = logits.reshape(len(labels), -1).argmax(1).cpu().numpy()
@@ -108,6 +125,14 @@ class StatisticsCache:
             digest.update(p.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
+    def _row_caps(self, layers: list[EditableLayer], mode: str) -> dict[str, int]:
+        """Key caps (:func:`exact_key_cap`) of the layers whose exact statistics this pass
+        computes under ``mode``; none under ``--statistics exact``, which keeps every key."""
+        if self.config.statistics == "exact":
+            return {}
+        return {l.name: exact_key_cap(l) for l in layers
+                if statistics_kind(l, mode) == "exact"}
+
     def _statistics(self, layers: list[EditableLayer], mode: str,
                     eval_labels: np.ndarray | None = None
                     ) -> dict[str, LayerStatistics | KroneckerStatistics]:
@@ -116,10 +141,13 @@ class StatisticsCache:
         cache = MomentCache(Path(self.config.cache_dir)) if self.config.cache_dir else None
         moments: dict = {}
         keys = {}
+        caps = self._row_caps(layers, mode)
         if cache is not None:
             model_key, data_key = self._model_key(), data_hash(data)
             if self.config.stat_rows:
                 data_key += f"-rows{self.config.stat_rows}-seed{self.config.seed}"
+            elif caps:
+                data_key += f"-cap{KEYS_PER_DIM}x{MIN_SAMPLED_KEYS}-seed{self.config.seed}"
             for layer in layers:
                 keys[layer.name] = f"{data_key}-{statistics_kind(layer, mode)}"
                 hit = cache.get(model_key, layer, keys[layer.name])
@@ -137,7 +165,8 @@ class StatisticsCache:
         if missing:
             fresh = collect_moments(self.graph, missing, iterate_batches(data, self.batch),
                                     total=len(data), show_progress=self.config.show_progress,
-                                    max_rows=self.config.stat_rows, seed=self.config.seed,
+                                    max_rows=self.config.stat_rows or caps,
+                                    seed=self.config.seed,
                                     mode=mode, on_output=on_output)
             correct_spectra(self.graph, missing, fresh,
                             iterate_batches(data[:CORRECTION_IMAGES], self.batch),

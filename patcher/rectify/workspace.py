@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from patcher.analysis.moments import graph_input
 from patcher.graph.keys import stored_delta
 from patcher.graph.shadow import EditableLayer, ShadowExecutionError, ShadowGraph
 from patcher.graph.support import QUANTIZED_NOT_EDITABLE, quantized_storage
@@ -124,8 +125,9 @@ class Workspace:
             self.gap_source = "pairs (the transplanted trigger did not carry the corruption)"
 
     def tensor(self, array: np.ndarray) -> torch.Tensor:
-        """``array`` as a tensor on the run's device."""
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        """``array`` as a tensor on the run's device (an image batch in the graph's
+        fastest layout, :func:`patcher.analysis.moments.graph_input`)."""
+        return graph_input(torch.from_numpy(np.ascontiguousarray(array)).to(self.device))
 
     def layer(self, name: str) -> EditableLayer:
         return next(l for l in self.layers if l.name == name)
@@ -225,7 +227,7 @@ class Workspace:
         self.last_evaluated = total
         with progress(total, "evaluating", self.config.show_progress) as bar:
             for i in range(0, total, self.batch):
-                xb = torch.from_numpy(self.eval_x[i:i + self.batch]).to(self.device)
+                xb = self.tensor(self.eval_x[i:i + self.batch])
                 correct += hits(self.graph(xb)[0], self.eval_y[i:i + self.batch])
                 bar.update(len(xb))
                 seen = i + len(xb)
