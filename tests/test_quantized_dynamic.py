@@ -229,3 +229,35 @@ def test_patch_removes_the_backdoor_of_the_dynamic_sample(tmp_path):
     diff = CliRunner().invoke(main, ["diff", str(DYNAMIC), str(out)])
     assert diff.exit_code == 1 and "0 structural difference(s)" in diff.output
     assert "weight_quantized" in diff.output and "step(s)" in diff.output
+
+
+def test_uint8_weights_with_zero_points_fold_and_write_back(tmp_path):
+    """quantize_dynamic with weight_type=QUInt8 stores uint8 weights with non-zero zero
+    points: the copy agrees with onnxruntime, and a saturating edit of one column is written
+    as uint8 around the kept zero point (the written weight dequantizes to W + dW within half
+    a step of the new scale), which onnxruntime runs."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = tmp_path / "uint8.onnx"
+    quantize_dynamic(str(CNN / "model.onnx"), str(path), weight_type=QuantType.QUInt8,
+                     per_channel=True)
+    loaded = load_supported_model(path)
+    analysis = analysis_model(loaded)
+    assert {w.dtype for w in analysis.weights.values()} == {"uint8"}
+    top1, rel = _agreement(analysis, path, EVAL[:100])
+    assert top1 == 1.0 and rel < 1e-2, (top1, rel)
+    info = analysis.weights["classifier.2.weight_quantized"]
+    old = {t.name: numpy_helper.to_array(t) for t in loaded.proto.graph.initializer}
+    zero = old[info.zero_point]
+    assert zero.dtype == np.uint8 and np.any(zero != 0)
+    w = (old[info.weight].astype(np.float64) - zero) * old[info.scale].astype(np.float64)
+    delta = np.zeros(w.shape)
+    delta[:, 5] = 3 * np.abs(w[:, 5]).max()
+    proto, _, records = apply_quantized_deltas(loaded, {info.weight: delta}, analysis.weights)
+    new = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert records[0]["rescaled_channels"] == [5] and new[info.weight].dtype == np.uint8
+    assert np.array_equal(new[info.zero_point], zero)
+    written = (new[info.weight].astype(np.float64) - zero) * new[info.scale].astype(np.float64)
+    assert np.abs(written - (w + delta)).max() <= 0.5 * float(new[info.scale].max()) + 1e-7
+    out = _ort(proto.SerializeToString()).run(None, {"input": EVAL[:16]})[0]
+    assert np.isfinite(out).all()

@@ -88,6 +88,23 @@ def test_only_saturating_channels_get_a_new_scale():
     assert err["relative_error"] < 0.01 and err["first_singular_value_share"] > 0.99
 
 
+def test_a_channel_already_at_the_range_end_keeps_its_scale():
+    """A symmetric quantizer puts each channel's largest weight at +127: such a channel,
+    untouched by the edit (or edited within the range), keeps its scale while another
+    channel saturates and is rescaled."""
+    rng = np.random.default_rng(3)
+    q = rng.integers(-100, 100, size=(4, 8)).astype(np.int8)
+    q[:, 0] = 127  # every channel reaches +127
+    scale, zero = np.full(4, 0.01, np.float32), np.zeros(4, np.int8)
+    delta = np.zeros(q.shape)
+    delta[1, 2] = 3.0  # saturates channel 1 only
+    delta[3, 4] = -0.05  # channel 3 edited within its range
+    out = requantize(q, scale, zero, 0, delta, -128, 127)
+    assert out.rescaled == [1] and out.clamped == 0
+    assert np.array_equal(out.scale[[0, 2, 3]], scale[[0, 2, 3]])
+    assert np.array_equal(out.q[[0, 2]], q[[0, 2]]) and out.q[3, 4] == q[3, 4] - 5
+
+
 def test_a_per_tensor_scale_takes_the_less_damaging_option():
     rng = np.random.default_rng(2)
     q = rng.integers(-127, 127, size=(6, 6)).astype(np.int8)

@@ -85,6 +85,16 @@ def _quantize(target, scale, zero, axis, lo, hi) -> tuple[np.ndarray, int]:
     return np.clip(exact, lo, hi).astype(np.int64), clamped
 
 
+def _clamped_channels(target, scale, zero, axis, lo, hi) -> np.ndarray:
+    """Per channel along ``axis``: whether any of its values falls outside the integer range
+    at the given scale (before clamping)."""
+    s = _broadcast(scale.astype(np.float32), target.ndim, axis).astype(np.float64)
+    z = _broadcast(zero.astype(np.int64), target.ndim, axis)
+    exact = np.rint(target / s) + z
+    outside = (exact < lo) | (exact > hi)
+    return outside.any(axis=tuple(k for k in range(target.ndim) if k != axis)).reshape(-1)
+
+
 def _needed_scale(target, zero, axis, lo, hi) -> np.ndarray:
     """Per channel (or for the tensor): the least scale at which no value saturates."""
     reduce = tuple(k for k in range(target.ndim) if k != axis) if axis is not None else None
@@ -108,7 +118,10 @@ def requantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int | N
     needed = _needed_scale(target, zero, axis, lo, hi)
     if axis is not None:
         flat = scale.reshape(-1).astype(np.float64)
-        grow = np.flatnonzero(needed > flat)
+        # only channels that clamp: one whose values already reach the range's end (a
+        # symmetric quantizer's +127) but do not pass it keeps its scale
+        grow = np.flatnonzero(_clamped_channels(target, scale, zero, axis, lo, hi)
+                              & (needed > flat))
         new_scale = flat.copy()
         new_scale[grow] = needed[grow]
         new_scale = new_scale.astype(scale.dtype).reshape(scale.shape)
