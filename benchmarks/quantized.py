@@ -126,6 +126,7 @@ def _int8_row(name: str, source: Path, folder: Path, n: int, out: Path, form: st
     if out.exists():
         row["same_nodes_and_dtypes"] = _signature(source) == _signature(out)
         row["int8_tensors_changed"] = _changed_int_tensors(source, out)
+        row["writeback"] = _writeback_summary(out)
     if form == "dynamic":
         row["batch1"] = {"base": _figures_batch1(source, folder),
                          "patched": _figures_batch1(out, folder) if out.exists() else None}
@@ -243,6 +244,19 @@ def bench_sample(name: str, n: int, work: Path, forms=("qdq", "qoperator"),
         rows.append({"sample": name, "row": "fp16 keep-io", **run, "base": _figures(fp16, folder),
                      "patched": _figures(out, folder) if out.exists() else None})
     return _judge(rows)
+
+
+def _writeback_summary(path: Path) -> list[dict]:
+    """The written file's int8 write-back records (provenance), per weight: values changed,
+    channels given a new scale, the scale option, relative error of the written delta and
+    the share of its energy in the first singular value."""
+    from patcher.model.writeback import read_provenance
+
+    edits = (read_provenance(onnx.load(str(path))) or {}).get("edits", [])
+    keys = ("layer", "weight", "steps_changed", "max_steps", "option", "clamped",
+            "relative_error", "first_singular_value_share")
+    return [{k: e.get(k) for k in keys} | {"rescaled": len(e.get("rescaled_channels", []))}
+            for e in edits if e.get("kind") == "quantized-writeback" and e.get("role") == "weight"]
 
 
 def _changed_int_tensors(a: Path, b: Path) -> dict[str, int]:
