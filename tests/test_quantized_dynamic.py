@@ -261,3 +261,17 @@ def test_uint8_weights_with_zero_points_fold_and_write_back(tmp_path):
     assert np.abs(written - (w + delta)).max() <= 0.5 * float(new[info.scale].max()) + 1e-7
     out = _ort(proto.SerializeToString()).run(None, {"input": EVAL[:16]})[0]
     assert np.isfinite(out).all()
+
+
+def test_gradients_reach_the_input_and_the_float_weights_of_the_copy():
+    """Attribution and key statistics run on the copy: DynamicQuantizeLinear passes the
+    gradient straight through to the input, and every folded weight gets one."""
+    analysis = analysis_model(load_supported_model(DYNAMIC))
+    graph = ShadowGraph(analysis.loaded)
+    x = torch.from_numpy(EVAL[:4].copy()).requires_grad_()
+    (logits,) = graph(x)
+    logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad.flatten(1).abs().sum(1) > 0).all()
+    for name in analysis.weights:
+        grad = graph.weight(name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
