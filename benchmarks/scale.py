@@ -138,6 +138,13 @@ def rates(model: Path, clean: dict, attack: dict) -> tuple[float, float]:
     return oa, asr
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def machine() -> dict:
     import onnxruntime
     import torch
@@ -227,6 +234,28 @@ def _without_heartbeats(text: str) -> str:
     return "\n".join(l for l in text.splitlines() if " elapsed: " not in l)
 
 
+def _model_lines(rows: list[Row]) -> list[str]:
+    """One line per model: how its backdoor was trained and what the build measured."""
+    lines, seen = [], set()
+    for r in rows:
+        info = r.build
+        if r.model in seen or not info:
+            continue
+        seen.add(r.model)
+        if info.get("trains") == "tail":
+            how = (f"random front, tail (last blocks + head) trained on its activations "
+                   f"({info['train_images']} images, {info['train_epochs']} epochs)")
+        else:
+            how = f"random backbone, head trained on its features ({info['train_images']} images)"
+        cpu = info.get("build_cpu_seconds")
+        lines.append(f"- {info['note']} ({info['parameters']:,} parameters): {how}; torch OA "
+                     f"{info['torch_oa']:.0%}, ASR {info['torch_asr']:.0%} on 100 held-out "
+                     f"images; built once in {info['build_seconds']:.0f} s wall"
+                     + (f", {cpu:.0f} s CPU" if cpu is not None else "")
+                     + " (cached, not in the run's figures).")
+    return lines
+
+
 def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
     lines = [
         "# Scale benchmark (`benchmarks/scale.py`)", "",
@@ -234,14 +263,18 @@ def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
         f"{env['memory_gb']} GB, torch {env['torch']}, onnxruntime {env['onnxruntime']}; "
         f"load average at start {', '.join(f'{v:.1f}' for v in env['load_average_at_start'])} "
         f"(the machine is shared: CPU seconds are the figure to compare, wall is beside it)"
-        + (f"; whole run {wall:.0f} s wall." if wall >= 0 else "; runs listed below."), "",
+        + (f"; whole run {wall:.0f} s wall, {env.get('run_cpu_s', 0):.0f} s CPU (this process "
+           f"and its children, builds included when not cached), load average at end "
+           f"{', '.join(f'{v:.1f}' for v in env.get('load_average_at_end', ()))}."
+           if wall >= 0 else "; runs listed below."), "",
         f"Command: `python benchmarks/scale.py {' '.join(argv)}`", "",
-        "Models from `benchmarks/scale_models.py`: torchvision-shaped, random seeded "
-        "backbones, a features -> 128 -> 5 head trained on synthetic images with a 40x40 "
-        "checkerboard trigger (8x8 at 32x32); one pair; default settings otherwise. "
-        "CPU seconds and peak RSS are the CLI process's own (rusage); the ratio is over "
-        "one onnxruntime forward over the same eval set (CPU seconds, batch 32). OA and "
-        "ASR under onnxruntime on 200 held-out clean and 100 held-out triggered images.", "",
+        "Models from `benchmarks/scale_models.py` (torchvision's shapes, written in torch, "
+        "seeded, cached), backdoored with a 40x40 checkerboard trigger (8x8 at 32x32) on "
+        "synthetic images; one pair; default settings otherwise. CPU seconds and peak RSS "
+        "are the CLI process's own (rusage); the ratio is over one onnxruntime forward over "
+        "the same eval set (CPU seconds, batch 32). OA and ASR under onnxruntime on 200 "
+        "held-out clean and 100 held-out triggered images.", "",
+        *(_model_lines(rows) + [""] if _model_lines(rows) else []),
         "| model | eval | ORT forward CPU s | locate | locate / forward | patch | "
         "patch / forward | OA before -> after | ASR before -> after | estimate locate | "
         "estimate patch |",
@@ -324,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(row: Row) -> None:  # after each row: a partial result survives an interruption
         rows.append(row)
+        env["run_cpu_s"] = round(_cpu_seconds(), 1)
+        save_all()
+
+    def save_all() -> None:
         if args.json:
             args.json.write_text(json.dumps({"machine": env, "argv": argv,
                                              "wall_s": time.perf_counter() - t0,
@@ -332,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         bench_model(name, args.evals, args.verbs, args.cache, args.timeout, extra, log, save)
     wall = time.perf_counter() - t0
+    env.update(run_cpu_s=round(_cpu_seconds(), 1), load_average_at_end=os.getloadavg())
+    save_all()
     text = markdown(rows, env, wall, argv)
     print(text)
     if args.markdown:
