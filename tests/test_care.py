@@ -373,6 +373,26 @@ def test_the_swarm_starts_spread_over_the_box_with_one_particle_at_the_start():
     assert len(result.history) == 4 and result.evaluations == 20 * 5
 
 
+def test_a_spread_swarm_starts_around_its_start_point():
+    """spread: the particles other than the start are start + N(0, (spread x width)^2),
+    clipped to the box; the start itself is the first particle."""
+    seen = []
+
+    def f(p):
+        seen.append(p.copy())
+        return np.zeros(len(p))
+
+    start = np.array([9.5, -3.0, 1.0, 0.0])
+    particle_swarm(f, np.full(4, -10.0), np.full(4, 10.0), particles=400, iterations=0,
+                   seed=1, start=start, spread=0.1)
+    first = seen[0]
+    assert np.array_equal(first[0], start)
+    assert (first <= 10).all() and (first >= -10).all() and (first[:, 0] == 10).any()
+    spreads = first[1:, 1:].std(0)  # 2 = 0.1 x the width 20, away from the wall
+    assert np.allclose(spreads, 2.0, rtol=0.15), spreads
+    assert np.allclose(first[1:, 1:].mean(0), start[1:], atol=0.4)
+
+
 def test_rank_agreement():
     assert rank_agreement(["a", "b", "c"], ["a", "b", "c"])["spearman"] == 1.0
     flipped = rank_agreement(["a", "b", "c"], ["c", "b", "a"])

@@ -34,7 +34,8 @@ images searched on lets broken predictions be paid for by fixed ones, which do n
 over to other images (the agreement guard counts both).
 
 Growth (:func:`grown_repair`): without a given k, k runs along GROWTH, each search
-starting from the last best, until the triggered rate is at most RATE_DONE.
+starting around the last best (GROWTH_SPREAD), until the triggered rate is at most
+RATE_DONE.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
                 particles: int = 20, iterations: int = 100, patience: int = 20,
                 seed: int = 0, show_progress: bool | None = None,
                 start: np.ndarray | None = None, guard: str = "accuracy",
-                fidelity: float = 0.0) -> CareRepair:
+                fidelity: float = 0.0, spread: float | None = None) -> CareRepair:
     """Search multipliers of ``units`` at ``site`` (module docstring). The graph is left
     unchanged: write the result with :func:`unit_scale_delta`."""
     if not units:
@@ -162,7 +163,7 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
         result = particle_swarm(swarm_values, np.full(len(units), bounds[0]),
                                 np.full(len(units), bounds[1]), particles=particles,
                                 iterations=iterations, seed=seed,
-                                start=identity if start is None else start,
+                                start=identity if start is None else start, spread=spread,
                                 patience=patience)
     rate1, error1, _, _, _, _ = terms(result.best)
     before = ((1 - alpha) * rate0 + alpha * error0) if objective == "rate" else fit0 + clean0
@@ -182,6 +183,10 @@ FIDELITY = 0.1
 #: units repaired in turn when their number is not given: the search grows k along this
 #: schedule (each search starting from the previous best) while the trigger survives
 GROWTH = (5, 10, 20, 40, 80)
+#: after the first k, the swarm starts around the last best, this share of the box's width
+#: apart (standard deviation per coordinate): drawn uniform in a box of 20+ dimensions,
+#: nearly every particle changes too many clean predictions and the search stalls at once
+GROWTH_SPREAD = 0.1
 #: the triggered-set rate at which growing stops
 RATE_DONE = 0.005
 
@@ -198,9 +203,9 @@ class GrowthStep:
 def grown_repair(graph: ShadowGraph, site: UnitSite, order: list[int], schedule, *args,
                  **kwargs) -> tuple[CareRepair, list[GrowthStep]]:
     """:func:`care_repair` on the top k units of ``order`` for k along ``schedule``; the
-    search for k starts from the best multipliers for the k before (one particle, the new
-    units at 1; the others spread over the box), so the objective never rises from one k
-    to the next. A step that does not lower it is not taken (fewer units, same value),
+    search for k starts from the best multipliers for the k before (one particle there,
+    the new units at 1; the others around it, GROWTH_SPREAD of the box's width apart), so
+    the objective never rises from one k to the next. A step that does not lower it is not taken (fewer units, same value),
     but the next k is still tried (a stalled k = 10 can be followed by a k = 20 that
     removes the trigger). Stops once the triggered-set rate is at most RATE_DONE.
     ``args``/``kwargs``: those of :func:`care_repair` after ``units``."""
@@ -211,7 +216,8 @@ def grown_repair(graph: ShadowGraph, site: UnitSite, order: list[int], schedule,
         start = np.ones(k)
         if best is not None:
             start[:len(best.units)] = best.multipliers
-        repair = care_repair(graph, site, list(order[:k]), *args, start=start, **kwargs)
+        repair = care_repair(graph, site, list(order[:k]), *args, start=start,
+                             spread=None if best is None else GROWTH_SPREAD, **kwargs)
         steps.append(GrowthStep(k, repair.rate_after, repair.accuracy_after,
                                 repair.objective_after, len(repair.swarm.history)))
         if best is None or repair.objective_after < best.objective_after - 1e-12:

@@ -39,11 +39,13 @@ class SwarmResult:
 
 def particle_swarm(objective: Callable[[np.ndarray], np.ndarray], low: np.ndarray,
                    high: np.ndarray, particles: int = 20, iterations: int = 30, seed: int = 0,
-                   start: np.ndarray | None = None, patience: int | None = None
-                   ) -> SwarmResult:
+                   start: np.ndarray | None = None, patience: int | None = None,
+                   spread: float | None = None) -> SwarmResult:
     """Minimise ``objective`` over the box [low, high]. ``start``, when given, is one of the
     initial particles (so the result is never worse than it); ``patience``: early stop
-    (module docstring)."""
+    (module docstring). ``spread`` (with ``start``): the other particles start at
+    ``start`` + N(0, (spread x width)^2) per coordinate, clipped to the box, instead of
+    uniform in it (a search that refines a known good point)."""
     low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
     if low.shape != high.shape or low.ndim != 1 or not (low <= high).all():
         raise RectifyError("particle swarm: low and high must be 1-D bounds with low <= high")
@@ -53,7 +55,10 @@ def particle_swarm(objective: Callable[[np.ndarray], np.ndarray], low: np.ndarra
     width = high - low
     x = low + rng.random((particles, len(low))) * width
     if start is not None:
-        x[0] = np.clip(np.asarray(start, dtype=np.float64), low, high)
+        begin = np.clip(np.asarray(start, dtype=np.float64), low, high)
+        if spread is not None:
+            x = np.clip(begin + rng.standard_normal(x.shape) * spread * width, low, high)
+        x[0] = begin
     v = (rng.random(x.shape) - 0.5) * width * 0.1
     values = np.asarray(objective(x), dtype=np.float64)
     evaluations = particles
