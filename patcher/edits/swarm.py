@@ -9,7 +9,8 @@ with w = 0.7298, c1 = c2 = 1.49618, r1, r2 ~ U(0, 1) per coordinate, p_i the par
 best position, g the swarm's best. Velocities are clamped to half the box width. The
 initial particles are uniform in the box (``start``, when given, replaces the first: the
 result is then never worse than it; CARE's original starts every particle at the identity,
-where a rate objective is flat and the swarm cannot move). With ``patience``, the search
+where a rate objective is flat and the swarm cannot move; with ``spread`` the others start
+around ``start`` instead, to refine a known good point). With ``patience``, the search
 stops after that many iterations without a gain in the best value (pyswarms' ftol_iter
 with ftol 0). Every
 random draw comes from one ``numpy.random.Generator`` seeded by ``seed``, and the
