@@ -27,10 +27,12 @@ calibration images, transplanted sets), the largest of the working sets: an IG b
 :data:`BACKWARD_COPIES`, activations and their gradients), an
 accuracy batch (batch x 2 largest activations) and a statistics batch (batch x rows x d
 float32 keys of the widest layer; batch: ``config.batch``, else EVAL_BATCH bounded by
-:data:`BATCH_MEMORY`); plus the statistics
-kept for ranking (two float64 copies per layer: d^2 exact, or channels^2 + kernel^2 + d
-Kronecker-factored for a spatial conv) and, for ``patch``, the exact d x d statistics of
-the widest layer that may be edited.
+:data:`BATCH_MEMORY`) and, for ``patch``, the rank-one fit (:meth:`LayerKeys.fit_bytes`,
+the largest over the layers); plus the statistics kept for ranking (two float64 copies
+per layer: d^2 exact, channels^2 + kernel^2 + d Kronecker-factored for a spatial conv,
+or a wide dense layer's low-rank key rows, :meth:`LayerKeys.statistics_bytes`) and, for
+``patch``, the exact d x d statistics of the widest layer that may be edited (none for a
+low-rank one).
 
 Both are estimates (how close they come is measured by ``benchmarks/scale.py`` and
 written in ``benchmarks/SCALE.md``); the refusal is for the case where the estimate is
