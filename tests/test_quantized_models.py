@@ -14,8 +14,8 @@ from onnx import TensorProto
 
 from onnx_rectify_samples.quantized import keep_io_fp16  # the samples' fp16 keep-io form
 from patcher.gate.summary import format_summary, summarize
-from patcher.graph.parity import (FP16_ATOL, FP16_RTOL, QUANT_STEPS, compare, compute_dtype,
-                                  output_steps)
+from patcher.graph.parity import (DYNAMIC_RTOL, FP16_ATOL, FP16_RTOL, QUANT_STEPS, compare,
+                                  compute_dtype, output_steps)
 from patcher.graph.shadow import ShadowGraph
 from patcher.graph.support import load_supported_model
 from patcher.model.runtime import open_session
@@ -128,8 +128,9 @@ def test_inspect_passes_parity_on_quantized_models(quantized, fmt):
     assert summary.unsupported == []
     assert summary.parity is not None and summary.parity.passed, summary.parity
     text = format_summary(summary)
-    if fmt == "dynamic":
-        assert summary.parity.basis == "float32"
+    if fmt == "dynamic":  # activations quantized at run time: judged in uint8 steps
+        assert summary.parity.basis == "dynamic quantization (uint8 activation steps)"
+        assert summary.parity.rtol == DYNAMIC_RTOL
     else:
         assert summary.parity.basis == "quantized output steps"
         assert summary.parity.step_tolerance == QUANT_STEPS
@@ -235,3 +236,34 @@ def test_output_steps_and_compute_dtype_of_a_float_model():
     proto = onnx.load(str(SAMPLE / "model.onnx"))
     assert output_steps(proto) == [None]
     assert compute_dtype(proto) == np.float32
+
+
+def test_a_dynamic_model_is_judged_in_activation_steps(tmp_path):
+    """Gemm -> Tanh -> Gemm quantized dynamically: torch's and onnxruntime's tanh differ in
+    the last float bit, which moves an activation at a uint8 rounding boundary by one step
+    (1/255 of its range): float32 tolerances fail it, the dynamic-quantization basis (3 such
+    steps relative to the output's scale, top-1 agreement) passes it."""
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization import quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (64, 256)), ("b1", (256,)), ("w2", (256, 10)), ("b2", (10,)))]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+         helper.make_node("Tanh", ["h"], ["t"], name="tanh"),
+         helper.make_node("Gemm", ["t", "w2", "b2"], ["y"], name="fc2")], "tanh_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "mlp.onnx"))
+    quantize_dynamic(str(tmp_path / "mlp.onnx"), str(tmp_path / "dynamic.onnx"))
+    x = rng.standard_normal((512, 64)).astype(np.float32)
+    shadow = ShadowGraph.from_onnx(tmp_path / "dynamic.onnx")
+    result = compare(shadow, str(tmp_path / "dynamic.onnx"), [x], provider="cpu")
+    assert result.basis == "dynamic quantization (uint8 activation steps)"
+    assert result.passed and result.rtol == DYNAMIC_RTOL
+    strict = compare(shadow, str(tmp_path / "dynamic.onnx"), [x], provider="cpu", rtol=1e-4)
+    assert not strict.within_tolerance and strict.top1_agreement == 1.0
+    assert result.max_rel_diff < DYNAMIC_RTOL / 3  # about one step, not three

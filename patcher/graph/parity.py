@@ -52,6 +52,12 @@ FP16_RTOL, FP16_ATOL = 1e-2, 1e-2
 #: Quantized outputs: onnxruntime fuses QDQ groups into integer kernels (QLinearConv, QGemm)
 #: whose rounding differs from the unfused graph by a step here and there.
 QUANT_STEPS = 3
+#: Dynamically quantized models (DynamicQuantizeLinear: activations to uint8 at run time, float
+#: output): onnxruntime's fused kernels (DynamicQuantizeMatMul, MatMulIntegerToFloat) order
+#: the scale arithmetic differently, so an activation at a rounding boundary lands one uint8
+#: step (1/255 of its range) away; judged within QUANT_STEPS such steps, relative to the
+#: output's scale, plus top-1 agreement.
+DYNAMIC_RTOL = QUANT_STEPS / 255
 
 
 @dataclass
@@ -67,7 +73,8 @@ class ParityResult:
     provider: str
     batch: int
     #: what the tolerance was chosen from: "float32", "float16 compute" (the dtype the graph
-    #: computes in, whatever its IO dtypes) or "quantized output steps"
+    #: computes in, whatever its IO dtypes), "quantized output steps" or "dynamic
+    #: quantization (uint8 activation steps)" (DYNAMIC_RTOL)
     basis: str = "float32"
     #: largest difference in output quantization steps (quantized outputs only)
     max_steps: float | None = None
@@ -344,7 +351,11 @@ def compare(graph: ShadowGraph, model: "bytes | str | os.PathLike", inputs: list
     half = (any(a.dtype == np.float16 for a in inputs) or expected[0].dtype == np.float16
             or compute_dtype(proto) == np.float16)
     accumulation = depth.of_outputs(o.name for o in proto.graph.output)
+    dynamic = rtol is None and not half and any(n.op_type == "DynamicQuantizeLinear"
+                                                for n in proto.graph.node)
     rtol = rtol if rtol is not None else (FP16_RTOL if half else accumulation_rtol(accumulation))
+    if dynamic:
+        rtol = max(rtol, DYNAMIC_RTOL)
     atol = atol if atol is not None else (FP16_ATOL if half else FP32_ATOL)
     steps = output_steps(proto)
     max_abs = max_rel = 0.0
@@ -377,7 +388,8 @@ def compare(graph: ShadowGraph, model: "bytes | str | os.PathLike", inputs: list
             else:
                 ok = ok and bool(np.all(diff <= atol + rtol * reference))
     basis = ("quantized output steps" if max_steps is not None
-             else "float16 compute" if half else "float32")
+             else "float16 compute" if half
+             else "dynamic quantization (uint8 activation steps)" if dynamic else "float32")
     g0 = dtypes.torch_to_numpy(got[0]).astype(np.float64)
     e0 = np.asarray(expected[0]).astype(np.float64)
     top1 = None
