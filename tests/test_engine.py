@@ -487,3 +487,49 @@ def test_a_drop_equal_to_the_budget_is_within_it(keep):
         plan = SimpleNamespace(keep=keep, objective=None)
         verdict = judge(ws, plan, SimpleNamespace(reason="edit"), None, None, 0.99, 0.99, "")
         assert verdict.kept == kept, (new_accuracy, verdict)
+
+
+def test_the_base_gap_measure_reuses_the_setup_check_until_a_weight_changes(tmp_path):
+    """The transplanted-pairs check at setup measures the gap pairs; the loop's base
+    measure takes that result (one pass less), and any later call after a weight change
+    measures again, with the new weights."""
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.workspace import Workspace
+    from patcher.samples import LabelledSet, Pairs
+
+    path, x, y = _gemm_classifier(tmp_path)
+    pairs = Pairs(x[:2] + 2.0, x[:2], y[:2])
+    ws = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None,
+                   RectifyConfig(transplant="paste"))
+    passes = []
+    real = ws._measure_gaps
+    ws._measure_gaps = lambda: passes.append(1) or real()
+    first = ws.gaps()
+    assert passes == [] and first == real()  # the setup pass's result, and it is current
+    again = ws.gaps()
+    assert len(passes) == 1 and again == first  # measured now, same weights, same figures
+    layer = ws.layers[0]
+    ws.add(layer.weight, torch.ones_like(ws.graph.weight(layer.weight)))
+    changed = ws.gaps()
+    assert len(passes) == 2 and changed != first
+
+
+def test_workspace_weights_take_no_gradients_and_finetune_still_trains(tmp_path):
+    """IG differentiates layer outputs only: the workspace's weights do not require grad
+    (a third of each backward pass saved); the fine-tune edit turns its weight's on and
+    restores every flag afterwards."""
+    from patcher.edits.finetune import finetune_in_place
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.workspace import Workspace
+    from patcher.samples import LabelledSet, Pairs
+
+    path, x, y = _gemm_classifier(tmp_path)
+    pairs = Pairs(x[:2] + 2.0, x[:2], y[:2])
+    ws = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None,
+                   RectifyConfig(transplant="none"))
+    assert not any(p.requires_grad for p in ws.graph.parameters())
+    layer = ws.layers[-1]
+    delta = finetune_in_place(ws.graph, layer.weight, ws.tensor(x[:8]),
+                              torch.from_numpy((y[:8] + 1) % 3), steps=5, lr=0.1)
+    assert float(delta.abs().max()) > 0
+    assert not any(p.requires_grad for p in ws.graph.parameters())

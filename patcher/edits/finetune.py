@@ -13,8 +13,10 @@ def finetune_in_place(graph: ShadowGraph, weight_name: str, x: torch.Tensor, y: 
     weight = graph.weight(weight_name)
     original = weight.detach().clone()
     others = [p for p in graph.parameters() if p is not weight]
+    states, was = [p.requires_grad for p in others], weight.requires_grad
     for p in others:
         p.requires_grad_(False)
+    weight.requires_grad_(True)
     opt = torch.optim.Adam([weight], lr=lr)
     try:
         for _ in range(steps):
@@ -23,6 +25,7 @@ def finetune_in_place(graph: ShadowGraph, weight_name: str, x: torch.Tensor, y: 
             loss.backward()
             opt.step()
     finally:
-        for p in others:
-            p.requires_grad_(True)
+        for p, state in zip(others, states):
+            p.requires_grad_(state)
+        weight.requires_grad_(was)
     return weight.detach() - original
