@@ -204,9 +204,10 @@ def test_an_edit_of_a_factored_layer_uses_its_exact_statistics(tmp_path, monkeyp
 
 def test_an_edits_exact_statistics_beyond_the_key_cap_use_a_sample(tmp_path, monkeypatch):
     """Above exact_key_cap keys the edit's exact C comes from a seeded sample of them: the
-    edit is reproducible, differs from the one from every key, and fits the pairs about as
-    well (this toy's principal direction is ill-determined: its fit removes 12% of the
-    residual, so the deltas themselves are not compared)."""
+    edit is reproducible, differs from the one from every key, and fits the pairs no worse
+    (this toy's principal direction is ill-determined: the full-key fit removes 12% of the
+    residual, a sampled one 12-73% by the draw, so the deltas themselves are not
+    compared)."""
     statcache = importlib.import_module("patcher.rectify.statcache")
     from patcher.rectify.editkinds import RankOneEditKind
 
@@ -224,7 +225,7 @@ def test_an_edits_exact_statistics_beyond_the_key_cap_use_a_sample(tmp_path, mon
     assert keys is not None and cap < len(x) * 64  # fewer keys than the layer has
     assert not torch.equal(a.delta, b.delta)
     ratio = lambda e: e.fit_residual_after / e.fit_residual_before  # noqa: E731
-    assert ratio(b) < 1 and abs(ratio(a) - ratio(b)) < 0.1, (ratio(a), ratio(b))
+    assert ratio(b) < ratio(a) + 0.1, (ratio(a), ratio(b))  # fits the pairs no worse
 
 
 def test_the_statistics_pass_measures_the_base_accuracy(tmp_path):

@@ -414,7 +414,9 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
             rows = per_input * len(data)
             keep = round(cap / (per_input * total) * rows)
             if keep < rows:  # the sampled keys alone, gathered: nothing else is unfolded
-                pick = torch.randperm(rows, generator=generator)[:max(1, keep)].sort().values
+                # drawn with replacement (unbiased for the sums; a permutation of the 24M
+                # keys of one MobileNetV2 batch cost more than the sums themselves)
+                pick = torch.randint(rows, (max(1, keep),), generator=generator).sort().values
                 target.add(sampled_conv_keys(layer, data, attrs[layer.name], pick))
                 return
             cap = None  # the cap does not bind: every key

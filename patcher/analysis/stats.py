@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from patcher.analysis.moments import (DEFAULT_RIDGE, KeyMoments, KeyRows, KroneckerMoments,
-                                      rotate_keys, threads_for)
+                                      rotate_keys, single_thread, threads_for)
 from patcher.graph.shadow import EditableLayer
 
 #: Up to this key dimension the condition number is exact (eigenvalues); above it, the
@@ -55,7 +55,8 @@ class LayerStatistics:
             chol = torch.linalg.cholesky(regularised)
             del regularised
             if cov.shape[0] <= EXACT_CONDITION_UP_TO:
-                evals = torch.linalg.eigvalsh(cov)
+                with single_thread():  # 2 threads cost 3x the CPU on a loaded machine
+                    evals = torch.linalg.eigvalsh(cov)
                 cond, estimated = float(evals.max() / evals.min().abs().clamp_min(1e-300)), False
             else:  # a lower bound from the factor's diagonal, for large key dimensions
                 diag = torch.diagonal(chol) ** 2
