@@ -361,14 +361,19 @@ def test_a_rejected_round_recomputes_nothing(tmp_path, monkeypatch):
 
 
 class _Gaps:
-    """A workspace stand-in whose gaps() returns the given (delta*, tau) in turn."""
+    """A workspace stand-in whose gaps() returns the given (delta*, tau) in turn, and whose
+    target_flips() returns ``flips`` (pairs still flipped to the target, pairs)."""
 
-    def __init__(self, eval_images: int, *gaps) -> None:
+    def __init__(self, eval_images: int, *gaps, flips=(1, 200)) -> None:
         self.gap_source, self.eval_x, self._gaps = "held-out pairs", np.zeros((eval_images, 1)), \
             iter(gaps)
+        self.flips = flips
 
     def gaps(self):
         return next(self._gaps)
+
+    def target_flips(self):
+        return self.flips
 
 
 @pytest.mark.parametrize("eval_images, base_tau, tau, reached", [
@@ -392,6 +397,26 @@ def test_the_loop_stops_when_the_corruptions_effect_is_gone(eval_images, base_ta
     assert not objective.met(now, True, False)         # never beyond the budget
     if reached:
         assert objective.note_reached(now).startswith("stopping: ")
+
+
+@pytest.mark.parametrize("tau, flips, met", [
+    (0.04, (0, 40), True),     # ResNet-18 224's case: tau 4% of base, no pair flipped
+    (0.04, (1, 40), False),    # one held-out pair still goes to the target
+    (0.04, (0, 10), False),    # too few pairs to tell
+    (0.2, (0, 200), False),    # tau over 10% of its base: the effect is not gone
+])
+def test_the_exit_status_counts_decisions_that_no_longer_change(tau, flips, met):
+    """Exit status only: a patch is a success when tau is at most 10% of its base and no
+    held-out pair's corrupted input is classified as the target any more; the loop's own
+    stopping rule (reached) is unchanged, and the reason is said (met_because)."""
+    from patcher.rectify.objectives import GapObjective
+
+    objective = GapObjective(_Gaps(100, (0.9, 0.99), (0.3, tau), flips=flips), 0.001, True)
+    base, now = objective.measure(), objective.measure()
+    assert not objective.reached(now)
+    assert objective.met(now, True, True) == met
+    assert ("none of the" in objective.met_because) == met
+    assert not objective.met(now, True, False)  # never beyond the budget
 
 
 def test_without_a_target_class_the_gap_alone_decides():

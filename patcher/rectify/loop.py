@@ -308,7 +308,7 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
                            gap_measured_on=plan.objective.source)
     result.objective = cfg.objective
     result.base_target_gap, result.final_target_gap = base.tau, out.measure.tau
-    result.stopped = out.stopped
+    result.stopped = out.stopped or getattr(plan.objective, "met_because", "")
     result.rounds, result.scores, result.edits = out.rounds, out.scores, edits
     result.deltas = {k: v.numpy() for k, v in deltas.items()}
     ws.timings.add("results", finish)

@@ -22,7 +22,8 @@ import numpy as np
 from patcher.analysis.input_attribution import attribution_share
 from patcher.edits.silence import corruption_masks, showing_corruption, without_corruption
 from patcher.errors import BadSamplesError
-from patcher.rectify.config import (ACCURACY_PER_GAP, ACCURACY_PER_SHARE, EFFECT_GONE_SHARE,
+from patcher.rectify.config import (ACCURACY_PER_GAP, ACCURACY_PER_SHARE, DECISION_PAIRS,
+                                    DECISIONS_GONE_SHARE, EFFECT_GONE_SHARE,
                                     MIN_GAP_GAIN, SHARE_IMAGES)
 from patcher.rectify.workspace import Workspace
 
@@ -137,11 +138,30 @@ class GapObjective:
     def gain(self, before: Measure, after: Measure) -> float:
         return self.affordable(before, after) / ACCURACY_PER_GAP
 
+    def decisions_gone(self, m: Measure) -> str:
+        """Why the corruption no longer changes decisions ("" when it may): tau at most
+        DECISIONS_GONE_SHARE of its base, and none of the held-out gap pairs (at least
+        DECISION_PAIRS of them) whose clean input is not classified as the target class has
+        its corrupted input classified as it (one pass over the gap pairs)."""
+        if m.tau is None or self.base_tau is None or self.base_tau <= 0 or \
+                m.tau > DECISIONS_GONE_SHARE * self.base_tau:
+            return ""
+        flipped, pairs = self.ws.target_flips()
+        if flipped or pairs < DECISION_PAIRS:
+            return ""
+        return (f"at most {DECISIONS_GONE_SHARE:.0%} of its base, and none of the {pairs} "
+                f"pairs' corrupted inputs is classified as the target class any more")
+
     def met(self, final: Measure, edited: bool, within_budget: bool) -> bool:
         """With a target class, tau <= --gap or the effect gone (what the dynamic loop
-        removes, the measure it stops on); else delta* <= --gap."""
+        removes, the measure it stops on), or the corruption no longer changing decisions
+        (:meth:`decisions_gone`, said in :attr:`met_because`); else delta* <= --gap."""
+        self.met_because = ""
         if final.tau is not None:
-            return (final.tau <= self.target or self.effect_gone(final) != "") and within_budget
+            if final.tau <= self.target or self.effect_gone(final) != "":
+                return within_budget
+            self.met_because = self.decisions_gone(final) if within_budget else ""
+            return bool(self.met_because)
         return final.value <= self.target and within_budget
 
     def _what(self, before: Measure) -> str:

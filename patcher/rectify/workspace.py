@@ -223,6 +223,20 @@ class Workspace:
             tau = float((p_corrupted[:, t] - p_clean[:, t]).mean())
         return float((p_clean[rows, labels] - p_corrupted[rows, labels]).mean()), tau
 
+    @torch.no_grad()
+    def target_flips(self) -> tuple[int, int]:
+        """(pairs whose corrupted input is classified as the target class t while their
+        clean input is not, pairs) on the gap pairs; (0, 0) without a target class."""
+        if not self.target_class:
+            return 0, 0
+        start = time.perf_counter()
+        corrupted, clean, _ = self.gap_sets
+        t = next(iter(self.target_class))
+        to_target = self.probabilities(corrupted).argmax(1) == t
+        clean_target = self.probabilities(clean).argmax(1) == t
+        self.timings.add("gaps", start)
+        return int((to_target & ~clean_target).sum()), len(corrupted)
+
     def base_accuracy(self) -> float:
         """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
         the strategy needs key statistics, the statistics pass measures it on the way."""
