@@ -64,16 +64,21 @@ def principal_direction(c_inv, keys: torch.Tensor, weights: torch.Tensor,
         return _principal_direction_by_gram(a, iterations)
     gram = a @ a.T
     v = a.sum(1) if a.sum(1).norm() > 0 else torch.ones(a.shape[0], dtype=a.dtype)
-    v = v / v.norm().clamp_min(1e-300)
+    return _power_iteration(gram, v / v.norm().clamp_min(1e-300), iterations)
+
+
+def _power_iteration(matrix: torch.Tensor, v: torch.Tensor, iterations: int,
+                     length=torch.linalg.vector_norm) -> torch.Tensor:
+    """v_{t+1} = M v_t / length(M v_t) from a unit ``v``, for at most ``iterations`` steps
+    or until two iterates differ by less than 1e-10 in ``length`` (or M v = 0)."""
     for _ in range(iterations):
-        nxt = gram @ v
-        norm = nxt.norm()
+        nxt = matrix @ v
+        norm = length(nxt)
         if norm == 0:
             break
         nxt = nxt / norm
-        if (nxt - v).norm() < 1e-10:
-            v = nxt
-            break
+        if length(nxt - v) < 1e-10:
+            return nxt
         v = nxt
     return v
 
@@ -90,17 +95,7 @@ def _principal_direction_by_gram(a: torch.Tensor, iterations: int) -> torch.Tens
     x = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
     if float(length(x)) == 0:  # A 1 = 0: start from G's top eigenvector instead
         x = torch.linalg.eigh(gram)[1][:, -1]
-    x = x / length(x).clamp_min(1e-300)
-    for _ in range(iterations):
-        nxt = gram @ x
-        norm = length(nxt)
-        if norm == 0:
-            break
-        nxt = nxt / norm
-        if length(nxt - x) < 1e-10:
-            x = nxt
-            break
-        x = nxt
+    x = _power_iteration(gram, x / length(x).clamp_min(1e-300), iterations, length)
     v = a @ x
     return v / v.norm().clamp_min(1e-300)
 
@@ -164,18 +159,7 @@ def _direction_by_key_moments(c_inv, pieces, weights: torch.Tensor,
     v = c_inv @ start
     if v.norm() == 0:
         v = torch.ones(kd, dtype=torch.float64, device=device)
-    v = v / v.norm().clamp_min(1e-300)
-    for _ in range(iterations):
-        nxt = gram @ v
-        norm = nxt.norm()
-        if norm == 0:
-            break
-        nxt = nxt / norm
-        if (nxt - v).norm() < 1e-10:
-            v = nxt
-            break
-        v = nxt
-    return v
+    return _power_iteration(gram, v / v.norm().clamp_min(1e-300), iterations)
 
 
 def solve_rank_one(layer: str, weight: str, keys, residual: torch.Tensor, c_inv

@@ -164,10 +164,7 @@ def patch_coverage(layer: EditableLayer, attrs: dict, spatial: tuple[int, ...]
     positions P. Sum over pixels of coverage x f(pixel) = sum over keys and offsets of f."""
     dims = len(spatial)
     kernel = list(layer.shape[2:])
-    strides = list(attrs.get("strides") or [1] * dims)
-    dilations = list(attrs.get("dilations") or [1] * dims)
-    pads = resolve_pads(list(spatial), kernel, strides, dilations, attrs.get("pads"),
-                        attrs.get("auto_pad", "NOTSET"))
+    _, strides, dilations, pads = conv_key_grid(layer, attrs, spatial)
     ones = F.pad(torch.ones((1, 1, *spatial), dtype=torch.float64), torch_pad_list(pads))
     if dims == 1:
         ones, kernel, strides, dilations = ones.unsqueeze(2), [1] + kernel, [1] + strides, [1] + dilations

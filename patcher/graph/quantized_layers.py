@@ -93,6 +93,18 @@ class QuantizedAnalysis:
     form: str
 
 
+
+def _wiring(nodes: list) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """(tensor name -> indices of the nodes reading it, tensor name -> index of the node
+    writing it) over ``nodes``."""
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for inp in node.input:
+            if inp:
+                consumers.setdefault(inp, []).append(i)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    return consumers, producer
+
 def _array(name: str, inits: dict) -> np.ndarray:
     return numpy_helper.to_array(inits[name])
 
@@ -144,12 +156,7 @@ def analysis_model(loaded: LoadedModel) -> QuantizedAnalysis | None:
     nodes = list(graph.node)
     names = node_names(nodes)
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for inp in node.input:
-            if inp:
-                consumers.setdefault(inp, []).append(i)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    consumers, producer = _wiring(nodes)
     taken = set(names) | {o for n in nodes for o in n.output} | set(inits) | \
         {i.name for i in graph.input}
 
@@ -432,12 +439,7 @@ def dynamic_weight_scales(graph) -> dict[str, str]:
     nodes = list(graph.node)
     names = node_names(nodes)
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for inp in node.input:
-            if inp:
-                consumers.setdefault(inp, []).append(i)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    consumers, producer = _wiring(nodes)
     out = {}
     for i, node in enumerate(nodes):
         if node.op_type in DYNAMIC_OPS and node.domain in ("", "ai.onnx"):
