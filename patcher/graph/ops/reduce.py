@@ -8,6 +8,8 @@ and cast back, so the output dtype equals the input dtype.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from patcher.graph.ops.registry import register
@@ -24,10 +26,7 @@ def _reduce(fn, x, axes: list[int], keepdims: int, noop: int, empty_value: float
             return x
         axes = list(range(x.dim()))
     dims = tuple(a % x.dim() for a in axes) if x.dim() else ()
-    floating = x.dtype.is_floating_point
-    work = x if floating or x.dtype == torch.bool else x.to(torch.float64)
-    if work.dtype == torch.bool:
-        work = work.to(torch.float64)
+    work = x if x.dtype.is_floating_point else x.to(torch.float64)  # ints and bool
     if any(x.shape[d] == 0 for d in dims):
         shape = [1 if d in dims else s for d, s in enumerate(x.shape)] if keepdims else \
             [s for d, s in enumerate(x.shape) if d not in dims]
@@ -38,13 +37,14 @@ def _reduce(fn, x, axes: list[int], keepdims: int, noop: int, empty_value: float
 
 def _empty_fill(value: float, dtype: torch.dtype):
     """A reduction's value over an empty set in ``dtype``: +-inf become the dtype's extremes
-    (True/False for bool)."""
+    (True/False for bool), NaN becomes 0 in an integer dtype."""
     if dtype == torch.bool:
         return value > 0
-    if dtype.is_floating_point or value != value or abs(value) != float("inf"):
-        return value if dtype.is_floating_point or value == value else 0
-    info = torch.iinfo(dtype)
-    return info.max if value > 0 else info.min
+    if dtype.is_floating_point:
+        return value
+    if math.isinf(value):
+        return torch.iinfo(dtype).max if value > 0 else torch.iinfo(dtype).min
+    return 0 if math.isnan(value) else value
 
 
 def _mean(w, dims, keep):
