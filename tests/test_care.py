@@ -14,7 +14,8 @@ from onnx import helper
 
 import onnxruntime as ort
 
-from patcher.edits.care import (PENALTY, RATE_DONE, care_repair, grown_repair, shrunk,
+from patcher.edits.care import (MIN_RATE_REMOVED, PENALTY, RATE_DONE, care_repair,
+                                grown_repair, misbehaviour_rate, removes_enough, shrunk,
                                 unit_scale_delta)
 from patcher.analysis.causal import (SiteRunner, default_unit_site, layer_causal_effects,
                                      neuron_causal_effects, rank_agreement, swap_probabilities,
@@ -530,17 +531,43 @@ def test_a_care_run_obeys_its_multiplier_range_ranking_and_triggered_set(trojane
                                                                          tmp_path):
     out = tmp_path / "care.onnx"
     result = patch_cli(trojaned / "model.onnx", trojaned, out, "--strategy", "care",
-                       "--gap", "0.05", "--care-min-multiplier", "0.25",
+                       "--gap", "0.05", "--care-min-multiplier", "-3",
                        "--care-max-multiplier", "0.75", "--care-triggered", "0",
-                       "--care-ranking", "swap", "--care-neurons", "2",
-                       "--care-iterations", "3", "--care-particles", "4")
+                       "--care-ranking", "swap", "--care-neurons", "6",
+                       "--care-iterations", "10", "--care-particles", "8")
     assert result.exit_code in (0, 1), result.output
     edits = read_provenance(onnx.load(str(out)))["edits"]
     assert edits, result.output
     pairs = len(np.load(trojaned / "pairs.npz")["label"])
     for e in edits:
-        assert e["kind"] == "care" and e["ranking"] == "swap" and len(e["units"]) == 2
+        assert e["kind"] == "care" and e["ranking"] == "swap" and len(e["units"]) == 6
         assert e["units"] == e["swap_top"]
         assert e["triggered"] == pairs  # the pairs only
         # the found multipliers lie in the box; a shrunk share lies between them and 1
-        assert all(0.25 - 1e-6 <= m <= 1.0 + 1e-6 for m in e["multipliers"]), e["multipliers"]
+        assert all(-3 - 1e-6 <= m <= 1.0 + 1e-6 for m in e["multipliers"]), e["multipliers"]
+        assert min(e["multipliers"]) < 0.75 + 1e-6
+
+
+def test_the_keep_rule_asks_a_repair_to_remove_half_of_the_misbehaviour_rate():
+    """A repair is kept only when rate_after <= (1 - MIN_RATE_REMOVED) rate_before; the
+    rate is the argmax share at the target (or off the label without one)."""
+    assert MIN_RATE_REMOVED == 0.5
+    assert removes_enough(0.99, 0.0) and removes_enough(0.99, 0.495)
+    assert not removes_enough(0.99, 0.50) and not removes_enough(0.99, 0.94)
+    logits = torch.tensor([[0.0, 2.0], [3.0, 1.0], [0.0, 1.0], [1.0, 0.5]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert misbehaviour_rate(logits, labels, 1) == 0.5       # rows 0 and 2 hit the target
+    assert misbehaviour_rate(logits, labels, None) == 0.5    # rows 0 and 3 miss the label
+
+
+def test_a_care_repair_that_leaves_the_rate_is_not_kept(trojaned, tmp_path):  # noqa: F811
+    """One particle at the identity and no iterations: the 'repair' changes nothing, so the
+    keep rule refuses it and the written model carries no CARE edit."""
+    out = tmp_path / "care.onnx"
+    result = patch_cli(trojaned / "model.onnx", trojaned, out, "--strategy", "care",
+                       "--care-neurons", "3", "--care-particles", "1",
+                       "--care-iterations", "0")
+    assert result.exit_code == 1, result.output
+    assert "removes less than 50% of the rate" in result.output, result.output
+    assert not read_provenance(onnx.load(str(out))).get("edits"), result.output
+    assert _asr(out, trojaned) == _asr(trojaned / "model.onnx", trojaned)

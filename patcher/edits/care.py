@@ -133,9 +133,7 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
     def terms(m: np.ndarray) -> tuple[float, float, float, float, float]:
         logits = runner.scaled_logits(units, m).to(torch.float64)
         predicted = logits.argmax(1)
-        trig = predicted[:n_t]
-        bad = (trig == target) if target is not None else (trig != y[:n_t])
-        rate = float(bad.to(torch.float64).mean())
+        rate = misbehaviour_rate(logits[:n_t], y[:n_t], target)
         clean = len(y) > n_t
         error = float((predicted[n_t:] != y[n_t:]).to(torch.float64).mean()) if clean else 0.0
         changed = float((predicted[n_t:] != predicted0).to(torch.float64).mean()) \
@@ -189,6 +187,25 @@ GROWTH = (5, 10, 20, 40, 80)
 GROWTH_SPREAD = 0.1
 #: the triggered-set rate at which growing stops
 RATE_DONE = 0.005
+#: the share of the triggered set's misbehaviour rate a repair must remove to be kept:
+#: rate_after <= (1 - MIN_RATE_REMOVED) rate_before. A repair that leaves more than half of
+#: the triggered inputs misbehaving leaves the backdoor usable, and the accuracy it costs
+#: buys nothing; measured repairs fall far on either side (working ones remove 98-100% of
+#: it, stalled ones 5-20%: an MLP at 94% of 99%, a LeNet at 78-81% of 99%)
+MIN_RATE_REMOVED = 0.5
+
+
+def misbehaviour_rate(logits: torch.Tensor, labels: torch.Tensor, target: int | None) -> float:
+    """The share of rows predicted as the attack's ``target`` (without one: not as their
+    label), by argmax: CARE's attack success rate r(T)."""
+    predicted = logits.argmax(1)
+    bad = (predicted == target) if target is not None else (predicted != labels)
+    return float(bad.to(torch.float64).mean())
+
+
+def removes_enough(rate_before: float, rate_after: float) -> bool:
+    """Whether a repair removes at least MIN_RATE_REMOVED of the misbehaviour rate."""
+    return rate_after <= (1.0 - MIN_RATE_REMOVED) * rate_before + 1e-12
 
 
 @dataclass

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from patcher.analysis.causal import SiteRunner, unit_effects, unit_site
-from patcher.edits.care import FIDELITY, GROWTH, HELD_OUT, grown_repair, shrunk, unit_scale_delta
+from patcher.edits.care import (FIDELITY, GROWTH, HELD_OUT, MIN_RATE_REMOVED, grown_repair,
+                                misbehaviour_rate, removes_enough, shrunk, unit_scale_delta)
 from patcher.edits.finetune import finetune_in_place
 from patcher.edits.rankone import (RankOneEdit, UnfoldedKeys, solve_rank_one,
                                    solve_rank_one_iterative)
@@ -285,13 +286,28 @@ class HeldOutAccuracy:
         return self.base - self.accuracy(units, multipliers) if self.size else None
 
 
+class TriggeredRate:
+    """The misbehaviour rate on the triggered set with some of a site's units scaled
+    (:func:`patcher.edits.care.misbehaviour_rate`)."""
+
+    def __init__(self, ws: Workspace, site, triggered: torch.Tensor, labels: torch.Tensor,
+                 target: int | None) -> None:
+        self.runner = SiteRunner(ws.graph, site, triggered)
+        self.labels, self.target = labels.to(self.runner.units.device), target
+
+    def rate(self, units: list[int], multipliers) -> float:
+        return misbehaviour_rate(self.runner.scaled_logits(units, multipliers), self.labels,
+                                 self.target)
+
+
 class CareEditKind:
     """CARE's repair at the units feeding a layer (:mod:`patcher.edits.care`): a triggered
     set transplanted from the pairs onto eval images, the units ranked by CARE's score and
     by ours (:func:`patcher.analysis.causal.unit_effects`, both recorded), the top ones'
     multipliers searched by the particle swarm, written as scales of the layer's weight
     slices; then the repair and its shares CARE_SHRINK of the way from the identity,
-    largest first, until the accuracy budget holds."""
+    largest first, each offered only when it removes MIN_RATE_REMOVED of the triggered
+    set's rate and its held-out accuracy drop is within half the budget."""
 
     def triggered_set(self, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pairs' corrupted inputs plus up to ``care_triggered`` eval images outside the
@@ -352,19 +368,25 @@ class CareEditKind:
                         "search_images": len(search), "held_out_images": len(held)}
         start = time.perf_counter()
         held_out = HeldOutAccuracy(ws, site, held)
+        rates = TriggeredRate(ws, site, triggered, labels, target)
         ws.timings.add("care_held_out", start)
-        yield CandidateGroup(self._shrunk(ws, layer, repair, localisation, held_out,
+        yield CandidateGroup(self._shrunk(ws, layer, repair, localisation, held_out, rates,
                                           cfg.budget / 2),
                              extra={"neurons": repair.units, "localisation": localisation})
 
-    def _shrunk(self, ws, layer, repair, localisation, held_out, max_drop
+    def _shrunk(self, ws, layer, repair, localisation, held_out, rates, max_drop
                 ) -> Iterator[Candidate]:
-        """The repair and its CARE_SHRINK shares, largest first, each only when its
+        """The repair and its CARE_SHRINK shares, largest first, each only when it removes
+        MIN_RATE_REMOVED of the triggered set's rate (the keep rule's "real repair") and its
         accuracy drop on the held-out eval images is at most ``max_drop``."""
         weight = ws.graph.weight(layer.weight)
         refused: list[str] = []
         for t in CARE_SHRINK:
             multipliers = shrunk(repair.multipliers, t)
+            rate = rates.rate(repair.units, multipliers)
+            if not removes_enough(repair.rate_before, rate):
+                refused.append(f"{t:.0%}: rate {rate:.2%}")
+                continue
             drop = held_out.drop(repair.units, multipliers)
             if drop is not None and drop > max_drop + 1e-9:
                 refused.append(f"{t:.0%}: -{drop:.2%}")
@@ -374,10 +396,11 @@ class CareEditKind:
             entry = {"layer": layer.name, "weight": layer.weight, "kind": "care",
                      "units": [int(u) for u in repair.units],
                      "multipliers": [round(float(v), 6) for v in multipliers],
-                     **localisation, "held_out_drop": drop, "delta_norm": float(delta64.norm()),
+                     **localisation, "share": t, "triggered_rate": rate,
+                     "held_out_drop": drop, "delta_norm": float(delta64.norm()),
                      "rank": int(torch.linalg.matrix_rank(delta64.reshape(delta64.shape[0], -1)))}
             reason = (f"CARE: {len(repair.units)} unit(s) of {localisation['site_units']}, "
-                      f"triggered-set rate {repair.rate_before:.2%} -> {repair.rate_after:.2%}"
+                      f"triggered-set rate {repair.rate_before:.2%} -> {rate:.2%}"
                       + (f", held-out accuracy -{drop:.2%}" if drop is not None else "")
                       + (f", shrunk to {t:.0%}" if t < 1 else ""))
             yield Candidate(layer, {layer.weight: delta.to(weight.device)},
@@ -386,9 +409,10 @@ class CareEditKind:
                                   f"ours {localisation['swap_top']})", reason=reason)
         if len(refused) == len(CARE_SHRINK):
             raise SkipLayer(f"CARE's repair ({len(repair.units)} units, triggered-set rate "
-                            f"{repair.rate_before:.2%} -> {repair.rate_after:.2%}) costs more "
-                            f"than {max_drop:.2%} of the accuracy on the {held_out.size} "
-                            f"held-out eval images at every share ({', '.join(refused)})")
+                            f"{repair.rate_before:.2%} -> {repair.rate_after:.2%}) removes "
+                            f"less than {MIN_RATE_REMOVED:.0%} of the rate or costs more than "
+                            f"{max_drop:.2%} of the accuracy on the {held_out.size} held-out "
+                            f"eval images at every share ({', '.join(refused)})")
 
     def kept(self, ws: Workspace, candidate: Candidate) -> None:
         pass
