@@ -227,9 +227,45 @@ def test_default_site_is_the_flattened_map_and_pooled_features_are_refused():
         default_unit_site(pooled, pooled.editable_layers, x)
     with pytest.raises(RectifyError, match="graph input"):
         unit_site(graph, graph.layer("A"), x)
-    mlp = _mlp()  # A reads the model input: CARE's units are those B reads
+    mlp = _mlp()  # A reads the graph input with no node between: the units are those B reads
     site = default_unit_site(mlp, mlp.editable_layers, torch.zeros(1, 6))
     assert site.consumer.name == "B" and not site.spatial and site.units == 8
+
+
+def _image_mlp():
+    """x[., 1, 4, 4] -> Flatten -> Gemm A (8) -> Relu -> Gemm B (3): an MLP on images."""
+    w = lambda *s: RNG.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "wa", "ba"], ["ha"], name="A", transB=1),
+             helper.make_node("Relu", ["ha"], ["ra"], name="relu"),
+             helper.make_node("Gemm", ["ra", "wb", "bb"], ["y"], name="B", transB=1)]
+    inits = {"wa": w(8, 16), "ba": w(8), "wb": w(3, 8), "bb": w(3)}
+    return make_model(nodes, [value_info("x", [None, 1, 4, 4])], [value_info("y", None)], inits)
+
+
+def test_an_mlps_default_site_is_its_input_pixels_and_their_multipliers_are_a_weight_edit(
+        tmp_path):
+    """On an MLP fed through Flatten, CARE's units are the pixels the first dense layer
+    reads (a hidden unit mixes every pixel; a patch trigger lives in a few): scaling pixel
+    u is exactly scaling row u of A's key axis, under onnxruntime."""
+    model = _image_mlp()
+    graph = ShadowGraph.from_onnx(model)
+    x = torch.from_numpy(RNG.random((5, 1, 4, 4)).astype(np.float32))
+    site = default_unit_site(graph, graph.editable_layers, x[:1])
+    assert site.consumer.name == "A" and site.from_input and site.units == 16
+    assert "the model input" in site.path and "Flatten" in site.path
+    units, m = [0, 5, 15], np.array([0.0, -2.0, 3.5])
+    with torch.no_grad():
+        expect = SiteRunner(graph, site, x).scaled_logits(units, m).numpy()
+    layer = graph.layer("A")
+    delta = unit_scale_delta(layer, graph.weight(layer.weight), units, m)
+    got = _written_logits(tmp_path, model, {layer.weight: delta}, x)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+    scaled = x.clone().reshape(5, 16)
+    scaled[:, units] *= torch.from_numpy(m).float()
+    with torch.no_grad():
+        direct = graph(scaled.reshape(5, 1, 4, 4))[0].numpy()
+    np.testing.assert_allclose(got, direct, rtol=1e-5, atol=1e-5)
 
 
 def test_unit_rankings_give_nothing_to_a_unit_that_cannot_reach_the_output():

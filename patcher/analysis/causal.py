@@ -506,17 +506,16 @@ def unit_effects(graph: ShadowGraph, site: UnitSite, triggered: torch.Tensor,
 @torch.no_grad()
 def default_unit_site(graph: ShadowGraph, layers: list[EditableLayer],
                       probe: torch.Tensor) -> UnitSite:
-    """CARE's site: the units feeding the first dense (Gemm/MatMul) layer of ``layers`` that
-    reads hidden units (not the model input): a flattened feature map (spatially resolved
-    units, as CARE cuts a CNN) or a hidden dense layer's units (an MLP). A dense layer that
-    reads pooled channels has no spatial units a weight edit could scale: RectifyError,
-    naming what to pass instead."""
+    """CARE's site: the units feeding the first dense (Gemm/MatMul) layer of ``layers``: a
+    flattened feature map (spatially resolved units, as CARE cuts a CNN), or on an MLP the
+    flattened input pixels (``from_input``: where a patch trigger lives; a hidden unit of an
+    MLP mixes every pixel). A dense layer that reads a graph input with no node between
+    is passed over (a SiteRunner needs a producer), and one that reads pooled channels has
+    no spatial units a weight edit could scale: RectifyError, naming what to pass instead."""
     for layer in (l for l in layers if l.op in ("Gemm", "MatMul")):
         try:
             site = unit_site(graph, layer, probe)
-        except RectifyError:  # the model input itself, or a tensor read elsewhere too
-            continue
-        if site.from_input:
+        except RectifyError:  # a graph input with no node between, or a tensor read elsewhere
             continue
         if site.pooled:
             raise RectifyError(f"CARE does not apply by default: the first dense layer "
