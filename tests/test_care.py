@@ -15,7 +15,8 @@ from onnx import helper
 import onnxruntime as ort
 
 from patcher.edits.care import (MIN_RATE_REMOVED, PENALTY, RATE_DONE, care_repair,
-                                grown_repair, misbehaviour_rate, removes_enough, shrunk,
+                                centre_bias, centre_bias_delta, clean_centres, grown_repair,
+                                misbehaviour_rate, removes_enough, scaled_logits, shrunk,
                                 unit_scale_delta)
 from patcher.analysis.causal import (SiteRunner, default_unit_site, layer_causal_effects,
                                      neuron_causal_effects, rank_agreement, swap_probabilities,
@@ -232,14 +233,17 @@ def test_default_site_is_the_flattened_map_and_pooled_features_are_refused():
     assert site.consumer.name == "B" and not site.spatial and site.units == 8
 
 
-def _image_mlp():
-    """x[., 1, 4, 4] -> Flatten -> Gemm A (8) -> Relu -> Gemm B (3): an MLP on images."""
-    w = lambda *s: RNG.standard_normal(s).astype(np.float32)  # noqa: E731
+def _image_mlp(trans_b: int = 1, alpha: float = 1.0, beta: float = 1.0):
+    """x[., 1, 4, 4] -> Flatten -> Gemm A (8) -> Relu -> Gemm B (3): an MLP on images
+    (its own seed: the other tests' models stay as they were)."""
+    rng = np.random.default_rng(5)
+    w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     nodes = [helper.make_node("Flatten", ["x"], ["flat"], name="flatten"),
-             helper.make_node("Gemm", ["flat", "wa", "ba"], ["ha"], name="A", transB=1),
+             helper.make_node("Gemm", ["flat", "wa", "ba"], ["ha"], name="A", transB=trans_b,
+                              alpha=alpha, beta=beta),
              helper.make_node("Relu", ["ha"], ["ra"], name="relu"),
              helper.make_node("Gemm", ["ra", "wb", "bb"], ["y"], name="B", transB=1)]
-    inits = {"wa": w(8, 16), "ba": w(8), "wb": w(3, 8), "bb": w(3)}
+    inits = {"wa": w(8, 16) if trans_b else w(16, 8), "ba": w(8), "wb": w(3, 8), "bb": w(3)}
     return make_model(nodes, [value_info("x", [None, 1, 4, 4])], [value_info("y", None)], inits)
 
 
@@ -250,7 +254,7 @@ def test_an_mlps_default_site_is_its_input_pixels_and_their_multipliers_are_a_we
     u is exactly scaling row u of A's key axis, under onnxruntime."""
     model = _image_mlp()
     graph = ShadowGraph.from_onnx(model)
-    x = torch.from_numpy(RNG.random((5, 1, 4, 4)).astype(np.float32))
+    x = torch.from_numpy(np.random.default_rng(6).random((5, 1, 4, 4)).astype(np.float32))
     site = default_unit_site(graph, graph.editable_layers, x[:1])
     assert site.consumer.name == "A" and site.from_input and site.units == 16
     assert "the model input" in site.path and "Flatten" in site.path
@@ -569,14 +573,18 @@ def test_a_care_run_obeys_its_multiplier_range_ranking_and_triggered_set(trojane
     result = patch_cli(trojaned / "model.onnx", trojaned, out, "--strategy", "care",
                        "--gap", "0.05", "--care-min-multiplier", "-3",
                        "--care-max-multiplier", "0.75", "--care-triggered", "0",
-                       "--care-ranking", "swap", "--care-neurons", "6",
-                       "--care-iterations", "10", "--care-particles", "8")
+                       "--care-ranking", "swap", "--care-neurons", "12",
+                       "--care-iterations", "20", "--care-particles", "10")
     assert result.exit_code in (0, 1), result.output
     edits = read_provenance(onnx.load(str(out)))["edits"]
     assert edits, result.output
     pairs = len(np.load(trojaned / "pairs.npz")["label"])
-    for e in edits:
-        assert e["kind"] == "care" and e["ranking"] == "swap" and len(e["units"]) == 6
+    shifts = [e for e in edits if e.get("role") == "bias shift"]
+    weights = [e for e in edits if e.get("role") != "bias shift"]
+    assert len(weights) == 1 and all(e["centred"] for e in weights)  # a Gemm with a bias
+    assert [e["weight"] for e in shifts] == ["6.bias"] and shifts[0]["units"] == weights[0]["units"]
+    for e in weights:
+        assert e["kind"] == "care" and e["ranking"] == "swap" and len(e["units"]) == 12
         assert e["units"] == e["swap_top"]
         assert e["triggered"] == pairs  # the pairs only
         # the found multipliers lie in the box; a shrunk share lies between them and 1
@@ -607,3 +615,40 @@ def test_a_care_repair_that_leaves_the_rate_is_not_kept(trojaned, tmp_path):  # 
     assert "removes less than 50% of the rate" in result.output, result.output
     assert not read_provenance(onnx.load(str(out))).get("edits"), result.output
     assert _asr(out, trojaned) == _asr(trojaned / "model.onnx", trojaned)
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta", [(1, 1.0, 1.0), (0, 0.5, 2.0)])
+def test_centred_multipliers_are_exactly_a_weight_scale_plus_a_bias_shift(tmp_path, trans_b,
+                                                                          alpha, beta):
+    """x_u -> c_u + m_u (x_u - c_u) at a Gemm's input (c: the clean mean) is W[u] -> m_u W[u]
+    plus beta dC = alpha sum_u (1 - m_u) c_u W[u]: onnxruntime on the written file gives the
+    shadow graph's logits with the units so replaced; m = 1 changes nothing, m = 0 holds
+    the unit at its centre."""
+    model = _image_mlp(trans_b, alpha, beta)
+    graph = ShadowGraph.from_onnx(model)
+    x = torch.from_numpy(np.random.default_rng(7).random((6, 1, 4, 4)).astype(np.float32))
+    layer = graph.layer("A")
+    site = default_unit_site(graph, graph.editable_layers, x[:1])
+    assert centre_bias(graph, layer) == "ba"
+    centre = clean_centres(graph, site, x)
+    assert torch.allclose(centre, x.reshape(6, 16).double().mean(0), atol=1e-6)
+    units, m = [1, 6, 9, 14], np.array([0.0, -2.5, 4.0, 1.0])
+    runner = SiteRunner(graph, site, x)
+    with torch.no_grad():
+        expect = scaled_logits(runner, units, m, centre).numpy()
+        held = x.reshape(6, 16).clone()
+        held[:, 1] = float(centre[1])               # m = 0: the clean mean itself
+        held[:, [6, 9]] = (centre[[6, 9]] + torch.tensor([-2.5, 4.0], dtype=torch.float64)
+                           * (held[:, [6, 9]].double() - centre[[6, 9]])).float()
+        direct = graph(held.reshape(6, 1, 4, 4))[0].numpy()
+    np.testing.assert_allclose(expect, direct, rtol=1e-5, atol=1e-5)
+    deltas = {layer.weight: unit_scale_delta(layer, graph.weight(layer.weight), units, m),
+              "ba": centre_bias_delta(graph, layer, units, m, centre)}
+    got = _written_logits(tmp_path, model, deltas, x)
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
+    assert float(deltas["ba"].abs().max()) > 1e-3
+    identity = centre_bias_delta(graph, layer, units, np.ones(4), centre)
+    assert float(identity.abs().max()) == 0.0
+    assert centre_bias(graph, graph.layer("B")) == "bb"
+    matmul = ShadowGraph.from_onnx(_feature_model("matmul"))  # no bias: scaled about 0
+    assert centre_bias(matmul, matmul.layer("D")) is None

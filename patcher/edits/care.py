@@ -109,9 +109,12 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
                 particles: int = 20, iterations: int = 100, patience: int = 20,
                 seed: int = 0, show_progress: bool | None = None,
                 start: np.ndarray | None = None, guard: str = "accuracy",
-                fidelity: float = 0.0, spread: float | None = None) -> CareRepair:
-    """Search multipliers of ``units`` at ``site`` (module docstring). The graph is left
-    unchanged: write the result with :func:`unit_scale_delta`."""
+                fidelity: float = 0.0, spread: float | None = None,
+                centre: torch.Tensor | None = None) -> CareRepair:
+    """Search multipliers of ``units`` at ``site`` (module docstring); ``centre`` (one
+    value per unit of the site, or None for 0) is what each multiplier scales about. The
+    graph is left unchanged: write the result with :func:`unit_scale_delta` (and
+    :func:`centre_bias_delta` for a centre)."""
     if not units:
         raise RectifyError(f"CARE at '{site.consumer.name}': no units chosen")
     if objective not in OBJECTIVES:
@@ -125,13 +128,14 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
         raise RectifyError(f"unknown CARE guard '{guard}' ({', '.join(GUARDS)})")
     runner = SiteRunner(graph, site, torch.cat([triggered, eval_x]))
     n_t = len(triggered)
+    scaled = lambda m: scaled_logits(runner, units, m, centre)  # noqa: E731
     y = torch.cat([triggered_labels, eval_y]).to(runner.units.device)
     identity = np.ones(len(units))
-    logits0 = runner.scaled_logits(units, identity).to(torch.float64)[n_t:]
+    logits0 = scaled(identity).to(torch.float64)[n_t:]
     predicted0, logp0 = logits0.argmax(1), torch.log_softmax(logits0, 1)
 
     def terms(m: np.ndarray) -> tuple[float, float, float, float, float]:
-        logits = runner.scaled_logits(units, m).to(torch.float64)
+        logits = scaled(m).to(torch.float64)
         predicted = logits.argmax(1)
         rate = misbehaviour_rate(logits[:n_t], y[:n_t], target)
         clean = len(y) > n_t
@@ -169,6 +173,69 @@ def care_repair(graph: ShadowGraph, site: UnitSite, units: list[int], triggered:
                       rate0, rate1, 1 - error0, 1 - error1, result)
 
 
+def scaled_logits(runner: SiteRunner, units: list[int], multipliers,
+                  centre: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits with each unit u of ``units`` replaced by c_u + m_u (x_u - c_u) (c: ``centre``,
+    indexed by unit; None: 0, CARE's plain multiplier)."""
+    if centre is None:
+        return runner.scaled_logits(units, multipliers)
+    axis = runner.site.axis
+    index = torch.as_tensor(units, device=runner.units.device, dtype=torch.long)
+    old = runner.units.index_select(axis, index)
+    shape = [1] * old.dim()
+    shape[axis] = len(units)
+    m = torch.as_tensor(np.asarray(multipliers, dtype=np.float64), device=old.device)
+    c = centre.to(old.device).index_select(0, index).to(old.dtype).reshape(shape)
+    return runner.logits_with(units, c + m.to(old.dtype).reshape(shape) * (old - c))
+
+
+def centre_bias(graph: ShadowGraph, layer: EditableLayer) -> str | None:
+    """The bias a centred multiplier's shift is written into: a Gemm's float initializer C
+    with one value per output (None: no such bias, so multipliers scale about 0)."""
+    node = graph.node_by_name[layer.name]
+    if layer.op != "Gemm" or len(node.inputs) < 3 or not node.inputs[2]:
+        return None
+    try:
+        bias = graph.constant(node.inputs[2])
+    except (KeyError, AttributeError):
+        return None
+    outputs = layer.shape[1] if layer.orientation == "gemm" else layer.shape[0]
+    if not bias.dtype.is_floating_point or bias.numel() != outputs:
+        return None
+    return node.inputs[2]
+
+
+def clean_centres(graph: ShadowGraph, site: UnitSite, clean: torch.Tensor) -> torch.Tensor:
+    """The mean of each unit of ``site`` over ``clean`` inputs (float64, one per unit), for
+    a dense consumer's 2-D input."""
+    units = SiteRunner(graph, site, clean).units
+    if units.dim() != 2:
+        raise RectifyError(f"CARE at '{site.consumer.name}': centred multipliers need a "
+                           "dense layer's 2-D input")
+    return units.to(torch.float64).mean(0)
+
+
+def centre_bias_delta(graph: ShadowGraph, layer: EditableLayer, units: list[int],
+                      multipliers, centre: torch.Tensor) -> torch.Tensor:
+    """dC (the bias's shape, float64) with which a Gemm y = alpha x W + beta C, its rows u
+    scaled by m_u (:func:`unit_scale_delta`), reads x_u as c_u + m_u (x_u - c_u):
+
+        beta dC = alpha sum_u (1 - m_u) c_u W[u, :]     (W in key-by-output layout)"""
+    attrs = graph.node_attributes(layer.name)
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    if beta == 0.0:
+        raise RectifyError(f"CARE at '{layer.name}': beta = 0, the bias is not read")
+    w = graph.weight(layer.weight).detach().to(torch.float64)
+    if layer.orientation == "gemm_transposed":
+        w = w.transpose(0, 1)
+    index = torch.as_tensor(units, dtype=torch.long, device=w.device)
+    m = torch.as_tensor(np.asarray(multipliers, dtype=np.float64), device=w.device)
+    shift = (1.0 - m) * centre.to(w.device, torch.float64).index_select(0, index)
+    delta = alpha * (shift[:, None] * w.index_select(0, index)).sum(0) / beta
+    bias = graph.constant(graph.node_by_name[layer.name].inputs[2])
+    return delta.reshape(bias.shape)
+
+
 def shrunk(multipliers: np.ndarray, t: float) -> np.ndarray:
     """The multipliers a share ``t`` of the way from the identity: 1 + t (m - 1)."""
     return 1.0 + t * (np.asarray(multipliers, dtype=np.float64) - 1.0)
@@ -185,6 +252,11 @@ GROWTH = (5, 10, 20, 40, 80)
 #: apart (standard deviation per coordinate): drawn uniform in a box of 20+ dimensions,
 #: nearly every particle changes too many clean predictions and the search stalls at once
 GROWTH_SPREAD = 0.1
+#: scale a dense consumer's units about their clean mean (written as a weight scale plus a
+#: bias shift, :func:`centre_bias_delta`) rather than about 0, where its bias allows: a unit
+#: with a clean baseline away from 0 (tanh, BatchNorm) can then be silenced to that
+#: baseline (m = 0) without moving every clean input
+CENTRED = True
 #: the triggered-set rate at which growing stops
 RATE_DONE = 0.005
 #: the share of the triggered set's misbehaviour rate a repair must remove to be kept:

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from patcher.analysis.causal import SiteRunner, unit_effects, unit_site
-from patcher.edits.care import (FIDELITY, GROWTH, HELD_OUT, MIN_RATE_REMOVED, grown_repair,
-                                misbehaviour_rate, removes_enough, shrunk, unit_scale_delta)
+from patcher.edits.care import (CENTRED, FIDELITY, GROWTH, HELD_OUT, MIN_RATE_REMOVED,
+                                centre_bias, centre_bias_delta, clean_centres, grown_repair,
+                                misbehaviour_rate, removes_enough, scaled_logits, shrunk,
+                                unit_scale_delta)
 from patcher.edits.finetune import finetune_in_place
 from patcher.edits.rankone import (RankOneEdit, UnfoldedKeys, solve_rank_one,
                                    solve_rank_one_iterative)
@@ -270,8 +272,9 @@ class HeldOutAccuracy:
     """Accuracy drops of CARE repairs on the eval images the search never saw (``held``
     indices; none: every drop is None)."""
 
-    def __init__(self, ws: Workspace, site, held: np.ndarray) -> None:
-        self.size = len(held)
+    def __init__(self, ws: Workspace, site, held: np.ndarray,
+                 centre: torch.Tensor | None = None) -> None:
+        self.size, self.centre = len(held), centre
         if not self.size:
             return
         self.runner = SiteRunner(ws.graph, site, ws.tensor(ws.eval_x[held]))
@@ -279,7 +282,7 @@ class HeldOutAccuracy:
         self.base = self.accuracy([], [])
 
     def accuracy(self, units: list[int], multipliers) -> float:
-        predicted = self.runner.scaled_logits(units, multipliers).argmax(1)
+        predicted = scaled_logits(self.runner, units, multipliers, self.centre).argmax(1)
         return float((predicted == self.labels).to(torch.float64).mean())
 
     def drop(self, units: list[int], multipliers) -> float | None:
@@ -291,13 +294,14 @@ class TriggeredRate:
     (:func:`patcher.edits.care.misbehaviour_rate`)."""
 
     def __init__(self, ws: Workspace, site, triggered: torch.Tensor, labels: torch.Tensor,
-                 target: int | None) -> None:
+                 target: int | None, centre: torch.Tensor | None = None) -> None:
         self.runner = SiteRunner(ws.graph, site, triggered)
         self.labels, self.target = labels.to(self.runner.units.device), target
+        self.centre = centre
 
     def rate(self, units: list[int], multipliers) -> float:
-        return misbehaviour_rate(self.runner.scaled_logits(units, multipliers), self.labels,
-                                 self.target)
+        return misbehaviour_rate(scaled_logits(self.runner, units, multipliers, self.centre),
+                                 self.labels, self.target)
 
 
 class CareEditKind:
@@ -349,13 +353,17 @@ class CareEditKind:
         order = effects.care_order if cfg.care_ranking == "care" else effects.swap_order
         start = time.perf_counter()
         search, held = self.split_eval(ws)
+        bias = centre_bias(ws.graph, layer) if CENTRED else None
+        centre = clean_centres(ws.graph, site, ws.tensor(ws.eval_x[search])) \
+            if bias is not None and site.axis == 1 else None
         repair, steps = grown_repair(
             ws.graph, site, order, schedule, triggered, labels,
             ws.tensor(ws.eval_x[search]), ws.tensor(ws.eval_y[search]), target,
             bounds=tuple(cfg.care_range), objective=cfg.care_objective, alpha=cfg.care_alpha,
             max_drop=cfg.budget / 2, guard="agreement", fidelity=FIDELITY,
             particles=cfg.care_particles, iterations=cfg.care_iterations,
-            patience=cfg.care_patience, seed=cfg.seed, show_progress=cfg.show_progress)
+            patience=cfg.care_patience, seed=cfg.seed, show_progress=cfg.show_progress,
+            centre=centre)
         ws.timings.add("care_search", start)
         k = len(repair.units)
         localisation = {"site": site.tensor, "site_path": site.path, "site_units": site.units,
@@ -365,16 +373,18 @@ class CareEditKind:
                         "rate_before": repair.rate_before, "rate_after": repair.rate_after,
                         "growth": [vars(s) for s in steps],
                         "swarm_iterations": len(repair.swarm.history),
-                        "search_images": len(search), "held_out_images": len(held)}
+                        "search_images": len(search), "held_out_images": len(held),
+                        "centred": centre is not None}
         start = time.perf_counter()
-        held_out = HeldOutAccuracy(ws, site, held)
-        rates = TriggeredRate(ws, site, triggered, labels, target)
+        held_out = HeldOutAccuracy(ws, site, held, centre)
+        rates = TriggeredRate(ws, site, triggered, labels, target, centre)
         ws.timings.add("care_held_out", start)
         yield CandidateGroup(self._shrunk(ws, layer, repair, localisation, held_out, rates,
-                                          cfg.budget / 2),
+                                          cfg.budget / 2, bias, centre),
                              extra={"neurons": repair.units, "localisation": localisation})
 
-    def _shrunk(self, ws, layer, repair, localisation, held_out, rates, max_drop
+    def _shrunk(self, ws, layer, repair, localisation, held_out, rates, max_drop,
+                bias: str | None = None, centre: torch.Tensor | None = None
                 ) -> Iterator[Candidate]:
         """The repair and its CARE_SHRINK shares, largest first, each only when it removes
         MIN_RATE_REMOVED of the triggered set's rate (the keep rule's "real repair") and its
@@ -403,8 +413,18 @@ class CareEditKind:
                       f"triggered-set rate {repair.rate_before:.2%} -> {rate:.2%}"
                       + (f", held-out accuracy -{drop:.2%}" if drop is not None else "")
                       + (f", shrunk to {t:.0%}" if t < 1 else ""))
-            yield Candidate(layer, {layer.weight: delta.to(weight.device)},
-                            [(layer.weight, delta64, entry)], float(delta64.norm()),
+            deltas = {layer.weight: delta.to(weight.device)}
+            records = [(layer.weight, delta64, entry)]
+            if centre is not None:  # the shift c_u (1 - m_u) read through the bias
+                shift64 = centre_bias_delta(ws.graph, layer, repair.units, multipliers,
+                                            centre).cpu()
+                deltas[bias] = shift64.to(torch.float32)
+                records.append((bias, shift64, {
+                    "layer": layer.name, "weight": bias, "kind": "care", "role": "bias shift",
+                    "units": entry["units"], "multipliers": entry["multipliers"],
+                    "delta_norm": float(shift64.norm()), "rank": 1}))
+            norm = float(sum(float(d.norm()) ** 2 for _, d, _ in records) ** 0.5)
+            yield Candidate(layer, deltas, records, norm,
                             label=f"units {repair.units} (CARE's top {localisation['care_top']}, "
                                   f"ours {localisation['swap_top']})", reason=reason)
         if len(refused) == len(CARE_SHRINK):
