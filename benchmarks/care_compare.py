@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from generalisation import CASES, build_case, measure, pct, run_patch  # noqa: E402
+from patcher.model.writeback import read_provenance  # noqa: E402
 from patcher.rectify import RectifyConfig  # noqa: E402
 
 STORED = ROOT / "benchmarks" / "generalisation_results.json"
@@ -67,7 +69,9 @@ def run(names: list[str], strategies: list[str], ns: list[int],
                         row = {"error": f"{type(exc).__name__}: {exc}", "layers": [],
                                "seconds": 0.0}
                     row["cpu_seconds"] = round(time.process_time() - cpu, 1)
-                    keep = ("oa", "asr", "layers", "seconds", "cpu_seconds", "error")
+                    if "error" not in row:
+                        row["tensors"] = edited_tensors(folder / f"patched_{strategy}_n{n}.onnx")
+                    keep = ("oa", "asr", "layers", "tensors", "seconds", "cpu_seconds", "error")
                     rec["rows"].append({"strategy": strategy, "n": n,
                                         **{k: row[k] for k in keep if k in row}})
                     print(f"  {strategy} n={n}: " + (row["error"] if "error" in row else
@@ -75,6 +79,14 @@ def run(names: list[str], strategies: list[str], ns: list[int],
                           f"{row['seconds']} s"), flush=True)
             out.append(rec)
     return out
+
+
+def edited_tensors(path: Path) -> list[str]:
+    """The tensors the written file's provenance declares edited (a CARE repair at a Gemm
+    with a bias edits its weight and its bias)."""
+    edits = (read_provenance(onnx.load(str(path), load_external_data=False)) or {}).get(
+        "edits", [])
+    return list(dict.fromkeys(e["weight"] for e in edits))
 
 
 def merged(fresh: list[dict], path: Path) -> dict:
@@ -108,7 +120,8 @@ def table(data: dict) -> str:
                 elif "error" in r:
                     cells.append("refused")
                 else:
-                    cells.append(f"{pct(r['asr'])} / {pct(r['oa'])} ({len(r['layers'])} t, "
+                    count = len(r.get("tensors", r["layers"]))
+                    cells.append(f"{pct(r['asr'])} / {pct(r['oa'])} ({count} t, "
                                  f"{r['seconds']:.0f} s)")
             lines.append(f"| {rec['name']} | {pct(b['oa'])} / {pct(b['asr'])} | {n} | "
                          + " | ".join(cells) + " |")

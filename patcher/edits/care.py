@@ -11,8 +11,15 @@ scale of the weight slice that reads it:
     Conv           y = W * x:      x_c -> m_c x_c   ==  W[:, c, ...] -> m_c W[:, c, ...]
                    (c the channel within its group: only the group's output channels)
 
-so the repair is written back as dW = (m_u - 1) W[slice u] on those slices, nothing else
-(no bias change; padding zeros stay zeros under a scale).
+so the repair is written back as dW = (m_u - 1) W[slice u] on those slices (padding zeros
+stay zeros under a scale). At a Gemm with a float bias (CENTRED), a second search scales
+each unit about its clean median c_u instead of 0 (ours; CARE scales about 0), and the
+search with the lower objective is kept:
+
+    x_u -> c_u + m_u (x_u - c_u)  ==  W[u, :] -> m_u W[u, :],  beta dC = alpha (1 - m_u) c_u W[u, :]
+
+(:func:`centre_bias_delta`). For a sparse ReLU unit c_u = 0, CARE's multiplier; a unit with
+a clean baseline (tanh, GELU) can be held at it (m = 0) without moving clean inputs.
 
 Search (:func:`patcher.edits.swarm.particle_swarm`): m in [low, high]^k (default
 [-10, 10], signs may flip, as the original), particles uniform in the box plus one at the
@@ -35,7 +42,8 @@ over to other images (the agreement guard counts both).
 
 Growth (:func:`grown_repair`): without a given k, k runs along GROWTH, each search
 starting around the last best (GROWTH_SPREAD), until the triggered rate is at most
-RATE_DONE.
+RATE_DONE. Keep rule (:func:`removes_enough`): a repair is kept only when it removes at
+least MIN_RATE_REMOVED of the triggered set's rate.
 """
 from __future__ import annotations
 
@@ -206,13 +214,14 @@ def centre_bias(graph: ShadowGraph, layer: EditableLayer) -> str | None:
 
 
 def clean_centres(graph: ShadowGraph, site: UnitSite, clean: torch.Tensor) -> torch.Tensor:
-    """The mean of each unit of ``site`` over ``clean`` inputs (float64, one per unit), for
-    a dense consumer's 2-D input."""
+    """The median of each unit of ``site`` over ``clean`` inputs (float64, one per unit),
+    for a dense consumer's 2-D input: a sparse (ReLU) unit's is 0, so its multiplier is
+    CARE's plain one; a unit with a baseline (tanh, GELU, BatchNorm) is scaled about it."""
     units = SiteRunner(graph, site, clean).units
     if units.dim() != 2:
         raise RectifyError(f"CARE at '{site.consumer.name}': centred multipliers need a "
                            "dense layer's 2-D input")
-    return units.to(torch.float64).mean(0)
+    return units.to(torch.float64).median(0).values
 
 
 def centre_bias_delta(graph: ShadowGraph, layer: EditableLayer, units: list[int],
@@ -252,10 +261,12 @@ GROWTH = (5, 10, 20, 40, 80)
 #: apart (standard deviation per coordinate): drawn uniform in a box of 20+ dimensions,
 #: nearly every particle changes too many clean predictions and the search stalls at once
 GROWTH_SPREAD = 0.1
-#: scale a dense consumer's units about their clean mean (written as a weight scale plus a
-#: bias shift, :func:`centre_bias_delta`) rather than about 0, where its bias allows: a unit
-#: with a clean baseline away from 0 (tanh, BatchNorm) can then be silenced to that
-#: baseline (m = 0) without moving every clean input
+#: also search a dense consumer's units scaled about their clean median (written as a weight
+#: scale plus a bias shift, :func:`centre_bias_delta`), where its bias allows, and keep the
+#: search with the lower objective: a
+#: unit with a clean baseline away from 0 (tanh, GELU, BatchNorm) can then be silenced to
+#: that baseline (m = 0) without moving every clean input; a sparse ReLU unit's median is
+#: 0, CARE's own multiplier
 CENTRED = True
 #: the triggered-set rate at which growing stops
 RATE_DONE = 0.005

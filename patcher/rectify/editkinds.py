@@ -354,16 +354,23 @@ class CareEditKind:
         start = time.perf_counter()
         search, held = self.split_eval(ws)
         bias = centre_bias(ws.graph, layer) if CENTRED else None
-        centre = clean_centres(ws.graph, site, ws.tensor(ws.eval_x[search])) \
-            if bias is not None and site.axis == 1 else None
-        repair, steps = grown_repair(
-            ws.graph, site, order, schedule, triggered, labels,
-            ws.tensor(ws.eval_x[search]), ws.tensor(ws.eval_y[search]), target,
-            bounds=tuple(cfg.care_range), objective=cfg.care_objective, alpha=cfg.care_alpha,
-            max_drop=cfg.budget / 2, guard="agreement", fidelity=FIDELITY,
-            particles=cfg.care_particles, iterations=cfg.care_iterations,
-            patience=cfg.care_patience, seed=cfg.seed, show_progress=cfg.show_progress,
-            centre=centre)
+        # CARE's multipliers about 0, and where a bias can carry the shift, about the clean
+        # median too: the search with the lower objective is kept (plain on a tie)
+        centres = [None]
+        if bias is not None and site.axis == 1:
+            centres.append(clean_centres(ws.graph, site, ws.tensor(ws.eval_x[search])))
+        searched = []
+        for centre in centres:
+            repair, steps = grown_repair(
+                ws.graph, site, order, schedule, triggered, labels,
+                ws.tensor(ws.eval_x[search]), ws.tensor(ws.eval_y[search]), target,
+                bounds=tuple(cfg.care_range), objective=cfg.care_objective,
+                alpha=cfg.care_alpha, max_drop=cfg.budget / 2, guard="agreement",
+                fidelity=FIDELITY, particles=cfg.care_particles,
+                iterations=cfg.care_iterations, patience=cfg.care_patience, seed=cfg.seed,
+                show_progress=cfg.show_progress, centre=centre)
+            searched.append((repair.objective_after, len(searched), repair, steps, centre))
+        _, _, repair, steps, centre = min(searched, key=lambda s: s[:2])
         ws.timings.add("care_search", start)
         k = len(repair.units)
         localisation = {"site": site.tensor, "site_path": site.path, "site_units": site.units,
@@ -374,7 +381,9 @@ class CareEditKind:
                         "growth": [vars(s) for s in steps],
                         "swarm_iterations": len(repair.swarm.history),
                         "search_images": len(search), "held_out_images": len(held),
-                        "centred": centre is not None}
+                        "centred": centre is not None,
+                        "objective_by_centre": {("median" if c is not None else "zero"): v
+                                                for v, _, _, _, c in searched}}
         start = time.perf_counter()
         held_out = HeldOutAccuracy(ws, site, held, centre)
         rates = TriggeredRate(ws, site, triggered, labels, target, centre)
