@@ -5,7 +5,7 @@
 - :class:`CausalLocator`: by intervention, swapping a layer's top neurons between the
   corrupted and clean inputs (:mod:`patcher.analysis.causal`; CARE).
 - :class:`UnitSiteLocator`: CARE's site, the layer whose input units CARE repairs (the
-  first dense layer reading a flattened feature map, or ``--layer``).
+  first dense layer reading a flattened feature map or an MLP's pixels, or ``--layer``).
 - :class:`FixedLocator`: one named layer (``--layer``, ``static``, ``finetune``).
 - :class:`LayerListLocator`: given layers in order (the attribution objective tries every
   hidden layer).
