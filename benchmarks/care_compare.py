@@ -9,7 +9,8 @@ model as the stored run, checked by its OA and ASR before patching), patched wit
 otherwise) and the written file measured under onnxruntime (OA on test.npz, ASR on
 attack.npz). Rows of the stored generalisation results (``dynamic`` n = 1 and 5,
 ``static`` and ``finetune`` n = 1) are reused, not re-run, when ``--strategies`` leaves
-them out: their code did not change. ``--json`` merges the fresh rows into that file
+them out: their code did not change. Edited tensors are counted from the written file's
+provenance (a centred CARE repair edits a Gemm's weight and bias). ``--json`` merges the fresh rows into that file
 (by case, strategy and n); ``--markdown`` writes the side-by-side table. Wall and CPU
 seconds of each patch are recorded; the machine is shared, so seconds are indicative.
 """
