@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +32,15 @@ from patcher.rectify.transplant import build_pair_sets
 #: of one input, times ACTIVATION_COPIES live at once, times the batch, at most this.
 BATCH_MEMORY = 256 << 20
 ACTIVATION_COPIES = 4
+
+
+class GapReading(NamedTuple):
+    """One measure of the gap pairs (:meth:`Workspace.gaps`)."""
+
+    gap: float              # delta*
+    tau: float | None       # the target-class gap; None without a target class
+    flipped: int | None     # pairs still flipped to the target class; None without one
+    pairs: int              # gap pairs measured
 
 
 @torch.no_grad()
@@ -116,8 +126,8 @@ class Workspace:
 
         def measured(sets) -> float:
             self.gap_sets = sets
-            value, tau = results[id(sets)] = self._measure_gaps()
-            return tau if tau is not None else value
+            reading = results[id(sets)] = self._measure_gaps()
+            return reading.tau if reading.tau is not None else reading.gap
 
         own_gap, moved_gap = measured(own), measured(moved)
         self.gap_sets = moved
@@ -200,10 +210,9 @@ class Workspace:
             out.append(torch.softmax(logits.reshape(len(logits), -1), 1))
         return torch.cat(out)
 
-    def gaps(self) -> tuple[float, float | None]:
-        """(delta*, tau) on the gap pairs: delta* = mean of p_y(x) - p_y(x~); tau = mean of
-        p_t(x~) - p_t(x) for the corruption's target class t, None without one. The check
-        of the transplanted pairs at setup leaves its result for the first call (the
+    def gaps(self) -> GapReading:
+        """delta*, tau and the target flips on the gap pairs (:meth:`_measure_gaps`). The
+        check of the transplanted pairs at setup leaves its result for the first call (the
         loop's base measure: one pass over the gap pairs less), unless a weight changed
         (:meth:`add`) or the gap pairs did in between."""
         kept, self._setup_gaps = getattr(self, "_setup_gaps", None), None
@@ -211,31 +220,22 @@ class Workspace:
             return kept[1]
         return self._measure_gaps()
 
-    def _measure_gaps(self) -> tuple[float, float | None]:
+    def _measure_gaps(self) -> GapReading:
+        """One pass over the gap pairs: delta* = mean of p_y(x) - p_y(x~); tau = mean of
+        p_t(x~) - p_t(x) for the corruption's target class t (None without one); flipped =
+        pairs whose corrupted input's argmax is t while their clean input's is not."""
         start = time.perf_counter()
         corrupted, clean, labels = self.gap_sets
         p_clean, p_corrupted = self.probabilities(clean), self.probabilities(corrupted)
         self.timings.add("gaps", start)
         rows = torch.arange(len(labels))
-        tau = None
+        tau = flipped = None
         if self.target_class:
             t = next(iter(self.target_class))
             tau = float((p_corrupted[:, t] - p_clean[:, t]).mean())
-        return float((p_clean[rows, labels] - p_corrupted[rows, labels]).mean()), tau
-
-    @torch.no_grad()
-    def target_flips(self) -> tuple[int, int]:
-        """(pairs whose corrupted input is classified as the target class t while their
-        clean input is not, pairs) on the gap pairs; (0, 0) without a target class."""
-        if not self.target_class:
-            return 0, 0
-        start = time.perf_counter()
-        corrupted, clean, _ = self.gap_sets
-        t = next(iter(self.target_class))
-        to_target = self.probabilities(corrupted).argmax(1) == t
-        clean_target = self.probabilities(clean).argmax(1) == t
-        self.timings.add("gaps", start)
-        return int((to_target & ~clean_target).sum()), len(corrupted)
+            flipped = int(((p_corrupted.argmax(1) == t) & (p_clean.argmax(1) != t)).sum())
+        gap = float((p_clean[rows, labels] - p_corrupted[rows, labels]).mean())
+        return GapReading(gap, tau, flipped, len(labels))
 
     def base_accuracy(self) -> float:
         """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
