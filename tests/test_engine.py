@@ -361,8 +361,8 @@ def test_a_rejected_round_recomputes_nothing(tmp_path, monkeypatch):
 
 
 class _Gaps:
-    """A workspace stand-in whose gaps() returns the given (delta*, tau) in turn, and whose
-    target_flips() returns ``flips`` (pairs still flipped to the target, pairs)."""
+    """A workspace stand-in whose gaps() returns the given (delta*, tau) in turn, with
+    ``flips`` = (pairs still flipped to the target, pairs) beside each."""
 
     def __init__(self, eval_images: int, *gaps, flips=(1, 200)) -> None:
         self.gap_source, self.eval_x, self._gaps = "held-out pairs", np.zeros((eval_images, 1)), \
@@ -370,53 +370,42 @@ class _Gaps:
         self.flips = flips
 
     def gaps(self):
-        return next(self._gaps)
+        from patcher.rectify.workspace import GapReading
 
-    def target_flips(self):
-        return self.flips
+        gap, tau = next(self._gaps)
+        flipped, pairs = self.flips
+        return GapReading(gap, tau, None if tau is None else flipped, pairs)
 
 
-@pytest.mark.parametrize("eval_images, base_tau, tau, reached", [
-    (100, 0.99, 0.005, True),    # at most 1% of its base: the effect is gone
-    (100, 0.99, 0.0005, True),   # at most --gap 0.001
-    (100, 0.99, 0.02, False),    # 2% of its base, and worth 2 eval images
-    (1000, 0.99, 0.009, True),   # under 1% of 0.99
-    (1000, 0.99, 0.012, False),
-    (10, 0.99, 0.05, True),      # removing it all would pay for half of one eval image
-    (10, 0.05, 0.05, False),     # ... but nothing was removed yet: the loop must start
+@pytest.mark.parametrize("eval_images, base_tau, tau, flips, reached", [
+    (100, 0.99, 0.04, (0, 40), True),     # ResNet-18 224: tau 4% of base, no pair flipped
+    (100, 0.99, 0.04, (1, 40), False),    # one held-out pair still goes to the target
+    (100, 0.99, 0.005, (1, 200), False),  # gelu n = 5: tau 0.5% of base, a pair still flips
+    (100, 0.99, 0.0005, (3, 200), True),  # at most --gap: stops whatever flips
+    (100, 0.99, 0.2, (0, 200), False),    # over 10% of its base: the effect is not gone
+    (100, 0.99, 0.04, (0, 10), False),    # too few pairs to tell: 1% of base needed
+    (100, 0.99, 0.009, (0, 10), True),    # ... under 1% of 0.99
+    (10, 0.99, 0.05, (0, 10), True),      # removing it all would pay for half an eval image
+    (10, 0.05, 0.05, (0, 10), False),     # ... but nothing was removed yet: the loop must start
 ])
-def test_the_loop_stops_when_the_corruptions_effect_is_gone(eval_images, base_tau, tau,
+def test_the_loop_stops_when_the_corruptions_effect_is_gone(eval_images, base_tau, tau, flips,
                                                              reached):
+    """The stopping rule and the exit status are one rule (GapObjective.effect_gone): tau
+    <= --gap, or no held-out pair flipped to the target and tau small (10% of its base on
+    >= 20 pairs, 1% on fewer, or worth less than one eval image)."""
     from patcher.rectify.objectives import GapObjective
 
-    objective = GapObjective(_Gaps(eval_images, (0.9, base_tau), (0.3, tau)), 0.001, True)
+    objective = GapObjective(_Gaps(eval_images, (0.9, base_tau), (0.3, tau), flips=flips),
+                             0.001, True)
     base, now = objective.measure(), objective.measure()
     assert not objective.reached(base)
     assert objective.reached(now) == reached
     assert objective.met(now, True, True) == reached  # the exit status: the same rule
+    if reached and tau > 0.001:  # the reason is said
+        assert f"none of the {flips[1]}" in objective.met_because
     assert not objective.met(now, True, False)         # never beyond the budget
     if reached:
         assert objective.note_reached(now).startswith("stopping: ")
-
-
-@pytest.mark.parametrize("tau, flips, met", [
-    (0.04, (0, 40), True),     # ResNet-18 224's case: tau 4% of base, no pair flipped
-    (0.04, (1, 40), False),    # one held-out pair still goes to the target
-    (0.04, (0, 10), False),    # too few pairs to tell
-    (0.2, (0, 200), False),    # tau over 10% of its base: the effect is not gone
-])
-def test_the_exit_status_counts_decisions_that_no_longer_change(tau, flips, met):
-    """Exit status only: a patch is a success when tau is at most 10% of its base and no
-    held-out pair's corrupted input is classified as the target any more; the loop's own
-    stopping rule (reached) is unchanged, and the reason is said (met_because)."""
-    from patcher.rectify.objectives import GapObjective
-
-    objective = GapObjective(_Gaps(100, (0.9, 0.99), (0.3, tau), flips=flips), 0.001, True)
-    base, now = objective.measure(), objective.measure()
-    assert not objective.reached(now)
-    assert objective.met(now, True, True) == met
-    assert ("none of the" in objective.met_because) == met
-    assert not objective.met(now, True, False)  # never beyond the budget
 
 
 def test_without_a_target_class_the_gap_alone_decides():
@@ -426,6 +415,86 @@ def test_without_a_target_class_the_gap_alone_decides():
     base, small, smaller = objective.measure(), objective.measure(), objective.measure()
     assert not objective.reached(small) and not objective.met(small, True, True)
     assert objective.reached(smaller) and objective.met(smaller, True, True)
+
+
+def _trigger_classifier(tmp_path, strong: int):
+    """One dense layer ``fc`` (3 classes, 5 inputs) with a backdoor: input 4 is the trigger
+    and drives class 0 with weight 10, while the clean inputs' logits are 6 for their
+    class, 0 for class 0 and -6 for the third. 200 pairs: the trigger at strength 1 on all,
+    but 20 on the first ``strong`` of them; 300 clean eval inputs."""
+    w = np.zeros((3, 5), np.float32)
+    w[1, 0], w[2, 0], w[0, 4] = 3.0, -3.0, 10.0
+    model = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)],
+                       [value_info("x", ["n", 5])], [value_info("y", ["n", 3])], {"w": w})
+    path = tmp_path / "t.onnx"
+    path.write_bytes(model.SerializeToString())
+    rng = np.random.default_rng(0)
+    clean = np.zeros((500, 5), np.float32)
+    clean[:, 0] = 2.0 * rng.choice([-1.0, 1.0], 500)  # logits +-6 for classes 1 and 2
+    labels = np.where(clean[:, 0] > 0, 1, 2).astype(np.int64)
+    corrupted = clean[:200].copy()
+    corrupted[:, 4] = 1.0
+    corrupted[:strong, 4] = 20.0
+    return path, (corrupted, clean[:200], labels[:200]), (clean[200:], labels[200:])
+
+
+class _ScaleTrigger:
+    """An edit kind that, in round i, sets fc's trigger weight to ``factors[i]`` of its
+    original value (the accuracy cannot change: clean inputs have no trigger)."""
+
+    def __init__(self, factors) -> None:
+        self.factors, self.round = list(factors), 0
+
+    def propose(self, ws, layer):
+        from patcher.rectify.editkinds import Candidate, CandidateGroup
+
+        weight = ws.graph.weight(layer.weight)
+        delta = torch.zeros_like(weight)
+        delta[0, 4] = 10.0 * self.factors[self.round] - weight[0, 4]
+        yield CandidateGroup(iter([Candidate(layer, {layer.weight: delta}, [],
+                                             float(delta.norm()))]))
+
+    def kept(self, ws, candidate):
+        self.round += 1
+
+
+@pytest.mark.parametrize("strong, factors, rounds", [
+    # one pair in 200 with a strong trigger still goes to the target after the first edit
+    # while tau is under 1% of its base: the loop must go on (the gelu case's regression)
+    (1, (0.05, 0.001, 0.0005), 2),
+    # no pair flips after the first edit and tau is about 5% of its base: the corruption
+    # no longer changes decisions, the loop stops (ResNet-18 224's case)
+    (0, (0.3, 0.05, 0.001), 1),
+])
+def test_the_loop_stops_once_no_held_out_pair_flips_and_goes_on_while_one_does(
+        tmp_path, strong, factors, rounds):
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.locators import FixedLocator
+    from patcher.rectify.loop import Plan, run
+    from patcher.rectify.objectives import GapObjective
+    from patcher.rectify.workspace import Workspace
+    from patcher.samples import LabelledSet, Pairs
+
+    path, (corrupted, clean, labels), (eval_x, eval_y) = _trigger_classifier(tmp_path, strong)
+    ws = Workspace(ShadowGraph.from_onnx(path), Pairs(corrupted, clean, labels),
+                   LabelledSet(eval_x, eval_y), None, RectifyConfig(transplant="none"))
+    assert ws.target_class == {0}
+    objective = GapObjective(ws, 0.001, True)
+    plan = Plan(FixedLocator("fc"), _ScaleTrigger(factors), objective, rounds=5)
+    base = objective.measure()
+    assert base.tau > 0.9 and base.flipped == 200 and base.pairs == 200
+    out = run(ws, plan, ws.base_accuracy(), base, lambda msg: None)
+    assert [r.kept for r in out.rounds] == [True] * rounds
+    first = out.rounds[0].target_gap_after
+    if strong:
+        # what the old rule (tau at most 1% of its base) would have stopped on
+        assert 0.001 < first <= 0.01 * base.tau
+        assert out.measure.tau <= 0.001  # stopped on --gap after the second edit
+    else:
+        assert 0.01 * base.tau < first <= 0.1 * base.tau
+        assert out.stopped.startswith("stopping: ") and "none of the 200" in out.stopped
+    assert out.measure.flipped == 0
+    assert objective.met(out.measure, True, True)
 
 
 @pytest.mark.parametrize("final_tau, met, pair_gap, passed", [

@@ -348,11 +348,12 @@ def test_rounds_record_the_target_class_gap_and_spend_accuracy_only_for_it(troja
     real_gaps = Workspace.gaps
 
     def gaps_with_tau_fading(self):
-        value, tau = real_gaps(self)
-        if tau < 0.5:  # the backdoor is gone: from now on tau only fades
+        reading = real_gaps(self)
+        if reading.tau < 0.5:  # the backdoor is gone: from now on tau only fades
             self.fades = getattr(self, "fades", 0) + 1
-            tau = 0.2 * 0.9 ** self.fades  # above the loop's "effect gone" share of the base
-        return value, tau
+            # above the loop's "effect gone" share of the base for the 6 rounds
+            return reading._replace(tau=0.2 * 0.9 ** self.fades)
+        return reading
 
     monkeypatch.setattr(Workspace, "gaps", gaps_with_tau_fading)
     report_path = tmp_path / "r.json"
@@ -390,8 +391,8 @@ def test_with_a_target_class_the_loop_stops_and_meets_its_target_on_tau(trojaned
     real_gaps = Workspace.gaps
 
     def gaps_with_tau_gone(self):
-        value, tau = real_gaps(self)
-        return value, (0.00005 if tau < 0.5 else tau)
+        reading = real_gaps(self)
+        return reading._replace(tau=0.00005) if reading.tau < 0.5 else reading
 
     monkeypatch.setattr(Workspace, "gaps", gaps_with_tau_gone)
     report_path = tmp_path / "r.json"

@@ -576,3 +576,32 @@ def test_a_wide_dense_layer_keeps_its_keys_and_its_factored_c_is_the_exact_one(m
     b_edit = solve_rank_one("L", "w", keys, residual, low.inverse.to(torch.float64))
     torch.testing.assert_close(b_edit.direction, a.direction, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(b_edit.magnitude, a.magnitude, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape, attrs, spatial", [
+    ((8, 4, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, (9, 11)),
+    ((6, 2, 3, 5), {"pads": [0, 2, 1, 0], "dilations": [2, 1], "group": 3}, (10, 12)),
+    ((4, 1, 3, 3), {"pads": [1, 1, 1, 1], "group": 4}, (7, 7)),      # depthwise
+    ((4, 4, 3, 3), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, (8, 7)),
+    ((5, 3, 3), {"pads": [1, 2]}, (13,)),                             # 1-D
+    ((5, 3, 3, 3), {}, (6, 6)),                                       # no padding
+])
+def test_sampled_conv_keys_are_the_unfolded_rows_without_padding_the_input(shape, attrs,
+                                                                           spatial):
+    """Keys gathered by index (padded pixels as zeros, the input never padded) equal the
+    rows of the unfolded keys, in either memory layout."""
+    from types import SimpleNamespace
+
+    from patcher.graph.keys import conv_keys, sampled_conv_keys
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, shape[1] * attrs.get("group", 1), *spatial, generator=generator)
+    layer = SimpleNamespace(name="L", shape=shape, groups=attrs.get("group", 1),
+                            orientation="conv", key_dim=int(np.prod(shape[1:])))
+    rows = conv_keys(x, layer, attrs)
+    rows = rows.reshape(-1, rows.shape[-1])
+    picks = torch.randint(rows.shape[0], (200,), generator=generator)
+    assert torch.equal(sampled_conv_keys(layer, x, attrs, picks), rows[picks])
+    if x.dim() == 4:
+        last = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(sampled_conv_keys(layer, last, attrs, picks), rows[picks])

@@ -33,7 +33,7 @@ diag(s) is the best diagonal in that basis (it equals diag(U^T C U)); without it
 is A (x) B / mean(diag B), exact only when every channel has the same spatial correlation.
 Cost: A is read off the input pixels, each weighted by how many (position, offset) pairs
 read it (:func:`patcher.graph.keys.patch_coverage`), one C_in/g x C_in/g product per pixel; B
-from ``OFFSET_KEYS`` sampled keys of each batch; s in a second, short
+from ``OFFSET_KEYS`` keys sampled over the whole pass; s in a second, short
 pass over ``CORRECTION_IMAGES`` inputs (at most ``SPECTRUM_ROWS`` keys each batch), since
 it needs the basis of the whole first pass. C_reg^-1 k and whitened norms then cost two
 small products per key. On the ResNet sample the factored scores rank layers with
@@ -76,9 +76,11 @@ MAX_KEY_ROWS = 2048
 #: spatial kernel, or "auto": Kronecker-factored where the exact products would cost more
 #: than the conv itself (key dimension Kd above the output channels per group).
 STATISTICS_MODES = ("auto", "exact", "kronecker")
-#: Kronecker statistics: keys per batch (a seeded uniform sample, gathered) that estimate
-#: the offsets' B (each gives C_in/g rows of kh*kw). Unfolding every key of 8 inputs per
-#: batch instead took 24 of the 52 CPU s of ResNet-18's statistics pass at 224.
+#: Kronecker statistics: keys per pass (a seeded uniform sample, gathered, each batch its
+#: share of them) that estimate the offsets' B (each gives C_in/g rows of kh*kw, so
+#: hundreds of thousands of rows for a kh*kw x kh*kw matrix). Unfolding every key of 8
+#: inputs per batch took 24 of the 52 CPU s of ResNet-18's statistics pass at 224; 4096
+#: keys per batch (unfolding every key of a batch with fewer) still about 19 of 41.
 OFFSET_KEYS = 4096
 #: Kronecker statistics: calibration inputs whose keys measure the eigenvalues (the
 #: second pass of :func:`correct_spectra`).
@@ -270,8 +272,10 @@ class KroneckerMoments:
         zeros = lambda d: torch.zeros(d, d, dtype=torch.float64, device=device)  # noqa: E731
         return cls(KeyMoments(zeros(layer.key_dim // kk)), KeyMoments(zeros(kk)))
 
-    def add(self, layer: EditableLayer, data: torch.Tensor, attrs: dict) -> None:
-        """Fold in one batch of the layer's input ``data`` [n, C, *spatial]."""
+    def add(self, layer: EditableLayer, data: torch.Tensor, attrs: dict,
+            offset_keys: int | None = None) -> None:
+        """Fold in one batch of the layer's input ``data`` [n, C, *spatial]; B from at most
+        ``offset_keys`` of its keys (default OFFSET_KEYS; a seeded sample, gathered)."""
         n, c = data.shape[:2]
         groups = max(layer.groups, 1)
         per_group = c // groups
@@ -291,9 +295,10 @@ class KroneckerMoments:
                 self.channels.sum_kk += (chunk @ chunk.T).to(torch.float64)
         self.channels.count += n * groups * positions * kernel_offsets(layer)
         rows = conv_key_count(layer, attrs, tuple(data.shape[2:])) * n
-        if rows > OFFSET_KEYS:  # a seeded uniform sample of the batch's keys, gathered
+        wanted = OFFSET_KEYS if offset_keys is None else max(1, offset_keys)
+        if rows > wanted:  # a seeded uniform sample of the batch's keys, gathered
             generator = torch.Generator(device="cpu").manual_seed(self.offsets.count)
-            pick = torch.randint(rows, (OFFSET_KEYS,), generator=generator).sort().values
+            pick = torch.randint(rows, (wanted,), generator=generator).sort().values
             keys = sampled_conv_keys(layer, data, attrs, pick)
             self.offsets.add(keys.reshape(-1, kernel_offsets(layer)))
         else:
@@ -413,7 +418,10 @@ def collect_moments(graph: ShadowGraph, layers: list[EditableLayer], batches,
     def accumulate(layer, data, _out):
         target = moments[layer.name]
         if isinstance(target, KroneckerMoments):
-            target.add(layer, data, attrs[layer.name])
+            # B's OFFSET_KEYS keys spread over the pass (the batch's share), not per batch
+            share = (None if not total else
+                     -(-OFFSET_KEYS * len(data) // total))  # ceil
+            target.add(layer, data, attrs[layer.name], share)
             return
         cap = max_rows.get(layer.name) if isinstance(max_rows, dict) else max_rows
         if isinstance(target, KeyRows):

@@ -103,15 +103,13 @@ def sampled_conv_keys(layer: EditableLayer, data: torch.Tensor, attrs: dict,
                       picks: torch.Tensor) -> torch.Tensor:
     """The keys numbered ``picks`` (indices into ``conv_keys(data).reshape(-1, Kd)``, i.e.
     image-major, then position, then group) as rows [len(picks), Kd], gathered from the
-    padded input without unfolding the others: key (n, p, g) holds channels
+    input without unfolding the others or padding it (pixels in the padding are zeros): key (n, p, g) holds channels
     g*C/g .. (g+1)*C/g - 1 of image n at pixels p*s + o*d for every kernel offset o."""
     spatial = tuple(int(s) for s in data.shape[2:])
     dims = len(spatial)
     if dims not in (1, 2):
         raise UnsupportedOpError(f"layer '{layer.name}': keys of {dims}-D convolutions")
     out, strides, dilations, pads = conv_key_grid(layer, attrs, spatial)
-    if any(pads):
-        data = F.pad(data, torch_pad_list(pads))
     groups = max(layer.groups, 1)
     per_group = data.shape[1] // groups
     positions = int(torch.tensor(out).prod())
@@ -121,16 +119,26 @@ def sampled_conv_keys(layer: EditableLayer, data: torch.Tensor, attrs: dict,
     group = picks % groups
     channels = group[:, None] * per_group + torch.arange(per_group, device=data.device)
     kernel = list(layer.shape[2:])
+
+    def axis(at: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel indices along axis i of the unpadded input (clamped) and whether each is
+        inside it: a padded pixel is a zero, so the padded input is never built."""
+        index = at[:, None] * strides[i] + \
+            torch.arange(kernel[i], device=data.device) * dilations[i] - pads[i]
+        inside = (index >= 0) & (index < spatial[i])
+        return index.clamp(0, spatial[i] - 1), inside
+
     if dims == 1:
-        at = position[:, None] * strides[0] + \
-            torch.arange(kernel[0], device=data.device) * dilations[0]
+        at, inside = axis(position, 0)
         keys = data[image[:, None, None], channels[:, :, None], at[:, None, :]]
+        mask = inside[:, None, :]
     else:
-        py, px = position // out[1], position % out[1]
-        rows = py[:, None] * strides[0] + torch.arange(kernel[0], device=data.device) * dilations[0]
-        cols = px[:, None] * strides[1] + torch.arange(kernel[1], device=data.device) * dilations[1]
+        (rows, row_in), (cols, col_in) = axis(position // out[1], 0), axis(position % out[1], 1)
         keys = data[image[:, None, None, None], channels[:, :, None, None],
                     rows[:, None, :, None], cols[:, None, None, :]]
+        mask = (row_in[:, :, None] & col_in[:, None, :])[:, None]
+    if any(pads):
+        keys = keys * mask.to(keys.dtype)
     return keys.reshape(len(picks), -1)
 
 

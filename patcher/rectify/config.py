@@ -29,17 +29,17 @@ MIN_GAP_GAIN = 0.05
 #: to any model (ELU case, a noise blend over the whole image: after the first edit tau
 #: was 0.006 and delta* 0.25, and rounds that took delta* to 0.03 cost 2.8 points).
 ACCURACY_PER_GAP = 1.0
-#: The loop stops once the target-class gap tau is at most this share of its base value
-#: (the corruption's effect is gone; ResNet-18 at 224 with a backdoor: after the first
-#: edit tau sat at 0.0015-0.005 of a base 0.99, above --gap 0.001, and ten more layers were
-#: tried, nearly all rejected). The exit status is judged on the same rule.
+#: The loop stops (and the exit status counts the patch a success) once the corruption's
+#: effect is gone (:meth:`patcher.rectify.objectives.GapObjective.effect_gone`): none of the
+#: held-out gap pairs whose clean input is not classified as the target class has its
+#: corrupted input classified as it, and the target-class gap tau is at most
+#: DECISIONS_GONE_SHARE of its base on at least DECISION_PAIRS pairs (EFFECT_GONE_SHARE on
+#: fewer). ResNet-18 at 224 with a backdoor: after the first edit held-out ASR was 0% while
+#: tau sat at 0.04 of a base 0.99, above --gap 0.001; ten more layers were tried, nearly
+#: all rejected (3x the cost of the run that stops). tau alone is not enough: on the gelu
+#: case (n = 5) tau fell to 0.2% of its base after two rounds with pairs still flipped,
+#: and three more rounds took test ASR from 2.28% to 1.76%.
 EFFECT_GONE_SHARE = 0.01
-#: The exit status also counts a patch as a success when the corruption no longer changes
-#: decisions: none of at least DECISION_PAIRS held-out pairs whose clean input is not
-#: classified as the target class has its corrupted input classified as it, and tau is at
-#: most DECISIONS_GONE_SHARE of its base (ResNet-18 at 224: after the first edit held-out
-#: ASR was 0% under onnxruntime while tau sat at 0.04 of a base 0.99, and the run exited 1).
-#: It judges the exit status only; the loop's stopping rule is unchanged.
 DECISIONS_GONE_SHARE = 0.1
 DECISION_PAIRS = 20
 TRANSPLANT_MODES = ("paste", "add", "none")

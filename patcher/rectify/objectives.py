@@ -30,10 +30,15 @@ from patcher.rectify.workspace import Workspace
 
 @dataclass
 class Measure:
-    """An objective's value; ``tau`` is the target-class gap when the loop steers by it."""
+    """An objective's value; ``tau`` (the target-class gap) and ``flipped`` when the loop
+    steers by a target class."""
 
     value: float
     tau: float | None = None
+    #: gap pairs whose corrupted input is classified as the target class (clean one not)
+    flipped: int | None = None
+    #: gap pairs measured
+    pairs: int = 0
 
 
 class Objective(Protocol):
@@ -91,8 +96,10 @@ class GapObjective:
         self.base_tau: float | None = None
 
     def measure(self) -> Measure:
-        gap, tau = self.ws.gaps()
-        m = Measure(gap, tau if self.steer_by_target else None)
+        reading = self.ws.gaps()
+        steer = self.steer_by_target
+        m = Measure(reading.gap, reading.tau if steer else None,
+                    reading.flipped if steer else None, reading.pairs)
         if self.base_tau is None:
             self.base_tau = m.tau
         return m
@@ -104,20 +111,35 @@ class GapObjective:
             m.tau <= self.target or self.effect_gone(m) != ""))
 
     def effect_gone(self, m: Measure) -> str:
-        """Why the target-class gap left is not worth another round ("" when it is): tau at
-        most EFFECT_GONE_SHARE of its base value, or so small that removing all of it would
-        pay (ACCURACY_PER_GAP x tau) for less than one eval image's accuracy, the least an
-        accuracy pass can tell apart."""
-        if m.tau is None or self.base_tau is None or self.base_tau <= 0:
+        """Why the corruption's effect left is not worth another round ("" when it is).
+
+        Gone when no held-out gap pair still has its corrupted input classified as the
+        target class t (argmax; its clean input not) *and* the target-class gap tau is
+        small, one of:
+
+        - tau <= DECISIONS_GONE_SHARE (10%) x base tau, measured on at least
+          DECISION_PAIRS (20) pairs: the corruption no longer changes decisions (ResNet-18
+          at 224: after the first edit tau is 4% of its base and no pair flips);
+        - tau <= EFFECT_GONE_SHARE (1%) x base tau, on fewer pairs;
+        - once a round removed some, ACCURACY_PER_GAP x tau < 1 / (eval images): removing
+          all of it would pay for less than one eval image.
+
+        A small tau alone does not stop the loop while some pair still flips (gelu case,
+        n = 5: tau 0.0021 = 0.2% of base with pairs still flipped; three more rounds took
+        test ASR from 2.28% to 1.76%)."""
+        if m.tau is None or self.base_tau is None or self.base_tau <= 0 or m.flipped:
             return ""
-        if m.tau <= EFFECT_GONE_SHARE * self.base_tau:
-            return (f"target-class gap {m.tau:.4f} is at most {EFFECT_GONE_SHARE:.0%} of its "
-                    f"base {self.base_tau:.4f}: the corruption's effect is gone")
+        share = DECISIONS_GONE_SHARE if m.pairs >= DECISION_PAIRS else EFFECT_GONE_SHARE
+        flips = (f"none of the {m.pairs} held-out pairs' corrupted inputs is classified as "
+                 f"the target class")
+        if m.tau <= share * self.base_tau:
+            return (f"target-class gap {m.tau:.4f} is at most {share:.0%} of its base "
+                    f"{self.base_tau:.4f} and {flips}: the corruption's effect is gone")
         images = len(self.ws.eval_x)
         removed = m.tau < (1 - MIN_GAP_GAIN) * self.base_tau  # only once a round removed some
         if removed and ACCURACY_PER_GAP * max(m.tau, 0.0) < 1.0 / max(images, 1):
             return (f"target-class gap {m.tau:.4f}: removing all of it would pay for less "
-                    f"than one of the {images} eval images")
+                    f"than one of the {images} eval images, and {flips}")
         return ""
 
     def note_reached(self, m: Measure) -> str:
@@ -138,30 +160,17 @@ class GapObjective:
     def gain(self, before: Measure, after: Measure) -> float:
         return self.affordable(before, after) / ACCURACY_PER_GAP
 
-    def decisions_gone(self, m: Measure) -> str:
-        """Why the corruption no longer changes decisions ("" when it may): tau at most
-        DECISIONS_GONE_SHARE of its base, and none of the held-out gap pairs (at least
-        DECISION_PAIRS of them) whose clean input is not classified as the target class has
-        its corrupted input classified as it (one pass over the gap pairs)."""
-        if m.tau is None or self.base_tau is None or self.base_tau <= 0 or \
-                m.tau > DECISIONS_GONE_SHARE * self.base_tau:
-            return ""
-        flipped, pairs = self.ws.target_flips()
-        if flipped or pairs < DECISION_PAIRS:
-            return ""
-        return (f"at most {DECISIONS_GONE_SHARE:.0%} of its base, and none of the {pairs} "
-                f"pairs' corrupted inputs is classified as the target class any more")
-
     def met(self, final: Measure, edited: bool, within_budget: bool) -> bool:
-        """With a target class, tau <= --gap or the effect gone (what the dynamic loop
-        removes, the measure it stops on), or the corruption no longer changing decisions
-        (:meth:`decisions_gone`, said in :attr:`met_because`); else delta* <= --gap."""
+        """With a target class, tau <= --gap or the corruption's effect gone
+        (:meth:`effect_gone`, the loop's own stopping rule; the reason is kept in
+        :attr:`met_because`); else delta* <= --gap. Never beyond the budget."""
         self.met_because = ""
         if final.tau is not None:
-            if final.tau <= self.target or self.effect_gone(final) != "":
-                return within_budget
-            self.met_because = self.decisions_gone(final) if within_budget else ""
-            return bool(self.met_because)
+            gone = self.effect_gone(final)
+            if final.tau > self.target and not gone:
+                return False
+            self.met_because = gone if within_budget else ""
+            return within_budget
         return final.value <= self.target and within_budget
 
     def _what(self, before: Measure) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -71,6 +72,9 @@ class StatisticsCache:
         #: accuracy measured by the first pass when the calibration inputs are the eval set
         self.calib_accuracy: float | None = None
         self.cache_hits = 0
+        #: a context factory wrapped around the pass that counts the accuracy (the
+        #: workspace records its resume points there, :mod:`patcher.rectify.resume`)
+        self.recording: Callable | None = None
 
     def compute(self) -> None:
         """The ranking statistics. A run that edits one known layer (``static``, or
@@ -163,11 +167,14 @@ class StatisticsCache:
 
         on_output: Callable | None = count if eval_labels is not None else None
         if missing:
-            fresh = collect_moments(self.graph, missing, iterate_batches(data, self.batch),
-                                    total=len(data), show_progress=self.config.show_progress,
-                                    max_rows=self.config.stat_rows or caps,
-                                    seed=self.config.seed,
-                                    mode=mode, on_output=on_output)
+            recording = (self.recording() if self.recording is not None and
+                         eval_labels is not None else nullcontext())
+            with recording:
+                fresh = collect_moments(self.graph, missing, iterate_batches(data, self.batch),
+                                        total=len(data), show_progress=self.config.show_progress,
+                                        max_rows=self.config.stat_rows or caps,
+                                        seed=self.config.seed,
+                                        mode=mode, on_output=on_output)
             correct_spectra(self.graph, missing, fresh,
                             iterate_batches(data[:CORRECTION_IMAGES], self.batch),
                             total=min(len(data), CORRECTION_IMAGES),

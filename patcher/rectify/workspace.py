@@ -9,8 +9,9 @@ backdoor): tau = mean over pairs of p_t(x~) - p_t(x). Accuracy drop: eps* = OA(b
 from __future__ import annotations
 
 import logging
-
 import time
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from patcher.graph.support import QUANTIZED_NOT_EDITABLE, quantized_storage
 from patcher.errors import RectifyError
 from patcher.progress import progress
 from patcher.rectify.config import EVAL_BATCH, RectifyConfig, check_config
+from patcher.rectify.resume import ResumePoints
 from patcher.rectify.statcache import StatisticsCache, hits
 from patcher.rectify.timing import Timings
 from patcher.rectify.transplant import build_pair_sets
@@ -31,6 +33,17 @@ from patcher.rectify.transplant import build_pair_sets
 #: of one input, times ACTIVATION_COPIES live at once, times the batch, at most this.
 BATCH_MEMORY = 256 << 20
 ACTIVATION_COPIES = 4
+#: the eval set's key among the image sets whose passes resume (:mod:`patcher.rectify.resume`)
+EVAL_KEY = "eval"
+
+
+class GapReading(NamedTuple):
+    """One measure of the gap pairs (:meth:`Workspace.gaps`)."""
+
+    gap: float              # delta*
+    tau: float | None       # the target-class gap; None without a target class
+    flipped: int | None     # pairs still flipped to the target class; None without one
+    pairs: int              # gap pairs measured
 
 
 @torch.no_grad()
@@ -85,8 +98,11 @@ class Workspace:
         #: the calibration inputs are the whole eval set, in order (the default)
         self.calibrates_on_eval = calib_x is None and len(self.calib_x) == len(self.eval_x)
         self.layers = self._candidate_layers()
+        self._gap_sets_seen: dict[int, tuple] = {}  # the gap sets measured (see _measure_gaps)
+        self._pass_batches = 0
         #: inputs per forward (--batch, or from the activation size): bounds peak memory
         self.batch = config.batch or default_batch(self.graph, self.pair_clean[:8])
+        self.resume = self._resume_points()
         self.target_class = self._flipped_to(pairs)
         sets = build_pair_sets(pairs, self.eval_x, self.eval_y, len(self.calib_x),
                                self.target_class, config)
@@ -98,6 +114,8 @@ class Workspace:
         self.statistics = StatisticsCache(
             self.graph, self.layers, self.calib_x, config, self.device, self.timings,
             self.eval_y if self.calibrates_on_eval else None, batch=self.batch)
+        if self.calibrates_on_eval:  # its pass over the eval set records the resume points
+            self.statistics.recording = lambda: self._pass(EVAL_KEY, self._batches(self.eval_x))
         #: eval images the last accuracy pass saw (fewer when it stopped early)
         self.last_evaluated = len(self.eval_x)
 
@@ -116,8 +134,8 @@ class Workspace:
 
         def measured(sets) -> float:
             self.gap_sets = sets
-            value, tau = results[id(sets)] = self._measure_gaps()
-            return tau if tau is not None else value
+            reading = results[id(sets)] = self._measure_gaps()
+            return reading.tau if reading.tau is not None else reading.gap
 
         own_gap, moved_gap = measured(own), measured(moved)
         self.gap_sets = moved
@@ -138,6 +156,40 @@ class Workspace:
 
     def layer(self, name: str) -> EditableLayer:
         return next(l for l in self.layers if l.name == name)
+
+    def _resume_points(self) -> ResumePoints | None:
+        """Passes over the eval set and the gap pairs resume at a cut layer once recorded
+        (:mod:`patcher.rectify.resume`): for the rank-one strategies with the prediction
+        objective, whose weights change through :meth:`add` only."""
+        if self.config.strategy not in ("dynamic", "static") or \
+                self.config.objective != "prediction":
+            return None
+        try:
+            return ResumePoints(self.graph, self.layers, self.pair_clean[:1])
+        except ShadowExecutionError:  # e.g. a fixed batch the probe does not fill
+            return None
+
+    def _batches(self, x) -> int:
+        return -(-len(x) // self.batch)
+
+    def _outputs(self, key: str | None, index: int, batch) -> tuple[torch.Tensor, ...]:
+        """The graph's outputs for batch ``index`` of the image set ``key``, resumed at
+        the latest usable recorded layer when there is one; ``batch()`` gives the inputs
+        (only called for a full pass)."""
+        points = self.resume
+        layer = points.usable(key, self._pass_batches) if points and key else None
+        if layer is not None:
+            return points.forward(layer, key, index)
+        return self.graph(batch())
+
+    def _pass(self, key: str | None, batches: int):
+        """A context for one pass over ``batches`` batches of the image set ``key``: it
+        records the resume points unless they are recorded already."""
+        self._pass_batches = batches
+        points = self.resume
+        if points is None or key is None or points.usable(key, batches) is not None:
+            return nullcontext()
+        return points.record(key, batches)
 
     def _candidate_layers(self) -> list[EditableLayer]:
         known = [l.name for l in self.graph.editable_layers]
@@ -192,18 +244,19 @@ class Workspace:
 
     # -------------------------------------------------------------- measurements
     @torch.no_grad()
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax over the classes, one row per input."""
+    def probabilities(self, x: torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """Softmax over the classes, one row per input; ``key`` names the image set when
+        its passes may resume at a recorded layer (:meth:`_outputs`)."""
         out = []
-        for i in range(0, len(x), self.batch):
-            logits = self.graph(x[i:i + self.batch])[0]
-            out.append(torch.softmax(logits.reshape(len(logits), -1), 1))
+        with self._pass(key, self._batches(x)):
+            for index, i in enumerate(range(0, len(x), self.batch)):
+                logits = self._outputs(key, index, lambda: x[i:i + self.batch])[0]
+                out.append(torch.softmax(logits.reshape(len(logits), -1), 1))
         return torch.cat(out)
 
-    def gaps(self) -> tuple[float, float | None]:
-        """(delta*, tau) on the gap pairs: delta* = mean of p_y(x) - p_y(x~); tau = mean of
-        p_t(x~) - p_t(x) for the corruption's target class t, None without one. The check
-        of the transplanted pairs at setup leaves its result for the first call (the
+    def gaps(self) -> GapReading:
+        """delta*, tau and the target flips on the gap pairs (:meth:`_measure_gaps`). The
+        check of the transplanted pairs at setup leaves its result for the first call (the
         loop's base measure: one pass over the gap pairs less), unless a weight changed
         (:meth:`add`) or the gap pairs did in between."""
         kept, self._setup_gaps = getattr(self, "_setup_gaps", None), None
@@ -211,31 +264,25 @@ class Workspace:
             return kept[1]
         return self._measure_gaps()
 
-    def _measure_gaps(self) -> tuple[float, float | None]:
+    def _measure_gaps(self) -> GapReading:
+        """One pass over the gap pairs: delta* = mean of p_y(x) - p_y(x~); tau = mean of
+        p_t(x~) - p_t(x) for the corruption's target class t (None without one); flipped =
+        pairs whose corrupted input's argmax is t while their clean input's is not."""
         start = time.perf_counter()
         corrupted, clean, labels = self.gap_sets
-        p_clean, p_corrupted = self.probabilities(clean), self.probabilities(corrupted)
+        self._gap_sets_seen[id(self.gap_sets)] = self.gap_sets  # ids stay theirs
+        key = f"gap sets {id(self.gap_sets)}"
+        p_clean = self.probabilities(clean, key + " clean")
+        p_corrupted = self.probabilities(corrupted, key + " corrupted")
         self.timings.add("gaps", start)
         rows = torch.arange(len(labels))
-        tau = None
+        tau = flipped = None
         if self.target_class:
             t = next(iter(self.target_class))
             tau = float((p_corrupted[:, t] - p_clean[:, t]).mean())
-        return float((p_clean[rows, labels] - p_corrupted[rows, labels]).mean()), tau
-
-    @torch.no_grad()
-    def target_flips(self) -> tuple[int, int]:
-        """(pairs whose corrupted input is classified as the target class t while their
-        clean input is not, pairs) on the gap pairs; (0, 0) without a target class."""
-        if not self.target_class:
-            return 0, 0
-        start = time.perf_counter()
-        corrupted, clean, _ = self.gap_sets
-        t = next(iter(self.target_class))
-        to_target = self.probabilities(corrupted).argmax(1) == t
-        clean_target = self.probabilities(clean).argmax(1) == t
-        self.timings.add("gaps", start)
-        return int((to_target & ~clean_target).sum()), len(corrupted)
+            flipped = int(((p_corrupted.argmax(1) == t) & (p_clean.argmax(1) != t)).sum())
+        gap = float((p_clean[rows, labels] - p_corrupted[rows, labels]).mean())
+        return GapReading(gap, tau, flipped, len(labels))
 
     def base_accuracy(self) -> float:
         """Accuracy of the graph as loaded. When the calibration inputs are the eval set and
@@ -255,12 +302,14 @@ class Workspace:
         start = time.perf_counter()
         correct, total = 0, len(self.eval_x)
         self.last_evaluated = total
-        with progress(total, "evaluating", self.config.show_progress) as bar:
-            for i in range(0, total, self.batch):
-                xb = self.tensor(self.eval_x[i:i + self.batch])
-                correct += hits(self.graph(xb)[0], self.eval_y[i:i + self.batch])
-                bar.update(len(xb))
-                seen = i + len(xb)
+        with progress(total, "evaluating", self.config.show_progress) as bar, \
+                self._pass(EVAL_KEY, self._batches(self.eval_x)):
+            for index, i in enumerate(range(0, total, self.batch)):
+                logits = self._outputs(EVAL_KEY, index,
+                                       lambda: self.tensor(self.eval_x[i:i + self.batch]))[0]
+                correct += hits(logits, self.eval_y[i:i + self.batch])
+                seen = min(i + self.batch, total)
+                bar.update(seen - i)
                 if at_least is not None and seen < total and \
                         (correct + total - seen) / total < at_least - 1e-9:
                     self.last_evaluated = seen
@@ -280,6 +329,10 @@ class Workspace:
     def add(self, tensor: str, delta: torch.Tensor, sign: float = 1.0) -> None:
         """Add ``sign * delta`` to a weight (a Parameter) or another constant (a bias)."""
         self._setup_gaps = None
+        if self.resume is not None:
+            changed = [l.name for l in self.graph.editable_layers if l.weight == tensor]
+            for name in changed or [l.name for l in self.graph.editable_layers]:
+                self.resume.touch(name)  # not a layer's weight: nothing recorded is usable
         try:
             target = self.graph.weight(tensor)
         except KeyError:  # a bias (CARE's shifts): a buffer, maybe on another device
