@@ -197,7 +197,7 @@ def test_an_edit_of_a_factored_layer_uses_its_exact_statistics(tmp_path, monkeyp
     assert stats["conv"].kind == "kronecker" and stats["fc"].kind == "exact"
     assert all(np.isfinite(s.score) for s in AttributionLocator().rank(factored))
     conv = next(l for l in factored.layers if l.name == "conv")
-    a, b = RankOneEditKind().fit(exact, conv), RankOneEditKind().fit(factored, conv)
+    a, b = RankOneEditKind().fit(exact, conv)[0], RankOneEditKind().fit(factored, conv)[0]
     assert factored.statistics.exact_stats["conv"].kind == "exact"
     torch.testing.assert_close(a.delta, b.delta)
 
@@ -219,8 +219,8 @@ def test_an_edits_exact_statistics_beyond_the_key_cap_use_a_sample(tmp_path, mon
     monkeypatch.setattr(statcache, "KEYS_PER_DIM", 16)
     cap = statcache.exact_key_cap(conv)
     sampled, again = (_rectifier(path, x, y, statistics="kronecker") for _ in range(2))
-    a, b = RankOneEditKind().fit(full, conv), RankOneEditKind().fit(sampled, conv)
-    c = RankOneEditKind().fit(again, conv)
+    a, b = RankOneEditKind().fit(full, conv)[0], RankOneEditKind().fit(sampled, conv)[0]
+    c = RankOneEditKind().fit(again, conv)[0]
     torch.testing.assert_close(b.delta, c.delta, rtol=0, atol=0)
     assert keys is not None and cap < len(x) * 64  # fewer keys than the layer has
     assert not torch.equal(a.delta, b.delta)

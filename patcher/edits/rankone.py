@@ -128,7 +128,7 @@ class UnfoldedKeys:
             yield from key_chunks(self.layer, data, self.attrs)
 
 
-def _key_chunks(pieces):
+def float64_chunks(pieces):
     """(first row, float64 rows) of the key pieces [..., Kd] in order, by chunks of about
     SOLVE_CHUNK_BYTES (row numbers count across the pieces)."""
     first = 0
@@ -139,13 +139,12 @@ def _key_chunks(pieces):
         first += flat.shape[0]
 
 
-def _direction_by_key_moments(c_inv, pieces, weights: torch.Tensor,
-                              iterations: int = 100) -> torch.Tensor:
-    """:func:`principal_direction` for many keys (Q >= Kd) without A [Kd, Q]: A A^T =
-    C^-1 M C^-1 with M = K^T diag(w^2) K summed over chunks of keys, started at
-    A 1 = C^-1 K^T w; the same iterates as the dense form, in Kd x Kd memory."""
+def key_moment_gram(c_inv, pieces, weights: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A A^T, A 1) for A = C^-1 K^T diag(w) without A [Kd, Q]: A A^T = C^-1 M C^-1 with
+    M = K^T diag(w^2) K summed over chunks of keys, and A 1 = C^-1 K^T w (Kd x Kd memory)."""
     moment = start = None
-    for first, rows in _key_chunks(pieces):
+    for first, rows in float64_chunks(pieces):
         if moment is None:
             kd, device = rows.shape[1], rows.device
             moment = torch.zeros(kd, kd, dtype=torch.float64, device=device)
@@ -155,11 +154,48 @@ def _direction_by_key_moments(c_inv, pieces, weights: torch.Tensor,
         start += weighted.sum(0)
     left = c_inv @ moment                    # C^-1 M
     gram = c_inv @ left.T                    # C^-1 M C^-1 (M symmetric)
-    gram = (gram + gram.T) * 0.5
-    v = c_inv @ start
+    return (gram + gram.T) * 0.5, c_inv @ start
+
+
+def direction_from_gram(gram: torch.Tensor, start: torch.Tensor,
+                        iterations: int = 100) -> torch.Tensor:
+    """The unit top eigenvector of ``gram`` = A A^T by power iteration from A 1."""
+    v = start
     if v.norm() == 0:
-        v = torch.ones(kd, dtype=torch.float64, device=device)
+        v = torch.ones(gram.shape[0], dtype=torch.float64, device=gram.device)
     return _power_iteration(gram, v / v.norm().clamp_min(1e-300), iterations)
+
+
+def _direction_by_key_moments(c_inv, pieces, weights: torch.Tensor,
+                              iterations: int = 100) -> torch.Tensor:
+    """:func:`principal_direction` for many keys (Q >= Kd) without A [Kd, Q]
+    (:func:`key_moment_gram`); the same iterates as the dense form, in Kd x Kd memory."""
+    gram, start = key_moment_gram(c_inv, pieces, weights)
+    return direction_from_gram(gram, start, iterations)
+
+
+def rank_one_from_direction(layer: str, weight: str, pieces, d: torch.Tensor,
+                            residual: torch.Tensor) -> RankOneEdit:
+    """The rank-one edit along ``d``: per group, Lambda = sum_q a_q r_q / sum_q a_q^2 with
+    a_q = d . k_q (``residual`` [n, P, G, Vg] in float64)."""
+    a = torch.cat([chunk @ d for _, chunk in float64_chunks(pieces)])
+    a = a.reshape(residual.shape[:3])                               # [n, P, G]
+    denom = (a * a).sum(dim=(0, 1))                                 # [G]
+    lam = torch.einsum("npg,npgv->gv", a, residual) / denom.clamp_min(1e-300)[:, None]
+    if not torch.isfinite(lam).all() or not torch.isfinite(d).all():
+        raise NumericalError(f"layer '{layer}': the rank-one solve gave non-finite values")
+    before = float((residual ** 2).sum())
+    after = float(((residual - a[..., None] * lam[None, None]) ** 2).sum())
+    return RankOneEdit(layer, weight, d, lam.reshape(-1), before, after)
+
+
+def edit_weights(layer: str, residual: torch.Tensor) -> torch.Tensor:
+    """w_q = ||r_q|| per key row; raises NumericalError when every residual is zero."""
+    weights = residual.reshape(-1, residual.shape[-1]).norm(dim=1)
+    if float(weights.sum()) == 0:
+        raise NumericalError(f"layer '{layer}': the corrupted and clean values are identical "
+                             "here; nothing to edit")
+    return weights
 
 
 def solve_rank_one(layer: str, weight: str, keys, residual: torch.Tensor, c_inv
@@ -178,24 +214,13 @@ def solve_rank_one(layer: str, weight: str, keys, residual: torch.Tensor, c_inv
         c_inv = c_inv.to(torch.float64)
     kd = getattr(pieces, "key_dim", None) or pieces[0].shape[-1]
     rows = residual.shape[0] * residual.shape[1] * residual.shape[2]
-    weights = residual.reshape(-1, residual.shape[-1]).norm(dim=1)
-    if float(weights.sum()) == 0:
-        raise NumericalError(f"layer '{layer}': the corrupted and clean values are identical "
-                             "here; nothing to edit")
+    weights = edit_weights(layer, residual)
     if rows < kd:  # few keys (a wide dense layer): A [Kd, Q] is small
         flat = torch.cat([p.reshape(-1, kd) for p in pieces]).to(torch.float64)
         d = principal_direction(c_inv, flat, weights)
     else:
         d = _direction_by_key_moments(c_inv, pieces, weights)
-    a = torch.cat([chunk @ d for _, chunk in _key_chunks(pieces)])
-    a = a.reshape(residual.shape[:3])                               # [n, P, G]
-    denom = (a * a).sum(dim=(0, 1))                                 # [G]
-    lam = torch.einsum("npg,npgv->gv", a, residual) / denom.clamp_min(1e-300)[:, None]
-    if not torch.isfinite(lam).all() or not torch.isfinite(d).all():
-        raise NumericalError(f"layer '{layer}': the rank-one solve gave non-finite values")
-    before = float((residual ** 2).sum())
-    after = float(((residual - a[..., None] * lam[None, None]) ** 2).sum())
-    return RankOneEdit(layer, weight, d, lam.reshape(-1), before, after)
+    return rank_one_from_direction(layer, weight, pieces, d, residual)
 
 
 def solve_rank_one_iterative(layer: str, weight: str, keys: torch.Tensor, residual: torch.Tensor,

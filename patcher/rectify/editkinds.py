@@ -30,8 +30,8 @@ from patcher.edits.care import (CENTRED, FIDELITY, GROWTH, HELD_OUT, MIN_RATE_RE
                                 misbehaviour_rate, removes_enough, scaled_logits, shrunk,
                                 unit_scale_delta)
 from patcher.edits.finetune import finetune_in_place
-from patcher.edits.rankone import (RankOneEdit, UnfoldedKeys, solve_rank_one,
-                                   solve_rank_one_iterative)
+from patcher.edits.lowrank import LowRankEdit, solve_edits
+from patcher.edits.rankone import RankOneEdit, UnfoldedKeys, solve_rank_one_iterative
 from patcher.edits.silence import (SILENCE_SCALES, corruption_key_sums, output_signs,
                                    silencing_direction, silencing_edit)
 from patcher.errors import NumericalError
@@ -112,16 +112,19 @@ def _layer_io(ws: Workspace, layer: EditableLayer, x: torch.Tensor
 
 
 class RankOneEditKind:
-    """The closed-form rank-one edit mapping the fit pairs' corrupted keys to clean values
-    (:func:`patcher.edits.rankone.solve_rank_one`, with the layer's exact C^-1), or the
-    paper's iterative solver; ``refresh`` recomputes downstream statistics after a kept
-    edit (``--refresh-statistics``)."""
+    """The closed-form edit mapping the fit pairs' corrupted keys to clean values, with the
+    layer's exact C^-1: the rank-one edit, preceded by the low-rank edit of
+    :mod:`patcher.edits.lowrank` when one direction does not hold the corrupted keys (a
+    trigger over several tokens); or the paper's iterative solver. ``refresh`` recomputes
+    downstream statistics after a kept edit (``--refresh-statistics``)."""
 
     def __init__(self, refresh: bool = False) -> None:
         self.refresh = refresh
 
     @torch.no_grad()
-    def fit(self, ws: Workspace, layer: EditableLayer) -> RankOneEdit:
+    def fit(self, ws: Workspace, layer: EditableLayer
+            ) -> tuple[RankOneEdit, LowRankEdit | None]:
+        """(the rank-one edit, the low-rank edit or None) at ``layer`` for the fit pairs."""
         cfg = ws.config
         statistics = ws.statistics.for_edit(layer) if cfg.solver == "closed" else None
         start = time.perf_counter()
@@ -140,22 +143,40 @@ class RankOneEditKind:
             values = layer_values(layer, out, attrs)
             residuals.append(values[n:] - values[:n])
         if cfg.solver == "iterative":
-            edit = solve_rank_one_iterative(layer.name, layer.weight, torch.cat(keys),
-                                            torch.cat(residuals), lr=cfg.solver_lr,
-                                            epochs=cfg.solver_epochs, seed=cfg.seed)
+            edits = (solve_rank_one_iterative(layer.name, layer.weight, torch.cat(keys),
+                                              torch.cat(residuals), lr=cfg.solver_lr,
+                                              epochs=cfg.solver_epochs, seed=cfg.seed), None)
         else:
-            edit = solve_rank_one(layer.name, layer.weight, UnfoldedKeys(layer, inputs, attrs),
-                                  torch.cat(residuals), statistics.solver.to(ws.device))
+            edits = solve_edits(layer.name, layer.weight, UnfoldedKeys(layer, inputs, attrs),
+                                torch.cat(residuals), statistics.solver.to(ws.device))
         ws.timings.add("edit", start)
-        return edit
+        return edits
 
     def propose(self, ws: Workspace, layer: EditableLayer) -> Iterator[CandidateGroup]:
-        edit = self.fit(ws, layer)
-        delta = ws.stored(layer, edit.delta)
-        ratio = edit.fit_residual_after / max(edit.fit_residual_before, 1e-300)
-        yield CandidateGroup(iter([Candidate(layer, {layer.weight: delta},
-                                             [_rank_entry(layer, delta, "rank-one", 1)],
-                                             edit.norm, ratio)]))
+        """One group: the low-rank candidate first when there is one, then the rank-one
+        candidate (tried when the first is rolled back)."""
+        single, low = self.fit(ws, layer)
+        candidates = []
+        if low is not None:
+            delta = ws.stored(layer, low.delta)
+            records = []
+            for i, part in enumerate(low.components()):
+                name, recorded, entry = _rank_entry(layer, ws.stored(layer, part),
+                                                    "rank-one", 1)
+                entry.update(component=i + 1, edit_rank=low.rank,
+                             energy=round(low.energy, 4))
+                records.append((name, recorded, entry))
+            candidates.append(Candidate(
+                layer, {layer.weight: delta}, records, low.norm,
+                low.fit_residual_after / max(low.fit_residual_before, 1e-300),
+                label=f"rank {low.rank}"))
+        delta = ws.stored(layer, single.delta)
+        candidates.append(Candidate(layer, {layer.weight: delta},
+                                    [_rank_entry(layer, delta, "rank-one", 1)], single.norm,
+                                    single.fit_residual_after
+                                    / max(single.fit_residual_before, 1e-300),
+                                    label="rank 1"))
+        yield CandidateGroup(iter(candidates))
 
     def kept(self, ws: Workspace, candidate: Candidate) -> None:
         if self.refresh:  # keys downstream of the edit changed a little
@@ -169,8 +190,8 @@ class RankOneEditKind:
             return None
         target = (f", target-class gap {before.tau:.4f} -> {after.tau:.4f}"
                   if before.tau is not None else "")
-        return (f"round {index}: {candidate.layer.name} score {score:.4g}: gap "
-                f"{before.value:.4f} -> {after.value:.4f}{target}, accuracy "
+        return (f"round {index}: {candidate.layer.name} ({candidate.label}) score {score:.4g}: "
+                f"gap {before.value:.4f} -> {after.value:.4f}{target}, accuracy "
                 f"{format_accuracy(accuracy, evaluated)} ({reason})")
 
 
