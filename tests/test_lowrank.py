@@ -93,3 +93,12 @@ def test_subspace_iteration_finds_the_top_eigenpairs_of_a_large_matrix():
 def test_chosen_rank_is_the_fewest_directions_holding_the_energy(values, expected):
     r, held = lowrank.chosen_rank(torch.tensor(values, dtype=F64), 1.0, energy=0.9)
     assert r == expected and held >= 0.9 - 1e-12
+
+
+def test_a_grouped_conv_keeps_the_rank_one_edit():
+    keys, residual, c_inv = _several_triggers(3)
+    grouped_keys = torch.cat([keys, keys], dim=2)            # two groups
+    grouped_residual = torch.cat([residual, residual], dim=2)
+    single, low = lowrank.solve_edits("L", "w", grouped_keys, grouped_residual, c_inv)
+    plain = solve_rank_one("L", "w", grouped_keys, grouped_residual, c_inv)
+    assert low is None and torch.equal(single.delta, plain.delta)

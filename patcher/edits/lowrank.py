@@ -17,7 +17,10 @@ The edit here keeps the next directions as well:
   i.e. Lambda_g^T = (sum_q a_q a_q^T)^-1 sum_q a_q r_q^T;
 - dW_c = Lambda D^T = sum_i lambda_i d_i^T: r rank-one edits along orthonormal directions.
 
-When one direction holds ENERGY already, r = 1 and the rank-one edit is the answer.
+When one direction holds ENERGY already, r = 1 and the rank-one edit is the answer. A
+grouped convolution (depthwise) keeps the rank-one edit: its key is a few kernel taps per
+group (9 for a 3x3 depthwise conv, so r <= 9 anyway), and its candidates are tried at
+many groups x positions (MobileNetV2 at 224: 96 groups at 112 x 112).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 
 from patcher.edits.rankone import (RankOneEdit, direction_from_gram, edit_weights,
                                    float64_chunks, key_moment_gram, principal_direction,
-                                   rank_one_from_direction)
+                                   rank_one_from_direction, solve_rank_one)
 from patcher.errors import NumericalError
 
 #: Share of trace(A A^T) the kept directions must hold (ViT-Ti/16 at 224: 7 directions at
@@ -109,22 +112,32 @@ def chosen_rank(values: torch.Tensor, trace: float, energy: float = ENERGY,
 def magnitudes_for(layer: str, pieces, directions: torch.Tensor, residual: torch.Tensor
                    ) -> tuple[torch.Tensor, float, float]:
     """(Lambda [V, r], sum ||r_q||^2, sum ||r_q - Lambda_g a_q||^2): per group, the least
-    squares Lambda_g^T = (A_g^T A_g)^-1 A_g^T R_g with a_q = D^T k_q (``residual``
-    [n, P, G, Vg] in float64)."""
-    r = directions.shape[1]
-    a = torch.cat([chunk @ directions for _, chunk in float64_chunks(pieces)])
-    a = a.reshape(*residual.shape[:3], r)                              # [n, P, G, r]
-    normal = torch.einsum("npgi,npgj->gij", a, a)                      # [G, r, r]
-    right = torch.einsum("npgi,npgv->giv", a, residual)                # [G, r, Vg]
+    squares Lambda_g^T = N_g^-1 B_g with N_g = sum_q a_q a_q^T, B_g = sum_q a_q r_q^T and
+    a_q = D^T k_q (``residual`` [n, P, G, Vg] in float64). N and B are summed over chunks of
+    keys; the residual left is ||R||^2 - 2 <Lambda, B> + <Lambda, N Lambda> (no fitted copy
+    of the residual)."""
+    r, groups, vg = directions.shape[1], residual.shape[2], residual.shape[3]
+    flat_r = residual.reshape(-1, vg)
+    normal = torch.zeros(groups, r, r, dtype=torch.float64, device=residual.device)
+    right = torch.zeros(groups, r, vg, dtype=torch.float64, device=residual.device)
+    for first, chunk in float64_chunks(pieces):
+        a = chunk @ directions                                         # [rows, r]
+        part = flat_r[first:first + len(a)]
+        if groups == 1:
+            normal[0] += a.T @ a
+            right[0] += a.T @ part
+        else:  # row i belongs to group i % G (rows run over n, P, then G)
+            group = (torch.arange(first, first + len(a), device=a.device) % groups)
+            normal.index_add_(0, group, a[:, :, None] * a[:, None, :])
+            right.index_add_(0, group, a[:, :, None] * part[:, None, :])
     ridge = 1e-12 * normal.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300)
     eye = torch.eye(r, dtype=normal.dtype, device=normal.device)
     lam = torch.linalg.solve(normal + ridge[:, None, None] * eye, right)  # [G, r, Vg]
     if not torch.isfinite(lam).all():
         raise NumericalError(f"layer '{layer}': the low-rank solve gave non-finite values")
-    fitted = torch.einsum("npgi,giv->npgv", a, lam)
     before = float((residual ** 2).sum())
-    after = float(((residual - fitted) ** 2).sum())
-    return lam.permute(0, 2, 1).reshape(-1, r), before, after          # [G*Vg, r]
+    after = before - 2 * float((lam * right).sum()) + float((lam * (normal @ lam)).sum())
+    return lam.permute(0, 2, 1).reshape(-1, r), before, max(after, 0.0)
 
 
 def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
@@ -141,6 +154,8 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
     kd = getattr(pieces, "key_dim", None) or pieces[0].shape[-1]
     rows = residual.shape[0] * residual.shape[1] * residual.shape[2]
     weights = edit_weights(layer, residual)
+    if residual.shape[2] > 1:  # a grouped (depthwise) conv keeps the rank-one edit
+        return solve_rank_one(layer, weight, pieces, residual, c_inv), None
     if rows < kd:  # few keys (a wide dense layer): eigenpairs of G = A^T A [Q, Q]
         flat = torch.cat([p.reshape(-1, kd) for p in pieces]).to(torch.float64)
         d = principal_direction(c_inv, flat, weights)
