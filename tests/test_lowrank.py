@@ -102,3 +102,10 @@ def test_a_grouped_conv_keeps_the_rank_one_edit():
     single, low = lowrank.solve_edits("L", "w", grouped_keys, grouped_residual, c_inv)
     plain = solve_rank_one("L", "w", grouped_keys, grouped_residual, c_inv)
     assert low is None and torch.equal(single.delta, plain.delta)
+
+
+def test_max_rank_one_gives_the_rank_one_edit_alone():
+    keys, residual, c_inv = _several_triggers(3)
+    single, low = lowrank.solve_edits("L", "w", keys, residual, c_inv, max_rank=1)
+    plain = solve_rank_one("L", "w", keys, residual, c_inv)
+    assert low is None and torch.equal(single.delta, plain.delta)

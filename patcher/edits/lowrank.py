@@ -164,7 +164,7 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
         trace = float(small.diagonal().sum())
         top = float(d @ (a @ (a.T @ d)))
         single = rank_one_from_direction(layer, weight, pieces, d, residual)
-        if trace <= 0 or top >= energy * trace or rows < 2:
+        if max_rank < 2 or trace <= 0 or top >= energy * trace or rows < 2:
             return single, None
         values, vectors = top_eigenpairs(small, max_rank + 1,
                                          torch.ones(rows, dtype=torch.float64,
@@ -177,7 +177,7 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
         trace = float(gram.diagonal().sum())
         top = float(d @ gram @ d)
         single = rank_one_from_direction(layer, weight, pieces, d, residual)
-        if trace <= 0 or top >= energy * trace:
+        if max_rank < 2 or trace <= 0 or top >= energy * trace:
             return single, None
         values, directions = top_eigenpairs(gram, max_rank + 1, start)
     r, held = chosen_rank(values, trace, energy, max_rank)
