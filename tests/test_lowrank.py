@@ -51,12 +51,12 @@ def test_one_trigger_direction_gives_the_rank_one_edit_alone_and_the_same_one():
     assert torch.equal(single.magnitude, plain.magnitude)
 
 
-def test_the_rank_is_capped_and_few_keys_take_the_gram_route():
-    # 8 distinct trigger keys of dimension 40 in 8 rows only (rows < Kd): the Q x Q route
+def test_keys_that_max_rank_directions_cannot_hold_get_no_low_rank_edit_and_few_keys_work():
+    # 8 distinct trigger keys of dimension 40 in 8 rows only (rows < Kd): the Q x Q route;
+    # 4 directions hold about half of them: diffuse, the rank-one edit alone
     keys, residual, c_inv = _several_triggers(8, n=1, positions=8, kd=40)
     single, low = lowrank.solve_edits("L", "w", keys, residual, c_inv, max_rank=4)
-    assert low is not None and low.rank == 4
-    assert low.fit_residual_after < single.fit_residual_after
+    assert low is None and single.fit_residual_after > 0.5 * single.fit_residual_before
     _, full = lowrank.solve_edits("L", "w", keys, residual, c_inv, energy=0.9999, max_rank=16)
     assert full.rank == 8 and full.fit_residual_after / full.fit_residual_before < 1e-6
 

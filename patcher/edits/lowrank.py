@@ -17,7 +17,8 @@ The edit here keeps the next directions as well:
   i.e. Lambda_g^T = (sum_q a_q a_q^T)^-1 sum_q a_q r_q^T;
 - dW_c = Lambda D^T = sum_i lambda_i d_i^T: r rank-one edits along orthonormal directions.
 
-When one direction holds ENERGY already, r = 1 and the rank-one edit is the answer. A
+When one direction holds ENERGY already, r = 1 and the rank-one edit is the answer; when
+MAX_RANK directions do not hold it (diffuse keys), the rank-one edit is too. A
 grouped convolution (depthwise) keeps the rank-one edit: its key is a few kernel taps per
 group (9 for a 3x3 depthwise conv, so r <= 9 anyway), and its candidates are tried at
 many groups x positions (MobileNetV2 at 224: 96 groups at 112 x 112).
@@ -33,11 +34,16 @@ from patcher.edits.rankone import (RankOneEdit, direction_from_gram, edit_weight
                                    rank_one_from_direction, solve_rank_one)
 from patcher.errors import NumericalError
 
-#: Share of trace(A A^T) the kept directions must hold (ViT-Ti/16 at 224: 7 directions at
-#: the patch embedding, 2 at block 10's attention output, 4 at the head's first layer).
+#: Share of trace(A A^T) the kept directions must hold (ViT-Ti/16 at 224: 8 directions at
+#: the patch embedding, 98%; 2 at block 10's attention output, 4 at the head's first layer).
 ENERGY = 0.95
 #: Most directions one edit keeps.
 MAX_RANK = 16
+# When MAX_RANK directions do not reach ENERGY the corrupted keys are diffuse rather than
+# a few trigger pieces, and no low-rank edit is proposed: on MobileNetV2 at 224 every
+# kept edit took 16 directions holding 44-83%, and held-out clean images of other
+# classes predicted as the target went from 6.9% to 20.6% (ASR 21% against 12% with
+# rank-one edits alone).
 #: Subspace-iteration steps for the top eigenvectors (block of MAX_RANK + 4 vectors).
 SUBSPACE_STEPS = 60
 
@@ -144,8 +150,8 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
                 energy: float = ENERGY, max_rank: int = MAX_RANK
                 ) -> tuple[RankOneEdit, LowRankEdit | None]:
     """The rank-one edit of :func:`patcher.edits.rankone.solve_rank_one` (the same d and
-    Lambda) and, when its direction holds less than ``energy`` of trace(A A^T), the
-    low-rank edit along the top r directions (else None). ``keys``, ``residual`` and
+    Lambda) and, when its direction holds less than ``energy`` of trace(A A^T) and at most
+    ``max_rank`` directions hold that much, the low-rank edit along them (else None). ``keys``, ``residual`` and
     ``c_inv`` as there; ``keys`` is read two or three times."""
     pieces = [keys] if torch.is_tensor(keys) else keys
     residual = residual.to(torch.float64)
@@ -181,7 +187,7 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
             return single, None
         values, directions = top_eigenpairs(gram, max_rank + 1, start)
     r, held = chosen_rank(values, trace, energy, max_rank)
-    if r < 2:
+    if r < 2 or held < energy:  # diffuse keys: no few directions hold them (module notes)
         return single, None
     directions = torch.linalg.qr(directions[:, :r])[0]
     lam, before, after = magnitudes_for(layer, pieces, directions, residual)
