@@ -17,7 +17,11 @@ The edit here keeps the next directions as well:
   i.e. Lambda_g^T = (sum_q a_q a_q^T)^-1 sum_q a_q r_q^T;
 - dW_c = Lambda D^T = sum_i lambda_i d_i^T: r rank-one edits along orthonormal directions.
 
-When one direction holds ENERGY already, r = 1 and the rank-one edit is the answer.
+When one direction holds ENERGY already, r = 1 and the rank-one edit is the answer; when
+MAX_RANK directions do not hold it (diffuse keys), the rank-one edit is too. A
+grouped convolution (depthwise) keeps the rank-one edit: its key is a few kernel taps per
+group (9 for a 3x3 depthwise conv, so r <= 9 anyway), and its candidates are tried at
+many groups x positions (MobileNetV2 at 224: 96 groups at 112 x 112).
 """
 from __future__ import annotations
 
@@ -27,14 +31,19 @@ import torch
 
 from patcher.edits.rankone import (RankOneEdit, direction_from_gram, edit_weights,
                                    float64_chunks, key_moment_gram, principal_direction,
-                                   rank_one_from_direction)
+                                   rank_one_from_direction, solve_rank_one)
 from patcher.errors import NumericalError
 
-#: Share of trace(A A^T) the kept directions must hold (ViT-Ti/16 at 224: 7 directions at
-#: the patch embedding, 2 at block 10's attention output, 4 at the head's first layer).
+#: Share of trace(A A^T) the kept directions must hold (ViT-Ti/16 at 224: 8 directions at
+#: the patch embedding, 98%; 2 at block 10's attention output, 4 at the head's first layer).
 ENERGY = 0.95
 #: Most directions one edit keeps.
 MAX_RANK = 16
+# When MAX_RANK directions do not reach ENERGY the corrupted keys are diffuse rather than
+# a few trigger pieces, and no low-rank edit is proposed: on MobileNetV2 at 224 every
+# kept edit took 16 directions holding 44-83%, and held-out clean images of other
+# classes predicted as the target went from 6.9% to 20.6% (ASR 21% against 12% with
+# rank-one edits alone).
 #: Subspace-iteration steps for the top eigenvectors (block of MAX_RANK + 4 vectors).
 SUBSPACE_STEPS = 60
 
@@ -109,30 +118,40 @@ def chosen_rank(values: torch.Tensor, trace: float, energy: float = ENERGY,
 def magnitudes_for(layer: str, pieces, directions: torch.Tensor, residual: torch.Tensor
                    ) -> tuple[torch.Tensor, float, float]:
     """(Lambda [V, r], sum ||r_q||^2, sum ||r_q - Lambda_g a_q||^2): per group, the least
-    squares Lambda_g^T = (A_g^T A_g)^-1 A_g^T R_g with a_q = D^T k_q (``residual``
-    [n, P, G, Vg] in float64)."""
-    r = directions.shape[1]
-    a = torch.cat([chunk @ directions for _, chunk in float64_chunks(pieces)])
-    a = a.reshape(*residual.shape[:3], r)                              # [n, P, G, r]
-    normal = torch.einsum("npgi,npgj->gij", a, a)                      # [G, r, r]
-    right = torch.einsum("npgi,npgv->giv", a, residual)                # [G, r, Vg]
+    squares Lambda_g^T = N_g^-1 B_g with N_g = sum_q a_q a_q^T, B_g = sum_q a_q r_q^T and
+    a_q = D^T k_q (``residual`` [n, P, G, Vg] in float64). N and B are summed over chunks of
+    keys; the residual left is ||R||^2 - 2 <Lambda, B> + <Lambda, N Lambda> (no fitted copy
+    of the residual)."""
+    r, groups, vg = directions.shape[1], residual.shape[2], residual.shape[3]
+    flat_r = residual.reshape(-1, vg)
+    normal = torch.zeros(groups, r, r, dtype=torch.float64, device=residual.device)
+    right = torch.zeros(groups, r, vg, dtype=torch.float64, device=residual.device)
+    for first, chunk in float64_chunks(pieces):
+        a = chunk @ directions                                         # [rows, r]
+        part = flat_r[first:first + len(a)]
+        if groups == 1:
+            normal[0] += a.T @ a
+            right[0] += a.T @ part
+        else:  # row i belongs to group i % G (rows run over n, P, then G)
+            group = (torch.arange(first, first + len(a), device=a.device) % groups)
+            normal.index_add_(0, group, a[:, :, None] * a[:, None, :])
+            right.index_add_(0, group, a[:, :, None] * part[:, None, :])
     ridge = 1e-12 * normal.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300)
     eye = torch.eye(r, dtype=normal.dtype, device=normal.device)
     lam = torch.linalg.solve(normal + ridge[:, None, None] * eye, right)  # [G, r, Vg]
     if not torch.isfinite(lam).all():
         raise NumericalError(f"layer '{layer}': the low-rank solve gave non-finite values")
-    fitted = torch.einsum("npgi,giv->npgv", a, lam)
     before = float((residual ** 2).sum())
-    after = float(((residual - fitted) ** 2).sum())
-    return lam.permute(0, 2, 1).reshape(-1, r), before, after          # [G*Vg, r]
+    after = before - 2 * float((lam * right).sum()) + float((lam * (normal @ lam)).sum())
+    return lam.permute(0, 2, 1).reshape(-1, r), before, max(after, 0.0)
 
 
 def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
                 energy: float = ENERGY, max_rank: int = MAX_RANK
                 ) -> tuple[RankOneEdit, LowRankEdit | None]:
     """The rank-one edit of :func:`patcher.edits.rankone.solve_rank_one` (the same d and
-    Lambda) and, when its direction holds less than ``energy`` of trace(A A^T), the
-    low-rank edit along the top r directions (else None). ``keys``, ``residual`` and
+    Lambda) and, when its direction holds less than ``energy`` of trace(A A^T) and at most
+    ``max_rank`` directions hold that much, the low-rank edit along them (else None). ``keys``, ``residual`` and
     ``c_inv`` as there; ``keys`` is read two or three times."""
     pieces = [keys] if torch.is_tensor(keys) else keys
     residual = residual.to(torch.float64)
@@ -141,6 +160,8 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
     kd = getattr(pieces, "key_dim", None) or pieces[0].shape[-1]
     rows = residual.shape[0] * residual.shape[1] * residual.shape[2]
     weights = edit_weights(layer, residual)
+    if residual.shape[2] > 1:  # a grouped (depthwise) conv keeps the rank-one edit
+        return solve_rank_one(layer, weight, pieces, residual, c_inv), None
     if rows < kd:  # few keys (a wide dense layer): eigenpairs of G = A^T A [Q, Q]
         flat = torch.cat([p.reshape(-1, kd) for p in pieces]).to(torch.float64)
         d = principal_direction(c_inv, flat, weights)
@@ -149,7 +170,7 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
         trace = float(small.diagonal().sum())
         top = float(d @ (a @ (a.T @ d)))
         single = rank_one_from_direction(layer, weight, pieces, d, residual)
-        if trace <= 0 or top >= energy * trace or rows < 2:
+        if max_rank < 2 or trace <= 0 or top >= energy * trace or rows < 2:
             return single, None
         values, vectors = top_eigenpairs(small, max_rank + 1,
                                          torch.ones(rows, dtype=torch.float64,
@@ -162,11 +183,11 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
         trace = float(gram.diagonal().sum())
         top = float(d @ gram @ d)
         single = rank_one_from_direction(layer, weight, pieces, d, residual)
-        if trace <= 0 or top >= energy * trace:
+        if max_rank < 2 or trace <= 0 or top >= energy * trace:
             return single, None
         values, directions = top_eigenpairs(gram, max_rank + 1, start)
     r, held = chosen_rank(values, trace, energy, max_rank)
-    if r < 2:
+    if r < 2 or held < energy:  # diffuse keys: no few directions hold them (module notes)
         return single, None
     directions = torch.linalg.qr(directions[:, :r])[0]
     lam, before, after = magnitudes_for(layer, pieces, directions, residual)

@@ -10,9 +10,9 @@ What it counts, per image (:func:`model_footprint`):
   keeps for a backward pass), ``largest_activation`` the largest of them;
 * each editable layer's key width d and key rows per image (output positions or tokens).
 
-Time (:func:`estimate`): forward-equivalents x macs / the machine's measured rate
-(:func:`machine_rate`, a timed matmul in this process's CPU seconds, times
-:data:`EFFICIENCY`). Forward-equivalents: the statistics pass over the calibration
+Time (:func:`estimate`): forward-equivalents x (macs + :data:`BYTE_MACS` x
+activation_bytes) / the machine's measured rate (:func:`machine_rate`, a timed matmul in
+this process's CPU seconds, times :data:`EFFICIENCY`). Forward-equivalents: the statistics pass over the calibration
 images (:data:`STATISTICS_FORWARDS` each), the IG passes (steps x pairs, forward and
 backward: 3 each), the gap measurements on the transplanted images, and for ``patch``
 per expected round (:data:`EXPECTED_ROUNDS`) the IG passes again, the edited layer's
@@ -84,6 +84,14 @@ EDIT_STATISTICS_FORWARDS = 2.0
 #: time). 0.4 puts backdoor_cnn, CIFAR ResNet-18 and the VGG16-style model's locate and
 #: patch at 0.74-0.93x of their measured CPU seconds (2 cores under load, W_notes.md).
 EFFICIENCY = 0.4
+#: Multiply-accumulates one byte of activations costs as much as (memory traffic: the
+#: narrow 1x1 and depthwise convs, Clip, Add of MobileNetV2; LayerNorm, Softmax and GELU of
+#: a ViT). With MACs alone the estimate was 2.7x low for MobileNetV2's locate (17 s against
+#: 46 s) and 1.9x for ViT-Ti/16's (41 s against 77 s) while ResNet-18, VGG and CIFAR
+#: ResNet-18 came within 0.9-1.0x; 12 brings all five locates at eval 100 within
+#: 0.9-1.15x (per image: MobileNetV2 300 M MACs and 50 MB of activations, ViT 1,075 M and
+#: 89 MB, ResNet-18 1,814 M and 22 MB).
+BYTE_MACS = 12.0
 #: Fixed CPU seconds: imports (2.7 s measured), loading, onnxruntime sessions, shape
 #: checks, and the per-node Python overhead that dominates small models (backdoor_cnn:
 #: 10 s of CPU for a locate whose multiply-adds take 1 s).
@@ -333,7 +341,8 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
         per_round = (3 * config.steps * n_pairs + EDIT_STATISTICS_FORWARDS * n_calib
                      + 2 * fit_pairs + transplanted)
         forwards += EXPECTED_ROUNDS * per_round + KEPT_ROUNDS * n_eval + 2 * n_eval
-    seconds = STARTUP_SECONDS + forwards * fp.macs / (rate * EFFICIENCY)
+    work = fp.macs + BYTE_MACS * fp.activation_bytes
+    seconds = STARTUP_SECONDS + forwards * work / (rate * EFFICIENCY)
     excluded = set(getattr(config, "exclude_layers", ()) or ())
     layers = [l for l in fp.layers if l.name not in excluded
               and (config.layer is None or l.name == config.layer)]

@@ -30,7 +30,7 @@ from patcher.edits.care import (CENTRED, FIDELITY, GROWTH, HELD_OUT, MIN_RATE_RE
                                 misbehaviour_rate, removes_enough, scaled_logits, shrunk,
                                 unit_scale_delta)
 from patcher.edits.finetune import finetune_in_place
-from patcher.edits.lowrank import LowRankEdit, solve_edits
+from patcher.edits.lowrank import MAX_RANK, LowRankEdit, solve_edits
 from patcher.edits.rankone import RankOneEdit, UnfoldedKeys, solve_rank_one_iterative
 from patcher.edits.silence import (SILENCE_SCALES, corruption_key_sums, output_signs,
                                    silencing_direction, silencing_edit)
@@ -115,11 +115,14 @@ class RankOneEditKind:
     """The closed-form edit mapping the fit pairs' corrupted keys to clean values, with the
     layer's exact C^-1: the rank-one edit, preceded by the low-rank edit of
     :mod:`patcher.edits.lowrank` when one direction does not hold the corrupted keys (a
-    trigger over several tokens); or the paper's iterative solver. ``refresh`` recomputes
-    downstream statistics after a kept edit (``--refresh-statistics``)."""
+    trigger over several tokens); or the paper's iterative solver. ``low_rank``: propose
+    the low-rank edit at all (the dynamic loop, whose keep rule falls back to the rank-one
+    candidate; a fixed layer's one accepted edit stays the paper's rank-one edit).
+    ``refresh`` recomputes downstream statistics after a kept edit
+    (``--refresh-statistics``)."""
 
-    def __init__(self, refresh: bool = False) -> None:
-        self.refresh = refresh
+    def __init__(self, refresh: bool = False, low_rank: bool = False) -> None:
+        self.refresh, self.low_rank = refresh, low_rank
 
     @torch.no_grad()
     def fit(self, ws: Workspace, layer: EditableLayer
@@ -148,7 +151,8 @@ class RankOneEditKind:
                                               epochs=cfg.solver_epochs, seed=cfg.seed), None)
         else:
             edits = solve_edits(layer.name, layer.weight, UnfoldedKeys(layer, inputs, attrs),
-                                torch.cat(residuals), statistics.solver.to(ws.device))
+                                torch.cat(residuals), statistics.solver.to(ws.device),
+                                max_rank=MAX_RANK if self.low_rank else 1)
         ws.timings.add("edit", start)
         return edits
 

@@ -259,7 +259,8 @@ def make_plan(ws: Workspace, config: RectifyConfig) -> Plan:
         note = "forced layer" if layer else "static: last layer"
         return Plan(FixedLocator(fixed.name, note), RankOneEditKind(),
                     GapObjective(ws, config.gap, False), keep="accept")
-    return Plan(AttributionLocator(), RankOneEditKind(refresh=config.refresh_statistics),
+    return Plan(AttributionLocator(), RankOneEditKind(refresh=config.refresh_statistics,
+                                                      low_rank=True),
                 GapObjective(ws, config.gap, True), rounds=config.max_rounds)
 
 
