@@ -113,11 +113,11 @@ def _layer_io(ws: Workspace, layer: EditableLayer, x: torch.Tensor
 
 class RankOneEditKind:
     """The closed-form edit mapping the fit pairs' corrupted keys to clean values, with the
-    layer's exact C^-1: the rank-one edit, preceded by the low-rank edit of
+    layer's exact C^-1: the paper's rank-one edit, followed by the low-rank edit of
     :mod:`patcher.edits.lowrank` when one direction does not hold the corrupted keys (a
-    trigger over several tokens); or the paper's iterative solver. ``low_rank``: propose
-    the low-rank edit at all (the dynamic loop, whose keep rule falls back to the rank-one
-    candidate; a fixed layer's one accepted edit stays the paper's rank-one edit).
+    trigger over several tokens) and the rank-one edit is rolled back; or the paper's
+    iterative solver. ``low_rank``: propose the low-rank edit at all (the dynamic loop; a
+    fixed layer's one accepted edit stays the paper's rank-one edit).
     ``refresh`` recomputes downstream statistics after a kept edit
     (``--refresh-statistics``)."""
 
@@ -157,10 +157,16 @@ class RankOneEditKind:
         return edits
 
     def propose(self, ws: Workspace, layer: EditableLayer) -> Iterator[CandidateGroup]:
-        """One group: the low-rank candidate first when there is one, then the rank-one
-        candidate (tried when the first is rolled back)."""
+        """One group: the rank-one candidate, then the low-rank candidate when there is
+        one (tried only when the rank-one edit is rolled back: where the rank-one edit is
+        kept, the loop edits as the paper does)."""
         single, low = self.fit(ws, layer)
-        candidates = []
+        delta = ws.stored(layer, single.delta)
+        candidates = [Candidate(layer, {layer.weight: delta},
+                                [_rank_entry(layer, delta, "rank-one", 1)], single.norm,
+                                single.fit_residual_after
+                                / max(single.fit_residual_before, 1e-300),
+                                label="rank 1")]
         if low is not None:
             delta = ws.stored(layer, low.delta)
             records = []
@@ -174,12 +180,6 @@ class RankOneEditKind:
                 layer, {layer.weight: delta}, records, low.norm,
                 low.fit_residual_after / max(low.fit_residual_before, 1e-300),
                 label=f"rank {low.rank}"))
-        delta = ws.stored(layer, single.delta)
-        candidates.append(Candidate(layer, {layer.weight: delta},
-                                    [_rank_entry(layer, delta, "rank-one", 1)], single.norm,
-                                    single.fit_residual_after
-                                    / max(single.fit_residual_before, 1e-300),
-                                    label="rank 1"))
         yield CandidateGroup(iter(candidates))
 
     def kept(self, ws: Workspace, candidate: Candidate) -> None:
