@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patcher.edits.rankone import (RankOneEdit, direction_from_gram, edit_weights,
+from patcher.edits.rankone import (RankOneEdit, direction_from_gram, fit_inputs,
                                    float64_chunks, key_moment_gram, principal_direction,
                                    rank_one_from_direction, solve_rank_one)
 from patcher.errors import NumericalError
@@ -153,13 +153,7 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
     Lambda) and, when its direction holds less than ``energy`` of trace(A A^T) and at most
     ``max_rank`` directions hold that much, the low-rank edit along them (else None). ``keys``, ``residual`` and
     ``c_inv`` as there; ``keys`` is read two or three times."""
-    pieces = [keys] if torch.is_tensor(keys) else keys
-    residual = residual.to(torch.float64)
-    if torch.is_tensor(c_inv):
-        c_inv = c_inv.to(torch.float64)
-    kd = getattr(pieces, "key_dim", None) or pieces[0].shape[-1]
-    rows = residual.shape[0] * residual.shape[1] * residual.shape[2]
-    weights = edit_weights(layer, residual)
+    pieces, residual, c_inv, kd, rows, weights = fit_inputs(layer, keys, residual, c_inv)
     if residual.shape[2] > 1:  # a grouped (depthwise) conv keeps the rank-one edit
         return solve_rank_one(layer, weight, pieces, residual, c_inv), None
     if rows < kd:  # few keys (a wide dense layer): eigenpairs of G = A^T A [Q, Q]

@@ -198,6 +198,18 @@ def edit_weights(layer: str, residual: torch.Tensor) -> torch.Tensor:
     return weights
 
 
+def fit_inputs(layer: str, keys, residual: torch.Tensor, c_inv):
+    """A fit's inputs in the form the solvers read: (key pieces, residual in float64, c_inv
+    in float64 when dense, key width Kd, key rows Q = n P G, per-row weights w)."""
+    pieces = [keys] if torch.is_tensor(keys) else keys
+    residual = residual.to(torch.float64)
+    if torch.is_tensor(c_inv):
+        c_inv = c_inv.to(torch.float64)
+    kd = getattr(pieces, "key_dim", None) or pieces[0].shape[-1]
+    rows = residual.shape[0] * residual.shape[1] * residual.shape[2]
+    return pieces, residual, c_inv, kd, rows, edit_weights(layer, residual)
+
+
 def solve_rank_one(layer: str, weight: str, keys, residual: torch.Tensor, c_inv
                    ) -> RankOneEdit:
     """Closed-form rank-one edit from corrupted keys [n, P, G, Kd] and residuals
@@ -208,13 +220,7 @@ def solve_rank_one(layer: str, weight: str, keys, residual: torch.Tensor, c_inv
     a Cholesky solve or, for a wide dense layer, the low-rank Woodbury form). Memory is
     bounded by the keys themselves (kept in their dtype; converted to float64 by chunks)
     plus a Kd x min(Kd, Q) matrix (Q = n P G key rows)."""
-    pieces = [keys] if torch.is_tensor(keys) else keys
-    residual = residual.to(torch.float64)
-    if torch.is_tensor(c_inv):
-        c_inv = c_inv.to(torch.float64)
-    kd = getattr(pieces, "key_dim", None) or pieces[0].shape[-1]
-    rows = residual.shape[0] * residual.shape[1] * residual.shape[2]
-    weights = edit_weights(layer, residual)
+    pieces, residual, c_inv, kd, rows, weights = fit_inputs(layer, keys, residual, c_inv)
     if rows < kd:  # few keys (a wide dense layer): A [Kd, Q] is small
         flat = torch.cat([p.reshape(-1, kd) for p in pieces]).to(torch.float64)
         d = principal_direction(c_inv, flat, weights)
