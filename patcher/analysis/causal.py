@@ -521,7 +521,7 @@ def default_unit_site(graph: ShadowGraph, layers: list[EditableLayer],
             raise RectifyError(f"CARE does not apply by default: the first dense layer "
                                f"'{layer.name}' reads {site.path}, pooled channels with no "
                                "spatially resolved units (multipliers there cost accuracy or "
-                               "leave the backdoor: benchmarks/RECTIFY_RESULTS.md); use "
+                               "leave the backdoor: README, section CARE); use "
                                f"--strategy dynamic, or pass --layer {layer.name} to repair "
                                "those channels anyway, or --layer NAME for the input units of "
                                "another layer")
