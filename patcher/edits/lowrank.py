@@ -154,7 +154,7 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
     ``max_rank`` directions hold that much, the low-rank edit along them (else None). ``keys``, ``residual`` and
     ``c_inv`` as there; ``keys`` is read two or three times."""
     pieces, residual, c_inv, kd, rows, weights = fit_inputs(layer, keys, residual, c_inv)
-    if residual.shape[2] > 1:  # a grouped (depthwise) conv keeps the rank-one edit
+    if residual.shape[2] > 1 or max_rank < 2:  # a grouped (depthwise) conv, or rank one asked
         return solve_rank_one(layer, weight, pieces, residual, c_inv), None
     if rows < kd:  # few keys (a wide dense layer): eigenpairs of G = A^T A [Q, Q]
         flat = torch.cat([p.reshape(-1, kd) for p in pieces]).to(torch.float64)
@@ -164,7 +164,7 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
         trace = float(small.diagonal().sum())
         top = float(d @ (a @ (a.T @ d)))
         single = rank_one_from_direction(layer, weight, pieces, d, residual)
-        if max_rank < 2 or trace <= 0 or top >= energy * trace or rows < 2:
+        if trace <= 0 or top >= energy * trace or rows < 2:
             return single, None
         values, vectors = top_eigenpairs(small, max_rank + 1,
                                          torch.ones(rows, dtype=torch.float64,
@@ -177,7 +177,7 @@ def solve_edits(layer: str, weight: str, keys, residual: torch.Tensor, c_inv,
         trace = float(gram.diagonal().sum())
         top = float(d @ gram @ d)
         single = rank_one_from_direction(layer, weight, pieces, d, residual)
-        if max_rank < 2 or trace <= 0 or top >= energy * trace:
+        if trace <= 0 or top >= energy * trace:
             return single, None
         values, directions = top_eigenpairs(gram, max_rank + 1, start)
     r, held = chosen_rank(values, trace, energy, max_rank)
