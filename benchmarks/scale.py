@@ -132,8 +132,11 @@ def ort_forward(model: Path, x: np.ndarray, batch: int = 32) -> tuple[float, flo
     return round(cpu, 2), round(time.perf_counter() - t0, 2)
 
 
-def rates(model: Path, clean: dict, attack: dict) -> tuple[float, float]:
-    """(OA on held-out clean images, ASR on held-out triggered images) under onnxruntime."""
+def rates(model: Path, clean: dict, attack: dict, originals: np.ndarray) -> dict:
+    """Under onnxruntime: OA on held-out clean images, ASR on held-out triggered images, the
+    share of the same images *before* the trigger that go to the target class (the model's
+    own error there: the floor an ASR can reach), and the ASR over the images whose clean
+    version does not go to the target (what the trigger itself adds)."""
     from patcher.model.runtime import open_session
 
     session = open_session(model, "cpu")
@@ -142,9 +145,13 @@ def rates(model: Path, clean: dict, attack: dict) -> tuple[float, float]:
         return np.concatenate([session.run(x[i:i + 32])[0].argmax(1)
                                for i in range(0, len(x), 32)])
 
-    oa = float((predict(clean["x"]) == clean["y"]).mean())
-    asr = float((predict(attack["x"]) == int(attack["target"])).mean())
-    return oa, asr
+    target = int(attack["target"])
+    triggered_hits, clean_hits = predict(attack["x"]) == target, predict(originals) == target
+    rest = ~clean_hits
+    return {"oa": float((predict(clean["x"]) == clean["y"]).mean()),
+            "asr": float(triggered_hits.mean()),
+            "clean_to_target": float(clean_hits.mean()),
+            "asr_rest": float(triggered_hits[rest].mean()) if rest.any() else 0.0}
 
 
 def _cpu_seconds() -> float:
@@ -198,11 +205,12 @@ def bench_model(name: str, evals: list[int], verbs: list[str], cache: Path, time
             log(f"  patch: {asdict(row.runs['patch'])}")
             clean = dict(np.load(sets["test"]))
             attack = dict(np.load(sets["attack"]))
-            oa0, asr0 = rates(built.path, clean, attack)
-            row.rates = {"oa_before": oa0, "asr_before": asr0}
+            originals = scale_models.attack_originals(name, len(attack["y"]))
+            row.rates = {f"{k}_before": v
+                         for k, v in rates(built.path, clean, attack, originals).items()}
             if row.runs["patch"].exit in (0, 1) and out.exists():
-                oa1, asr1 = rates(out, clean, attack)
-                row.rates.update(oa_after=oa1, asr_after=asr1)
+                row.rates.update({f"{k}_after": v
+                                  for k, v in rates(out, clean, attack, originals).items()})
             log(f"  rates: {row.rates}")
         rows.append(row)
         done(row)
@@ -282,7 +290,11 @@ def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
         "synthetic images; one pair; default settings otherwise. CPU seconds and peak RSS "
         "are the CLI process's own (rusage); the ratio is over one onnxruntime forward over "
         "the same eval set (CPU seconds, batch 32). OA and ASR under onnxruntime on 200 "
-        "held-out clean and 100 held-out triggered images.", "",
+        "held-out clean and 100 held-out triggered images; beside the ASR, in brackets: "
+        "clean, the share of the same 100 images without the trigger that the model sends to "
+        "the target class (its own error there, which the ASR cannot go below); rest, the "
+        "ASR over the images whose clean version it does not send there (what the trigger "
+        "itself adds).", "",
         *(_model_lines(rows) + [""] if _model_lines(rows) else []),
         "| model | eval | ORT forward CPU s | locate | locate / forward | patch | "
         "patch / forward | OA before -> after | ASR before -> after | estimate locate | "
@@ -297,6 +309,10 @@ def markdown(rows: list[Row], env: dict, wall: float, argv: list[str]) -> str:
               else (f"{rt['oa_before']:.1%} -> -" if rt else "-"))
         asr = (f"{rt['asr_before']:.0%} -> {rt['asr_after']:.0%}" if "asr_after" in rt
                else (f"{rt['asr_before']:.0%} -> -" if rt else "-"))
+        if "clean_to_target_after" in rt:
+            asr += (f" (clean: {rt['clean_to_target_before']:.0%} -> "
+                    f"{rt['clean_to_target_after']:.0%}; rest: {rt['asr_rest_before']:.0%} -> "
+                    f"{rt['asr_rest_after']:.0%})")
         options = _extra_options(r)
         lines.append(f"| {r.note}{f' (`{options}`)' if options else ''} | {r.eval} | {r.forward_cpu_s:.1f} | {loc} | {loc_ratio} | "
                      f"{pat} | {pat_ratio} | {oa} | {asr} | {loc_est} | {pat_est} |")

@@ -681,6 +681,14 @@ def write_sets(name: str, folder: Path, n_eval: int, n_attack: int = 100,
     return paths
 
 
+def attack_originals(name: str, n_attack: int = 100) -> np.ndarray:
+    """The attack set's images before the trigger is stamped (same labels and seed as
+    ``write_sets``): what the model does with them clean is the floor of its attack rate."""
+    spec = SPECS[name]
+    y = _labels(n_attack, ATTACK_SEED, exclude_target=True)
+    return normalise(class_images(y, spec.image, ATTACK_SEED))
+
+
 if __name__ == "__main__":  # python benchmarks/scale_models.py [names...] [--cache DIR]
     import argparse
 
