@@ -15,10 +15,12 @@ activation_bytes) / the machine's measured rate (:func:`machine_rate`, a timed m
 this process's CPU seconds, times :data:`EFFICIENCY`). Forward-equivalents: the statistics pass over the calibration
 images (:data:`STATISTICS_FORWARDS` each), the IG passes (steps x pairs, forward and
 backward: 3 each), the gap measurements on the transplanted images, and for ``patch``
-per expected round (:data:`EXPECTED_ROUNDS`) the IG passes again, the edited layer's
-exact statistics (:data:`EDIT_STATISTICS_FORWARDS` per calibration image), the fit's
-forwards (corrupted and clean fit pairs) and a gap pass, an accuracy pass per kept round
-(:data:`KEPT_ROUNDS`), plus verify's two onnxruntime passes over the eval images.
+one round (the edited layer's exact statistics, :data:`EDIT_STATISTICS_FORWARDS` per
+calibration image; the fit's forwards, corrupted and clean fit pairs; a gap pass and an
+accuracy pass over the eval images) plus verify's two onnxruntime passes over the eval
+images (:data:`ORT_FORWARD_SHARE` each image). That is a loop that stops after its first
+round, as the dynamic loop does once an edit removes the corruption; the bound beside it
+(``seconds_bound``) runs every round up to ``--max-rounds``, each ranking again.
 
 Peak memory: a fixed runtime (:data:`RUNTIME_BYTES`: Python, torch, onnxruntime), three
 copies of the weights (the proto, the shadow graph, the written copy), the data (eval and
@@ -70,11 +72,10 @@ BATCH_MEMORY = 256 << 20
 #: key products and the factored statistics' eigenvalue correction: about 5 on ResNet-18
 #: at 224, issue 21).
 STATISTICS_FORWARDS = 5.0
-#: Rounds of the dynamic loop that ``patch`` is expected to run (an estimate, not a
-#: limit): measured 1 on backdoor_cnn, 5 on the VGG16-style model, 6 on CIFAR ResNet-18.
-EXPECTED_ROUNDS = 3
-#: ... of which kept (each pays an accuracy pass over the eval images).
-KEPT_ROUNDS = 2
+#: onnxruntime's forward of one image (verify's passes over the eval set) in the
+#: estimate's forward-equivalents: ResNet-18 at 224 3.3 s per 100 images against 11 s for
+#: 100 forward-equivalents, ViT-Ti/16 4.2 s against 12.7 s (issue 21's measurements).
+ORT_FORWARD_SHARE = 0.3
 #: Forward-equivalents per calibration image of one round's exact statistics for the
 #: layer it edits (a factored conv's exact C: the forward up to the layer, then K^T K at
 #: about 9 C_in / C_out times the conv's own cost for a 3x3 kernel).
@@ -316,13 +317,29 @@ class Estimate:
     memory_parts: dict[str, int]
     clock: str = "CPU"       # what the seconds are: CPU time, or GPU wall time
     widest_key: str = ""     # the layer with the widest key, and its width
+    #: ``patch``: the seconds when every round up to ``rounds`` runs (``seconds`` is a
+    #: loop that stops after its first round); None for ``locate``
+    seconds_bound: float | None = None
+    rounds: int = 1
 
     def line(self) -> str:
         """The one-line form printed before the work."""
         largest = max(self.memory_parts, key=self.memory_parts.get)
+        more = ""
+        if self.seconds_bound is not None:
+            more = (f" if one round removes the corruption (up to {self.seconds_bound:.0f} s "
+                    f"if all {self.rounds} rounds run)" if self.rounds > 1 else
+                    " (one round)")
         return (f"estimate: about {self.seconds:.0f} s {self.clock} ({self.forwards:.0f} image "
-                f"forward-equivalents), peak {self.peak_bytes / 2 ** 30:.2f} GB (largest "
+                f"forward-equivalents){more}, peak {self.peak_bytes / 2 ** 30:.2f} GB (largest "
                 f"part: {largest}, {format_bytes(self.memory_parts[largest])})")
+
+
+def _rounds(config: RectifyConfig) -> int:
+    """The most rounds ``patch`` may run: ``--max-rounds`` for the dynamic loop, else one."""
+    if config.strategy == "dynamic" and not config.layer:
+        return max(config.max_rounds, 1)
+    return 1
 
 
 def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
@@ -335,14 +352,21 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     n_calib = min(n_calib, config.calib_limit)
     transplanted = 0 if config.transplant == "none" else min(
         n_calib, config.transplant_count + config.heldout_count)
-    forwards = n_calib * STATISTICS_FORWARDS + 3 * config.steps * n_pairs + transplanted
+    ig = 3 * config.steps * n_pairs
+    forwards = n_calib * STATISTICS_FORWARDS + ig + transplanted
+    bound = forwards
     if verb == "patch":
         fit_pairs = config.transplant_count if config.transplant != "none" else n_pairs
-        per_round = (3 * config.steps * n_pairs + EDIT_STATISTICS_FORWARDS * n_calib
-                     + 2 * fit_pairs + transplanted)
-        forwards += EXPECTED_ROUNDS * per_round + KEPT_ROUNDS * n_eval + 2 * n_eval
+        # a round: the edited layer's exact statistics, the fit's forwards, a gap pass and
+        # an accuracy pass; rounds after the first rank again (IG)
+        per_round = EDIT_STATISTICS_FORWARDS * n_calib + 2 * fit_pairs + transplanted + n_eval
+        verify = 2 * n_eval * ORT_FORWARD_SHARE
+        rounds = _rounds(config)
+        bound = forwards + rounds * per_round + (rounds - 1) * ig + verify
+        forwards += per_round + verify
     work = fp.macs + BYTE_MACS * fp.activation_bytes
     seconds = STARTUP_SECONDS + forwards * work / (rate * EFFICIENCY)
+    seconds_bound = STARTUP_SECONDS + bound * work / (rate * EFFICIENCY)
     excluded = set(getattr(config, "exclude_layers", ()) or ())
     layers = [l for l in fp.layers if l.name not in excluded
               and (config.layer is None or l.name == config.layer)]
@@ -375,7 +399,9 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     widest_key = max(layers, key=lambda l: l.key_dim, default=None)
     return Estimate(verb, seconds, int(sum(parts.values())), forwards, parts,
                     widest_key=(f"{widest_key.name}, d = {widest_key.key_dim}"
-                                if widest_key else ""))
+                                if widest_key else ""),
+                    seconds_bound=seconds_bound if verb == "patch" else None,
+                    rounds=_rounds(config))
 
 
 def check_memory(est: Estimate, limit: int | None) -> None:

@@ -49,9 +49,10 @@ class GapReading(NamedTuple):
 #: What one Integrated-Gradients block may take: its interpolated inputs times the
 #: activation bytes of one input's forward times IG_BACKWARD_COPIES (what autograd keeps
 #: for the backward, and the gradients it makes), at most this (captum's
-#: ``internal_batch_size``, chosen by memory). ViT-Ti/16 at 224: the 16 steps of one pair
-#: in one block took 1.2 GB.
-IG_MEMORY = 512 << 20
+#: ``internal_batch_size``, chosen by memory). ViT-Ti/16 at 224 (94 MB per input): the
+#: 16 steps of one pair in one block took 1.2 GB, 4 blocks of 4 take about 0.3 GB (blocks of
+#: 3 cost 3 more CPU s of per-node overhead); ResNet-18 (22 MB): one block of 16, as before.
+IG_MEMORY = 768 << 20
 IG_BACKWARD_COPIES = 1.5
 #: Interpolated inputs per IG block when memory does not bound them (the old fixed chunk).
 IG_CHUNK = 64
