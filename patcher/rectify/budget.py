@@ -25,7 +25,8 @@ round, as the dynamic loop does once an edit removes the corruption; the bound b
 Peak memory: a fixed runtime (:data:`RUNTIME_BYTES`: Python, torch, onnxruntime), three
 copies of the weights (the proto, the shadow graph, the written copy), the data (eval and
 calibration images, transplanted sets), the largest of the working sets: an IG block
-(the pairs times min(steps, :data:`IG_CHUNK` // pairs) steps, x activation_bytes x
+(the interpolated inputs of one block, :func:`patcher.rectify.workspace.ig_chunk`: at most
+IG_CHUNK, fewer when IG_MEMORY bounds them, x activation_bytes x
 :data:`BACKWARD_COPIES`, activations and their gradients), an
 accuracy batch (batch x 2 largest activations) and a statistics batch (batch x rows x d
 float32 keys of the widest layer; batch: ``config.batch``, else EVAL_BATCH bounded by
@@ -80,23 +81,23 @@ ORT_FORWARD_SHARE = 0.3
 #: layer it edits (a factored conv's exact C: the forward up to the layer, then K^T K at
 #: about 9 C_in / C_out times the conv's own cost for a 3x3 kernel).
 EDIT_STATISTICS_FORWARDS = 2.0
-#: Share of the timed matmul rate that a whole model's passes reach (convolutions,
-#: allocation and page faults: 30 of a VGG16-style patch's 214 CPU s were system
-#: time). 0.4 puts backdoor_cnn, CIFAR ResNet-18 and the VGG16-style model's locate and
-#: patch at 0.74-0.93x of their measured CPU seconds (2 cores under load, W_notes.md).
-EFFICIENCY = 0.4
+#: The timed matmul rate's multiple that a whole model's passes reach per CPU second,
+#: fitted with BYTE_MACS and STARTUP_SECONDS to the locates of ResNet-18, ViT-Ti/16 and
+#: MobileNetV2 at 224, eval 100, after the statistics' gathers got cheaper and OpenMP
+#: stopped spinning (patcher/__init__; 18.3, 29.4 and 15.4 CPU s measured at load 4 with
+#: a rate of 5.0e10 MAC/s; the estimate gives 1.21x, 1.01x and 1.07x of them, and for
+#: patch, one round, 1.18x and 0.89x of ResNet-18's 31 and ViT's 57 s). Above 1: the
+#: forward-equivalents count the statistics pass at STATISTICS_FORWARDS, which it no
+#: longer costs (the old 0.4 was fitted to spin-inflated runs, 2.6-4.4x high since).
+EFFICIENCY = 1.9
 #: Multiply-accumulates one byte of activations costs as much as (memory traffic: the
 #: narrow 1x1 and depthwise convs, Clip, Add of MobileNetV2; LayerNorm, Softmax and GELU of
-#: a ViT). With MACs alone the estimate was 2.7x low for MobileNetV2's locate (17 s against
-#: 46 s) and 1.9x for ViT-Ti/16's (41 s against 77 s) while ResNet-18, VGG and CIFAR
-#: ResNet-18 came within 0.9-1.0x; 12 brings all five locates at eval 100 within
-#: 0.9-1.15x (per image: MobileNetV2 300 M MACs and 50 MB of activations, ViT 1,075 M and
-#: 89 MB, ResNet-18 1,814 M and 22 MB).
-BYTE_MACS = 12.0
+#: a ViT; per image: MobileNetV2 300 M MACs and 50 MB of activations, ViT 1,075 M and
+#: 89 MB, ResNet-18 1,814 M and 22 MB). Fitted with EFFICIENCY (above); the earlier 12 was.
+BYTE_MACS = 25.0
 #: Fixed CPU seconds: imports (2.7 s measured), loading, onnxruntime sessions, shape
-#: checks, and the per-node Python overhead that dominates small models (backdoor_cnn:
-#: 10 s of CPU for a locate whose multiply-adds take 1 s).
-STARTUP_SECONDS = 8.0
+#: checks, and the per-node Python overhead that dominates small models.
+STARTUP_SECONDS = 5.0
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
           "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30,
@@ -381,7 +382,11 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     if verb == "patch":
         parts["exact statistics of the edited layer"] = max(
             (l.edit_statistics_bytes() for l in layers), default=0)
-    ig_images = min(config.steps, max(1, IG_CHUNK // max(n_pairs, 1))) * n_pairs
+    from patcher.rectify.workspace import ig_chunk  # torch: loaded by then in every verb
+
+    points = config.steps + (config.attribution_form == "path")
+    block = ig_chunk((fp.largest_activation, fp.activation_bytes), points, n_pairs)
+    ig_images = min(points, max(1, block // max(n_pairs, 1))) * n_pairs
     batch = getattr(config, "batch", None) or min(
         EVAL_BATCH, max(1, BATCH_MEMORY // max(4 * fp.largest_activation, 1)))
     working = {
