@@ -98,6 +98,32 @@ def test_estimate_grows_with_eval_size_and_drops_excluded_wide_layers():
         check_memory(small, small.peak_bytes - 1)
 
 
+def test_patch_estimate_is_one_round_with_the_max_rounds_bound_beside_it():
+    """The patch figure is a loop that stops after its first round (what the dynamic loop
+    does once an edit removes the corruption); the bound runs every round up to
+    --max-rounds, each ranking again, and only the bound grows with it. A fixed layer
+    (one round) prints no bound. The line keeps the form benchmarks/scale.py parses."""
+    import re
+
+    fp = Footprint(macs=10 ** 9, activation_bytes=1 << 20, largest_activation=1 << 18,
+                   weight_bytes=1 << 20, input_bytes=600_000,
+                   layers=[LayerKeys("conv", 576, 196, 9)])
+    locate = estimate(fp, "locate", 100, 100, 1, RectifyConfig(), 1e10)
+    ten, three = (estimate(fp, "patch", 100, 100, 1, RectifyConfig(max_rounds=r), 1e10)
+                  for r in (10, 3))
+    assert locate.seconds < ten.seconds == three.seconds < three.seconds_bound \
+        < ten.seconds_bound
+    assert locate.seconds_bound is None
+    per_round = (three.seconds_bound - three.seconds) / 2   # rounds 2 and 3
+    assert ten.seconds_bound == pytest.approx(three.seconds + 9 * per_round)
+    line = ten.line()
+    assert f"up to {ten.seconds_bound:.0f} s if all 10 rounds run" in line
+    found = re.search(r"estimate: about ([\d.]+) s CPU .*?peak ([\d.]+) GB", line)
+    assert found and float(found[1]) == round(ten.seconds)
+    fixed = estimate(fp, "patch", 100, 100, 1, RectifyConfig(layer="conv"), 1e10)
+    assert fixed.seconds_bound == pytest.approx(fixed.seconds) and "(one round)" in fixed.line()
+
+
 def test_a_wide_dense_layer_is_estimated_by_its_key_rows_and_the_fit_is_counted():
     """A Gemm wider than WIDE_KEY_DIM keeps at most MAX_KEY_ROWS float32 key rows (and a
     float64 basis of the same size): the estimate counts those, not d^2 float64, and no
