@@ -12,9 +12,21 @@ Data flow: ``model`` (safe load) -> ``graph`` (the torch shadow graph over ``gra
 objectives, the loop) -> ``model.writeback`` (deltas into the ONNX tensors) -> ``gate``
 (verified under onnxruntime). See docs/ARCHITECTURE.md.
 """
+import os
 import sys
 import types
 from inspect import signature as _signature
+
+# OpenMP threads (torch's intra-op pool, GNU libgomp) that wait at a barrier spin for
+# 10,000 iterations, then sleep, instead of libgomp's 300,000, unless the environment
+# sets a wait policy; read once, when torch loads its OpenMP runtime, so it must be set
+# before torch is imported. A long spin burns the CPU a descheduled peer needs: on 2
+# shared cores at load 3-5, a ViT-Ti/16 forward over 40 images took 9.1 CPU s with the
+# default spin, 2.1-2.7 with this one or with OMP_WAIT_POLICY=PASSIVE (ResNet-18: 2.7 and
+# 1.5); with both cores free, 1.7-2.2 CPU s and 0.9-1.1 s wall with either spin, while
+# PASSIVE took 2.1-2.4 CPU s and 1.25-1.7 s wall (wake-ups of many small ops).
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 from typing import TYPE_CHECKING
 
 from patcher import api

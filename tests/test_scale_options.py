@@ -98,6 +98,32 @@ def test_estimate_grows_with_eval_size_and_drops_excluded_wide_layers():
         check_memory(small, small.peak_bytes - 1)
 
 
+def test_patch_estimate_is_one_round_with_the_max_rounds_bound_beside_it():
+    """The patch figure is a loop that stops after its first round (what the dynamic loop
+    does once an edit removes the corruption); the bound runs every round up to
+    --max-rounds, each ranking again, and only the bound grows with it. A fixed layer
+    (one round) prints no bound. The line keeps the form benchmarks/scale.py parses."""
+    import re
+
+    fp = Footprint(macs=10 ** 9, activation_bytes=1 << 20, largest_activation=1 << 18,
+                   weight_bytes=1 << 20, input_bytes=600_000,
+                   layers=[LayerKeys("conv", 576, 196, 9)])
+    locate = estimate(fp, "locate", 100, 100, 1, RectifyConfig(), 1e10)
+    ten, three = (estimate(fp, "patch", 100, 100, 1, RectifyConfig(max_rounds=r), 1e10)
+                  for r in (10, 3))
+    assert locate.seconds < ten.seconds == three.seconds < three.seconds_bound \
+        < ten.seconds_bound
+    assert locate.seconds_bound is None
+    per_round = (three.seconds_bound - three.seconds) / 2   # rounds 2 and 3
+    assert ten.seconds_bound == pytest.approx(three.seconds + 9 * per_round)
+    line = ten.line()
+    assert f"up to {ten.seconds_bound:.0f} s if all 10 rounds run" in line
+    found = re.search(r"estimate: about ([\d.]+) s CPU .*?peak ([\d.]+) GB", line)
+    assert found and float(found[1]) == round(ten.seconds)
+    fixed = estimate(fp, "patch", 100, 100, 1, RectifyConfig(layer="conv"), 1e10)
+    assert fixed.seconds_bound == pytest.approx(fixed.seconds) and "(one round)" in fixed.line()
+
+
 def test_a_wide_dense_layer_is_estimated_by_its_key_rows_and_the_fit_is_counted():
     """A Gemm wider than WIDE_KEY_DIM keeps at most MAX_KEY_ROWS float32 key rows (and a
     float64 basis of the same size): the estimate counts those, not d^2 float64, and no
@@ -391,3 +417,93 @@ def test_rank_one_edit_from_layer_inputs_unfolded_by_chunks_equals_the_held_keys
                                       residual, solver)
         assert torch.allclose(lazy.direction, held.direction, atol=1e-10)
         assert torch.allclose(lazy.magnitude, held.magnitude, rtol=1e-8, atol=1e-12)
+
+
+# ---------------------------------------------------------------- memory of IG and verify
+
+def test_ig_blocks_are_bounded_by_memory_in_equal_whole_steps():
+    """Unbounded (a small model) a block holds IG_CHUNK interpolated inputs as before; when
+    IG_MEMORY binds, whole steps of every pair, as few blocks as fit, about equal."""
+    from patcher.rectify.workspace import (IG_BACKWARD_COPIES, IG_CHUNK, IG_MEMORY,
+                                           ig_chunk)
+
+    assert ig_chunk(None, 16, 1) == IG_CHUNK
+    assert ig_chunk((1e3, 1e5), 16, 1) == IG_CHUNK
+    per_input = IG_MEMORY / IG_BACKWARD_COPIES / 15.5   # 15 inputs fit in a block
+    assert ig_chunk((1.0, per_input), 16, 1) == 8       # two blocks of 8, not 15 + 1
+    assert ig_chunk((1.0, per_input), 16, 5) == 15      # 3 steps x 5 pairs: 6 blocks
+    assert ig_chunk((1.0, IG_MEMORY * 10), 16, 4) == 4  # never less than one step
+    for points, pairs in ((16, 1), (17, 3), (16, 5)):
+        chunk = ig_chunk((1.0, per_input), points, pairs)
+        assert chunk % pairs == 0 and chunk * per_input * IG_BACKWARD_COPIES <= IG_MEMORY \
+            or chunk == pairs
+
+
+def test_activation_sizes_count_each_storage_once():
+    """The per-input bytes of a forward: views (Reshape, Flatten) share their input's
+    storage and are not counted again; the largest tensor is the widest output."""
+    import torch
+
+    from patcher.graph.shadow import ShadowGraph
+    from patcher.graph.support import load_supported_model
+    from patcher.rectify.workspace import activation_sizes, default_batch
+
+    graph = ShadowGraph(load_supported_model(MODEL)).eval()
+    x = torch.from_numpy(np.load(EVAL)["x"][:4])
+    largest, total = activation_sizes(graph, x)
+    outputs: list = []
+    handle = graph.register_hook(lambda node, ins, outs: outputs.extend(
+        t for t in outs if isinstance(t, torch.Tensor)))
+    with torch.no_grad():
+        graph(x)
+    handle.remove()
+    every = sum(t.numel() * t.element_size() for t in outputs) / 4
+    distinct = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in outputs}
+    assert largest == max(t.numel() * t.element_size() for t in outputs) / 4
+    assert total == sum(distinct.values()) / 4 <= every
+    assert default_batch(graph, x, (largest, total)) == default_batch(graph, x)
+
+
+def test_patch_verifies_in_the_runs_batches_one_session_at_a_time(tmp_path, monkeypatch):
+    """verify_written runs onnxruntime in the rectify run's batch (bounded by the
+    activation size, not 256 images at once) and closes each session before the next
+    opens, and parity compares PARITY_IMAGES images."""
+    import patcher.patch as patch_module
+    from patcher.graph import parity
+
+    batches, alive, most = [], [], [0]
+    real_predict, real_open = patch_module.predict, patch_module.open_session
+
+    def predict(session, x, batch=256, **kw):
+        batches.append(batch)
+        return real_predict(session, x, batch=batch, **kw)
+
+    from patcher.model.runtime import RuntimeSession
+
+    class Tracked(RuntimeSession):
+        def __del__(self):
+            alive.pop()
+
+    def open_session(model, provider):
+        opened = real_open(model, provider)
+        alive.append(None)  # one entry per live session (no reference to it)
+        most[0] = max(most[0], len(alive))
+        return Tracked(opened.session, opened.provider)
+
+    compared = []
+    real_compare = patch_module.compare
+
+    def compare(graph, model, inputs, **kw):
+        compared.append(len(inputs[0]))
+        return real_compare(graph, model, inputs, **kw)
+
+    monkeypatch.setattr(patch_module, "predict", predict)
+    monkeypatch.setattr(patch_module, "open_session", open_session)
+    monkeypatch.setattr(patch_module, "compare", compare)
+    config = RectifyConfig(batch=9, max_rounds=1)
+    report = patch_module.patch(MODEL, PAIRS, EVAL, None, tmp_path / "p.onnx", config,
+                                device="cpu", provider="cpu")
+    assert report.result.batch == 9 and report.result.deltas
+    assert batches and set(batches) == {9}   # the eval set, input and written file
+    assert most[0] == 1                     # never two sessions at once
+    assert compared == [patch_module.PARITY_IMAGES]

@@ -134,9 +134,18 @@ def sampled_conv_keys(layer: EditableLayer, data: torch.Tensor, attrs: dict,
         mask = inside[:, None, :]
     else:
         (rows, row_in), (cols, col_in) = axis(position // out[1], 0), axis(position % out[1], 1)
+        mask = (row_in[:, :, None] & col_in[:, None, :])[:, None]
+        if groups == 1:  # whole pixels (all channels, one row each of a channels-last view)
+            height, width = spatial
+            flat = data.permute(0, 2, 3, 1).reshape(-1, data.shape[1])
+            at = (image[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
+            pixels = flat.index_select(0, at.reshape(-1))
+            pixels = pixels.reshape(len(picks), *at.shape[1:], data.shape[1])
+            if any(pads):
+                pixels = pixels * mask[:, 0, :, :, None].to(pixels.dtype)
+            return pixels.permute(0, 3, 1, 2).reshape(len(picks), -1)
         keys = data[image[:, None, None, None], channels[:, :, None, None],
                     rows[:, None, :, None], cols[:, None, None, :]]
-        mask = (row_in[:, :, None] & col_in[:, None, :])[:, None]
     if any(pads):
         keys = keys * mask.to(keys.dtype)
     return keys.reshape(len(picks), -1)

@@ -15,15 +15,18 @@ activation_bytes) / the machine's measured rate (:func:`machine_rate`, a timed m
 this process's CPU seconds, times :data:`EFFICIENCY`). Forward-equivalents: the statistics pass over the calibration
 images (:data:`STATISTICS_FORWARDS` each), the IG passes (steps x pairs, forward and
 backward: 3 each), the gap measurements on the transplanted images, and for ``patch``
-per expected round (:data:`EXPECTED_ROUNDS`) the IG passes again, the edited layer's
-exact statistics (:data:`EDIT_STATISTICS_FORWARDS` per calibration image), the fit's
-forwards (corrupted and clean fit pairs) and a gap pass, an accuracy pass per kept round
-(:data:`KEPT_ROUNDS`), plus verify's two onnxruntime passes over the eval images.
+one round (the edited layer's exact statistics, :data:`EDIT_STATISTICS_FORWARDS` per
+calibration image; the fit's forwards, corrupted and clean fit pairs; a gap pass and an
+accuracy pass over the eval images) plus verify's two onnxruntime passes over the eval
+images (:data:`ORT_FORWARD_SHARE` each image). That is a loop that stops after its first
+round, as the dynamic loop does once an edit removes the corruption; the bound beside it
+(``seconds_bound``) runs every round up to ``--max-rounds``, each ranking again.
 
 Peak memory: a fixed runtime (:data:`RUNTIME_BYTES`: Python, torch, onnxruntime), three
 copies of the weights (the proto, the shadow graph, the written copy), the data (eval and
 calibration images, transplanted sets), the largest of the working sets: an IG block
-(the pairs times min(steps, :data:`IG_CHUNK` // pairs) steps, x activation_bytes x
+(the interpolated inputs of one block, :func:`patcher.rectify.workspace.ig_chunk`: at most
+IG_CHUNK, fewer when IG_MEMORY bounds them, x activation_bytes x
 :data:`BACKWARD_COPIES`, activations and their gradients), an
 accuracy batch (batch x 2 largest activations) and a statistics batch (batch x rows x d
 float32 keys of the widest layer; batch: ``config.batch``, else EVAL_BATCH bounded by
@@ -70,32 +73,31 @@ BATCH_MEMORY = 256 << 20
 #: key products and the factored statistics' eigenvalue correction: about 5 on ResNet-18
 #: at 224, issue 21).
 STATISTICS_FORWARDS = 5.0
-#: Rounds of the dynamic loop that ``patch`` is expected to run (an estimate, not a
-#: limit): measured 1 on backdoor_cnn, 5 on the VGG16-style model, 6 on CIFAR ResNet-18.
-EXPECTED_ROUNDS = 3
-#: ... of which kept (each pays an accuracy pass over the eval images).
-KEPT_ROUNDS = 2
+#: onnxruntime's forward of one image (verify's passes over the eval set) in the
+#: estimate's forward-equivalents: ResNet-18 at 224 3.3 s per 100 images against 11 s for
+#: 100 forward-equivalents, ViT-Ti/16 4.2 s against 12.7 s (issue 21's measurements).
+ORT_FORWARD_SHARE = 0.3
 #: Forward-equivalents per calibration image of one round's exact statistics for the
 #: layer it edits (a factored conv's exact C: the forward up to the layer, then K^T K at
 #: about 9 C_in / C_out times the conv's own cost for a 3x3 kernel).
 EDIT_STATISTICS_FORWARDS = 2.0
-#: Share of the timed matmul rate that a whole model's passes reach (convolutions,
-#: allocation and page faults: 30 of a VGG16-style patch's 214 CPU s were system
-#: time). 0.4 puts backdoor_cnn, CIFAR ResNet-18 and the VGG16-style model's locate and
-#: patch at 0.74-0.93x of their measured CPU seconds (2 cores under load, W_notes.md).
-EFFICIENCY = 0.4
+#: The timed matmul rate's multiple that a whole model's passes reach per CPU second,
+#: fitted with BYTE_MACS and STARTUP_SECONDS to the locates of ResNet-18, ViT-Ti/16 and
+#: MobileNetV2 at 224, eval 100, after the statistics' gathers got cheaper and OpenMP
+#: stopped spinning (patcher/__init__; 18.3, 29.4 and 15.4 CPU s measured at load 4 with
+#: a rate of 5.0e10 MAC/s; the estimate gives 1.21x, 1.01x and 1.07x of them, and for
+#: patch, one round, 1.18x and 0.89x of ResNet-18's 31 and ViT's 57 s). Above 1: the
+#: forward-equivalents count the statistics pass at STATISTICS_FORWARDS, which it no
+#: longer costs (the old 0.4 was fitted to spin-inflated runs, 2.6-4.4x high since).
+EFFICIENCY = 1.9
 #: Multiply-accumulates one byte of activations costs as much as (memory traffic: the
 #: narrow 1x1 and depthwise convs, Clip, Add of MobileNetV2; LayerNorm, Softmax and GELU of
-#: a ViT). With MACs alone the estimate was 2.7x low for MobileNetV2's locate (17 s against
-#: 46 s) and 1.9x for ViT-Ti/16's (41 s against 77 s) while ResNet-18, VGG and CIFAR
-#: ResNet-18 came within 0.9-1.0x; 12 brings all five locates at eval 100 within
-#: 0.9-1.15x (per image: MobileNetV2 300 M MACs and 50 MB of activations, ViT 1,075 M and
-#: 89 MB, ResNet-18 1,814 M and 22 MB).
-BYTE_MACS = 12.0
+#: a ViT; per image: MobileNetV2 300 M MACs and 50 MB of activations, ViT 1,075 M and
+#: 89 MB, ResNet-18 1,814 M and 22 MB). Fitted with EFFICIENCY (above); the earlier 12 was.
+BYTE_MACS = 25.0
 #: Fixed CPU seconds: imports (2.7 s measured), loading, onnxruntime sessions, shape
-#: checks, and the per-node Python overhead that dominates small models (backdoor_cnn:
-#: 10 s of CPU for a locate whose multiply-adds take 1 s).
-STARTUP_SECONDS = 8.0
+#: checks, and the per-node Python overhead that dominates small models.
+STARTUP_SECONDS = 5.0
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
           "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30,
@@ -316,13 +318,29 @@ class Estimate:
     memory_parts: dict[str, int]
     clock: str = "CPU"       # what the seconds are: CPU time, or GPU wall time
     widest_key: str = ""     # the layer with the widest key, and its width
+    #: ``patch``: the seconds when every round up to ``rounds`` runs (``seconds`` is a
+    #: loop that stops after its first round); None for ``locate``
+    seconds_bound: float | None = None
+    rounds: int = 1
 
     def line(self) -> str:
         """The one-line form printed before the work."""
         largest = max(self.memory_parts, key=self.memory_parts.get)
+        more = ""
+        if self.seconds_bound is not None:
+            more = (f" if one round removes the corruption (up to {self.seconds_bound:.0f} s "
+                    f"if all {self.rounds} rounds run)" if self.rounds > 1 else
+                    " (one round)")
         return (f"estimate: about {self.seconds:.0f} s {self.clock} ({self.forwards:.0f} image "
-                f"forward-equivalents), peak {self.peak_bytes / 2 ** 30:.2f} GB (largest "
+                f"forward-equivalents){more}, peak {self.peak_bytes / 2 ** 30:.2f} GB (largest "
                 f"part: {largest}, {format_bytes(self.memory_parts[largest])})")
+
+
+def _rounds(config: RectifyConfig) -> int:
+    """The most rounds ``patch`` may run: ``--max-rounds`` for the dynamic loop, else one."""
+    if config.strategy == "dynamic" and not config.layer:
+        return max(config.max_rounds, 1)
+    return 1
 
 
 def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
@@ -335,14 +353,21 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     n_calib = min(n_calib, config.calib_limit)
     transplanted = 0 if config.transplant == "none" else min(
         n_calib, config.transplant_count + config.heldout_count)
-    forwards = n_calib * STATISTICS_FORWARDS + 3 * config.steps * n_pairs + transplanted
+    ig = 3 * config.steps * n_pairs
+    forwards = n_calib * STATISTICS_FORWARDS + ig + transplanted
+    bound = forwards
     if verb == "patch":
         fit_pairs = config.transplant_count if config.transplant != "none" else n_pairs
-        per_round = (3 * config.steps * n_pairs + EDIT_STATISTICS_FORWARDS * n_calib
-                     + 2 * fit_pairs + transplanted)
-        forwards += EXPECTED_ROUNDS * per_round + KEPT_ROUNDS * n_eval + 2 * n_eval
+        # a round: the edited layer's exact statistics, the fit's forwards, a gap pass and
+        # an accuracy pass; rounds after the first rank again (IG)
+        per_round = EDIT_STATISTICS_FORWARDS * n_calib + 2 * fit_pairs + transplanted + n_eval
+        verify = 2 * n_eval * ORT_FORWARD_SHARE
+        rounds = _rounds(config)
+        bound = forwards + rounds * per_round + (rounds - 1) * ig + verify
+        forwards += per_round + verify
     work = fp.macs + BYTE_MACS * fp.activation_bytes
     seconds = STARTUP_SECONDS + forwards * work / (rate * EFFICIENCY)
+    seconds_bound = STARTUP_SECONDS + bound * work / (rate * EFFICIENCY)
     excluded = set(getattr(config, "exclude_layers", ()) or ())
     layers = [l for l in fp.layers if l.name not in excluded
               and (config.layer is None or l.name == config.layer)]
@@ -357,7 +382,11 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     if verb == "patch":
         parts["exact statistics of the edited layer"] = max(
             (l.edit_statistics_bytes() for l in layers), default=0)
-    ig_images = min(config.steps, max(1, IG_CHUNK // max(n_pairs, 1))) * n_pairs
+    from patcher.rectify.workspace import ig_chunk  # torch: loaded by then in every verb
+
+    points = config.steps + (config.attribution_form == "path")
+    block = ig_chunk((fp.largest_activation, fp.activation_bytes), points, n_pairs)
+    ig_images = min(points, max(1, block // max(n_pairs, 1))) * n_pairs
     batch = getattr(config, "batch", None) or min(
         EVAL_BATCH, max(1, BATCH_MEMORY // max(4 * fp.largest_activation, 1)))
     working = {
@@ -375,7 +404,9 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     widest_key = max(layers, key=lambda l: l.key_dim, default=None)
     return Estimate(verb, seconds, int(sum(parts.values())), forwards, parts,
                     widest_key=(f"{widest_key.name}, d = {widest_key.key_dim}"
-                                if widest_key else ""))
+                                if widest_key else ""),
+                    seconds_bound=seconds_bound if verb == "patch" else None,
+                    rounds=_rounds(config))
 
 
 def check_memory(est: Estimate, limit: int | None) -> None:

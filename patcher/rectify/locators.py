@@ -60,7 +60,7 @@ class AttributionLocator:
         start = time.perf_counter()
         attr = layer_integrated_gradients(ws.graph, layers, ws.pair_corrupted,
                                           ws.pair_clean, ws.pair_label,
-                                          steps=ws.config.steps,
+                                          steps=ws.config.steps, chunk=ws.ig_chunk,
                                           form=ws.config.attribution_form,
                                           show_progress=ws.config.show_progress)
         ws.timings.add("attribution", start)

@@ -317,6 +317,7 @@ def rectify(graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None = No
     ws.timings["untimed"] = max(0.0, time.perf_counter() - start - sum(ws.timings.values()))
     result.timings = dict(ws.timings)
     result.exact_statistics_for_edits = sorted(ws.statistics.exact_stats)
+    result.batch = ws.batch
     result.conditioning = {k: {"condition_number": s.condition_number, "ridge": s.ridge_value,
                                "kind": s.kind} for k, s in ws.statistics.stats.items()}
     return result

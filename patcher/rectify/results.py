@@ -61,6 +61,8 @@ class RectifyResult:
     final_target_gap: float | None = None
     #: why the loop stopped before its round limit ("" when it did not)
     stopped: str = ""
+    #: images per forward the run used (``--batch``, or bounded by the activation size)
+    batch: int | None = None
 
 
 def format_accuracy(accuracy: float | None, evaluated: int | None) -> str:

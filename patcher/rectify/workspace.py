@@ -46,30 +46,76 @@ class GapReading(NamedTuple):
     pairs: int              # gap pairs measured
 
 
+#: What one Integrated-Gradients block may take: its interpolated inputs times the
+#: activation bytes of one input's forward times IG_BACKWARD_COPIES (what autograd keeps
+#: for the backward, and the gradients it makes), at most this (captum's
+#: ``internal_batch_size``, chosen by memory). ViT-Ti/16 at 224 (94 MB per input): the
+#: 16 steps of one pair in one block took 1.2 GB, 4 blocks of 4 take about 0.3 GB (blocks of
+#: 3 cost 3 more CPU s of per-node overhead); ResNet-18 (22 MB): one block of 16, as before.
+IG_MEMORY = 768 << 20
+IG_BACKWARD_COPIES = 1.5
+#: Interpolated inputs per IG block when memory does not bound them (the old fixed chunk).
+IG_CHUNK = 64
+
+
 @torch.no_grad()
-def default_batch(graph: ShadowGraph, sample: torch.Tensor) -> int:
-    """Inputs per forward such that batch x ACTIVATION_COPIES x (the largest tensor one
-    input's forward computes) stays within BATCH_MEMORY; between 1 and EVAL_BATCH. One
-    forward of ``sample`` (a few inputs) measures the largest tensor (ResNet-18 at 224:
-    its 64 x 112 x 112 stem output, 3.2 MB per input, so 20 inputs; a 28x28 CNN:
-    EVAL_BATCH)."""
+def activation_sizes(graph: ShadowGraph, sample: torch.Tensor) -> tuple[float, float] | None:
+    """(largest tensor, all tensors) in bytes per input that a forward computes (views of
+    one storage counted once), from one forward of ``sample`` (a few inputs) with a hook on
+    every node; None when the graph cannot run ``sample`` (e.g. fewer inputs than a fixed
+    batch)."""
     largest = 0
+    storages: dict[int, object] = {}  # held until the end: a freed one's address is reused
 
     def measure(node, ins, outs):
         nonlocal largest
         for t in outs:
             if isinstance(t, torch.Tensor):
                 largest = max(largest, t.numel() * t.element_size())
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage
 
     handle = graph.register_hook(measure)
     try:
         graph(sample)
-    except ShadowExecutionError:  # e.g. fewer inputs than a fixed batch: the old default
-        return EVAL_BATCH
+    except ShadowExecutionError:
+        return None
     finally:
         handle.remove()
-    per_input = largest * ACTIVATION_COPIES / max(len(sample), 1)
+    count = max(len(sample), 1)
+    return largest / count, sum(s.nbytes() for s in storages.values()) / count
+
+
+def default_batch(graph: ShadowGraph, sample: torch.Tensor,
+                  sizes: tuple[float, float] | None = None) -> int:
+    """Inputs per forward such that batch x ACTIVATION_COPIES x (the largest tensor one
+    input's forward computes) stays within BATCH_MEMORY; between 1 and EVAL_BATCH. One
+    forward of ``sample`` (a few inputs) measures the largest tensor (ResNet-18 at 224:
+    its 64 x 112 x 112 stem output, 3.2 MB per input, so 20 inputs; a 28x28 CNN:
+    EVAL_BATCH); ``sizes``: :func:`activation_sizes` already measured."""
+    sizes = sizes or activation_sizes(graph, sample)
+    if sizes is None:  # the graph cannot run the sample: the old default
+        return EVAL_BATCH
+    per_input = sizes[0] * ACTIVATION_COPIES
     return int(max(1, min(EVAL_BATCH, BATCH_MEMORY // max(per_input, 1))))
+
+
+def ig_chunk(sizes: tuple[float, float] | None, points: int, pairs: int) -> int:
+    """Interpolated inputs per IG block (:func:`patcher.analysis.attribution.
+    layer_integrated_gradients`' ``chunk``) for ``points`` interpolation points of
+    ``pairs`` pairs: IG_CHUNK unless IG_MEMORY bounds a block (``sizes`` from
+    :func:`activation_sizes`); then whole steps of every pair, as few blocks as the bound
+    allows, of about equal size (16 steps at most 15 a block: two blocks of 8, not 15
+    and 1)."""
+    if sizes is None:
+        return IG_CHUNK
+    most = int(IG_MEMORY // max(sizes[1] * IG_BACKWARD_COPIES, 1))
+    if most >= IG_CHUNK:
+        return IG_CHUNK
+    pairs = max(pairs, 1)
+    per_block = max(1, most // pairs)
+    blocks = -(-points // per_block)
+    return -(-points // blocks) * pairs
 
 
 class Workspace:
@@ -101,7 +147,11 @@ class Workspace:
         self._gap_sets_seen: dict[int, tuple] = {}  # the gap sets measured (see _measure_gaps)
         self._pass_batches = 0
         #: inputs per forward (--batch, or from the activation size): bounds peak memory
-        self.batch = config.batch or default_batch(self.graph, self.pair_clean[:8])
+        sizes = activation_sizes(self.graph, self.pair_clean[:8])
+        self.batch = config.batch or default_batch(self.graph, self.pair_clean[:8], sizes)
+        #: interpolated inputs per Integrated-Gradients block (bounded by IG_MEMORY)
+        self.ig_chunk = ig_chunk(sizes, config.steps + (config.attribution_form == "path"),
+                                 len(pairs))
         self.resume = self._resume_points()
         self.target_class = self._flipped_to(pairs)
         sets = build_pair_sets(pairs, self.eval_x, self.eval_y, len(self.calib_x),
