@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -76,7 +77,11 @@ class Workspace:
     """The shadow graph on the run's device, the data as tensors, and the statistics."""
 
     def __init__(self, graph: ShadowGraph, pairs, eval_set, calib_x: np.ndarray | None,
-                 config: RectifyConfig, device: str | torch.device = "cpu") -> None:
+                 config: RectifyConfig, device: str | torch.device = "cpu",
+                 ranking_only: bool = False) -> None:
+        """``ranking_only``: the workspace only ranks layers (``locate``): no transplanted
+        pair sets and their gap passes, no resume recordings (nothing is edited); the
+        ranking reads the pairs and the statistics alone, so it is the same."""
         check_config(config)
         self.graph = graph.to(device).eval()
         # every gradient a strategy takes is of layer outputs (IG) or of its own tensors;
@@ -102,19 +107,20 @@ class Workspace:
         self._pass_batches = 0
         #: inputs per forward (--batch, or from the activation size): bounds peak memory
         self.batch = config.batch or default_batch(self.graph, self.pair_clean[:8])
-        self.resume = self._resume_points()
+        self.resume = None if ranking_only else self._resume_points()
         self.target_class = self._flipped_to(pairs)
         sets = build_pair_sets(pairs, self.eval_x, self.eval_y, len(self.calib_x),
-                               self.target_class, config)
+                               self.target_class,
+                               replace(config, transplant="none") if ranking_only else config)
         self.fit = tuple(self.tensor(a) for a in sets.fit)
         self.gap_sets = tuple(self.tensor(a) for a in sets.gap)
         self.gap_source = sets.gap_source
-        if self.gap_source != "pairs":
+        if self.gap_source != "pairs" and not ranking_only:
             self._use_pairs_if_transplant_misses(pairs)
         self.statistics = StatisticsCache(
             self.graph, self.layers, self.calib_x, config, self.device, self.timings,
             self.eval_y if self.calibrates_on_eval else None, batch=self.batch)
-        if self.calibrates_on_eval:  # its pass over the eval set records the resume points
+        if self.calibrates_on_eval and self.resume is not None:  # it records resume points
             self.statistics.recording = lambda: self._pass(EVAL_KEY, self._batches(self.eval_x))
         #: eval images the last accuracy pass saw (fewer when it stopped early)
         self.last_evaluated = len(self.eval_x)
