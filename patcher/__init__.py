@@ -12,8 +12,17 @@ Data flow: ``model`` (safe load) -> ``graph`` (the torch shadow graph over ``gra
 objectives, the loop) -> ``model.writeback`` (deltas into the ONNX tensors) -> ``gate``
 (verified under onnxruntime). See docs/ARCHITECTURE.md.
 """
+import os
 import sys
 import types
+
+# torch's CPU kernels run on GNU OpenMP, whose idle threads spin between parallel regions by
+# default. Where the cores are shared (another process, or a library's own pool) the spinning
+# threads take the cores from the working ones: a MobileNetV2 ``locate`` on 2 cores beside
+# one other busy process cost 20-28 CPU s with spinning and 8.8 CPU s with passive waits
+# (8.5 on one thread). Read when torch loads, so set before anything imports it; a value the
+# user set stays.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from inspect import signature as _signature
 from typing import TYPE_CHECKING
 
