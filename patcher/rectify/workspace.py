@@ -104,6 +104,7 @@ class Workspace:
         self.calibrates_on_eval = calib_x is None and len(self.calib_x) == len(self.eval_x)
         self.layers = self._candidate_layers()
         self._gap_sets_seen: dict[int, tuple] = {}  # the gap sets measured (see _measure_gaps)
+        self._base_clean: dict[int, torch.Tensor] = {}  # their clean inputs' p, as loaded
         self._pass_batches = 0
         #: inputs per forward (--batch, or from the activation size): bounds peak memory
         self.batch = config.batch or default_batch(self.graph, self.pair_clean[:8])
@@ -272,8 +273,15 @@ class Workspace:
 
     def _measure_gaps(self) -> GapReading:
         """One pass over the gap pairs: delta* = mean of p_y(x) - p_y(x~); tau = mean of
-        p_t(x~) - p_t(x) for the corruption's target class t (None without one); flipped =
-        pairs whose corrupted input's argmax is t while their clean input's is not."""
+        p_t(x~) - p0_t(x) for the corruption's target class t (None without one), p0 the
+        model as loaded (its first measure of these pairs); flipped = pairs whose corrupted
+        input's argmax is t while their clean input's was not, as loaded.
+
+        Against the clean inputs as loaded, not as edited: an edit that sends clean and
+        corrupted inputs to t alike (MobileNetV2 at 224: 12% of held-out triggered and
+        12.5% of held-out clean images of other classes, 6.9% clean before) leaves
+        p_t(x~) - p_t(x) near zero and flips no pair, though the edit itself put
+        p_t(x~) there."""
         start = time.perf_counter()
         corrupted, clean, labels = self.gap_sets
         self._gap_sets_seen[id(self.gap_sets)] = self.gap_sets  # ids stay theirs
@@ -285,8 +293,9 @@ class Workspace:
         tau = flipped = None
         if self.target_class:
             t = next(iter(self.target_class))
-            tau = float((p_corrupted[:, t] - p_clean[:, t]).mean())
-            flipped = int(((p_corrupted.argmax(1) == t) & (p_clean.argmax(1) != t)).sum())
+            p_base = self._base_clean.setdefault(id(self.gap_sets), p_clean)
+            tau = float((p_corrupted[:, t] - p_base[:, t]).mean())
+            flipped = int(((p_corrupted.argmax(1) == t) & (p_base.argmax(1) != t)).sum())
         gap = float((p_clean[rows, labels] - p_corrupted[rows, labels]).mean())
         return GapReading(gap, tau, flipped, len(labels))
 
