@@ -346,7 +346,7 @@ class _OneLineUsageGroup(click.Group):
 @click.version_option(package_name="onnx-rectify")
 def main() -> None:
     """Patch unreliable behaviour out of ONNX classifiers with rank-one weight edits."""
-    from patcher.cli.allocator import reuse_freed_memory
+    from patcher.allocator import reuse_freed_memory
 
     reuse_freed_memory()
 
