@@ -667,3 +667,23 @@ def test_the_target_class_gap_is_against_the_clean_inputs_as_loaded(tmp_path):
     p_t = torch.softmax(ws.graph(ws.tensor(clean))[0], 1)[:, 0]
     assert float(p_t.min()) > 0.99  # the clean inputs too: p_t(x~) - p_t(x) is zero
     assert alike.tau > 0.9 and alike.flipped == 40
+
+
+def test_a_ranking_only_workspace_ranks_as_a_full_one_without_the_pair_sets(tmp_path):
+    """``locate``'s workspace builds no transplanted pair sets (no gap passes) and records
+    no resume points; its ranking is the full workspace's, score for score."""
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.locators import AttributionLocator
+    from patcher.rectify.workspace import Workspace
+    from patcher.samples import LabelledSet, Pairs
+
+    path, x, y = _gemm_classifier(tmp_path)
+    pairs = Pairs(x[:2] + 2.0, x[:2], y[:2])
+    full = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None,
+                     RectifyConfig(transplant="paste"))
+    only = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None,
+                     RectifyConfig(transplant="paste"), ranking_only=True)
+    assert full.gap_source != "pairs" and len(full.fit[0]) > len(pairs)
+    assert only.gap_source == "pairs" and len(only.fit[0]) == len(pairs)
+    assert only.resume is None and only.statistics.recording is None
+    assert AttributionLocator().rank(only) == AttributionLocator().rank(full)
