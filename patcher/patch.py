@@ -130,7 +130,7 @@ def locate(inputs: Inputs, config: RectifyConfig, device: str = "auto") -> list[
     float analysis copy, :mod:`patcher.graph.quantized_layers`)."""
     graph = ShadowGraph(editable_copy(inputs.loaded)[0])
     ws = Workspace(graph, inputs.pairs, inputs.eval_set, inputs.calib_x, config,
-                   resolve_device(device))
+                   resolve_device(device), ranking_only=True)
     ranking = AttributionLocator().rank(ws)
     warn_conditioning({k: {"condition_number": s.condition_number, "ridge": s.ridge_value}
                        for k, s in ws.statistics.stats.items()}, len(ws.calib_x))

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, TextIO
 
+from patcher.allocator import phase
+
 #: The library's logger; warnings and notes go through it.
 LOG = logging.getLogger("onnx_rectify")
 #: The prefix of every line the tool prints on stderr besides progress.
@@ -206,7 +208,14 @@ class _Silent:
 def progress(length: int, label: str, enabled: bool | None = None) -> Iterator:
     """``with progress(n, "evaluating") as bar: bar.update(k)``: a bar on a terminal
     (cleared at the end), the heartbeat's phase off one; a no-op when ``enabled`` is False,
-    when quiet, or for an empty length."""
+    when quiet, or for an empty length. Its batches reuse each other's freed memory
+    (:func:`patcher.allocator.phase`)."""
+    with phase(), _progress(length, label, enabled) as bar:
+        yield bar
+
+
+@contextmanager
+def _progress(length: int, label: str, enabled: bool | None) -> Iterator:
     if enabled is False or _state.quiet or length <= 0:
         yield _Silent()
         return

@@ -22,7 +22,7 @@ import patcher
 
 PACKAGE = Path(patcher.__file__).parent
 LAYERS = [
-    {"patcher.errors", "patcher.progress", "patcher.version"},
+    {"patcher.errors", "patcher.progress", "patcher.version", "patcher.allocator"},
     {"patcher.model", "patcher.samples", "patcher.imagedata"},
     {"patcher.graph"},
     {"patcher.analysis"},

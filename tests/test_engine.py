@@ -627,3 +627,63 @@ def test_workspace_weights_take_no_gradients_and_finetune_still_trains(tmp_path)
                               torch.from_numpy((y[:8] + 1) % 3), steps=5, lr=0.1)
     assert float(delta.abs().max()) > 0
     assert not any(p.requires_grad for p in ws.graph.parameters())
+
+
+def test_the_target_class_gap_is_against_the_clean_inputs_as_loaded(tmp_path):
+    """tau = mean p_t(x~) - p0_t(x), p0 the model as loaded: an edit that sends clean and
+    corrupted inputs to the target alike (trigger weight removed, target bias raised) has
+    not removed the corruption's effect, although p_t(x~) - p_t(x) is zero after it; the
+    same edit without the bias has (MobileNetV2 at 224: such edits cost 8 held-out points
+    under the old measure)."""
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.workspace import Workspace
+    from patcher.samples import LabelledSet, Pairs
+
+    w = np.zeros((3, 5), np.float32)
+    w[1, 0], w[2, 0], w[0, 4] = 3.0, -3.0, 10.0
+    model = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc",
+                                         transB=1)],
+                       [value_info("x", ["n", 5])], [value_info("y", ["n", 3])],
+                       {"w": w, "b": np.zeros(3, np.float32)})
+    path = tmp_path / "tb.onnx"
+    path.write_bytes(model.SerializeToString())
+    rng = np.random.default_rng(0)
+    clean = np.zeros((40, 5), np.float32)
+    clean[:, 0] = 2.0 * rng.choice([-1.0, 1.0], 40)
+    labels = np.where(clean[:, 0] > 0, 1, 2).astype(np.int64)
+    corrupted = clean.copy()
+    corrupted[:, 4] = 1.0
+    ws = Workspace(ShadowGraph.from_onnx(path), Pairs(corrupted, clean, labels),
+                   LabelledSet(clean, labels), None, RectifyConfig(transplant="none"))
+    base = ws.gaps()
+    assert base.tau > 0.9 and base.flipped == 40
+    no_trigger = torch.zeros(3, 5)
+    no_trigger[0, 4] = -10.0
+    ws.add("w", no_trigger)
+    fixed = ws.gaps()
+    assert abs(fixed.tau) < 1e-6 and fixed.flipped == 0
+    ws.add("b", torch.tensor([20.0, 0.0, 0.0]))  # every input to the target class now
+    alike = ws.gaps()
+    p_t = torch.softmax(ws.graph(ws.tensor(clean))[0], 1)[:, 0]
+    assert float(p_t.min()) > 0.99  # the clean inputs too: p_t(x~) - p_t(x) is zero
+    assert alike.tau > 0.9 and alike.flipped == 40
+
+
+def test_a_ranking_only_workspace_ranks_as_a_full_one_without_the_pair_sets(tmp_path):
+    """``locate``'s workspace builds no transplanted pair sets (no gap passes) and records
+    no resume points; its ranking is the full workspace's, score for score."""
+    from patcher.rectify import RectifyConfig
+    from patcher.rectify.locators import AttributionLocator
+    from patcher.rectify.workspace import Workspace
+    from patcher.samples import LabelledSet, Pairs
+
+    path, x, y = _gemm_classifier(tmp_path)
+    pairs = Pairs(x[:2] + 2.0, x[:2], y[:2])
+    full = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None,
+                     RectifyConfig(transplant="paste"))
+    only = Workspace(ShadowGraph.from_onnx(path), pairs, LabelledSet(x, y), None,
+                     RectifyConfig(transplant="paste"), ranking_only=True)
+    assert full.gap_source != "pairs" and len(full.fit[0]) > len(pairs)
+    assert only.gap_source == "pairs" and len(only.fit[0]) == len(pairs)
+    assert only.resume is None and only.statistics.recording is None
+    assert AttributionLocator().rank(only) == AttributionLocator().rank(full)

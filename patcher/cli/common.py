@@ -346,6 +346,9 @@ class _OneLineUsageGroup(click.Group):
 @click.version_option(package_name="onnx-rectify")
 def main() -> None:
     """Patch unreliable behaviour out of ONNX classifiers with rank-one weight edits."""
+    from patcher.allocator import reuse_freed_memory
+
+    reuse_freed_memory()
 
 
 _add_command = main.add_command
