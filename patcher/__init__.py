@@ -16,6 +16,7 @@ import os
 import sys
 import types
 from inspect import signature as _signature
+from typing import TYPE_CHECKING
 
 # OpenMP threads (torch's intra-op pool, GNU libgomp) that wait at a barrier spin for
 # 10,000 iterations, then sleep, instead of libgomp's 300,000, unless the environment
@@ -27,7 +28,6 @@ from inspect import signature as _signature
 # PASSIVE took 2.1-2.4 CPU s and 1.25-1.7 s wall (wake-ups of many small ops).
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-from typing import TYPE_CHECKING
 
 from patcher import api
 from patcher.api import LocateResult, PatchResult, inspect, locate, verify

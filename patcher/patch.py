@@ -20,7 +20,7 @@ from patcher.version import __version__
 from patcher.errors import CheckFailedError, OutputError, RectifyError
 from patcher.gate.metrics import pair_gap, predict
 from patcher.graph.support import load_supported_model as load_model
-from patcher.model.modelio import LOG, LoadedModel, sha256_file
+from patcher.model.modelio import LoadedModel, sha256_file
 from patcher.progress import Remedy, note, warn
 from patcher.graph.parity import ParityResult, compare
 from patcher.rectify import LayerScore, RectifyConfig, RectifyResult, rectify
@@ -307,8 +307,7 @@ def _figures(model, inputs: Inputs, provider: str, batch: int) -> tuple[float, f
     ev = inputs.eval_set
     scores = predict(session, ev.x, batch=batch, label="verifying")
     accuracy = float(np.mean(scores.argmax(1) == ev.y))
-    gap = pair_gap(session, inputs.pairs.corrupted, inputs.pairs.clean, inputs.pairs.label)
-    return accuracy, gap, session.provider
+    return accuracy, _gap(session, inputs.pairs), session.provider
 
 
 def verify_written(base: LoadedModel, out: Path, inputs: Inputs, provider: str,

@@ -50,9 +50,14 @@ def _prob(graph: ShadowGraph, x: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return torch.softmax(logits.reshape(len(x), -1), dim=1)[torch.arange(len(x)), labels]
 
 
+#: Interpolated inputs per forward+backward block when nothing smaller is asked (the
+#: workspace asks for fewer where memory bounds a block: rectify.workspace.ig_chunk).
+IG_CHUNK = 64
+
+
 def layer_integrated_gradients(graph: ShadowGraph, layers: list[EditableLayer],
                                corrupted: torch.Tensor, clean: torch.Tensor,
-                               labels: torch.Tensor, steps: int = 16, chunk: int = 64,
+                               labels: torch.Tensor, steps: int = 16, chunk: int = IG_CHUNK,
                                form: str = "ig", show_progress: bool | None = None
                                ) -> AttributionResult:
     """IG (``form="ig"``) or path-derivative IG (``form="path"``) for all ``layers`` at once."""

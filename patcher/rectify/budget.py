@@ -27,7 +27,7 @@ copies of the weights (the proto, the shadow graph, the written copy), the data 
 calibration images, transplanted sets), the largest of the working sets: an IG block
 (the interpolated inputs of one block, :func:`patcher.rectify.workspace.ig_chunk`: at most
 IG_CHUNK, fewer when IG_MEMORY bounds them, x activation_bytes x
-:data:`BACKWARD_COPIES`, activations and their gradients), an
+IG_BACKWARD_COPIES, activations and their gradients; both from the workspace), an
 accuracy batch (batch x 2 largest activations) and a statistics batch (batch x rows x d
 float32 keys of the widest layer; batch: ``config.batch``, else EVAL_BATCH bounded by
 :data:`BATCH_MEMORY`) and, for ``patch``, the rank-one fit (:meth:`LayerKeys.fit_bytes`,
@@ -61,11 +61,6 @@ from patcher.rectify.config import EVAL_BATCH, RectifyConfig
 #: Python + torch + onnxruntime resident before any model is read (255 MB measured
 #: after the imports, plus sessions and allocator slack).
 RUNTIME_BYTES = 300 << 20
-#: Interpolation points per IG block (patcher.analysis.attribution's ``chunk``): a block
-#: holds max(1, IG_CHUNK // n) steps of all n pairs.
-IG_CHUNK = 64
-#: Bytes kept per activation byte in a forward+backward (activations and gradients).
-BACKWARD_COPIES = 1.5
 #: Without --batch, images per forward such that 4 x the largest activation of each stays
 #: under this (the workspace's default batch).
 BATCH_MEMORY = 256 << 20
@@ -382,7 +377,8 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     if verb == "patch":
         parts["exact statistics of the edited layer"] = max(
             (l.edit_statistics_bytes() for l in layers), default=0)
-    from patcher.rectify.workspace import ig_chunk  # torch: loaded by then in every verb
+    # torch: loaded by then in every verb
+    from patcher.rectify.workspace import IG_BACKWARD_COPIES, ig_chunk
 
     points = config.steps + (config.attribution_form == "path")
     block = ig_chunk((fp.largest_activation, fp.activation_bytes), points, n_pairs)
@@ -390,7 +386,7 @@ def estimate(fp: Footprint, verb: str, n_eval: int, n_calib: int, n_pairs: int,
     batch = getattr(config, "batch", None) or min(
         EVAL_BATCH, max(1, BATCH_MEMORY // max(4 * fp.largest_activation, 1)))
     working = {
-        "IG block": int(ig_images * fp.activation_bytes * BACKWARD_COPIES),
+        "IG block": int(ig_images * fp.activation_bytes * IG_BACKWARD_COPIES),
         "accuracy batch": min(batch, max(n_eval, 1)) * fp.largest_activation * 2,
         "statistics batch": (min(batch, max(n_calib, 1)) * widest.rows * widest.key_dim * 4
                              if widest else 0),

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from patcher.analysis.attribution import IG_CHUNK
 from patcher.analysis.moments import graph_input
 from patcher.graph.keys import stored_delta
 from patcher.graph.shadow import EditableLayer, ShadowExecutionError, ShadowGraph
@@ -55,8 +56,6 @@ class GapReading(NamedTuple):
 #: 3 cost 3 more CPU s of per-node overhead); ResNet-18 (22 MB): one block of 16, as before.
 IG_MEMORY = 768 << 20
 IG_BACKWARD_COPIES = 1.5
-#: Interpolated inputs per IG block when memory does not bound them (the old fixed chunk).
-IG_CHUNK = 64
 
 
 @torch.no_grad()
@@ -87,14 +86,19 @@ def activation_sizes(graph: ShadowGraph, sample: torch.Tensor) -> tuple[float, f
     return largest / count, sum(s.nbytes() for s in storages.values()) / count
 
 
+_UNMEASURED = object()
+
+
 def default_batch(graph: ShadowGraph, sample: torch.Tensor,
-                  sizes: tuple[float, float] | None = None) -> int:
+                  sizes: tuple[float, float] | None | object = _UNMEASURED) -> int:
     """Inputs per forward such that batch x ACTIVATION_COPIES x (the largest tensor one
     input's forward computes) stays within BATCH_MEMORY; between 1 and EVAL_BATCH. One
     forward of ``sample`` (a few inputs) measures the largest tensor (ResNet-18 at 224:
     its 64 x 112 x 112 stem output, 3.2 MB per input, so 20 inputs; a 28x28 CNN:
-    EVAL_BATCH); ``sizes``: :func:`activation_sizes` already measured."""
-    sizes = sizes or activation_sizes(graph, sample)
+    EVAL_BATCH); ``sizes``: :func:`activation_sizes` already measured (None included:
+    the graph could not run the sample)."""
+    if sizes is _UNMEASURED:
+        sizes = activation_sizes(graph, sample)
     if sizes is None:  # the graph cannot run the sample: the old default
         return EVAL_BATCH
     per_input = sizes[0] * ACTIVATION_COPIES
